@@ -1,0 +1,315 @@
+"""The positiond wire protocol: message kinds, field rules, encode/decode. No sockets here.
+
+Transport: the client's DEALER talks to the daemon's ROUTER; every message is exactly one ZeroMQ
+frame holding one JSON object (UTF-8). Every message carries ``v`` (the protocol version) and
+``type``. docs/PROTOCOL.md is the prose form of this module; the two change together.
+
+Client -> daemon:
+
+===========  =======  =================================================================
+type         acked    purpose
+===========  =======  =================================================================
+``start``    yes      open (or re-announce) a session
+``entry``    yes      a leg was entered at the broker
+``update``   no       newest price / stop / highest / trail level / state of a leg
+``exit``     yes      a leg was closed at the broker
+``crash``    yes      the strategy reports its own crash (``handle_crash``)
+``end``      yes      the strategy ends its session cleanly
+``sync``     yes      acked once everything sent before it (updates too) is committed
+``hb``       no       heartbeat (any message counts as one)
+===========  =======  =================================================================
+
+Daemon -> client: ``ack`` (after commit), ``error``, ``notice`` (something happened to the
+session, e.g. it was declared crashed and came back) and ``ping`` (a liveness probe; ignore it).
+
+Durable messages carry ``seq``, a positive integer the client chooses (increasing per
+connection); the ack or error that answers it echoes the same ``seq``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Mapping
+from typing import Any, Final
+
+import orjson
+
+from positiond_client.errors import ProtocolError
+
+__all__ = [
+    "DURABLE_TYPES",
+    "MAX_MESSAGE_BYTES",
+    "PROTOCOL_VERSION",
+    "SIDES",
+    "TYPES",
+    "UPDATE_FIELDS",
+    "check_fields",
+    "decode",
+    "encode",
+    "error_reply",
+    "seq_of",
+    "validate",
+]
+
+PROTOCOL_VERSION: Final = 1
+# The daemon refuses (and ZMQ_MAXMSGSIZE disconnects) anything larger.
+MAX_MESSAGE_BYTES: Final = 256 * 1024
+
+SIDES: Final = frozenset({"BUY", "SELL"})
+MAX_PRICE: Final = 1e12
+MAX_QUANTITY: Final = 10**9
+MAX_SEQ: Final = 2**53
+# Epoch seconds: anything from 1970 to year ~5000 is plausible; beyond is a unit mistake (ms).
+MAX_TIME: Final = 1e11
+
+Checker = Callable[[Any], str | None]
+
+
+def _text(limit: int, pattern: str = r"[^\x00-\x1f\x7f]+") -> Checker:
+    rx = re.compile(pattern)
+
+    def check(value: Any) -> str | None:
+        if type(value) is not str:
+            return "must be a string"
+        if not value or len(value) > limit:
+            return f"must be 1..{limit} characters"
+        if rx.fullmatch(value) is None:
+            return "contains characters that are not allowed"
+        return None
+
+    return check
+
+
+def _long_text(limit: int) -> Checker:
+    def check(value: Any) -> str | None:
+        if type(value) is not str:
+            return "must be a string"
+        if len(value) > limit:
+            return f"must be at most {limit} characters"
+        return None
+
+    return check
+
+
+def _number(low: float, high: float, nullable: bool = False) -> Checker:
+    def check(value: Any) -> str | None:
+        if value is None and nullable:
+            return None
+        kind = type(value)
+        if kind is not float and kind is not int:  # bool is not a number here
+            return "must be a number" + (" or null" if nullable else "")
+        if not math.isfinite(value):
+            return "must be finite"
+        if value < low or value > high:
+            return f"must be within [{low:g}, {high:g}]"
+        return None
+
+    return check
+
+
+def _integer(low: int, high: int) -> Checker:
+    def check(value: Any) -> str | None:
+        if type(value) is not int:
+            return "must be an integer"
+        if value < low or value > high:
+            return f"must be within [{low}, {high}]"
+        return None
+
+    return check
+
+
+def _one_of(values: frozenset[str]) -> Checker:
+    def check(value: Any) -> str | None:
+        if value not in values or type(value) is not str:
+            return "must be one of " + ", ".join(sorted(values))
+        return None
+
+    return check
+
+
+def _object(value: Any) -> str | None:
+    return None if type(value) is dict else "must be a JSON object"
+
+
+_SESSION = _text(64, r"[A-Za-z0-9._:-]+")
+_KEY = _text(128)
+_PRICE = _number(0.0, MAX_PRICE)
+_OPT_PRICE = _number(0.0, MAX_PRICE, nullable=True)
+_LEVEL = _number(-MAX_PRICE, MAX_PRICE, nullable=True)
+_TIME = _number(0.0, MAX_TIME)
+_SEQ = _integer(1, MAX_SEQ)
+_VERSION = _integer(0, 2**31)
+_TYPE = _long_text(32)
+
+_COMMON: dict[str, Checker] = {"v": _VERSION, "type": _TYPE, "session": _SESSION}
+_DURABLE: dict[str, Checker] = {**_COMMON, "seq": _SEQ}
+
+UPDATE_FIELDS: Final = ("current_price", "stop_price", "highest_price", "last_trail_level", "state")
+
+# type -> (every allowed field with its rule, the required ones)
+_SCHEMAS: dict[str, tuple[dict[str, Checker], frozenset[str]]] = {
+    "start": (
+        {
+            **_DURABLE,
+            "strategy": _text(100),
+            "host": _text(255),
+            "pid": _integer(0, 2**31),
+            "heartbeat_interval": _number(0.01, 3600.0),
+            "time": _TIME,
+        },
+        frozenset({"strategy"}),
+    ),
+    "entry": (
+        {
+            **_DURABLE,
+            "key": _KEY,
+            "symbol": _text(64),
+            "exchange": _text(16),
+            "product": _text(16),
+            "leg_type": _text(16),
+            "side": _one_of(SIDES),
+            "quantity": _integer(1, MAX_QUANTITY),
+            "entry_price": _PRICE,
+            "stop_price": _OPT_PRICE,
+            "highest_price": _OPT_PRICE,
+            "last_trail_level": _LEVEL,
+            "time": _TIME,
+            "state": _object,
+        },
+        frozenset({"key", "symbol", "exchange", "product", "side", "quantity", "entry_price"}),
+    ),
+    "update": (
+        {
+            **_COMMON,
+            "key": _KEY,
+            "current_price": _OPT_PRICE,
+            "stop_price": _OPT_PRICE,
+            "highest_price": _OPT_PRICE,
+            "last_trail_level": _LEVEL,
+            "state": _object,
+        },
+        frozenset({"key"}),
+    ),
+    "exit": (
+        {
+            **_DURABLE,
+            "key": _KEY,
+            "exit_price": _OPT_PRICE,
+            "exit_reason": _text(64),
+            "time": _TIME,
+            # the leg's final state, applied before it is closed
+            "current_price": _OPT_PRICE,
+            "stop_price": _OPT_PRICE,
+            "highest_price": _OPT_PRICE,
+            "last_trail_level": _LEVEL,
+            "state": _object,
+        },
+        frozenset({"key", "exit_reason"}),
+    ),
+    "crash": (
+        {
+            **_DURABLE,
+            "error_type": _long_text(200),
+            "message": _long_text(4000),
+            "traceback": _long_text(65536),
+            "time": _TIME,
+        },
+        frozenset({"error_type", "message"}),
+    ),
+    "end": ({**_DURABLE, "time": _TIME}, frozenset()),
+    "sync": (dict(_DURABLE), frozenset()),
+    "hb": (dict(_COMMON), frozenset()),
+}
+_BASE_REQUIRED: Final = frozenset({"v", "type", "session"})
+_DURABLE_REQUIRED: Final = _BASE_REQUIRED | {"seq"}
+
+TYPES: Final = frozenset(_SCHEMAS)
+DURABLE_TYPES: Final = frozenset({"start", "entry", "exit", "crash", "end", "sync"})
+_REQUIRED: dict[str, frozenset[str]] = {
+    name: required | (_DURABLE_REQUIRED if name in DURABLE_TYPES else _BASE_REQUIRED)
+    for name, (_, required) in _SCHEMAS.items()
+}
+
+
+def validate(msg: Mapping[str, Any]) -> None:
+    """Check a decoded message against its type's rules; raise ProtocolError naming the field."""
+    kind = msg.get("type")
+    if msg.get("v") != PROTOCOL_VERSION:
+        raise ProtocolError(
+            f"protocol version {msg.get('v')!r} is not supported (this is {PROTOCOL_VERSION})",
+            "BAD_VERSION",
+        )
+    schema = _SCHEMAS.get(kind) if type(kind) is str else None
+    if schema is None:
+        raise ProtocolError(f"unknown message type {kind!r}", "BAD_TYPE")
+    checkers = schema[0]
+    assert type(kind) is str
+    for name, value in msg.items():
+        check = checkers.get(name)
+        if check is None:
+            raise ProtocolError(f"{kind}: unknown field {name!r}", "BAD_FIELD")
+        problem = check(value)
+        if problem is not None:
+            raise ProtocolError(f"{kind}.{name} {problem}", "BAD_FIELD")
+    missing = _REQUIRED[kind].difference(msg)
+    if missing:
+        raise ProtocolError(f"{kind}: missing field(s) {', '.join(sorted(missing))}", "BAD_FIELD")
+    if kind == "update" and len(msg) == 4:
+        raise ProtocolError("update: names no field to change", "BAD_FIELD")
+
+
+def check_fields(kind: str, fields: Mapping[str, Any]) -> None:
+    """Check some fields of a message of ``kind`` (no required-field check): for callers."""
+    checkers = _SCHEMAS[kind][0]
+    for name, value in fields.items():
+        check = checkers.get(name)
+        if check is None:
+            raise ProtocolError(f"{kind}: unknown field {name!r}", "BAD_FIELD")
+        problem = check(value)
+        if problem is not None:
+            raise ProtocolError(f"{name} {problem}", "BAD_FIELD")
+
+
+def decode(raw: bytes) -> dict[str, Any]:
+    """Bytes off the wire -> a validated message dict (raises ProtocolError)."""
+    if len(raw) > MAX_MESSAGE_BYTES:
+        raise ProtocolError(
+            f"message of {len(raw)} bytes exceeds {MAX_MESSAGE_BYTES}", "BAD_MESSAGE"
+        )
+    try:
+        msg = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise ProtocolError(f"not valid JSON: {exc}", "BAD_MESSAGE") from None
+    if type(msg) is not dict:
+        raise ProtocolError("a message must be a JSON object", "BAD_MESSAGE")
+    try:
+        validate(msg)
+    except ProtocolError as exc:
+        exc.seq = seq_of(msg)
+        raise
+    return msg
+
+
+def encode(msg: Mapping[str, Any]) -> bytes:
+    """A message dict -> one frame of bytes (NaN and inf are refused by validate, not here)."""
+    return orjson.dumps(msg)
+
+
+def error_reply(code: str, reason: str, seq: int | None = None, key: str | None = None) -> bytes:
+    """The daemon's answer to a message it will not apply (``key``: the leg it named)."""
+    msg: dict[str, Any] = {"v": PROTOCOL_VERSION, "type": "error", "code": code, "reason": reason}
+    if seq is not None:
+        msg["seq"] = seq
+    if key is not None:
+        msg["key"] = key
+    return orjson.dumps(msg)
+
+
+def seq_of(raw_or_msg: Any) -> int | None:
+    """Best-effort ``seq`` of a message that failed validation, so its error can be matched."""
+    if type(raw_or_msg) is dict:
+        seq = raw_or_msg.get("seq")
+        if type(seq) is int and 1 <= seq <= MAX_SEQ:
+            return seq
+    return None

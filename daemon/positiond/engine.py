@@ -1,0 +1,516 @@
+"""The daemon's decisions: which messages are valid, what to write, who is dead, what to answer.
+
+Plain Python with an injected clock and no I/O. The server feeds it decoded messages and peer
+events and carries out what it returns: replies to send now, a :class:`~positiond.ops.Batch` for
+the store, and replies to send once that batch has committed.
+"""
+
+from __future__ import annotations
+
+import logging
+import time as _time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from positiond_client.protocol import PROTOCOL_VERSION, UPDATE_FIELDS, encode, error_reply
+
+from positiond.liveness import Liveness, Verdict
+from positiond.ops import (
+    CLIENT,
+    DISCONNECT,
+    Batch,
+    CrashOp,
+    EndOp,
+    EntryOp,
+    ExitOp,
+    LegRow,
+    Op,
+    Result,
+    StartOp,
+    SyncOp,
+    TrailEvent,
+)
+
+__all__ = ["Engine", "Leg", "Peer", "Session"]
+
+log = logging.getLogger(__name__)
+
+Reply = tuple[bytes, bytes]  # (routing id, payload)
+
+
+@dataclass(slots=True)
+class Session:
+    key: str
+    strategy: str
+    id: int | None = None
+    confirmed: bool = False  # its start (or resume) has committed
+    rid: bytes | None = None
+    legs: set[str] = field(default_factory=set)
+
+
+@dataclass(slots=True)
+class Leg:
+    key: str
+    session_key: str
+    stop_price: float | None = None
+    last_trail_level: float | None = None
+    pending_entry: EntryOp | None = None  # set until the entry commits
+
+
+@dataclass(slots=True)
+class Peer:
+    rid: bytes
+    fd: int = -1
+    uid: int | None = None
+    pid: int | None = None
+    sessions: set[str] = field(default_factory=set)
+
+
+_Handler = Callable[["Engine", Session | None, bytes, dict[str, Any], float], bytes | None]
+
+
+def _ack(seq: int | None, data: dict[str, Any]) -> bytes:
+    msg: dict[str, Any] = {"v": PROTOCOL_VERSION, "type": "ack", "seq": seq}
+    msg.update(data)
+    return encode(msg)
+
+
+def _clock_text(wall: float) -> str:
+    return _time.strftime("%H:%M:%S", _time.localtime(wall)) + f".{int(wall * 10) % 10}"
+
+
+class Engine:
+    """In-memory model of live sessions and open legs, and the rules applied to each message.
+
+    ``monotonic`` drives liveness, ``wall`` stamps what is stored; both are injectable.
+    """
+
+    def __init__(
+        self,
+        heartbeat_timeout: float,
+        flush_interval: float,
+        *,
+        monotonic: Callable[[], float] = _time.monotonic,
+        wall: Callable[[], float] = _time.time,
+    ) -> None:
+        self.liveness = Liveness(heartbeat_timeout)
+        self.flush_interval = flush_interval
+        self.monotonic = monotonic
+        self.wall = wall
+        self.sessions: dict[str, Session] = {}
+        self.legs: dict[str, Leg] = {}
+        self.peers: dict[bytes, Peer] = {}
+        self._ops: list[Op] = []
+        self._updates: dict[str, dict[str, Any]] = {}
+        self._heartbeats: dict[str, float] = {}
+        self._trail_backlog: list[TrailEvent] = []
+        self._force_flush = False
+        self._last_update_flush = monotonic()
+        self.counters: dict[str, int] = {"messages": 0, "updates": 0, "errors": 0}
+
+    # ---- loading -------------------------------------------------------------------------
+
+    def load(self, sessions: Iterable[tuple[str, int, str]], legs: Iterable[LegRow]) -> None:
+        """Adopt what the database says was live when the daemon last stopped.
+
+        Each RUNNING session gets one heartbeat timeout to come back from now on.
+        """
+        now = self.monotonic()
+        for key, sid, strategy in sessions:
+            self.sessions[key] = Session(key, strategy, id=sid, confirmed=True)
+            self.liveness.expect_return(key, now)
+        for row in legs:
+            session = self.sessions.get(row.session_key)
+            if session is not None:
+                self._add_leg(row, session)
+
+    def _add_leg(self, row: LegRow, session: Session) -> None:
+        self.legs[row.key] = Leg(row.key, row.session_key, row.stop_price, row.last_trail_level)
+        session.legs.add(row.key)
+
+    # ---- peers ---------------------------------------------------------------------------
+
+    def peer(self, rid: bytes) -> Peer | None:
+        return self.peers.get(rid)
+
+    def add_peer(self, rid: bytes, fd: int, uid: int | None, pid: int | None) -> Peer:
+        peer = Peer(rid, fd, uid, pid)
+        self.peers[rid] = peer
+        return peer
+
+    def peers_on_fd(self, fd: int) -> list[Peer]:
+        return [p for p in self.peers.values() if p.fd == fd]
+
+    def peer_gone(self, rid: bytes) -> None:
+        """The peer's process exited (its ipc connection dropped): crash its live sessions."""
+        peer = self.peers.pop(rid, None)
+        if peer is None:
+            return
+        for key in peer.sessions:
+            session = self.sessions.get(key)
+            if session is not None and session.rid == rid:
+                pid = f" (pid {peer.pid})" if peer.pid else ""
+                self._declare_crashed(
+                    session, DISCONNECT, f"process exited{pid}", {"peer_pid": peer.pid}
+                )
+
+    # ---- messages ------------------------------------------------------------------------
+
+    def receive(self, rid: bytes, msg: dict[str, Any], now: float, wall: float) -> bytes | None:
+        """Apply one validated message; return an immediate reply (an error) or None."""
+        self.counters["messages"] += 1
+        kind = msg["type"]
+        key = msg["session"]
+        session = self.sessions.get(key)
+        if session is not None:
+            self.liveness.seen(key, now)
+            self._heartbeats[key] = wall
+            if session.rid != rid:
+                self._attach(session, rid)
+            if kind == "update":
+                return self._update(session, msg)
+            if kind == "hb":
+                return None
+        handler = self._HANDLERS[kind]
+        return handler(self, session, rid, msg, wall)
+
+    def _attach(self, session: Session, rid: bytes) -> None:
+        old = self.peers.get(session.rid) if session.rid is not None else None
+        if old is not None:
+            old.sessions.discard(session.key)
+        session.rid = rid
+        peer = self.peers.get(rid)
+        if peer is not None:
+            peer.sessions.add(session.key)
+
+    def _error(self, msg: dict[str, Any], code: str, reason: str) -> bytes:
+        self.counters["errors"] += 1
+        return error_reply(code, reason, msg.get("seq"), msg.get("key"))
+
+    def _unknown_session(self, msg: dict[str, Any]) -> bytes:
+        return self._error(
+            msg,
+            "UNKNOWN_SESSION",
+            f"session {msg['session']!r} is not live here; send start to (re)announce it",
+        )
+
+    def _update(self, session: Session, msg: dict[str, Any]) -> bytes | None:
+        key = msg["key"]
+        leg = self.legs.get(key)
+        if leg is None or leg.session_key != session.key:
+            return self._leg_error(msg, leg)
+        self.counters["updates"] += 1
+        pending = self._updates.get(key)
+        if pending is None:
+            self._updates[key] = msg
+        else:
+            for name in UPDATE_FIELDS:
+                if name in msg:
+                    pending[name] = msg[name]
+        return None
+
+    def _leg_error(self, msg: dict[str, Any], leg: Leg | None) -> bytes:
+        if leg is None:
+            return self._error(msg, "UNKNOWN_LEG", f"no open leg {msg['key']!r}")
+        return self._error(
+            msg,
+            "FENCED",
+            f"leg {msg['key']!r} belongs to another session; this one may not write it",
+        )
+
+    def _on_hb(
+        self, session: Session | None, rid: bytes, msg: dict[str, Any], wall: float
+    ) -> bytes | None:
+        return self._unknown_session(msg)
+
+    def _on_update(
+        self, session: Session | None, rid: bytes, msg: dict[str, Any], wall: float
+    ) -> bytes | None:
+        return self._unknown_session(msg)
+
+    def _on_start(
+        self, session: Session | None, rid: bytes, msg: dict[str, Any], wall: float
+    ) -> bytes | None:
+        key = msg["session"]
+        if session is None:
+            session = Session(key, msg["strategy"])
+            self.sessions[key] = session
+            self.liveness.seen(key, self.monotonic())
+            self._attach(session, rid)
+        elif session.strategy != msg["strategy"]:
+            return self._error(
+                msg, "BAD_FIELD", f"session {key!r} belongs to strategy {session.strategy!r}"
+            )
+        peer = self.peers.get(rid)
+        self._ops.append(
+            StartOp(
+                rid,
+                msg["seq"],
+                key,
+                msg["strategy"],
+                msg.get("host"),
+                msg.get("pid"),
+                msg.get("heartbeat_interval"),
+                msg.get("time", wall),
+                peer.uid if peer else None,
+                peer.pid if peer else None,
+            )
+        )
+        return None
+
+    def _on_entry(
+        self, session: Session | None, rid: bytes, msg: dict[str, Any], wall: float
+    ) -> bytes | None:
+        if session is None:
+            return self._unknown_session(msg)
+        key = msg["key"]
+        leg = self.legs.get(key)
+        if leg is not None and leg.session_key != session.key:
+            return self._error(
+                msg, "KEY_CONFLICT", f"position key {key!r} is an open leg of another session"
+            )
+        fields = {
+            name: value
+            for name, value in msg.items()
+            if name not in ("v", "type", "session", "seq", "key", "time")
+        }
+        op = EntryOp(rid, msg["seq"], session.key, key, fields, msg.get("time", wall))
+        if leg is None:
+            leg = Leg(key, session.key, fields.get("stop_price"), fields.get("last_trail_level"))
+            leg.pending_entry = op
+            self.legs[key] = leg
+            session.legs.add(key)
+        self._ops.append(op)
+        return None
+
+    def _on_exit(
+        self, session: Session | None, rid: bytes, msg: dict[str, Any], wall: float
+    ) -> bytes | None:
+        if session is None:
+            return self._unknown_session(msg)
+        key = msg["key"]
+        leg = self.legs.get(key)
+        if leg is not None and leg.session_key != session.key:
+            return self._leg_error(msg, leg)
+        if leg is not None:
+            del self.legs[key]
+            session.legs.discard(key)
+        final = self._updates.pop(key, None)
+        carried: dict[str, Any] = {name: msg[name] for name in UPDATE_FIELDS if name in msg}
+        if carried:
+            final = {**final, **carried} if final else carried
+        self._ops.append(
+            ExitOp(
+                rid,
+                msg["seq"],
+                session.key,
+                key,
+                msg.get("exit_price"),
+                msg["exit_reason"],
+                msg.get("time", wall),
+                final,
+            )
+        )
+        return None
+
+    def _on_sync(
+        self, session: Session | None, rid: bytes, msg: dict[str, Any], wall: float
+    ) -> bytes | None:
+        self._ops.append(SyncOp(rid, msg["seq"], msg["session"]))
+        self._force_flush = True
+        return None
+
+    def _on_crash(
+        self, session: Session | None, rid: bytes, msg: dict[str, Any], wall: float
+    ) -> bytes | None:
+        reason = f"{msg['error_type']}: {msg['message']}" if msg["message"] else msg["error_type"]
+        payload = {"error_type": msg["error_type"], "message": msg["message"]}
+        if "traceback" in msg:
+            payload["traceback"] = msg["traceback"]
+        op = CrashOp(
+            rid, msg["seq"], msg["session"], CLIENT, reason, msg.get("time", wall), payload
+        )
+        if session is not None:
+            op.final_updates = self._retire(session)
+        self._ops.append(op)
+        return None
+
+    def _on_end(
+        self, session: Session | None, rid: bytes, msg: dict[str, Any], wall: float
+    ) -> bytes | None:
+        op = EndOp(rid, msg["seq"], msg["session"], msg.get("time", wall))
+        if session is not None:
+            op.final_updates = self._retire(session)
+        self._ops.append(op)
+        return None
+
+    _HANDLERS: ClassVar[dict[str, _Handler]] = {
+        "hb": _on_hb,
+        "update": _on_update,
+        "start": _on_start,
+        "entry": _on_entry,
+        "exit": _on_exit,
+        "crash": _on_crash,
+        "end": _on_end,
+        "sync": _on_sync,
+    }
+
+    def _retire(self, session: Session) -> dict[str, dict[str, Any]]:
+        """Forget a session and its legs in memory; return their pending updates."""
+        self.sessions.pop(session.key, None)
+        self.liveness.forget(session.key)
+        self._heartbeats.pop(session.key, None)
+        if session.rid is not None and (peer := self.peers.get(session.rid)) is not None:
+            peer.sessions.discard(session.key)
+        finals = {}
+        for key in session.legs:
+            self.legs.pop(key, None)
+            pending = self._updates.pop(key, None)
+            if pending is not None:
+                finals[key] = pending
+        return finals
+
+    def _declare_crashed(
+        self, session: Session, source: str, reason: str, payload: dict[str, Any]
+    ) -> None:
+        log.warning("session %s (%s) crashed: %s", session.id, session.strategy, reason)
+        finals = self._retire(session)
+        payload = {**payload, "legs": sorted(session.legs)}
+        self._ops.append(
+            CrashOp(None, None, session.key, source, reason, self.wall(), payload, finals)
+        )
+
+    # ---- time ----------------------------------------------------------------------------
+
+    def tick(self, now: float) -> bool:
+        """Declare expired sessions crashed; True when a batch is due (ops, or flush time)."""
+        for dead in self.liveness.expired(now):
+            session = self.sessions.get(dead.session_key)
+            if session is None:
+                continue
+            last_wall = self.wall() - (now - dead.last_seen)
+            if dead.verdict is Verdict.NOT_RETURNED:
+                reason = "did not return after daemon restart"
+            else:
+                reason = f"missed heartbeats (last seen {_clock_text(last_wall)})"
+            self._declare_crashed(
+                session,
+                dead.verdict.value,
+                reason,
+                {"last_seen": last_wall, "timeout": self.liveness.timeout},
+            )
+        return self.batch_due(now)
+
+    def batch_due(self, now: float) -> bool:
+        if self._ops:
+            return True
+        return bool(self._updates or self._heartbeats) and (
+            now - self._last_update_flush >= self.flush_interval
+        )
+
+    @property
+    def pending_ops(self) -> int:
+        return len(self._ops)
+
+    @property
+    def pending_updates(self) -> int:
+        return len(self._updates)
+
+    def take_batch(self, now: float, *, flush_updates: bool = False) -> Batch:
+        """Hand the store what is due: all durable ops, and the updates when their time came."""
+        batch = Batch(ops=self._ops, time=self.wall())
+        self._ops = []
+        if (
+            flush_updates
+            or self._force_flush
+            or now - self._last_update_flush >= self.flush_interval
+        ):
+            self._last_update_flush = now
+            self._force_flush = False
+            batch.updates, self._updates = self._updates, {}
+            batch.heartbeats, self._heartbeats = self._heartbeats, {}
+            batch.trail_events = self._trail_backlog + self._trail_events(batch.updates)
+            self._trail_backlog = []
+        return batch
+
+    def _trail_events(self, updates: dict[str, dict[str, Any]]) -> list[TrailEvent]:
+        events = []
+        for key, upd in updates.items():
+            if "stop_price" not in upd and "last_trail_level" not in upd:
+                continue
+            leg = self.legs.get(key)
+            if leg is None:
+                continue
+            before = (leg.stop_price, leg.last_trail_level)
+            after = (upd.get("stop_price", before[0]), upd.get("last_trail_level", before[1]))
+            if after != before:
+                leg.stop_price, leg.last_trail_level = after
+                events.append(
+                    TrailEvent(key, leg.session_key, before, after, upd.get("current_price"))
+                )
+        return events
+
+    # ---- after commit --------------------------------------------------------------------
+
+    def committed(self, batch: Batch, results: list[Result]) -> list[Reply]:
+        """Apply the store's verdicts to the model; return the acks and errors to send."""
+        replies: list[Reply] = []
+        for op, res in zip(batch.ops, results, strict=True):
+            if isinstance(op, StartOp):
+                self._start_committed(op, res)
+            elif isinstance(op, EntryOp):
+                self._entry_committed(op, res)
+            if op.rid is None:
+                continue
+            if res.ok:
+                replies.append((op.rid, _ack(op.seq, res.data)))
+            else:
+                self.counters["errors"] += 1
+                replies.append((op.rid, error_reply(res.code, res.reason, op.seq)))
+        return replies
+
+    def _start_committed(self, op: StartOp, res: Result) -> None:
+        session = self.sessions.get(op.session_key)
+        if session is None:
+            return
+        if not res.ok:
+            self._retire(session)
+            return
+        session.id = res.data["session_id"]
+        session.confirmed = True
+        for row in res.legs:
+            if row.key not in self.legs:
+                self._add_leg(row, session)
+
+    def _entry_committed(self, op: EntryOp, res: Result) -> None:
+        leg = self.legs.get(op.key)
+        if leg is None or leg.pending_entry is not op:
+            return
+        leg.pending_entry = None
+        if not res.ok or res.data.get("status", "ACTIVE") != "ACTIVE":
+            # Refused, or a repeat of a leg that is no longer open: it must not take updates.
+            self.legs.pop(op.key, None)
+            self._updates.pop(op.key, None)
+            session = self.sessions.get(op.session_key)
+            if session is not None:
+                session.legs.discard(op.key)
+
+    def requeue(self, batch: Batch) -> None:
+        """The batch could not commit (storage fault): take it back, to be retried first.
+
+        Nothing in it was acknowledged. Updates received since it was taken are newer and win.
+        """
+        self._ops = batch.ops + self._ops
+        for key, upd in batch.updates.items():
+            if key not in self.legs:
+                continue  # exited since: its exit carries its own final state
+            newer = self._updates.get(key)
+            if newer is not None:
+                for name in UPDATE_FIELDS:
+                    if name in newer:
+                        upd[name] = newer[name]
+            self._updates[key] = upd
+        for key, wall in batch.heartbeats.items():
+            self._heartbeats.setdefault(key, wall)
+        self._trail_backlog = batch.trail_events + self._trail_backlog

@@ -1,0 +1,138 @@
+"""What the engine asks the store to write: plain records, one per durable change.
+
+The engine decides, the store executes a whole :class:`Batch` in one transaction and returns one
+:class:`Result` per op, in order. Nothing here does I/O.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = [
+    "Batch",
+    "CrashOp",
+    "EndOp",
+    "EntryOp",
+    "ExitOp",
+    "LegRow",
+    "Op",
+    "Result",
+    "StartOp",
+    "SyncOp",
+    "TrailEvent",
+]
+
+# Who declared a session crashed (strategy_sessions.crash_source).
+CLIENT = "CLIENT"  # the strategy itself, through handle_crash(): final
+HEARTBEAT = "HEARTBEAT"  # missed heartbeats: the strategy may come back (REVIVED)
+DISCONNECT = "DISCONNECT"  # its ipc connection dropped: the process exited
+RESTART = "RESTART"  # did not return after a daemon restart
+REVIVABLE = frozenset({HEARTBEAT, DISCONNECT, RESTART})
+
+
+@dataclass(slots=True)
+class _Durable:
+    rid: bytes | None  # routing id to answer, None for the daemon's own decisions
+    seq: int | None
+    session_key: str
+
+
+@dataclass(slots=True)
+class StartOp(_Durable):
+    strategy: str
+    host: str | None
+    pid: int | None
+    heartbeat_interval: float | None
+    time: float
+    peer_uid: int | None = None
+    peer_pid: int | None = None
+
+
+@dataclass(slots=True)
+class EntryOp(_Durable):
+    key: str
+    fields: dict[str, Any]  # symbol, exchange, product, leg_type, side, quantity, prices, state
+    time: float
+
+
+@dataclass(slots=True)
+class ExitOp(_Durable):
+    key: str
+    exit_price: float | None
+    exit_reason: str
+    time: float
+    final_update: dict[str, Any] | None = None  # the leg's pending coalesced update, if any
+
+
+@dataclass(slots=True)
+class CrashOp(_Durable):
+    source: str
+    reason: str
+    time: float
+    payload: dict[str, Any] = field(default_factory=dict)
+    final_updates: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class EndOp(_Durable):
+    time: float
+    final_updates: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class SyncOp(_Durable):
+    """Acked once everything the client sent before it, updates included, is committed."""
+
+
+Op = StartOp | EntryOp | ExitOp | CrashOp | EndOp | SyncOp
+
+
+@dataclass(frozen=True, slots=True)
+class TrailEvent:
+    """The stop or trail level of a leg moved between two flushes."""
+
+    key: str
+    session_key: str
+    before: tuple[float | None, float | None]  # (stop_price, last_trail_level)
+    after: tuple[float | None, float | None]
+    price: float | None
+
+
+@dataclass(slots=True)
+class Batch:
+    """Everything one transaction writes: durable ops in arrival order, then coalesced updates."""
+
+    ops: list[Op] = field(default_factory=list)
+    updates: dict[str, dict[str, Any]] = field(default_factory=dict)  # position_key -> fields
+    trail_events: list[TrailEvent] = field(default_factory=list)
+    heartbeats: dict[str, float] = field(default_factory=dict)  # session_key -> wall time
+    time: float = 0.0  # wall clock when the batch was taken
+
+    def __bool__(self) -> bool:
+        return bool(self.ops or self.updates or self.heartbeats)
+
+
+@dataclass(frozen=True, slots=True)
+class LegRow:
+    """An open leg as the engine needs to know it (loaded at start, or on resume)."""
+
+    key: str
+    session_key: str
+    stop_price: float | None
+    last_trail_level: float | None
+
+
+@dataclass(slots=True)
+class Result:
+    """The outcome of one op: ``ok`` with data for the ack, or an error code and reason."""
+
+    ok: bool
+    data: dict[str, Any] = field(default_factory=dict)
+    code: str = ""
+    reason: str = ""
+    legs: list[LegRow] = field(default_factory=list)  # StartOp: the session's open legs
+
+    @classmethod
+    def error(cls, code: str, reason: str) -> Result:
+        return cls(False, code=code, reason=reason)

@@ -1,0 +1,125 @@
+"""The database schema and its migrations, versioned with ``PRAGMA user_version``.
+
+Table and column names follow the seed design (strategy_sessions, strategy_positions,
+position_events) so its queries run verbatim. Allowed statuses and event types live in small
+lookup tables referenced by foreign keys: a later version adds a status with an INSERT in a
+migration, never by rebuilding or dropping a table.
+
+Timestamps are ISO 8601 text in UTC with milliseconds (``2025-11-28T10:00:22.123Z``): they sort
+as text, SQLite's date functions read them, and they mean the same on every machine.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from datetime import UTC, datetime
+
+__all__ = ["SCHEMA_VERSION", "SchemaError", "iso", "migrate"]
+
+
+class SchemaError(RuntimeError):
+    """The database cannot be used by this version of positiond."""
+
+
+def iso(ts: float) -> str:
+    """Epoch seconds -> the stored timestamp text."""
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+_V1 = """
+CREATE TABLE session_statuses (name TEXT PRIMARY KEY) WITHOUT ROWID;
+INSERT INTO session_statuses VALUES ('RUNNING'), ('COMPLETED'), ('CRASHED');
+
+CREATE TABLE position_statuses (name TEXT PRIMARY KEY) WITHOUT ROWID;
+INSERT INTO position_statuses VALUES ('ACTIVE'), ('CLOSED'), ('CRASHED');
+
+CREATE TABLE event_types (name TEXT PRIMARY KEY) WITHOUT ROWID;
+INSERT INTO event_types VALUES
+    ('SESSION_START'), ('SESSION_RESUMED'), ('SESSION_END'), ('REVIVED'),
+    ('ENTRY'), ('EXIT'), ('TRAIL_UPDATE'), ('CRASH');
+
+CREATE TABLE strategy_sessions (
+    id                  INTEGER PRIMARY KEY AUTOINCREMENT,
+    session_key         TEXT NOT NULL UNIQUE,      -- chosen by the client, stable across reconnects
+    strategy_name       TEXT NOT NULL,
+    status              TEXT NOT NULL REFERENCES session_statuses(name),
+    start_time          TEXT NOT NULL,
+    end_time            TEXT,
+    last_heartbeat      TEXT,
+    crash_timestamp     TEXT,
+    crash_reason        TEXT,
+    crash_source        TEXT,                      -- CLIENT, HEARTBEAT, DISCONNECT, RESTART
+    client_host         TEXT,
+    client_pid          INTEGER,                   -- as the client reports it
+    peer_uid            INTEGER,                   -- from the ipc connection (SO_PEERCRED)
+    peer_pid            INTEGER,
+    heartbeat_interval  REAL
+);
+CREATE INDEX strategy_sessions_status ON strategy_sessions(status, strategy_name);
+
+CREATE TABLE strategy_positions (
+    position_id       INTEGER PRIMARY KEY AUTOINCREMENT,
+    position_key      TEXT NOT NULL UNIQUE,        -- idempotency key, chosen by the client
+    session_id        INTEGER NOT NULL REFERENCES strategy_sessions(id),
+    symbol            TEXT NOT NULL,
+    exchange          TEXT NOT NULL,
+    product           TEXT NOT NULL,
+    leg_type          TEXT,
+    side              TEXT NOT NULL CHECK (side IN ('BUY', 'SELL')),
+    quantity          INTEGER NOT NULL CHECK (quantity > 0),
+    entry_price       REAL NOT NULL,
+    entry_time        TEXT NOT NULL,
+    current_price     REAL,
+    stop_price        REAL,
+    highest_price     REAL,
+    last_trail_level  REAL,
+    state             TEXT NOT NULL DEFAULT '{}',  -- JSON object: strategy-specific fields
+    status            TEXT NOT NULL REFERENCES position_statuses(name),
+    was_crashed       BOOLEAN NOT NULL DEFAULT FALSE,
+    exit_price        REAL,
+    exit_time         TEXT,
+    exit_reason       TEXT,
+    updated_at        TEXT NOT NULL
+);
+CREATE INDEX strategy_positions_session ON strategy_positions(session_id, status);
+CREATE INDEX strategy_positions_status ON strategy_positions(status);
+
+CREATE TABLE position_events (
+    id           INTEGER PRIMARY KEY AUTOINCREMENT,
+    position_id  INTEGER REFERENCES strategy_positions(position_id),  -- NULL: session event
+    session_id   INTEGER NOT NULL REFERENCES strategy_sessions(id),
+    event_type   TEXT NOT NULL REFERENCES event_types(name),
+    event_time   TEXT NOT NULL,
+    payload      TEXT NOT NULL DEFAULT '{}'                           -- JSON object
+);
+CREATE INDEX position_events_position ON position_events(position_id);
+CREATE INDEX position_events_session ON position_events(session_id);
+"""
+
+# Index i holds the script that takes the schema from version i to i + 1.
+_MIGRATIONS: list[str] = [_V1]
+SCHEMA_VERSION = len(_MIGRATIONS)
+
+
+def migrate(conn: sqlite3.Connection) -> int:
+    """Bring the database to SCHEMA_VERSION, each step in its own transaction; return it."""
+    version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+    if version > SCHEMA_VERSION:
+        raise SchemaError(
+            f"database schema version {version} is newer than this positiond knows "
+            f"({SCHEMA_VERSION}); upgrade positiond"
+        )
+    while version < SCHEMA_VERSION:
+        script = _MIGRATIONS[version]
+        # executescript() commits first and runs its own statements; BEGIN inside keeps the
+        # step atomic: a crash mid-migration leaves the previous version intact.
+        try:
+            conn.executescript(
+                f"BEGIN IMMEDIATE;\n{script}\nPRAGMA user_version = {version + 1};\nCOMMIT;"
+            )
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        version += 1
+    return version

@@ -1,0 +1,380 @@
+"""The daemon's asyncio adapter: one ROUTER socket in, one SQLite writer out.
+
+Four tasks share the event loop:
+
+- receive: ``await poll()`` then drain the socket without blocking through a shadow socket
+  (pyzmq's one-await-per-message path is four times slower, and a cancelled ``recv`` can lose a
+  message), decode, hand each message to the :class:`~positiond.engine.Engine`;
+- write: takes a batch from the engine, commits it in one call, then sends the acks;
+- tick: drives liveness verdicts and the flush interval;
+- monitor: turns a dropped ipc connection into "process exited" within milliseconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import fcntl
+import logging
+import os
+import sqlite3
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any
+
+import zmq
+import zmq.asyncio
+from positiond_client.errors import ProtocolError
+from positiond_client.paths import ensure_private_dir, ipc_path, runtime_dir
+from positiond_client.protocol import PROTOCOL_VERSION, decode, encode, error_reply
+from zmq.utils.monitor import parse_monitor_message
+
+from positiond.config import Config
+from positiond.engine import Engine
+from positiond.store import Store
+
+__all__ = ["AlreadyRunning", "Daemon"]
+
+log = logging.getLogger(__name__)
+
+PING = encode({"v": PROTOCOL_VERSION, "type": "ping"})
+# Messages handled per wake-up before yielding to the writer and the ticker.
+DRAIN_MAX = 2000
+# After a disconnect event the ROUTER may still list the peer for a moment: probe again.
+PROBE_RETRIES = (0.002, 0.01, 0.05, 0.2)
+
+
+class AlreadyRunning(RuntimeError):
+    """Another positiond holds this database or endpoint."""
+
+
+class _RateLimitedLog:
+    """Log at most ``burst`` lines per ``window`` seconds; count the rest."""
+
+    def __init__(self, burst: int = 10, window: float = 10.0) -> None:
+        self.burst, self.window = burst, window
+        self._start, self._count, self.suppressed = 0.0, 0, 0
+
+    def warning(self, fmt: str, *args: Any) -> None:
+        now = time.monotonic()
+        if now - self._start > self.window:
+            if self.suppressed:
+                log.warning("%d similar messages suppressed", self.suppressed)
+            self._start, self._count, self.suppressed = now, 0, 0
+        self._count += 1
+        if self._count <= self.burst:
+            log.warning(fmt, *args)
+        else:
+            self.suppressed += 1
+
+
+def _lock(path: Path, what: str) -> IO[bytes]:
+    handle = open(path, "ab")  # noqa: SIM115 -- held open for the daemon's lifetime
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise AlreadyRunning(f"another positiond is already running on {what}") from None
+    return handle
+
+
+def _peer_credentials(frame: zmq.Frame) -> tuple[int, int | None, int | None]:
+    """(fd, uid, pid) of the connection a frame came in on; uid/pid only on ipc://."""
+    fd = int(frame.get(zmq.SRCFD))
+    try:
+        address = str(frame.get("Peer-Address"))
+    except zmq.ZMQError:
+        return fd, None, None
+    # ipc:// peers read "localhost:uid:gid:pid" (from SO_PEERCRED), tcp:// peers an IP.
+    parts = address.split(":")
+    if len(parts) == 4 and parts[1].isdigit() and parts[3].isdigit():
+        return fd, int(parts[1]), int(parts[3])
+    return fd, None, None
+
+
+class Daemon:
+    """positiond itself: ``await start()``, then ``await stop()`` (or ``run()`` for both)."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        monotonic: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self.monotonic = monotonic
+        self.engine = Engine(
+            config.heartbeat_timeout, config.flush_interval, monotonic=monotonic, wall=wall
+        )
+        self.store: Store | None = None
+        self.ctx: zmq.asyncio.Context | None = None
+        self.sock: zmq.asyncio.Socket | None = None
+        self._shadow: zmq.Socket[bytes] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._writer: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+        self._stop_requested = asyncio.Event()
+        self._stopped = asyncio.Event()
+        self._stopping = False
+        self._locks: list[IO[bytes]] = []
+        self._bad_log = _RateLimitedLog()
+        self.is_ipc = config.endpoint.startswith("ipc://")
+        self.healthy = True
+        self.last_flush: float | None = None
+        self.counters = self.engine.counters
+        self.counters.update({"bad_messages": 0, "dropped_replies": 0, "batches": 0})
+
+    # ---- lifecycle -----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Lock, open and migrate the database, load live sessions, bind, start the tasks."""
+        cfg = self.config
+        db = Path(cfg.db)
+        db.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._locks.append(_lock(db.with_name(db.name + ".lock"), f"database {db}"))
+        sock_path = ipc_path(cfg.endpoint)
+        if sock_path is not None:
+            if sock_path.parent == runtime_dir():
+                ensure_private_dir(sock_path.parent)
+            else:
+                sock_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            # libzmq unlinks an existing socket file on bind: without this lock a second daemon
+            # would silently steal the endpoint from the first.
+            lock = sock_path.with_name(sock_path.name + ".lock")
+            self._locks.append(_lock(lock, f"endpoint {cfg.endpoint}"))
+        self.store = await Store.open(db, cfg.synchronous)
+        sessions, legs = await self.store.load_live()
+        self.engine.load(sessions, legs)
+        if sessions:
+            log.info(
+                "%d session(s) were RUNNING when the daemon last stopped; waiting %.1fs for them",
+                len(sessions),
+                cfg.heartbeat_timeout,
+            )
+        self.ctx = zmq.asyncio.Context()
+        sock = self.ctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        sock.setsockopt(zmq.MAXMSGSIZE, cfg.max_message_bytes + 1024)
+        sock.setsockopt(zmq.LINGER, 1000)
+        sock.bind(cfg.endpoint)
+        if sock_path is not None:
+            os.chmod(sock_path, 0o600)
+        self.sock = sock
+        self._shadow = zmq.Socket.shadow(sock.underlying)
+        loop = asyncio.get_running_loop()
+        self._writer = loop.create_task(self._write_loop(), name="positiond-writer")
+        self._tasks = [
+            loop.create_task(self._receive_loop(), name="positiond-receive"),
+            loop.create_task(self._tick_loop(), name="positiond-tick"),
+        ]
+        if self.is_ipc:
+            self._tasks.append(loop.create_task(self._monitor_loop(), name="positiond-monitor"))
+        log.info("positiond ready: database %s, endpoint %s", db, cfg.endpoint)
+
+    def request_stop(self) -> None:
+        """Ask for a graceful stop (signal handlers call this)."""
+        if not self._stopping:
+            log.info("stopping: no new messages; flushing what is pending")
+            self._stopping = True
+            self._stop_requested.set()
+            self._wake.set()
+
+    async def wait_stopped(self) -> None:
+        await self._stopped.wait()
+
+    async def run(self) -> None:
+        """Start, serve until :meth:`request_stop`, then stop gracefully."""
+        await self.start()
+        try:
+            await self._stop_requested.wait()
+        finally:
+            await self.stop()
+
+    async def stop(self) -> None:
+        """Stop receiving, write everything pending, answer it, close socket and database."""
+        self._stopping = True
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks = []
+        if self._writer is not None:
+            self._wake.set()
+            await self._writer
+            self._writer = None
+        if self.sock is not None:
+            self.sock.close(linger=1000)
+            self.sock = None
+        if self.ctx is not None:
+            self.ctx.term()
+            self.ctx = None
+        if self.store is not None:
+            await self.store.close()
+            self.store = None
+        for handle in self._locks:
+            handle.close()
+        self._locks = []
+        log.info("positiond stopped")
+        self._stopped.set()
+
+    # ---- receive -------------------------------------------------------------------------
+
+    async def _receive_loop(self) -> None:
+        assert self.sock is not None and self._shadow is not None
+        asock, sync, engine = self.sock, self._shadow, self.engine
+        recv = sync.recv
+        peers = engine.peers
+        while True:
+            await asock.poll()  # default: wait for POLLIN without a timeout
+            now, wall = self.monotonic(), engine.wall()
+            for _ in range(DRAIN_MAX):
+                try:
+                    rid = recv(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                if rid in peers:
+                    payload = recv()
+                else:
+                    frame = recv(copy=False)
+                    fd, uid, pid = _peer_credentials(frame)
+                    engine.add_peer(rid, fd, uid, pid)
+                    payload = frame.bytes
+                if sync.rcvmore:
+                    self._reject_frames(rid)
+                    continue
+                try:
+                    msg = decode(payload)
+                except ProtocolError as exc:
+                    self._bad(rid, exc)
+                    continue
+                try:
+                    reply = engine.receive(rid, msg, now, wall)
+                except Exception:  # a bug must not take the daemon down with it
+                    log.exception("internal error handling a %s message", msg.get("type"))
+                    reply = error_reply(
+                        "INTERNAL", "internal error; see the daemon log", msg.get("seq")
+                    )
+                if reply is not None:
+                    self.send(rid, reply)
+            if engine.pending_ops:
+                self._wake.set()
+            await asyncio.sleep(0)
+
+    def _reject_frames(self, rid: bytes) -> None:
+        assert self._shadow is not None
+        while self._shadow.rcvmore:
+            self._shadow.recv()
+        self._bad(rid, ProtocolError("a message must be exactly one frame", "BAD_FRAMES"))
+
+    def _bad(self, rid: bytes, exc: ProtocolError) -> None:
+        self.counters["bad_messages"] += 1
+        self._bad_log.warning("refused a message: %s", exc)
+        self.send(rid, error_reply(exc.code, exc.reason, exc.seq))
+
+    def send(self, rid: bytes, payload: bytes) -> bool:
+        """Send one reply without blocking; False if the peer is gone or its queue is full."""
+        if self._shadow is None:
+            return False
+        try:
+            self._shadow.send_multipart([rid, payload], zmq.NOBLOCK)
+        except zmq.ZMQError as exc:
+            if exc.errno not in (errno.EHOSTUNREACH, errno.EAGAIN):
+                raise
+            self.counters["dropped_replies"] += 1
+            return False
+        return True
+
+    # ---- write ---------------------------------------------------------------------------
+
+    async def _write_loop(self) -> None:
+        backoff = 0.0
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            if backoff:
+                await asyncio.sleep(backoff)
+            stopping = self._stopping
+            ok = await self.write_once(flush_updates=stopping)
+            backoff = 0.0 if ok else min(max(backoff * 2, 0.05), 2.0)
+            if not ok:
+                self._wake.set()
+            elif stopping:
+                if not (self.engine.pending_ops or self.engine.pending_updates):
+                    return
+                self._wake.set()
+            elif self.engine.pending_ops:
+                self._wake.set()
+
+    async def write_once(self, *, flush_updates: bool = False) -> bool:
+        """Commit what is due and send its replies; False (batch kept) on a storage fault."""
+        assert self.store is not None
+        engine = self.engine
+        batch = engine.take_batch(self.monotonic(), flush_updates=flush_updates)
+        if not batch:
+            return True
+        try:
+            results = await self.store.apply(batch)
+        except (sqlite3.Error, OSError) as exc:
+            engine.requeue(batch)
+            if self.healthy:
+                log.error("database write failed, will retry (nothing acked): %s", exc)
+            self.healthy = False
+            return False
+        if not self.healthy:
+            log.warning("database writes work again")
+            self.healthy = True
+        self.counters["batches"] += 1
+        self.last_flush = time.time()
+        for rid, payload in engine.committed(batch, results):
+            self.send(rid, payload)
+        return True
+
+    # ---- time ----------------------------------------------------------------------------
+
+    async def _tick_loop(self) -> None:
+        cfg = self.config
+        interval = max(0.005, min(0.05, cfg.flush_interval / 4, cfg.heartbeat_timeout / 10))
+        while True:
+            await asyncio.sleep(interval)
+            if self.engine.tick(self.monotonic()):
+                self._wake.set()
+
+    # ---- process death -------------------------------------------------------------------
+
+    async def _monitor_loop(self) -> None:
+        assert self.sock is not None
+        monitor = self.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        try:
+            while True:
+                event = parse_monitor_message(await monitor.recv_multipart())
+                if event["event"] == zmq.EVENT_DISCONNECTED:
+                    self._disconnected(int(event["value"]))
+        finally:
+            self.sock.disable_monitor()
+            monitor.close(linger=0)
+
+    def _disconnected(self, fd: int) -> None:
+        for peer in self.engine.peers_on_fd(fd):
+            self._probe(peer.rid, 0)
+
+    def _probe(self, rid: bytes, attempt: int) -> None:
+        """Is the peer still connected? A ROUTER_MANDATORY send fails for a gone one."""
+        if rid not in self.engine.peers or self._shadow is None:
+            return
+        try:
+            self._shadow.send_multipart([rid, PING], zmq.NOBLOCK)
+        except zmq.ZMQError as exc:
+            if exc.errno == errno.EHOSTUNREACH:
+                self.engine.peer_gone(rid)
+                self._wake.set()
+                return
+            if exc.errno != errno.EAGAIN:
+                raise
+        if attempt < len(PROBE_RETRIES):
+            asyncio.get_running_loop().call_later(
+                PROBE_RETRIES[attempt], self._probe, rid, attempt + 1
+            )

@@ -1,0 +1,495 @@
+"""The SQLite store: one writer connection through aiosqlite, one transaction per batch.
+
+Each :class:`~positiond.ops.Batch` goes to SQLite as a single function call run on aiosqlite's
+thread (one thread hop per batch, not one per statement) and commits once: group commit. Every
+durable op runs inside its own SAVEPOINT, so one op that violates a constraint is answered with
+an error while the rest of the batch commits; an operational fault (busy, disk full, read-only)
+aborts the whole batch, which the caller retries — nothing in it was acknowledged.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sqlite3
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import aiosqlite
+import orjson
+
+from positiond.ops import (
+    CLIENT,
+    REVIVABLE,
+    Batch,
+    CrashOp,
+    EndOp,
+    EntryOp,
+    ExitOp,
+    LegRow,
+    Op,
+    Result,
+    StartOp,
+    SyncOp,
+)
+from positiond.schema import iso, migrate
+
+__all__ = ["Store"]
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+Synchronous = Literal["NORMAL", "FULL"]
+
+_PRICE_FIELDS = ("current_price", "stop_price", "highest_price", "last_trail_level")
+
+# Absent fields keep their stored value, present ones (null included) replace it: each field is
+# a (present?, value) pair so one statement serves every shape of update in one executemany.
+_UPDATE_SQL = """
+UPDATE strategy_positions SET
+    current_price    = CASE WHEN ?1 THEN ?2 ELSE current_price END,
+    stop_price       = CASE WHEN ?3 THEN ?4 ELSE stop_price END,
+    highest_price    = CASE WHEN ?5 THEN ?6 ELSE highest_price END,
+    last_trail_level = CASE WHEN ?7 THEN ?8 ELSE last_trail_level END,
+    state            = CASE WHEN ?9 THEN ?10 ELSE state END,
+    updated_at       = ?11
+WHERE position_key = ?12 AND status = 'ACTIVE'
+"""
+
+_EVENT_SQL = """
+INSERT INTO position_events (position_id, session_id, event_type, event_time, payload)
+VALUES (?, ?, ?, ?, ?)
+"""
+
+_LEG_EVENT_SQL = """
+INSERT INTO position_events (position_id, session_id, event_type, event_time, payload)
+SELECT position_id, session_id, ?, ?, ? FROM strategy_positions WHERE position_key = ?
+"""
+
+
+def _json(value: Any) -> str:
+    return orjson.dumps(value).decode()
+
+
+def _update_row(key: str, upd: dict[str, Any], now: str) -> tuple[Any, ...]:
+    row: list[Any] = []
+    for name in _PRICE_FIELDS:
+        if name in upd:
+            row += (1, upd[name])
+        else:
+            row += (0, None)
+    if "state" in upd:
+        row += (1, _json(upd["state"]))
+    else:
+        row += (0, None)
+    row += (now, key)
+    return tuple(row)
+
+
+def _write_updates(cur: sqlite3.Cursor, updates: dict[str, dict[str, Any]], now: str) -> None:
+    if updates:
+        cur.executemany(_UPDATE_SQL, [_update_row(k, u, now) for k, u in updates.items()])
+
+
+def _session(cur: sqlite3.Cursor, session_key: str) -> sqlite3.Row | None:
+    row: sqlite3.Row | None = cur.execute(
+        "SELECT id, status, strategy_name, crash_source, crash_timestamp, crash_reason "
+        "FROM strategy_sessions WHERE session_key = ?",
+        (session_key,),
+    ).fetchone()
+    return row
+
+
+def _leg(cur: sqlite3.Cursor, key: str) -> sqlite3.Row | None:
+    row: sqlite3.Row | None = cur.execute(
+        "SELECT p.position_id, p.status, p.session_id, s.session_key "
+        "FROM strategy_positions p JOIN strategy_sessions s ON s.id = p.session_id "
+        "WHERE p.position_key = ?",
+        (key,),
+    ).fetchone()
+    return row
+
+
+def _open_legs(cur: sqlite3.Cursor, session_id: int, session_key: str) -> list[LegRow]:
+    rows = cur.execute(
+        "SELECT position_key, stop_price, last_trail_level FROM strategy_positions "
+        "WHERE session_id = ? AND status = 'ACTIVE'",
+        (session_id,),
+    ).fetchall()
+    return [LegRow(r[0], session_key, r[1], r[2]) for r in rows]
+
+
+def _event(
+    cur: sqlite3.Cursor,
+    position_id: int | None,
+    session_id: int,
+    kind: str,
+    when: str,
+    payload: dict[str, Any],
+) -> None:
+    cur.execute(_EVENT_SQL, (position_id, session_id, kind, when, _json(payload)))
+
+
+def _start(cur: sqlite3.Cursor, op: StartOp, now: str) -> Result:
+    row = _session(cur, op.session_key)
+    if row is None:
+        cur.execute(
+            "INSERT INTO strategy_sessions (session_key, strategy_name, status, start_time, "
+            "last_heartbeat, client_host, client_pid, peer_uid, peer_pid, heartbeat_interval) "
+            "VALUES (?, ?, 'RUNNING', ?, ?, ?, ?, ?, ?, ?)",
+            (
+                op.session_key,
+                op.strategy,
+                iso(op.time),
+                now,
+                op.host,
+                op.pid,
+                op.peer_uid,
+                op.peer_pid,
+                op.heartbeat_interval,
+            ),
+        )
+        sid = cur.lastrowid
+        assert sid is not None
+        _event(cur, None, sid, "SESSION_START", now, {"host": op.host, "pid": op.pid})
+        return Result(True, {"session_id": sid, "status": "RUNNING", "resumed": False})
+    sid = row["id"]
+    if row["strategy_name"] != op.strategy:
+        return Result.error(
+            "BAD_FIELD", f"session {op.session_key!r} belongs to strategy {row['strategy_name']!r}"
+        )
+    data: dict[str, Any] = {"session_id": sid, "status": "RUNNING", "resumed": True}
+    if row["status"] == "RUNNING":
+        _event(cur, None, sid, "SESSION_RESUMED", now, {"peer_pid": op.peer_pid})
+    elif row["status"] == "CRASHED" and row["crash_source"] in REVIVABLE:
+        revived = [
+            r[0]
+            for r in cur.execute(
+                "SELECT position_key FROM strategy_positions "
+                "WHERE session_id = ? AND status = 'CRASHED'",
+                (sid,),
+            )
+        ]
+        cur.execute(
+            "UPDATE strategy_positions SET status = 'ACTIVE', updated_at = ? "
+            "WHERE session_id = ? AND status = 'CRASHED'",
+            (now, sid),
+        )
+        cur.execute(
+            "UPDATE strategy_sessions SET status = 'RUNNING', crash_timestamp = NULL, "
+            "crash_reason = NULL, crash_source = NULL WHERE id = ?",
+            (sid,),
+        )
+        data["revived"] = {
+            "crash_timestamp": row["crash_timestamp"],
+            "crash_reason": row["crash_reason"],
+            "legs": revived,
+        }
+        _event(cur, None, sid, "REVIVED", now, data["revived"])
+    else:
+        return Result.error(
+            "SESSION_CLOSED",
+            f"session {op.session_key!r} is {row['status']}"
+            + (f" ({row['crash_reason']})" if row["crash_reason"] else "")
+            + "; start a new session",
+        )
+    cur.execute(
+        "UPDATE strategy_sessions SET last_heartbeat = ?, peer_uid = coalesce(?, peer_uid), "
+        "peer_pid = coalesce(?, peer_pid) WHERE id = ?",
+        (now, op.peer_uid, op.peer_pid, sid),
+    )
+    return Result(True, data, legs=_open_legs(cur, sid, op.session_key))
+
+
+def _entry(cur: sqlite3.Cursor, op: EntryOp, now: str) -> Result:
+    leg = _leg(cur, op.key)
+    if leg is not None:
+        if leg["session_key"] != op.session_key:
+            return Result.error(
+                "KEY_CONFLICT",
+                f"position key {op.key!r} already belongs to session {leg['session_id']}",
+            )
+        return Result(
+            True, {"position_id": leg["position_id"], "status": leg["status"], "duplicate": True}
+        )
+    session = _session(cur, op.session_key)
+    if session is None:
+        return Result.error("UNKNOWN_SESSION", f"no session {op.session_key!r}")
+    if session["status"] != "RUNNING":
+        return Result.error("SESSION_CLOSED", f"session is {session['status']}")
+    f = op.fields
+    entry_time = iso(op.time)
+    cur.execute(
+        "INSERT INTO strategy_positions (position_key, session_id, symbol, exchange, product, "
+        "leg_type, side, quantity, entry_price, entry_time, current_price, stop_price, "
+        "highest_price, last_trail_level, state, status, updated_at) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'ACTIVE', ?)",
+        (
+            op.key,
+            session["id"],
+            f["symbol"],
+            f["exchange"],
+            f["product"],
+            f.get("leg_type"),
+            f["side"],
+            f["quantity"],
+            f["entry_price"],
+            entry_time,
+            f["entry_price"],
+            f.get("stop_price"),
+            f.get("highest_price", f["entry_price"]),
+            f.get("last_trail_level"),
+            _json(f.get("state", {})),
+            now,
+        ),
+    )
+    position_id = cur.lastrowid
+    _event(cur, position_id, session["id"], "ENTRY", entry_time, f)
+    return Result(True, {"position_id": position_id, "status": "ACTIVE", "duplicate": False})
+
+
+def _exit(cur: sqlite3.Cursor, op: ExitOp, now: str) -> Result:
+    leg = _leg(cur, op.key)
+    if leg is None:
+        return Result.error("UNKNOWN_LEG", f"no leg {op.key!r}")
+    if leg["session_key"] != op.session_key:
+        return Result.error("FENCED", f"leg {op.key!r} belongs to session {leg['session_id']}")
+    data = {"position_id": leg["position_id"], "status": "CLOSED"}
+    if leg["status"] == "CLOSED":
+        return Result(True, {**data, "duplicate": True})
+    if op.final_update:
+        _write_updates(cur, {op.key: op.final_update}, now)
+    exit_time = iso(op.time)
+    cur.execute(
+        "UPDATE strategy_positions SET status = 'CLOSED', exit_price = ?, exit_time = ?, "
+        "exit_reason = ?, updated_at = ? WHERE position_id = ?",
+        (op.exit_price, exit_time, op.exit_reason, now, leg["position_id"]),
+    )
+    _event(
+        cur,
+        leg["position_id"],
+        leg["session_id"],
+        "EXIT",
+        exit_time,
+        {"exit_price": op.exit_price, "exit_reason": op.exit_reason, "from_status": leg["status"]},
+    )
+    return Result(True, {**data, "duplicate": False})
+
+
+def _crash(cur: sqlite3.Cursor, op: CrashOp, now: str) -> Result:
+    session = _session(cur, op.session_key)
+    if session is None:
+        return Result.error("UNKNOWN_SESSION", f"no session {op.session_key!r}")
+    sid, status = session["id"], session["status"]
+    _write_updates(cur, op.final_updates, now)
+    # The strategy's own report is final and beats an earlier verdict of the daemon's; the
+    # daemon's verdicts never overwrite a COMPLETED session or the strategy's report.
+    takes = status == "RUNNING" or (
+        status == "CRASHED" and op.source == CLIENT and session["crash_source"] != CLIENT
+    )
+    if not takes:
+        if status == "COMPLETED" and op.source == CLIENT:
+            return Result.error("SESSION_CLOSED", "session already ended (COMPLETED)")
+        return Result(True, {"session_id": sid, "status": status, "duplicate": True})
+    when = iso(op.time)
+    cur.execute(
+        "UPDATE strategy_sessions SET status = 'CRASHED', crash_timestamp = ?, "
+        "crash_reason = ?, crash_source = ? WHERE id = ?",
+        (when, op.reason, op.source, sid),
+    )
+    legs = cur.execute(
+        "SELECT position_id FROM strategy_positions WHERE session_id = ? AND status = 'ACTIVE'",
+        (sid,),
+    ).fetchall()
+    cur.execute(
+        "UPDATE strategy_positions SET status = 'CRASHED', was_crashed = TRUE, updated_at = ? "
+        "WHERE session_id = ? AND status = 'ACTIVE'",
+        (now, sid),
+    )
+    payload = {**op.payload, "reason": op.reason, "source": op.source}
+    _event(cur, None, sid, "CRASH", when, payload)
+    leg_payload = _json({"reason": op.reason, "source": op.source})
+    cur.executemany(_EVENT_SQL, [(r[0], sid, "CRASH", when, leg_payload) for r in legs])
+    return Result(True, {"session_id": sid, "status": "CRASHED", "legs": len(legs)})
+
+
+def _end(cur: sqlite3.Cursor, op: EndOp, now: str) -> Result:
+    session = _session(cur, op.session_key)
+    if session is None:
+        return Result.error("UNKNOWN_SESSION", f"no session {op.session_key!r}")
+    sid, status = session["id"], session["status"]
+    _write_updates(cur, op.final_updates, now)
+    if status != "RUNNING":
+        return Result(True, {"session_id": sid, "status": status, "duplicate": True})
+    when = iso(op.time)
+    open_legs = [
+        r[0]
+        for r in cur.execute(
+            "SELECT position_key FROM strategy_positions "
+            "WHERE session_id = ? AND status = 'ACTIVE'",
+            (sid,),
+        )
+    ]
+    cur.execute(
+        "UPDATE strategy_sessions SET status = 'COMPLETED', end_time = ?, last_heartbeat = ? "
+        "WHERE id = ?",
+        (when, now, sid),
+    )
+    _event(cur, None, sid, "SESSION_END", when, {"open_legs": open_legs})
+    return Result(True, {"session_id": sid, "status": "COMPLETED", "open_legs": open_legs})
+
+
+def _sync(cur: sqlite3.Cursor, op: SyncOp, now: str) -> Result:
+    return Result(True, {})
+
+
+_APPLY: dict[type, Callable[[sqlite3.Cursor, Any, str], Result]] = {
+    SyncOp: _sync,
+    StartOp: _start,
+    EntryOp: _entry,
+    ExitOp: _exit,
+    CrashOp: _crash,
+    EndOp: _end,
+}
+
+
+def _apply_op(cur: sqlite3.Cursor, op: Op, now: str) -> Result:
+    cur.execute("SAVEPOINT op")
+    try:
+        result = _APPLY[type(op)](cur, op, now)
+    except (sqlite3.IntegrityError, sqlite3.InterfaceError, sqlite3.ProgrammingError) as exc:
+        # This op alone is bad (a constraint, a value SQLite cannot bind): drop it, keep the rest.
+        cur.execute("ROLLBACK TO op")
+        log.error("%s for %s refused by the database: %s", type(op).__name__, op.session_key, exc)
+        result = Result.error("INTERNAL", f"the database refused this message: {exc}")
+    cur.execute("RELEASE op")
+    return result
+
+
+def apply_batch(conn: sqlite3.Connection, batch: Batch) -> list[Result]:
+    """Write a whole batch in one transaction (runs on the writer thread)."""
+    now = iso(batch.time)
+    cur = conn.cursor()
+    cur.execute("BEGIN IMMEDIATE")
+    try:
+        results = [_apply_op(cur, op, now) for op in batch.ops]
+        _write_updates(cur, batch.updates, now)
+        if batch.trail_events:
+            cur.executemany(
+                _LEG_EVENT_SQL,
+                [
+                    (
+                        "TRAIL_UPDATE",
+                        now,
+                        _json(
+                            {
+                                "stop_price": [e.before[0], e.after[0]],
+                                "last_trail_level": [e.before[1], e.after[1]],
+                                "price": e.price,
+                            }
+                        ),
+                        e.key,
+                    )
+                    for e in batch.trail_events
+                ],
+            )
+        if batch.heartbeats:
+            cur.executemany(
+                "UPDATE strategy_sessions SET last_heartbeat = ? "
+                "WHERE session_key = ? AND status = 'RUNNING'",
+                [(iso(w), k) for k, w in batch.heartbeats.items()],
+            )
+        cur.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    return results
+
+
+def load_live(conn: sqlite3.Connection) -> tuple[list[tuple[str, int, str]], list[LegRow]]:
+    """RUNNING sessions and their ACTIVE legs, as the daemon found them at start."""
+    sessions = [
+        (r[0], r[1], r[2])
+        for r in conn.execute(
+            "SELECT session_key, id, strategy_name FROM strategy_sessions WHERE status = 'RUNNING'"
+        )
+    ]
+    legs = [
+        LegRow(r[0], r[1], r[2], r[3])
+        for r in conn.execute(
+            "SELECT p.position_key, s.session_key, p.stop_price, p.last_trail_level "
+            "FROM strategy_positions p JOIN strategy_sessions s ON s.id = p.session_id "
+            "WHERE p.status = 'ACTIVE' AND s.status = 'RUNNING'"
+        )
+    ]
+    return sessions, legs
+
+
+def prepare_file(path: Path) -> None:
+    """Create the database file (and its directory) closed to other users: 0600 in 0700."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    os.close(fd)
+
+
+class Store:
+    """The daemon's single writer connection. Open with :meth:`open`, close with :meth:`close`."""
+
+    def __init__(self, conn: aiosqlite.Connection, path: Path) -> None:
+        self._conn = conn
+        self.path = path
+
+    @classmethod
+    async def open(cls, path: Path, synchronous: Synchronous = "NORMAL") -> Store:
+        """Open (creating and migrating as needed) the database at ``path``."""
+        prepare_file(path)
+        conn = await aiosqlite.connect(path, isolation_level=None)
+        store = cls(conn, path)
+        try:
+            await store.call(_setup, synchronous)
+        except BaseException:
+            await conn.close()
+            raise
+        return store
+
+    async def call(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn(sqlite3_connection, *args)`` on the writer thread: one hop, one result.
+
+        aiosqlite has no public API to run a callable on its thread; ``_execute`` is what its
+        own methods use (stable since 0.17). tests/test_store.py fails loudly if that changes.
+        """
+        raw = self._conn._conn
+        result: T = await self._conn._execute(fn, raw, *args)  # type: ignore[no-untyped-call]
+        return result
+
+    async def apply(self, batch: Batch) -> list[Result]:
+        """Commit a batch; one :class:`Result` per durable op. Raises on storage faults."""
+        return await self.call(apply_batch, batch)
+
+    async def load_live(self) -> tuple[list[tuple[str, int, str]], list[LegRow]]:
+        """RUNNING sessions and their ACTIVE legs."""
+        return await self.call(load_live)
+
+    async def close(self) -> None:
+        """Checkpoint the WAL and close the connection."""
+        try:
+            await self.call(_checkpoint)
+        finally:
+            await self._conn.close()
+
+
+def _setup(conn: sqlite3.Connection, synchronous: Synchronous) -> None:
+    conn.row_factory = sqlite3.Row
+    mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+    if mode.lower() != "wal":
+        raise sqlite3.OperationalError(f"could not switch the database to WAL (got {mode})")
+    conn.execute(f"PRAGMA synchronous = {synchronous}")
+    conn.execute("PRAGMA busy_timeout = 5000")
+    conn.execute("PRAGMA foreign_keys = ON")
+    conn.execute("PRAGMA journal_size_limit = 67108864")
+    migrate(conn)
+
+
+def _checkpoint(conn: sqlite3.Connection) -> None:
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
