@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import stat
+from collections.abc import Mapping
 from pathlib import Path
 
 __all__ = [
@@ -33,18 +34,19 @@ def _first(value: str | None) -> str | None:
     return value.split(":")[0] or None
 
 
-def state_dir(env: os._Environ[str] | dict[str, str] | None = None) -> Path:
+def state_dir(env: Mapping[str, str] | None = None) -> Path:
     """$STATE_DIRECTORY (systemd), else $XDG_STATE_HOME/positiond, else ~/.local/state/positiond."""
     env = os.environ if env is None else env
     systemd = _first(env.get("STATE_DIRECTORY"))
     if systemd:
         return Path(systemd)
     xdg = env.get("XDG_STATE_HOME")
-    base = Path(xdg) if xdg else Path.home() / ".local" / "state"
+    home = env.get("HOME")
+    base = Path(xdg) if xdg else (Path(home) if home else Path.home()) / ".local" / "state"
     return base / "positiond"
 
 
-def runtime_dir(env: os._Environ[str] | dict[str, str] | None = None) -> Path:
+def runtime_dir(env: Mapping[str, str] | None = None) -> Path:
     """$RUNTIME_DIRECTORY (systemd), else $XDG_RUNTIME_DIR/positiond, else /tmp/positiond-$UID."""
     env = os.environ if env is None else env
     systemd = _first(env.get("RUNTIME_DIRECTORY"))
@@ -56,14 +58,14 @@ def runtime_dir(env: os._Environ[str] | dict[str, str] | None = None) -> Path:
     return Path(f"/tmp/positiond-{os.getuid()}")
 
 
-def default_db_path(env: os._Environ[str] | dict[str, str] | None = None) -> Path:
+def default_db_path(env: Mapping[str, str] | None = None) -> Path:
     """The database path used when neither --db nor POSITIOND_DB is given."""
     env = os.environ if env is None else env
     explicit = env.get("POSITIOND_DB")
     return Path(explicit) if explicit else state_dir(env) / DB_FILENAME
 
 
-def default_endpoint(env: os._Environ[str] | dict[str, str] | None = None) -> str:
+def default_endpoint(env: Mapping[str, str] | None = None) -> str:
     """The endpoint used when neither --endpoint nor POSITIOND_ENDPOINT is given."""
     env = os.environ if env is None else env
     explicit = env.get("POSITIOND_ENDPOINT")

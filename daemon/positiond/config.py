@@ -8,10 +8,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from positiond.store import Synchronous
 from positiond_client.paths import default_db_path, default_endpoint
 from positiond_client.protocol import MAX_MESSAGE_BYTES
-
-from positiond.store import Synchronous
 
 __all__ = ["Config", "ConfigError", "build_parser", "from_args"]
 

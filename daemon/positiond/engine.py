@@ -13,8 +13,6 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from positiond_client.protocol import PROTOCOL_VERSION, UPDATE_FIELDS, encode, error_reply
-
 from positiond.liveness import Liveness, Verdict
 from positiond.ops import (
     CLIENT,
@@ -31,6 +29,7 @@ from positiond.ops import (
     SyncOp,
     TrailEvent,
 )
+from positiond_client.protocol import PROTOCOL_VERSION, UPDATE_FIELDS, encode, error_reply
 
 __all__ = ["Engine", "Leg", "Peer", "Session"]
 

@@ -26,14 +26,14 @@ from typing import IO, Any
 
 import zmq
 import zmq.asyncio
-from positiond_client.errors import ProtocolError
-from positiond_client.paths import ensure_private_dir, ipc_path, runtime_dir
-from positiond_client.protocol import PROTOCOL_VERSION, decode, encode, error_reply
 from zmq.utils.monitor import parse_monitor_message
 
 from positiond.config import Config
 from positiond.engine import Engine
 from positiond.store import Store
+from positiond_client.errors import ProtocolError
+from positiond_client.paths import ensure_private_dir, ipc_path, runtime_dir
+from positiond_client.protocol import PROTOCOL_VERSION, decode, encode, error_reply
 
 __all__ = ["AlreadyRunning", "Daemon"]
 

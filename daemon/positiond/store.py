@@ -441,13 +441,19 @@ class Store:
         self.path = path
 
     @classmethod
-    async def open(cls, path: Path, synchronous: Synchronous = "NORMAL") -> Store:
-        """Open (creating and migrating as needed) the database at ``path``."""
+    async def open(
+        cls, path: Path, synchronous: Synchronous = "NORMAL", busy_timeout: float = 5.0
+    ) -> Store:
+        """Open (creating and migrating as needed) the database at ``path``.
+
+        ``busy_timeout``: how long a write waits for another connection's lock before the
+        batch fails (and is retried later, unacknowledged).
+        """
         prepare_file(path)
         conn = await aiosqlite.connect(path, isolation_level=None)
         store = cls(conn, path)
         try:
-            await store.call(_setup, synchronous)
+            await store.call(_setup, synchronous, int(busy_timeout * 1000))
         except BaseException:
             await conn.close()
             raise
@@ -479,13 +485,13 @@ class Store:
             await self._conn.close()
 
 
-def _setup(conn: sqlite3.Connection, synchronous: Synchronous) -> None:
+def _setup(conn: sqlite3.Connection, synchronous: Synchronous, busy_ms: int) -> None:
     conn.row_factory = sqlite3.Row
     mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
     if mode.lower() != "wal":
         raise sqlite3.OperationalError(f"could not switch the database to WAL (got {mode})")
     conn.execute(f"PRAGMA synchronous = {synchronous}")
-    conn.execute("PRAGMA busy_timeout = 5000")
+    conn.execute(f"PRAGMA busy_timeout = {busy_ms}")
     conn.execute("PRAGMA foreign_keys = ON")
     conn.execute("PRAGMA journal_size_limit = 67108864")
     migrate(conn)

@@ -1,0 +1,1 @@
+"""Benchmarks of positiond against the seed's in-process design: ``python -m bench --help``."""

@@ -1,0 +1,95 @@
+"""A stand-in strategy process for the tests: ``python strategy_proc.py ENDPOINT MODE [ARG]``.
+
+It prints one JSON line (session id, leg keys) once its state is durably stored, then behaves
+as MODE says. Modes: ``hold`` (keep running, idle), ``busy SECONDS`` (burn CPU in pure Python,
+then end the session), ``raise`` (crash inside ``with pm.session()``), ``updates`` (keep
+sending updates; the newest stop is printed after every sync).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+from positiond_client import PositionPersistenceManager
+
+
+def main() -> None:
+    endpoint, mode = sys.argv[1], sys.argv[2]
+    pm = PositionPersistenceManager("expiry_blast", endpoint=endpoint, ack_timeout=5.0)
+    if mode == "raise":
+        try:
+            with pm.session():
+                leg = pm.save_position_entry(
+                    symbol="NIFTY28NOV2524000CE",
+                    leg_type="CE",
+                    entry_price=100.0,
+                    stop_price=90.0,
+                    quantity=75,
+                )
+                print(json.dumps({"session_id": pm.session_id, "legs": [leg.key]}), flush=True)
+                {}["missing_key"]  # the strategy's bug
+        except KeyError:
+            sys.exit(3)
+    sid = pm.start_session()
+    ce = pm.save_position_entry(
+        symbol="NIFTY28NOV2524000CE",
+        leg_type="CE",
+        entry_price=100.0,
+        stop_price=90.0,
+        quantity=75,
+        position_key="ce-1",
+    )
+    pe = pm.save_position_entry(
+        symbol="NIFTY28NOV2524000PE",
+        leg_type="PE",
+        entry_price=80.0,
+        stop_price=72.0,
+        quantity=75,
+        position_key="pe-1",
+    )
+    closed = pm.save_position_entry(
+        symbol="NIFTY28NOV2523900CE",
+        leg_type="CE",
+        entry_price=50.0,
+        stop_price=45.0,
+        quantity=75,
+        position_key="ce-closed",
+    )
+    pm.queue_position_update(
+        ce, current_price=112.0, highest_price=112.0, stop_price=104.0, last_trail_level=2
+    )
+    pm.queue_position_update(
+        pe,
+        current_price=86.0,
+        highest_price=86.5,
+        stop_price=79.0,
+        last_trail_level=1,
+        state={"atm": 24000},
+    )
+    pm.save_position_exit(closed, exit_price=45.0, exit_reason="STOP_HIT")
+    assert pm.sync(5.0)
+    print(json.dumps({"session_id": sid, "legs": [ce.key, pe.key]}), flush=True)
+    if mode == "hold":
+        while True:
+            time.sleep(1)
+    elif mode == "busy":
+        deadline = time.monotonic() + float(sys.argv[3])
+        n = 0
+        while time.monotonic() < deadline:
+            n += sum(i * i for i in range(1000))  # pure-Python work holding the GIL
+        pm.end_session()
+        print("DONE", flush=True)
+    elif mode == "updates":
+        stop = 104.0
+        for line in sys.stdin:  # one update burst per line; "sync" answers when stored
+            if line.strip() == "sync":
+                print(json.dumps({"synced": pm.sync(5.0), "stop": stop}), flush=True)
+                continue
+            stop += 1.0
+            pm.queue_position_update(ce, current_price=stop + 8, stop_price=stop)
+
+
+if __name__ == "__main__":
+    main()

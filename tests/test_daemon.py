@@ -1,0 +1,456 @@
+"""End to end: real daemon process, real strategy processes, real sockets and SQLite."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import zmq
+
+from positiond_client import PositionPersistenceManager
+from positiond_client.protocol import encode
+from tests.helpers import UNIT, DaemonProcess, rows, session_status, wait_for
+
+STRATEGY = Path(__file__).with_name("strategy_proc.py")
+
+# The seed's crash identification query, verbatim (seed/position_persistence_architecture.txt).
+SEED_CRASH_QUERY = """
+SELECT 
+    sp.position_id,
+    sp.symbol,
+    sp.leg_type,
+    sp.entry_price,
+    sp.entry_time,
+    sp.stop_price,
+    sp.last_trail_level,
+    ss.crash_timestamp,
+    ss.crash_reason
+FROM strategy_positions sp
+JOIN strategy_sessions ss ON sp.session_id = ss.id
+WHERE sp.was_crashed = true
+  AND sp.status = 'CRASHED'
+  AND ss.strategy_name = 'expiry_blast'
+ORDER BY ss.crash_timestamp DESC;
+"""
+
+# The seed's recovery query, verbatim.
+SEED_RECOVERY_QUERY = """
+SELECT * FROM strategy_positions 
+           WHERE status = 'CRASHED' AND was_crashed = true
+"""
+
+
+class Strategy:
+    """A strategy subprocess (tests/strategy_proc.py)."""
+
+    def __init__(self, endpoint: str, mode: str, *args: str) -> None:
+        env = {**os.environ, "PYTHONPATH": str(STRATEGY.parent.parent)}
+        self.proc = subprocess.Popen(
+            [sys.executable, str(STRATEGY), endpoint, mode, *args],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            env=env,
+            text=True,
+        )
+
+    def line(self, timeout: float = 10) -> str:
+        assert self.proc.stdout is not None
+        import selectors
+
+        with selectors.DefaultSelector() as sel:
+            sel.register(self.proc.stdout, selectors.EVENT_READ)
+            if not sel.select(timeout * UNIT):
+                raise AssertionError("strategy printed nothing in time")
+        return self.proc.stdout.readline()
+
+    def info(self) -> dict[str, object]:
+        result: dict[str, object] = json.loads(self.line())
+        return result
+
+    def send(self, text: str) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(text + "\n")
+        self.proc.stdin.flush()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        for stream in (self.proc.stdin, self.proc.stdout):
+            if stream is not None:
+                stream.close()
+
+
+@pytest.fixture
+def strategies() -> Iterator[list[Strategy]]:
+    started: list[Strategy] = []
+    yield started
+    for strategy in started:
+        strategy.close()
+
+
+def test_kill_9_marks_crashed_and_seed_query_lists_open_legs(
+    daemon: DaemonProcess, strategies: list[Strategy]
+) -> None:
+    strategy = Strategy(daemon.endpoint, "hold")
+    strategies.append(strategy)
+    info = strategy.info()
+    killed_at = time.monotonic()
+    strategy.proc.send_signal(signal.SIGKILL)
+    wait_for(lambda: session_status(daemon.db, info["session_id"]) == "CRASHED", 5, "CRASHED")  # type: ignore[arg-type]
+    latency = time.monotonic() - killed_at
+    # Process death is seen on the connection, well before the 1 s heartbeat timeout.
+    assert latency < 0.5 * UNIT + 0.5, latency
+
+    found = rows(daemon.db, SEED_CRASH_QUERY)
+    by_symbol = {r["symbol"]: r for r in found}
+    assert sorted(by_symbol) == ["NIFTY28NOV2524000CE", "NIFTY28NOV2524000PE"]
+    ce, pe = by_symbol["NIFTY28NOV2524000CE"], by_symbol["NIFTY28NOV2524000PE"]
+    assert (ce["leg_type"], ce["entry_price"], ce["stop_price"], ce["last_trail_level"]) == (
+        "CE",
+        100.0,
+        104.0,
+        2.0,
+    )
+    assert (pe["leg_type"], pe["entry_price"], pe["stop_price"], pe["last_trail_level"]) == (
+        "PE",
+        80.0,
+        79.0,
+        1.0,
+    )
+    assert ce["crash_reason"].startswith("process exited")
+    assert ce["crash_timestamp"] and ce["entry_time"]
+    # The seed's recovery query finds the same legs; the leg closed before the crash is not there.
+    assert {r["position_key"] for r in rows(daemon.db, SEED_RECOVERY_QUERY)} == {"ce-1", "pe-1"}
+    state = rows(daemon.db, "SELECT state FROM strategy_positions WHERE position_key='pe-1'")
+    assert json.loads(state[0]["state"]) == {"atm": 24000}
+    events = rows(
+        daemon.db,
+        "SELECT event_type, position_id FROM position_events WHERE event_type = 'CRASH'",
+    )
+    assert len(events) == 3  # one for the session, one per open leg
+
+
+def test_handle_crash_records_the_exception(
+    daemon: DaemonProcess, strategies: list[Strategy]
+) -> None:
+    strategy = Strategy(daemon.endpoint, "raise")
+    strategies.append(strategy)
+    info = strategy.info()
+    assert strategy.proc.wait(10 * UNIT) == 3
+    session = rows(daemon.db, "SELECT * FROM strategy_sessions WHERE id = ?", (info["session_id"],))
+    assert session[0]["status"] == "CRASHED"
+    assert session[0]["crash_source"] == "CLIENT"
+    assert session[0]["crash_reason"] == "KeyError: 'missing_key'"
+    payload = rows(
+        daemon.db,
+        "SELECT payload FROM position_events WHERE event_type = 'CRASH' AND position_id IS NULL",
+    )
+    assert "missing_key" in json.loads(payload[0]["payload"])["traceback"]
+    legs = rows(daemon.db, "SELECT status, was_crashed FROM strategy_positions")
+    assert [(r["status"], r["was_crashed"]) for r in legs] == [("CRASHED", 1)]
+
+
+def test_end_session_is_never_crashed_afterwards(daemon: DaemonProcess) -> None:
+    pm = PositionPersistenceManager("expiry_blast", endpoint=daemon.endpoint, ack_timeout=5)
+    sid = pm.start_session()
+    leg = pm.save_position_entry(symbol="X", entry_price=10.0, quantity=1, stop_price=9.0)
+    assert pm.save_position_exit(leg, exit_price=11.0, exit_reason="TARGET")
+    assert pm.end_session()
+    pm.close()  # the connection drops like a process exit would
+    # Beyond the 1 s heartbeat timeout: a crashed verdict would have been written by now.
+    probe = PositionPersistenceManager("probe", endpoint=daemon.endpoint, ack_timeout=5)
+    probe.start_session()
+    deadline = time.monotonic() + 1.5 * UNIT
+    while time.monotonic() < deadline:
+        assert session_status(daemon.db, sid) == "COMPLETED"  # type: ignore[arg-type]
+        probe.sync(1)
+    probe.end_session()
+    probe.close()
+    events = rows(daemon.db, "SELECT event_type FROM position_events WHERE session_id = ?", (sid,))
+    assert [r["event_type"] for r in events] == ["SESSION_START", "ENTRY", "EXIT", "SESSION_END"]
+
+
+def test_cpu_busy_strategy_stays_alive(daemon: DaemonProcess, strategies: list[Strategy]) -> None:
+    # Pure-Python work for 2.5 heartbeat timeouts: the client's I/O thread keeps heartbeating.
+    strategy = Strategy(daemon.endpoint, "busy", str(2.5 * UNIT))
+    strategies.append(strategy)
+    info = strategy.info()
+    assert strategy.line(15).strip() == "DONE"
+    assert session_status(daemon.db, info["session_id"]) == "COMPLETED"  # type: ignore[arg-type]
+    assert "missed heartbeats" not in daemon.output()
+
+
+def test_sigstop_is_declared_crashed_after_the_timeout_then_revived(
+    daemon: DaemonProcess, strategies: list[Strategy]
+) -> None:
+    strategy = Strategy(daemon.endpoint, "hold")
+    strategies.append(strategy)
+    sid = strategy.info()["session_id"]
+    strategy.proc.send_signal(signal.SIGSTOP)
+    try:
+        wait_for(lambda: session_status(daemon.db, sid) == "CRASHED", 5, "CRASHED")  # type: ignore[arg-type]
+        reason = rows(daemon.db, "SELECT crash_reason, crash_source FROM strategy_sessions")[0]
+        assert reason["crash_reason"].startswith("missed heartbeats (last seen ")
+        assert reason["crash_source"] == "HEARTBEAT"
+        assert len(rows(daemon.db, SEED_RECOVERY_QUERY)) == 2
+    finally:
+        strategy.proc.send_signal(signal.SIGCONT)
+    # It wakes up, learns it was declared dead, re-announces: RUNNING again, legs ACTIVE.
+    wait_for(lambda: session_status(daemon.db, sid) == "RUNNING", 5, "REVIVED")  # type: ignore[arg-type]
+    legs = rows(
+        daemon.db,
+        "SELECT status, was_crashed FROM strategy_positions WHERE position_key IN ('ce-1','pe-1')",
+    )
+    assert [(r["status"], r["was_crashed"]) for r in legs] == [("ACTIVE", 1), ("ACTIVE", 1)]
+    revived = rows(daemon.db, "SELECT payload FROM position_events WHERE event_type = 'REVIVED'")
+    assert json.loads(revived[0]["payload"])["legs"] == ["ce-1", "pe-1"]
+
+
+def test_daemon_restart_keeps_a_live_session_running_and_its_updates_flowing(
+    daemon: DaemonProcess, strategies: list[Strategy]
+) -> None:
+    strategy = Strategy(daemon.endpoint, "updates")
+    strategies.append(strategy)
+    sid = strategy.info()["session_id"]
+    for _ in range(5):
+        strategy.send("tick")
+    strategy.send("sync")
+    assert strategy.info() == {"synced": True, "stop": 109.0}
+    # Updates that only reached the old daemon's memory: re-sent after the reconnect.
+    for _ in range(3):
+        strategy.send("tick")
+    daemon.kill()
+    for _ in range(2):
+        strategy.send("tick")  # while the daemon is away: coalesced in the client
+    daemon.start()
+    strategy.send("sync")
+    assert strategy.info() == {"synced": True, "stop": 114.0}
+    stop = rows(daemon.db, "SELECT stop_price FROM strategy_positions WHERE position_key = 'ce-1'")
+    assert stop[0]["stop_price"] == 114.0
+    # Well past one heartbeat timeout after the restart: still RUNNING, nothing CRASHED.
+    probe = PositionPersistenceManager("probe", endpoint=daemon.endpoint, ack_timeout=5)
+    probe.start_session()
+    deadline = time.monotonic() + 1.5 * UNIT
+    while time.monotonic() < deadline:
+        probe.sync(1)
+    probe.close()
+    assert session_status(daemon.db, sid) == "RUNNING"  # type: ignore[arg-type]
+    assert rows(daemon.db, SEED_RECOVERY_QUERY) == []
+
+
+def test_session_that_does_not_return_after_restart_is_crashed(
+    daemon: DaemonProcess, strategies: list[Strategy]
+) -> None:
+    strategy = Strategy(daemon.endpoint, "hold")
+    strategies.append(strategy)
+    sid = strategy.info()["session_id"]
+    daemon.stop()
+    strategy.proc.send_signal(signal.SIGKILL)  # dies while the daemon is down: nobody sees it
+    strategy.proc.wait()
+    daemon.start()
+    wait_for(lambda: session_status(daemon.db, sid) == "CRASHED", 5, "CRASHED")  # type: ignore[arg-type]
+    reason = rows(daemon.db, "SELECT crash_reason, crash_source FROM strategy_sessions")[0]
+    assert (reason["crash_reason"], reason["crash_source"]) == (
+        "did not return after daemon restart",
+        "RESTART",
+    )
+    assert {r["position_key"] for r in rows(daemon.db, SEED_RECOVERY_QUERY)} == {"ce-1", "pe-1"}
+
+
+def test_coalescing_stores_the_newest_state(daemon: DaemonProcess) -> None:
+    pm = PositionPersistenceManager("expiry_blast", endpoint=daemon.endpoint, ack_timeout=5)
+    pm.start_session()
+    leg = pm.save_position_entry(symbol="X", entry_price=100.0, quantity=1, stop_price=90.0)
+    for i in range(1, 2001):
+        pm.queue_position_update(leg, current_price=100.0 + i, stop_price=90.0 + i / 10)
+    pm.queue_position_update(leg, highest_price=2100.0, state={"step": 2000})
+    assert pm.sync(5)
+    row = rows(daemon.db, "SELECT * FROM strategy_positions")[0]
+    assert (row["current_price"], row["stop_price"], row["highest_price"]) == (
+        2100.0,
+        290.0,
+        2100.0,
+    )
+    assert json.loads(row["state"]) == {"step": 2000}
+    trail = rows(
+        daemon.db, "SELECT COUNT(*) AS n FROM position_events WHERE event_type = 'TRAIL_UPDATE'"
+    )
+    # Coalesced: at most one TRAIL_UPDATE per flush, far fewer than the 2000 stop moves.
+    assert 1 <= trail[0]["n"] < 200
+    pm.end_session()
+    pm.close()
+
+
+def test_duplicate_entry_and_exit_are_idempotent(daemon: DaemonProcess) -> None:
+    pm = PositionPersistenceManager("expiry_blast", endpoint=daemon.endpoint, ack_timeout=5)
+    pm.start_session()
+    with zmq.Context() as ctx, ctx.socket(zmq.DEALER) as raw:
+        raw.setsockopt(zmq.LINGER, 0)
+        raw.connect(daemon.endpoint)
+
+        def call(msg: dict[str, object]) -> dict[str, object]:
+            raw.send(encode(msg))
+            assert raw.poll(5000 * UNIT), "no reply"
+            return decode_reply(raw.recv())
+
+        base = {"v": 1, "session": pm.session_key}
+        entry = {
+            **base,
+            "type": "entry",
+            "key": "dup-1",
+            "symbol": "X",
+            "exchange": "NFO",
+            "product": "MIS",
+            "side": "BUY",
+            "quantity": 75,
+            "entry_price": 10.0,
+        }
+        first = call({**entry, "seq": 1})
+        again = call({**entry, "seq": 2})
+        assert first["duplicate"] is False and again["duplicate"] is True
+        assert first["position_id"] == again["position_id"]
+        exit_msg = {**base, "type": "exit", "key": "dup-1", "exit_reason": "STOP_HIT"}
+        assert call({**exit_msg, "seq": 3})["duplicate"] is False
+        assert call({**exit_msg, "seq": 4})["duplicate"] is True
+        update = call({**base, "type": "update", "key": "dup-1", "stop_price": 1.0})
+        assert update["code"] == "UNKNOWN_LEG"
+        again_after_exit = call({**entry, "seq": 5})
+        assert again_after_exit["duplicate"] is True and again_after_exit["status"] == "CLOSED"
+    legs = rows(daemon.db, "SELECT status, stop_price FROM strategy_positions")
+    assert [(r["status"], r["stop_price"]) for r in legs] == [("CLOSED", None)]
+    exits = rows(daemon.db, "SELECT COUNT(*) AS n FROM position_events WHERE event_type = 'EXIT'")
+    assert exits[0]["n"] == 1
+    pm.end_session()
+    pm.close()
+
+
+def decode_reply(raw: bytes) -> dict[str, object]:
+    import orjson
+
+    reply: dict[str, object] = orjson.loads(raw)
+    return reply
+
+
+@pytest.mark.parametrize(
+    ("payload", "code"),
+    [
+        (b"not json", "BAD_MESSAGE"),
+        (b"[1, 2]", "BAD_MESSAGE"),
+        (b'{"v": 99, "type": "hb", "session": "s"}', "BAD_VERSION"),
+        (b'{"v": 1, "type": "launch", "session": "s"}', "BAD_TYPE"),
+        (b'{"v": 1, "type": "hb"}', "BAD_FIELD"),
+        (b'{"v": 1, "type": "hb", "session": "s", "extra": 1}', "BAD_FIELD"),
+        (
+            b'{"v": 1, "type": "entry", "seq": 7, "session": "s", "key": "k", "symbol": "X",'
+            b' "exchange": "NFO", "product": "MIS", "side": "BUY", "quantity": -5,'
+            b' "entry_price": 1.0}',
+            "BAD_FIELD",
+        ),
+        (
+            b'{"v": 1, "type": "update", "session": "s", "key": "k", "stop_price": NaN}',
+            "BAD_MESSAGE",
+        ),
+        (
+            b'{"v": 1, "type": "update", "session": "s", "key": "k", "stop_price": 1e400}',
+            "BAD_MESSAGE",
+        ),
+        (
+            b'{"v": 1, "type": "update", "session": "s", "key": "k", "stop_price": 1}',
+            "UNKNOWN_SESSION",
+        ),
+    ],
+)
+def test_malformed_messages_get_errors_and_the_daemon_keeps_serving(
+    daemon: DaemonProcess, payload: bytes, code: str
+) -> None:
+    with zmq.Context() as ctx, ctx.socket(zmq.DEALER) as raw:
+        raw.setsockopt(zmq.LINGER, 0)
+        raw.connect(daemon.endpoint)
+        raw.send(payload)
+        assert raw.poll(5000 * UNIT), "no reply"
+        reply = decode_reply(raw.recv())
+        assert reply["type"] == "error" and reply["code"] == code, reply
+        if b'"seq": 7' in payload:
+            assert reply["seq"] == 7
+        raw.send_multipart([b'{"v": 1, "type": "hb", "session": "s"}', b"extra"])
+        assert raw.poll(5000 * UNIT)
+        assert decode_reply(raw.recv())["code"] == "BAD_FRAMES"
+    # Still serving: a real client works, and nothing bad reached the database.
+    pm = PositionPersistenceManager("after", endpoint=daemon.endpoint, ack_timeout=5)
+    assert pm.start_session() is not None
+    assert pm.end_session()
+    pm.close()
+    assert rows(daemon.db, "SELECT COUNT(*) AS n FROM strategy_positions")[0]["n"] == 0
+    assert daemon.proc is not None and daemon.proc.poll() is None
+
+
+def test_sigterm_flushes_pending_updates(workdir: Path) -> None:
+    # A flush interval far beyond the test: only the shutdown flush can write the update.
+    daemon = DaemonProcess(workdir, "--flush-interval", "3600").start()
+    try:
+        with zmq.Context() as ctx, ctx.socket(zmq.DEALER) as raw:
+            raw.setsockopt(zmq.LINGER, 0)
+            raw.connect(daemon.endpoint)
+            base = {"v": 1, "session": "sigterm-1"}
+            leg = {
+                "type": "entry",
+                "symbol": "X",
+                "exchange": "NFO",
+                "product": "MIS",
+                "side": "BUY",
+                "quantity": 1,
+                "entry_price": 10.0,
+                "stop_price": 9.0,
+            }
+            raw.send(encode({**base, "type": "start", "seq": 1, "strategy": "s"}))
+            raw.send(encode({**base, **leg, "seq": 2, "key": "x"}))
+            raw.send(encode({**base, "type": "update", "key": "x", "stop_price": 9.5}))
+            raw.send(encode({**base, **leg, "seq": 3, "key": "y"}))
+            # Messages are handled in order: once "y" is acked, the update is in memory.
+            acks = set()
+            while len(acks) < 3:
+                assert raw.poll(5000 * UNIT), "no ack"
+                acks.add(decode_reply(raw.recv())["seq"])
+            stored = rows(
+                daemon.db, "SELECT stop_price FROM strategy_positions WHERE position_key='x'"
+            )
+            assert stored[0]["stop_price"] == 9.0  # not flushed yet
+            assert daemon.stop(signal.SIGTERM) == 0
+        stored = rows(daemon.db, "SELECT stop_price FROM strategy_positions WHERE position_key='x'")
+        assert stored[0]["stop_price"] == 9.5
+        assert "positiond stopped" in daemon.output()
+    finally:
+        if daemon.proc is not None and daemon.proc.poll() is None:
+            daemon.stop()
+
+
+def test_client_without_daemon_never_raises_and_delivers_later(workdir: Path) -> None:
+    daemon = DaemonProcess(workdir, "--flush-interval", "0.05")
+    pm = PositionPersistenceManager("expiry_blast", endpoint=daemon.endpoint, ack_timeout=0.2)
+    try:
+        assert pm.start_session() is None  # nobody answered: warned, not raised
+        leg = pm.save_position_entry(symbol="X", entry_price=10.0, quantity=1, stop_price=9.0)
+        started = time.perf_counter()
+        for i in range(10_000):
+            pm.queue_position_update(leg, current_price=10.0 + i / 100, stop_price=9.0 + i / 1000)
+        per_call = (time.perf_counter() - started) / 10_000
+        assert per_call < 0.001  # no blocking while the daemon is away (figure: see bench/)
+        assert pm.unacknowledged == 2
+        daemon.start()
+        assert pm.sync(5)
+        row = rows(daemon.db, "SELECT stop_price, current_price FROM strategy_positions")[0]
+        assert (row["stop_price"], row["current_price"]) == (9.0 + 9999 / 1000, 10.0 + 9999 / 100)
+        assert pm.session_id is not None
+        assert pm.end_session()
+    finally:
+        pm.close()
+        if daemon.proc is not None:
+            daemon.stop()

@@ -1,0 +1,214 @@
+"""The engine's decisions, driven step by step with an injected clock (no sockets, no sleep)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from positiond.engine import Engine
+from positiond.ops import CrashOp, EntryOp, ExitOp, LegRow, Result, StartOp
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+RID = b"peer-1"
+
+
+def make(timeout: float = 3.0, flush: float = 1.0) -> tuple[Engine, Clock]:
+    clock = Clock()
+    engine = Engine(timeout, flush, monotonic=clock, wall=lambda: 1.7e9 + clock.now)
+    engine.add_peer(RID, fd=7, uid=1000, pid=4242)
+    return engine, clock
+
+
+def send(engine: Engine, clock: Clock, msg: dict[str, Any]) -> dict[str, Any] | None:
+    reply = engine.receive(RID, {"v": 1, "session": "s1", **msg}, clock.now, clock())
+    return None if reply is None else dict(orjson.loads(reply))
+
+
+def started(engine: Engine, clock: Clock) -> None:
+    send(engine, clock, {"type": "start", "seq": 1, "strategy": "expiry_blast"})
+    batch = engine.take_batch(clock.now)
+    engine.committed(batch, [Result(True, {"session_id": 1})])
+
+
+def enter(engine: Engine, clock: Clock, key: str, seq: int, stop: float = 90.0) -> None:
+    entry = {
+        "type": "entry",
+        "seq": seq,
+        "key": key,
+        "symbol": "X",
+        "exchange": "NFO",
+        "product": "MIS",
+        "side": "BUY",
+        "quantity": 75,
+        "entry_price": 100.0,
+        "stop_price": stop,
+    }
+    assert send(engine, clock, entry) is None
+
+
+def test_updates_are_coalesced_per_leg_and_flushed_on_the_interval() -> None:
+    engine, clock = make(flush=1.0)
+    started(engine, clock)
+    enter(engine, clock, "ce", 2)
+    engine.take_batch(clock.now)  # the entry
+    for i in range(100):
+        send(engine, clock, {"type": "update", "key": "ce", "current_price": 100.0 + i})
+    send(engine, clock, {"type": "update", "key": "ce", "stop_price": 95.0})
+    clock.now += 0.5
+    assert engine.take_batch(clock.now).updates == {}  # not due yet
+    clock.now += 0.6
+    assert engine.batch_due(clock.now)
+    batch = engine.take_batch(clock.now)
+    assert {k: (u["current_price"], u["stop_price"]) for k, u in batch.updates.items()} == {
+        "ce": (199.0, 95.0)
+    }
+    assert [(e.before, e.after) for e in batch.trail_events] == [((90.0, None), (95.0, None))]
+    assert engine.pending_updates == 0
+
+
+def test_update_for_unknown_or_foreign_leg_is_refused() -> None:
+    engine, clock = make()
+    started(engine, clock)
+    reply = send(engine, clock, {"type": "update", "key": "nope", "stop_price": 1.0})
+    assert reply is not None and reply["code"] == "UNKNOWN_LEG" and reply["key"] == "nope"
+    engine.receive(
+        b"peer-2",
+        {"v": 1, "session": "s2", "type": "start", "seq": 1, "strategy": "other"},
+        clock.now,
+        clock.now,
+    )
+    enter(engine, clock, "ce", 2)
+    foreign = engine.receive(
+        b"peer-2",
+        {"v": 1, "session": "s2", "type": "update", "key": "ce", "stop_price": 1.0},
+        clock.now,
+        clock.now,
+    )
+    assert foreign is not None and orjson.loads(foreign)["code"] == "FENCED"
+
+
+def test_silent_session_is_crashed_with_its_pending_updates_written_first() -> None:
+    engine, clock = make(timeout=3.0, flush=60.0)
+    started(engine, clock)
+    enter(engine, clock, "ce", 2)
+    engine.take_batch(clock.now)
+    send(engine, clock, {"type": "update", "key": "ce", "stop_price": 97.5, "last_trail_level": 3})
+    clock.now += 2.9
+    assert not engine.tick(clock.now)
+    clock.now += 0.2
+    assert engine.tick(clock.now)
+    batch = engine.take_batch(clock.now)
+    (crash,) = batch.ops
+    assert isinstance(crash, CrashOp)
+    assert crash.source == "HEARTBEAT" and crash.reason.startswith("missed heartbeats (last seen ")
+    assert crash.final_updates["ce"]["stop_price"] == 97.5
+    assert engine.legs == {} and engine.sessions == {}
+    # Anything it sends now is told to re-announce.
+    reply = send(engine, clock, {"type": "hb"})
+    assert reply is not None and reply["code"] == "UNKNOWN_SESSION"
+
+
+def test_process_exit_crashes_only_the_sessions_of_that_peer() -> None:
+    engine, clock = make()
+    started(engine, clock)
+    engine.peer_gone(b"someone-else")
+    assert engine.take_batch(clock.now).ops == []
+    engine.peer_gone(RID)
+    (crash,) = engine.take_batch(clock.now).ops
+    assert isinstance(crash, CrashOp)
+    assert (crash.source, crash.reason) == ("DISCONNECT", "process exited (pid 4242)")
+
+
+def test_own_crash_report_retires_the_session_so_a_later_disconnect_adds_nothing() -> None:
+    engine, clock = make()
+    started(engine, clock)
+    send(engine, clock, {"type": "crash", "seq": 2, "error_type": "KeyError", "message": "'x'"})
+    engine.peer_gone(RID)
+    (crash,) = engine.take_batch(clock.now).ops
+    assert isinstance(crash, CrashOp) and crash.source == "CLIENT"
+    assert crash.reason == "KeyError: 'x'"
+
+
+def test_restart_verdict_for_sessions_that_do_not_return() -> None:
+    engine, clock = make(timeout=2.0)
+    engine.load([("s1", 1, "expiry_blast"), ("s2", 2, "other")], [LegRow("ce", "s1", 90.0, 1.0)])
+    engine.receive(RID, {"v": 1, "session": "s1", "type": "hb"}, clock.now + 1, clock.now + 1)
+    clock.now += 2.5
+    engine.tick(clock.now)
+    (crash,) = engine.take_batch(clock.now).ops
+    assert isinstance(crash, CrashOp)
+    assert (crash.session_key, crash.source) == ("s2", "RESTART")
+    assert crash.reason == "did not return after daemon restart"
+    # The session that came back keeps its legs, loaded from the database.
+    assert send(engine, clock, {"type": "update", "key": "ce", "stop_price": 91.0}) is None
+
+
+def test_exit_takes_the_pending_update_and_the_leg_stops_taking_updates() -> None:
+    engine, clock = make()
+    started(engine, clock)
+    enter(engine, clock, "ce", 2)
+    send(engine, clock, {"type": "update", "key": "ce", "stop_price": 96.0})
+    send(
+        engine,
+        clock,
+        {
+            "type": "exit",
+            "seq": 3,
+            "key": "ce",
+            "exit_reason": "STOP_HIT",
+            "exit_price": 96.0,
+            "current_price": 95.5,
+        },
+    )
+    batch = engine.take_batch(clock.now, flush_updates=True)
+    assert [type(op) for op in batch.ops] == [EntryOp, ExitOp]
+    exit_op = batch.ops[1]
+    assert isinstance(exit_op, ExitOp)
+    assert exit_op.final_update is not None
+    assert (exit_op.final_update["stop_price"], exit_op.final_update["current_price"]) == (
+        96.0,
+        95.5,
+    )
+    assert batch.updates == {}
+    reply = send(engine, clock, {"type": "update", "key": "ce", "stop_price": 1.0})
+    assert reply is not None and reply["code"] == "UNKNOWN_LEG"
+
+
+def test_acks_follow_commit_and_a_refused_entry_is_forgotten() -> None:
+    engine, clock = make()
+    send(engine, clock, {"type": "start", "seq": 1, "strategy": "expiry_blast"})
+    enter(engine, clock, "ce", 2)
+    batch = engine.take_batch(clock.now)
+    assert [type(op) for op in batch.ops] == [StartOp, EntryOp]
+    replies = engine.committed(
+        batch,
+        [Result(True, {"session_id": 9}), Result.error("KEY_CONFLICT", "taken")],
+    )
+    answers = [orjson.loads(payload) for _, payload in replies]
+    assert [(a["type"], a["seq"]) for a in answers] == [("ack", 1), ("error", 2)]
+    assert answers[0]["session_id"] == 9 and answers[1]["code"] == "KEY_CONFLICT"
+    assert "ce" not in engine.legs
+
+
+def test_failed_batch_is_requeued_and_newer_updates_win() -> None:
+    engine, clock = make(flush=0.0)
+    started(engine, clock)
+    enter(engine, clock, "ce", 2)
+    engine.take_batch(clock.now)
+    send(engine, clock, {"type": "update", "key": "ce", "stop_price": 91.0, "current_price": 1.0})
+    send(engine, clock, {"type": "exit", "seq": 3, "key": "zz", "exit_reason": "X"})
+    failed = engine.take_batch(clock.now)
+    send(engine, clock, {"type": "update", "key": "ce", "stop_price": 92.0})
+    engine.requeue(failed)
+    retry = engine.take_batch(clock.now)
+    assert [type(op) for op in retry.ops] == [ExitOp]
+    assert (retry.updates["ce"]["stop_price"], retry.updates["ce"]["current_price"]) == (92.0, 1.0)

@@ -1,0 +1,205 @@
+"""The store against real SQLite files: schema, idempotency, crash marking, faults."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import stat
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+import pytest
+
+from positiond.ops import Batch, CrashOp, EndOp, EntryOp, ExitOp, Result, StartOp, SyncOp
+from positiond.schema import SCHEMA_VERSION, SchemaError
+from positiond.store import Store
+from tests.helpers import rows
+
+
+@pytest.fixture
+async def store(workdir: Path) -> AsyncIterator[Store]:
+    opened = await Store.open(workdir / "p.db", busy_timeout=0.1)
+    yield opened
+    await opened.close()
+
+
+def start(key: str = "s1", strategy: str = "expiry_blast") -> StartOp:
+    return StartOp(b"r", 1, key, strategy, "host", 123, 0.5, 1.7e9)
+
+
+def entry(key: str, session: str = "s1", **extra: Any) -> EntryOp:
+    fields = {
+        "symbol": "NIFTY28NOV2524000CE",
+        "exchange": "NFO",
+        "product": "MIS",
+        "side": "BUY",
+        "quantity": 75,
+        "entry_price": 100.0,
+        "stop_price": 90.0,
+    }
+    fields.update(extra)
+    return EntryOp(b"r", 2, session, key, fields, 1.7e9)
+
+
+async def apply(store: Store, *ops: Any, **kw: Any) -> list[Result]:
+    return await store.apply(Batch(ops=list(ops), time=1.7e9, **kw))
+
+
+def test_aiosqlite_still_offers_the_single_hop_we_rely_on() -> None:
+    # Store.call runs a whole batch through aiosqlite's private _execute: fail loudly if it goes.
+    assert callable(getattr(aiosqlite.Connection, "_execute", None))
+
+
+async def test_schema_is_versioned_wal_and_private(store: Store, workdir: Path) -> None:
+    db = workdir / "p.db"
+    assert stat.S_IMODE(db.stat().st_mode) == 0o600
+    conn = sqlite3.connect(db)
+    try:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    finally:
+        conn.close()
+
+
+async def test_newer_schema_is_refused(workdir: Path) -> None:
+    db = workdir / "new.db"
+    conn = sqlite3.connect(db)
+    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    conn.close()
+    with pytest.raises(SchemaError, match="newer"):
+        await Store.open(db)
+
+
+async def test_entry_is_idempotent_by_key_and_conflicts_across_sessions(store: Store) -> None:
+    _, first, again = await apply(store, start(), entry("ce"), entry("ce"))
+    assert first.data == {"position_id": 1, "status": "ACTIVE", "duplicate": False}
+    assert again.data == {"position_id": 1, "status": "ACTIVE", "duplicate": True}
+    (_, conflict) = await apply(store, start("s2"), entry("ce", session="s2"))
+    assert (conflict.ok, conflict.code) == (False, "KEY_CONFLICT")
+    found = rows(store.path, "SELECT COUNT(*) AS n FROM strategy_positions")
+    assert found[0]["n"] == 1
+
+
+async def test_exit_applies_final_state_once(store: Store) -> None:
+    await apply(store, start(), entry("ce"))
+    exit_op = ExitOp(b"r", 3, "s1", "ce", 96.0, "STOP_HIT", 1.7e9, {"stop_price": 96.0})
+    (done,) = await apply(store, exit_op)
+    (again,) = await apply(store, exit_op)
+    assert (done.data["duplicate"], again.data["duplicate"]) == (False, True)
+    (unknown,) = await apply(store, ExitOp(b"r", 4, "s1", "zz", None, "X", 1.7e9))
+    assert unknown.code == "UNKNOWN_LEG"
+    leg = rows(store.path, "SELECT * FROM strategy_positions")[0]
+    assert (leg["status"], leg["stop_price"], leg["exit_price"], leg["exit_reason"]) == (
+        "CLOSED",
+        96.0,
+        96.0,
+        "STOP_HIT",
+    )
+    exits = rows(store.path, "SELECT COUNT(*) AS n FROM position_events WHERE event_type='EXIT'")
+    assert exits[0]["n"] == 1
+
+
+async def test_crash_marks_open_legs_and_the_verdict_never_beats_an_end(store: Store) -> None:
+    await apply(store, start(), entry("ce"), entry("pe"), start("s2"))
+    await apply(store, ExitOp(b"r", 3, "s1", "pe", 80.0, "TARGET", 1.7e9))
+    crash = CrashOp(
+        None,
+        None,
+        "s1",
+        "HEARTBEAT",
+        "missed heartbeats",
+        1.7e9,
+        final_updates={"ce": {"stop_price": 97.0}},
+    )
+    (res,) = await apply(store, crash)
+    assert res.data == {"session_id": 1, "status": "CRASHED", "legs": 1}
+    legs = rows(
+        store.path,
+        "SELECT position_key, status, was_crashed, stop_price "
+        "FROM strategy_positions ORDER BY position_id",
+    )
+    assert [tuple(r) for r in legs] == [("ce", "CRASHED", 1, 97.0), ("pe", "CLOSED", 0, 90.0)]
+    # s2 ended cleanly; a late verdict about it changes nothing.
+    await apply(store, EndOp(b"r", 5, "s2", 1.7e9))
+    (late,) = await apply(store, CrashOp(None, None, "s2", "HEARTBEAT", "late", 1.7e9))
+    assert late.data["duplicate"] is True
+    sessions = rows(store.path, "SELECT status FROM strategy_sessions ORDER BY id")
+    assert [r["status"] for r in sessions] == ["CRASHED", "COMPLETED"]
+
+
+async def test_strategy_report_replaces_a_daemon_verdict_but_not_the_reverse(store: Store) -> None:
+    await apply(store, start())
+    await apply(store, CrashOp(None, None, "s1", "HEARTBEAT", "missed heartbeats", 1.7e9))
+    await apply(store, CrashOp(b"r", 2, "s1", "CLIENT", "ValueError: boom", 1.7e9))
+    await apply(store, CrashOp(None, None, "s1", "DISCONNECT", "process exited", 1.7e9))
+    session = rows(store.path, "SELECT crash_reason, crash_source FROM strategy_sessions")[0]
+    assert (session["crash_reason"], session["crash_source"]) == ("ValueError: boom", "CLIENT")
+    (refused,) = await apply(store, start())
+    assert refused.code == "SESSION_CLOSED"
+
+
+async def test_start_revives_a_session_the_daemon_declared_dead(store: Store) -> None:
+    await apply(store, start(), entry("ce"))
+    await apply(store, CrashOp(None, None, "s1", "HEARTBEAT", "missed heartbeats", 1.7e9))
+    (res,) = await apply(store, start())
+    assert res.ok and res.data["revived"]["legs"] == ["ce"]
+    assert [leg.key for leg in res.legs] == ["ce"]
+    leg = rows(store.path, "SELECT status, was_crashed FROM strategy_positions")[0]
+    assert (leg["status"], leg["was_crashed"]) == ("ACTIVE", 1)
+
+
+async def test_one_bad_op_is_refused_while_the_rest_commits(store: Store) -> None:
+    bad = entry("bad", side="SIDEWAYS")  # past the protocol, the CHECK constraint stops it
+    results = await apply(store, start(), bad, entry("good"), SyncOp(b"r", 9, "s1"))
+    assert [r.ok for r in results] == [True, False, True, True]
+    assert results[1].code == "INTERNAL"
+    keys = rows(store.path, "SELECT position_key FROM strategy_positions")
+    assert [r["position_key"] for r in keys] == ["good"]
+
+
+async def test_a_locked_database_fails_the_batch_and_commits_nothing(store: Store) -> None:
+    await apply(store, start())
+    other = sqlite3.connect(store.path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # an operator holding the write lock
+    try:
+        with pytest.raises(sqlite3.OperationalError, match="locked"):
+            await apply(store, entry("ce"))
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    assert rows(store.path, "SELECT COUNT(*) AS n FROM strategy_positions")[0]["n"] == 0
+    (res,) = await apply(store, entry("ce"))  # the retry goes through once the lock is gone
+    assert res.ok
+
+
+async def test_updates_touch_only_the_named_fields_of_active_legs(store: Store) -> None:
+    await apply(store, start(), entry("ce", state={"atm": 1}), entry("pe"))
+    await apply(store, ExitOp(b"r", 3, "s1", "pe", 1.0, "X", 1.7e9))
+    updates = {
+        "ce": {"current_price": 101.0, "last_trail_level": None},
+        "pe": {"current_price": 5.0},
+    }
+    await apply(store, updates=updates)
+    legs = rows(
+        store.path,
+        "SELECT position_key, current_price, stop_price, last_trail_level, "
+        "state FROM strategy_positions ORDER BY position_id",
+    )
+    assert [tuple(r) for r in legs] == [
+        ("ce", 101.0, 90.0, None, '{"atm":1}'),
+        ("pe", 100.0, 90.0, None, "{}"),  # closed: the late update is not applied
+    ]
+
+
+async def test_concurrent_readers_do_not_block_the_writer(store: Store) -> None:
+    await apply(store, start())
+    reader = sqlite3.connect(f"file:{store.path}?mode=ro", uri=True)
+    try:
+        reader.execute("BEGIN")
+        reader.execute("SELECT * FROM strategy_sessions").fetchall()
+        (res,) = await asyncio.wait_for(apply(store, entry("ce")), 5)
+        assert res.ok
+    finally:
+        reader.close()
