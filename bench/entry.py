@@ -9,10 +9,9 @@ from __future__ import annotations
 import shutil
 import time
 
-from positiond_client import Leg
-
 from bench.common import BenchError, DaemonProcess, Scenario, read_only_db, stats, tmp_workdir
 from bench.seed import SeedStore
+from positiond_client import Leg
 
 __all__ = ["run"]
 

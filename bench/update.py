@@ -13,10 +13,9 @@ import shutil
 import time
 from array import array
 
-from positiond_client import Leg
-
 from bench.common import BenchError, DaemonProcess, Scenario, read_only_db, stats, tmp_workdir
 from bench.seed import SeedStore
+from positiond_client import Leg
 
 __all__ = ["run"]
 

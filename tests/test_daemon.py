@@ -454,3 +454,22 @@ def test_client_without_daemon_never_raises_and_delivers_later(workdir: Path) ->
         pm.close()
         if daemon.proc is not None:
             daemon.stop()
+
+
+def test_tcp_endpoint_works_and_reports_its_port(workdir: Path) -> None:
+    daemon = DaemonProcess(workdir)
+    daemon.endpoint = "tcp://127.0.0.1:*"
+    daemon.args[daemon.args.index("--endpoint") + 1] = daemon.endpoint
+    daemon.start()
+    try:
+        line = next(x for x in daemon.output().splitlines() if "positiond ready" in x)
+        endpoint = line.rsplit("endpoint ", 1)[1].strip()
+        assert endpoint.startswith("tcp://127.0.0.1:") and not endpoint.endswith("*")
+        pm = PositionPersistenceManager("tcp_strategy", endpoint=endpoint, ack_timeout=5)
+        with pm.session():
+            leg = pm.save_position_entry(symbol="X", entry_price=1.0, quantity=1)
+            assert leg.position_id == 1
+        pm.close()
+        assert rows(daemon.db, "SELECT status FROM strategy_sessions")[0]["status"] == "COMPLETED"
+    finally:
+        daemon.stop()

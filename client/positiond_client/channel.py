@@ -32,6 +32,8 @@ __all__ = ["Channel", "Pending"]
 
 log = logging.getLogger(__name__)
 
+# Refusals of a session's start that end it for good; anything else is retried.
+FINAL_SESSION_ERRORS = frozenset({"SESSION_CLOSED", "BAD_FIELD", "BAD_VERSION", "BAD_TYPE"})
 # Outbox size past which every new durable message logs a warning (nothing is dropped).
 OUTBOX_WARN = 10_000
 
@@ -41,6 +43,7 @@ class Pending:
 
     __slots__ = (
         "_done",
+        "_lock",
         "callbacks",
         "error",
         "key",
@@ -63,6 +66,7 @@ class Pending:
         self.sent_at: float | None = None
         self.callbacks: list[Callable[[Pending], None]] = []
         self._done = threading.Event()
+        self._lock = threading.Lock()
 
     @property
     def done(self) -> bool:
@@ -74,14 +78,19 @@ class Pending:
 
     def add_callback(self, fn: Callable[[Pending], None]) -> None:
         """Call ``fn(self)`` on the I/O thread when answered (at once if already answered)."""
-        self.callbacks.append(fn)
-        if self._done.is_set():
+        with self._lock:
+            done = self._done.is_set()
+            if not done:
+                self.callbacks.append(fn)
+        if done:
             fn(self)
 
     def _finish(self, result: dict[str, Any] | None, error: PositiondError | None) -> None:
-        self.result, self.error = result, error
-        self._done.set()
-        for fn in self.callbacks:
+        with self._lock:
+            self.result, self.error = result, error
+            self._done.set()
+            callbacks, self.callbacks = self.callbacks, []
+        for fn in callbacks:
             try:
                 fn(self)
             except Exception:
@@ -491,6 +500,10 @@ class Channel:
         with self._lock:
             announce = self._announce
             is_announce = announce is not None and seq == announce.seq
+            if is_announce and code not in FINAL_SESSION_ERRORS:
+                # A passing fault (storage, internal): announce again on the next round.
+                self._announce = None
+                return
             if code == "UNKNOWN_SESSION" and self._session is not None and not is_announce:
                 # The daemon does not know our session (it restarted, or declared us dead):
                 # announce again; whatever was refused stays in the outbox and follows.
@@ -510,6 +523,9 @@ class Channel:
             else:
                 pending = self._outbox.pop(seq, None) if type(seq) is int else None
                 failed = [pending] if pending is not None else []
+                if pending is not None and pending.kind == "entry" and pending.key is not None:
+                    self._legs.pop(pending.key, None)  # refused: the leg was never opened
+                    self._updates.pop(pending.key, None)
         if is_announce:
             log.error("positiond refused this session: %s", error)
         for pending in failed:

@@ -99,6 +99,8 @@ class _Core:
             raise ValueError("ack_timeout must be positive")
         self.strategy_name = strategy_name
         self.endpoint = endpoint or default_endpoint()
+        if not self.endpoint.startswith(("ipc://", "tcp://")):
+            raise ValueError(f"endpoint {self.endpoint!r} must start with ipc:// or tcp://")
         self.ack_timeout = ack_timeout
         self.heartbeat_interval = heartbeat_interval
         self.session_id: int | None = None
@@ -365,7 +367,10 @@ class PositionPersistenceManager(_Core):
         """Record the session COMPLETED; True once durably stored."""
         result = self._wait(self._end_pending(), "session end")
         if result is not None and result.get("open_legs"):
-            log.warning("session ended with legs still open: %s", result["open_legs"])
+            log.warning(
+                "session ended with %d leg(s) still open; they stay ACTIVE in positiond",
+                result["open_legs"],
+            )
         return result is not None
 
     def sync(self, timeout: float = 1.0) -> bool:

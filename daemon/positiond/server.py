@@ -44,6 +44,8 @@ PING = encode({"v": PROTOCOL_VERSION, "type": "ping"})
 DRAIN_MAX = 2000
 # After a disconnect event the ROUTER may still list the peer for a moment: probe again.
 PROBE_RETRIES = (0.002, 0.01, 0.05, 0.2)
+# How long a stopping daemon keeps retrying a failing final write.
+SHUTDOWN_WRITE_TIMEOUT = 10.0
 
 
 class AlreadyRunning(RuntimeError):
@@ -122,6 +124,7 @@ class Daemon:
         self._locks: list[IO[bytes]] = []
         self._bad_log = _RateLimitedLog()
         self.is_ipc = config.endpoint.startswith("ipc://")
+        self.endpoint = config.endpoint
         self.healthy = True
         self.last_flush: float | None = None
         self.counters = self.engine.counters
@@ -160,8 +163,16 @@ class Daemon:
         sock.setsockopt(zmq.MAXMSGSIZE, cfg.max_message_bytes + 1024)
         sock.setsockopt(zmq.LINGER, 1000)
         sock.bind(cfg.endpoint)
+        # tcp://host:* binds a free port: report the real one.
+        self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
         if sock_path is not None:
             os.chmod(sock_path, 0o600)
+        else:
+            log.warning(
+                "listening on %s without authentication: anyone who can reach it can write "
+                "sessions; prefer ipc:// on the same machine",
+                self.endpoint,
+            )
         self.sock = sock
         self._shadow = zmq.Socket.shadow(sock.underlying)
         loop = asyncio.get_running_loop()
@@ -170,9 +181,8 @@ class Daemon:
             loop.create_task(self._receive_loop(), name="positiond-receive"),
             loop.create_task(self._tick_loop(), name="positiond-tick"),
         ]
-        if self.is_ipc:
-            self._tasks.append(loop.create_task(self._monitor_loop(), name="positiond-monitor"))
-        log.info("positiond ready: database %s, endpoint %s", db, cfg.endpoint)
+        self._tasks.append(loop.create_task(self._monitor_loop(), name="positiond-monitor"))
+        log.info("positiond ready: database %s, endpoint %s", db, self.endpoint)
 
     def request_stop(self) -> None:
         """Ask for a graceful stop (signal handlers call this)."""
@@ -292,6 +302,7 @@ class Daemon:
 
     async def _write_loop(self) -> None:
         backoff = 0.0
+        give_up: float | None = None
         while True:
             await self._wake.wait()
             self._wake.clear()
@@ -301,6 +312,16 @@ class Daemon:
             ok = await self.write_once(flush_updates=stopping)
             backoff = 0.0 if ok else min(max(backoff * 2, 0.05), 2.0)
             if not ok:
+                if stopping:
+                    give_up = give_up or time.monotonic() + SHUTDOWN_WRITE_TIMEOUT
+                    if time.monotonic() > give_up:
+                        log.error(
+                            "giving up: %d durable message(s) and %d leg update(s) not written "
+                            "(none was acknowledged; clients re-send them to the next daemon)",
+                            self.engine.pending_ops,
+                            self.engine.pending_updates,
+                        )
+                        return
                 self._wake.set()
             elif stopping:
                 if not (self.engine.pending_ops or self.engine.pending_updates):
@@ -369,8 +390,13 @@ class Daemon:
             self._shadow.send_multipart([rid, PING], zmq.NOBLOCK)
         except zmq.ZMQError as exc:
             if exc.errno == errno.EHOSTUNREACH:
-                self.engine.peer_gone(rid)
-                self._wake.set()
+                if self.is_ipc:
+                    # On ipc:// a dropped connection means the process is gone.
+                    self.engine.peer_gone(rid)
+                    self._wake.set()
+                else:
+                    # On tcp:// it may be the network: heartbeats decide, we only forget it.
+                    self.engine.peers.pop(rid, None)
                 return
             if exc.errno != errno.EAGAIN:
                 raise

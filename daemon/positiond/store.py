@@ -336,7 +336,8 @@ def _end(cur: sqlite3.Cursor, op: EndOp, now: str) -> Result:
         (when, now, sid),
     )
     _event(cur, None, sid, "SESSION_END", when, {"open_legs": open_legs})
-    return Result(True, {"session_id": sid, "status": "COMPLETED", "open_legs": open_legs})
+    # The keys are in the event; the ack only counts them (a session may hold thousands).
+    return Result(True, {"session_id": sid, "status": "COMPLETED", "open_legs": len(open_legs)})
 
 
 def _sync(cur: sqlite3.Cursor, op: SyncOp, now: str) -> Result:
