@@ -42,6 +42,7 @@ class Pending:
     """A durable message waiting for its ack (or error)."""
 
     __slots__ = (
+        "_answered",
         "_done",
         "_lock",
         "callbacks",
@@ -67,6 +68,7 @@ class Pending:
         self.callbacks: list[Callable[[Pending], None]] = []
         self._done = threading.Event()
         self._lock = threading.Lock()
+        self._answered = False
 
     @property
     def done(self) -> bool:
@@ -79,22 +81,24 @@ class Pending:
     def add_callback(self, fn: Callable[[Pending], None]) -> None:
         """Call ``fn(self)`` on the I/O thread when answered (at once if already answered)."""
         with self._lock:
-            done = self._done.is_set()
-            if not done:
+            answered = self._answered
+            if not answered:
                 self.callbacks.append(fn)
-        if done:
+        if answered:
             fn(self)
 
     def _finish(self, result: dict[str, Any] | None, error: PositiondError | None) -> None:
         with self._lock:
             self.result, self.error = result, error
-            self._done.set()
+            self._answered = True
             callbacks, self.callbacks = self.callbacks, []
         for fn in callbacks:
             try:
                 fn(self)
             except Exception:
                 log.exception("callback for %s failed", self.kind)
+        # Waiters wake only now, so what the callbacks fill in (position_id...) is there.
+        self._done.set()
 
 
 class Channel:
