@@ -212,3 +212,17 @@ def test_failed_batch_is_requeued_and_newer_updates_win() -> None:
     retry = engine.take_batch(clock.now)
     assert [type(op) for op in retry.ops] == [ExitOp]
     assert (retry.updates["ce"]["stop_price"], retry.updates["ce"]["current_price"]) == (92.0, 1.0)
+
+
+def test_a_requeued_sync_still_carries_the_updates_before_it() -> None:
+    engine, clock = make(flush=3600.0)
+    started(engine, clock)
+    enter(engine, clock, "ce", 2)
+    engine.take_batch(clock.now)
+    send(engine, clock, {"type": "update", "key": "ce", "stop_price": 95.0})
+    send(engine, clock, {"type": "sync", "seq": 3})
+    failed = engine.take_batch(clock.now)
+    assert failed.updates  # a sync forces the flush
+    engine.requeue(failed)  # the commit failed (say, a locked database)
+    retry = engine.take_batch(clock.now)
+    assert retry.updates["ce"]["stop_price"] == 95.0

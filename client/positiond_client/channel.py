@@ -119,7 +119,7 @@ class Channel:
         self._lock = threading.Lock()
         self._seq = 0
         self._outbox: dict[int, Pending] = {}  # seq -> unacked durable message, in seq order
-        self._outq: list[bytes] = []  # ready to send, in order
+        self._outq: list[bytes | Pending] = []  # ready to send, in order
         self._updates: dict[str, dict[str, Any]] = {}  # leg key -> fields not yet sent
         self._legs: dict[str, dict[str, Any]] = {}  # leg key -> newest full state
         self._fenced: dict[str, str] = {}
@@ -213,7 +213,7 @@ class Channel:
         msg["seq"] = seq
         pending = Pending(seq, msg)
         self._outbox[seq] = pending
-        self._outq.append(pending.payload)
+        self._outq.append(pending)
         if len(self._outbox) > OUTBOX_WARN:
             log.warning(
                 "%d durable messages are waiting for the daemon (%s); none is dropped",
@@ -376,11 +376,13 @@ class Channel:
                 return
             self._queue_updates_locked()
             queue, self._outq = self._outq, []
-        for i, payload in enumerate(queue):
-            if not self._send(sock, payload):
+        for i, item in enumerate(queue):
+            if not self._send(sock, item.payload if isinstance(item, Pending) else item):
                 with self._lock:  # the connection went away: keep the rest, in order
                     self._outq[:0] = queue[i:]
                 return
+            if isinstance(item, Pending):
+                item.sent_at = self._last_send
 
     def _send_announce_locked(self, sock: zmq.Socket[bytes]) -> None:
         start = self._start
@@ -421,7 +423,7 @@ class Channel:
                 for key in self._legs:
                     if key not in pending_entries:
                         snapshot(key)
-            self._outq.append(pending.payload)
+            self._outq.append(pending)
             if pending.kind == "entry":
                 pending_entries.discard(pending.key)
                 if pending.key is not None:
@@ -433,6 +435,15 @@ class Channel:
     def _resend_stale(self, sock: zmq.Socket[bytes], now: float) -> None:
         """Safety net: re-send durable messages unanswered for a long time (they are idempotent)."""
         with self._lock:
+            announce = self._announce
+            if (
+                self._connected
+                and not self._announced
+                and announce is not None
+                and announce.sent_at is not None
+                and now - announce.sent_at > self.resend_interval
+            ):
+                self._announce = None  # its ack was lost: announce again
             if not (self._connected and self._announced):
                 return
             stale = [
@@ -442,9 +453,8 @@ class Channel:
             ]
             for pending in stale:
                 pending.sent_at = now
-                self._outq.append(pending.payload)
-        if stale:
-            self._pump(sock)
+                self._outq.append(pending)
+        self._pump(sock)
 
     def _on_replies(self, sock: zmq.Socket[bytes]) -> None:
         while True:

@@ -104,7 +104,6 @@ class Engine:
         self._updates: dict[str, dict[str, Any]] = {}
         self._heartbeats: dict[str, float] = {}
         self._trail_backlog: list[TrailEvent] = []
-        self._force_flush = False
         self._last_update_flush = monotonic()
         self.counters: dict[str, int] = {"messages": 0, "updates": 0, "errors": 0}
 
@@ -241,6 +240,16 @@ class Engine:
             return self._error(
                 msg, "BAD_FIELD", f"session {key!r} belongs to strategy {session.strategy!r}"
             )
+        interval = msg.get("heartbeat_interval")
+        if interval is not None and interval * 2 > self.liveness.timeout:
+            log.warning(
+                "session %s (%s) heartbeats every %.2fs but the timeout is %.2fs: "
+                "it will be declared crashed whenever one heartbeat is late",
+                key,
+                msg["strategy"],
+                interval,
+                self.liveness.timeout,
+            )
         peer = self.peers.get(rid)
         self._ops.append(
             StartOp(
@@ -317,7 +326,6 @@ class Engine:
         self, session: Session | None, rid: bytes, msg: dict[str, Any], wall: float
     ) -> bytes | None:
         self._ops.append(SyncOp(rid, msg["seq"], msg["session"]))
-        self._force_flush = True
         return None
 
     def _on_crash(
@@ -420,13 +428,13 @@ class Engine:
         """Hand the store what is due: all durable ops, and the updates when their time came."""
         batch = Batch(ops=self._ops, time=self.wall())
         self._ops = []
+        # A sync is acked with this batch: everything received before it must be in it too.
         if (
             flush_updates
-            or self._force_flush
             or now - self._last_update_flush >= self.flush_interval
+            or any(type(op) is SyncOp for op in batch.ops)
         ):
             self._last_update_flush = now
-            self._force_flush = False
             batch.updates, self._updates = self._updates, {}
             batch.heartbeats, self._heartbeats = self._heartbeats, {}
             batch.trail_events = self._trail_backlog + self._trail_events(batch.updates)
@@ -466,7 +474,8 @@ class Engine:
                 replies.append((op.rid, _ack(op.seq, res.data)))
             else:
                 self.counters["errors"] += 1
-                replies.append((op.rid, error_reply(res.code, res.reason, op.seq)))
+                key = getattr(op, "key", None)
+                replies.append((op.rid, error_reply(res.code, res.reason, op.seq, key)))
         return replies
 
     def _start_committed(self, op: StartOp, res: Result) -> None:

@@ -319,7 +319,10 @@ def _end(cur: sqlite3.Cursor, op: EndOp, now: str) -> Result:
         return Result.error("UNKNOWN_SESSION", f"no session {op.session_key!r}")
     sid, status = session["id"], session["status"]
     _write_updates(cur, op.final_updates, now)
-    if status != "RUNNING":
+    # A strategy the daemon declared dead that says it is done was alive after all: its end
+    # counts. Its legs keep their status (CRASHED legs still need recovery).
+    live = status == "RUNNING" or (status == "CRASHED" and session["crash_source"] in REVIVABLE)
+    if not live:
         return Result(True, {"session_id": sid, "status": status, "duplicate": True})
     when = iso(op.time)
     open_legs = [
@@ -331,8 +334,8 @@ def _end(cur: sqlite3.Cursor, op: EndOp, now: str) -> Result:
         )
     ]
     cur.execute(
-        "UPDATE strategy_sessions SET status = 'COMPLETED', end_time = ?, last_heartbeat = ? "
-        "WHERE id = ?",
+        "UPDATE strategy_sessions SET status = 'COMPLETED', end_time = ?, last_heartbeat = ?, "
+        "crash_timestamp = NULL, crash_reason = NULL, crash_source = NULL WHERE id = ?",
         (when, now, sid),
     )
     _event(cur, None, sid, "SESSION_END", when, {"open_legs": open_legs})
