@@ -17,13 +17,17 @@ type         acked    purpose
 ``end``      yes      the strategy ends its session cleanly
 ``sync``     yes      acked once everything sent before it (updates too) is committed
 ``hb``       no       heartbeat (any message counts as one)
+``query``    yes      read crashed legs, or every open leg (recovery); ``session`` optional
+``resolve``  yes      adopt / close / flag / requeue a crashed leg; ``session`` optional
+``orphans``  yes      record broker positions nobody can explain; ``session`` optional
+``prune``    yes      delete finished sessions older than a cutoff; ``session`` optional
 ===========  =======  =================================================================
 
 Daemon -> client: ``ack`` (after commit), ``error``, ``notice`` (something happened to the
 session, e.g. it was declared crashed and came back) and ``ping`` (a liveness probe; ignore it).
 
-Durable messages carry ``seq``, a positive integer the client chooses (increasing per
-connection); the ack or error that answers it echoes the same ``seq``.
+Durable messages carry ``seq``, a positive integer the client chooses (unique among its
+unanswered messages); the ack or error that answers it echoes the same ``seq``.
 """
 
 from __future__ import annotations
@@ -41,6 +45,9 @@ __all__ = [
     "DURABLE_TYPES",
     "MAX_MESSAGE_BYTES",
     "PROTOCOL_VERSION",
+    "QUERIES",
+    "RESOLUTIONS",
+    "SESSIONLESS_TYPES",
     "SIDES",
     "TYPES",
     "UPDATE_FIELDS",
@@ -132,6 +139,34 @@ def _object(value: Any) -> str | None:
     return None if type(value) is dict else "must be a JSON object"
 
 
+_INSTRUMENT = _text(64)
+_SIGNED_QTY = _integer(-(10**12), 10**12)
+
+
+QUERIES: Final = frozenset({"crashed", "open"})
+# adopt: into the sending session; close: flat at the broker; review: needs a human;
+# requeue: a reviewed leg goes back to CRASHED, ready to be adopted.
+RESOLUTIONS: Final = frozenset({"adopt", "close", "review", "requeue"})
+MAX_ORPHAN_ROWS: Final = 1000
+
+
+def _orphan_rows(value: Any) -> str | None:
+    if type(value) is not list or len(value) > MAX_ORPHAN_ROWS:
+        return f"must be a list of at most {MAX_ORPHAN_ROWS} objects"
+    for row in value:
+        if type(row) is not dict:
+            return "must hold objects"
+        for name in ("symbol", "exchange", "product"):
+            if _INSTRUMENT(row.get(name)) is not None:
+                return f"rows need {name} (1..64 characters)"
+        for name in ("broker_quantity", "known_quantity"):
+            if _SIGNED_QTY(row.get(name)) is not None:
+                return f"rows need an integer {name}"
+        if type(row.get("row", {})) is not dict:
+            return "row must be an object"
+    return None
+
+
 _SESSION = _text(64, r"[A-Za-z0-9._:-]+")
 _KEY = _text(128)
 _PRICE = _number(0.0, MAX_PRICE)
@@ -143,6 +178,7 @@ _VERSION = _integer(0, 2**31)
 _TYPE = _long_text(32)
 
 _COMMON: dict[str, Checker] = {"v": _VERSION, "type": _TYPE, "session": _SESSION}
+# (for the sessionless types, ``session`` is optional but checked when present)
 _DURABLE: dict[str, Checker] = {**_COMMON, "seq": _SEQ}
 
 UPDATE_FIELDS: Final = ("current_price", "stop_price", "highest_price", "last_trail_level", "state")
@@ -210,7 +246,7 @@ _SCHEMAS: dict[str, tuple[dict[str, Checker], frozenset[str]]] = {
     "crash": (
         {
             **_DURABLE,
-            "error_type": _long_text(200),
+            "error_type": _text(200),
             "message": _long_text(4000),
             "traceback": _long_text(65536),
             "time": _TIME,
@@ -219,15 +255,43 @@ _SCHEMAS: dict[str, tuple[dict[str, Checker], frozenset[str]]] = {
     ),
     "end": ({**_DURABLE, "time": _TIME}, frozenset()),
     "sync": (dict(_DURABLE), frozenset()),
+    "query": (
+        {**_DURABLE, "what": _one_of(QUERIES), "strategy": _text(100)},
+        frozenset({"what"}),
+    ),
+    "resolve": (
+        {
+            **_DURABLE,
+            "key": _KEY,
+            "action": _one_of(RESOLUTIONS),
+            "exit_price": _OPT_PRICE,
+            "reason": _text(500),
+            "by": _text(200),
+        },
+        frozenset({"key", "action"}),
+    ),
+    "orphans": (
+        {**_DURABLE, "rows": _orphan_rows, "by": _text(200)},
+        frozenset({"rows"}),
+    ),
+    "prune": (
+        {**_DURABLE, "before": _TIME, "by": _text(200)},
+        frozenset({"before"}),
+    ),
     "hb": (dict(_COMMON), frozenset()),
 }
-_BASE_REQUIRED: Final = frozenset({"v", "type", "session"})
-_DURABLE_REQUIRED: Final = _BASE_REQUIRED | {"seq"}
-
 TYPES: Final = frozenset(_SCHEMAS)
-DURABLE_TYPES: Final = frozenset({"start", "entry", "exit", "crash", "end", "sync"})
+# Answered with an ack (after commit) or an error; they carry ``seq``.
+DURABLE_TYPES: Final = frozenset(
+    {"start", "entry", "exit", "crash", "end", "sync", "query", "resolve", "orphans", "prune"}
+)
+# Operator and recovery messages may come from a tool that has no session (posctl).
+SESSIONLESS_TYPES: Final = frozenset({"query", "resolve", "orphans", "prune"})
 _REQUIRED: dict[str, frozenset[str]] = {
-    name: required | (_DURABLE_REQUIRED if name in DURABLE_TYPES else _BASE_REQUIRED)
+    name: required
+    | {"v", "type"}
+    | ({"seq"} if name in DURABLE_TYPES else set())
+    | (set() if name in SESSIONLESS_TYPES else {"session"})
     for name, (_, required) in _SCHEMAS.items()
 }
 
@@ -255,7 +319,7 @@ def validate(msg: Mapping[str, Any]) -> None:
     missing = _REQUIRED[kind].difference(msg)
     if missing:
         raise ProtocolError(f"{kind}: missing field(s) {', '.join(sorted(missing))}", "BAD_FIELD")
-    if kind == "update" and len(msg) == 4:
+    if kind == "update" and len(msg) == 4 and "key" in msg:
         raise ProtocolError("update: names no field to change", "BAD_FIELD")
 
 

@@ -96,8 +96,34 @@ CREATE INDEX position_events_position ON position_events(position_id);
 CREATE INDEX position_events_session ON position_events(session_id);
 """
 
+# Recovery: statuses and event types of the seed's vocabulary, the review reason, and a table of
+# broker positions nobody could explain. Only additions: no table is rebuilt or dropped.
+_V2 = """
+INSERT INTO position_statuses VALUES
+    ('RECOVERED'), ('NEEDS_REVIEW'), ('ORPHANED'), ('MANUAL_EXIT'), ('EXPIRED');
+INSERT INTO event_types VALUES
+    ('RECOVERY'), ('NEEDS_REVIEW'), ('REQUEUED'), ('FENCED_WRITE'), ('ORPHAN'),
+    ('STOP_HIT'), ('ATM_CHANGE');
+
+ALTER TABLE strategy_positions ADD COLUMN review_reason TEXT;
+
+CREATE TABLE broker_orphans (
+    id                INTEGER PRIMARY KEY AUTOINCREMENT,
+    detected_at       TEXT NOT NULL,
+    symbol            TEXT NOT NULL,
+    exchange          TEXT NOT NULL,
+    product           TEXT NOT NULL,
+    broker_quantity   INTEGER NOT NULL,   -- signed net quantity at the broker
+    known_quantity    INTEGER NOT NULL,   -- signed sum of the legs positiond knows there
+    status            TEXT NOT NULL DEFAULT 'ORPHANED' REFERENCES position_statuses(name),
+    detected_by       TEXT NOT NULL,      -- 'session 42 (expiry_blast)' or 'posctl user@host'
+    row               TEXT NOT NULL DEFAULT '{}'   -- the broker's row as it came (JSON)
+);
+CREATE INDEX broker_orphans_instrument ON broker_orphans(symbol, exchange, product);
+"""
+
 # Index i holds the script that takes the schema from version i to i + 1.
-_MIGRATIONS: list[str] = [_V1]
+_MIGRATIONS: list[str] = [_V1, _V2]
 SCHEMA_VERSION = len(_MIGRATIONS)
 
 
