@@ -12,12 +12,18 @@ import json
 import sys
 import time
 
-from positiond_client import PositionPersistenceManager
+from positiond_client import PositiondError, PositionPersistenceManager
 
 
 def main() -> None:
     endpoint, mode = sys.argv[1], sys.argv[2]
-    pm = PositionPersistenceManager("expiry_blast", endpoint=endpoint, ack_timeout=5.0)
+    def notice(code: str, info: dict[str, object]) -> None:
+        if mode == "updates":  # the fencing test waits for these
+            print(json.dumps({"notice": code, "key": info.get("key")}), flush=True)
+
+    pm = PositionPersistenceManager(
+        "expiry_blast", endpoint=endpoint, ack_timeout=5.0, on_notice=notice
+    )
     if mode == "raise":
         try:
             with pm.session():
@@ -83,12 +89,21 @@ def main() -> None:
         print("DONE", flush=True)
     elif mode == "updates":
         stop = 104.0
-        for line in sys.stdin:  # one update burst per line; "sync" answers when stored
-            if line.strip() == "sync":
-                print(json.dumps({"synced": pm.sync(5.0), "stop": stop}), flush=True)
-                continue
-            stop += 1.0
-            pm.queue_position_update(ce, current_price=stop + 8, stop_price=stop)
+        for line in sys.stdin:  # one command per line
+            command = line.strip()
+            try:
+                if command == "sync":  # answers once everything sent so far is stored
+                    print(json.dumps({"synced": pm.sync(5.0), "stop": stop}), flush=True)
+                elif command == "exit":
+                    done = pm.save_position_exit(ce, exit_price=stop, exit_reason="STOP_HIT")
+                    print(json.dumps({"exited": done}), flush=True)
+                else:
+                    stop += 1.0
+                    pm.queue_position_update(ce, current_price=stop + 8, stop_price=stop)
+                    if command == "tick-report":
+                        print(json.dumps({"queued": stop}), flush=True)
+            except PositiondError as exc:
+                print(json.dumps({"error": exc.code}), flush=True)
 
 
 if __name__ == "__main__":

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -59,16 +61,21 @@ class Strategy:
             env=env,
             text=True,
         )
+        self._lines: queue.Queue[str] = queue.Queue()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
 
     def line(self, timeout: float = 10) -> str:
-        assert self.proc.stdout is not None
-        import selectors
+        try:
+            return self._lines.get(timeout=timeout * UNIT)
+        except queue.Empty:
+            raise AssertionError("strategy printed nothing in time") from None
 
-        with selectors.DefaultSelector() as sel:
-            sel.register(self.proc.stdout, selectors.EVENT_READ)
-            if not sel.select(timeout * UNIT):
-                raise AssertionError("strategy printed nothing in time")
-        return self.proc.stdout.readline()
+    def _read(self) -> None:
+        # A thread, not select() on the pipe: lines already in the reader's buffer count too.
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self._lines.put(line)
 
     def info(self) -> dict[str, object]:
         result: dict[str, object] = json.loads(self.line())
@@ -83,6 +90,7 @@ class Strategy:
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait()
+        self._reader.join(5)
         for stream in (self.proc.stdin, self.proc.stdout):
             if stream is not None:
                 stream.close()

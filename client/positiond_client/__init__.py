@@ -15,29 +15,46 @@
 The wire protocol is in :mod:`positiond_client.protocol` and docs/PROTOCOL.md.
 """
 
+from positiond_client.core import Leg
 from positiond_client.errors import (
     LegError,
     PositiondError,
     ProtocolError,
     SessionError,
     StorageError,
+    UnavailableError,
 )
-from positiond_client.manager import (
-    AsyncPositionPersistenceManager,
-    Leg,
-    PositionPersistenceManager,
+from positiond_client.manager import AsyncPositionPersistenceManager, PositionPersistenceManager
+from positiond_client.recovery import (
+    CLOSED_AT_BROKER,
+    MISMATCH,
+    RESUME,
+    CrashedLeg,
+    Orphan,
+    Verdict,
+    VerificationReport,
+    verify_positions,
 )
 
 __all__ = [
+    "CLOSED_AT_BROKER",
+    "MISMATCH",
+    "RESUME",
     "AsyncPositionPersistenceManager",
+    "CrashedLeg",
     "Leg",
     "LegError",
+    "Orphan",
     "PositionPersistenceManager",
     "PositiondError",
     "ProtocolError",
     "SessionError",
     "StorageError",
+    "UnavailableError",
+    "Verdict",
+    "VerificationReport",
     "__version__",
+    "verify_positions",
 ]
 
 __version__ = "0.1.0"

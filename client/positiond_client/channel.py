@@ -239,6 +239,17 @@ class Channel:
             self._wake_pending = True
         self._wake()
 
+    def open_leg(self, key: str, state: dict[str, Any]) -> None:
+        """Open a leg adopted from a crashed session: updates for it are accepted from now on."""
+        with self._lock:
+            self._legs[key] = state
+            self._fenced.pop(key, None)
+
+    def forget(self, pending: Pending) -> None:
+        """Drop an unanswered read from the outbox (a stale answer would help nobody)."""
+        with self._lock:
+            self._outbox.pop(pending.seq, None)
+
     def is_open(self, key: str) -> bool:
         return key in self._legs
 
@@ -432,6 +443,30 @@ class Channel:
             if key not in pending_entries:
                 snapshot(key)
 
+    def _revived_locked(self, revived: dict[str, Any]) -> dict[str, str]:
+        """We were declared crashed and came back: legs not handed back are someone else's now.
+
+        Returns the legs fenced this way, with the reason.
+        """
+        log.error(
+            "positiond had declared this session CRASHED (%s at %s); it is RUNNING again",
+            revived.get("crash_reason"),
+            revived.get("crash_timestamp"),
+        )
+        back = set(revived.get("legs") or ())
+        pending_entries = {p.key for p in self._outbox.values() if p.kind == "entry"}
+        fenced = {}
+        for key in [k for k in self._legs if k not in back and k not in pending_entries]:
+            reason = (
+                f"leg {key!r} was adopted, closed or flagged by another session or an operator "
+                "while this session was declared crashed: stop managing it"
+            )
+            log.error("%s", reason)
+            self._fenced[key] = fenced[key] = reason
+            del self._legs[key]
+            self._updates.pop(key, None)
+        return fenced
+
     def _resend_stale(self, sock: zmq.Socket[bytes], now: float) -> None:
         """Safety net: re-send durable messages unanswered for a long time (they are idempotent)."""
         with self._lock:
@@ -484,18 +519,13 @@ class Channel:
 
     def _on_ack(self, msg: dict[str, Any]) -> None:
         seq = msg.get("seq")
+        fenced: dict[str, str] = {}
         with self._lock:
             announce = self._announce
             if announce is not None and seq == announce.seq:
-                self._announced_locked()
                 if "revived" in msg:
-                    log.error(
-                        "positiond had declared this session CRASHED (%s at %s); it is "
-                        "RUNNING again with legs %s",
-                        msg["revived"].get("crash_reason"),
-                        msg["revived"].get("crash_timestamp"),
-                        msg["revived"].get("legs"),
-                    )
+                    fenced = self._revived_locked(msg["revived"])
+                self._announced_locked()
             pending = self._outbox.pop(seq, None) if type(seq) is int else None
             if pending is not None and pending.kind in ("crash", "end"):
                 self._session = None
@@ -505,6 +535,8 @@ class Channel:
             pending._finish(msg, None)
         if announce is not None and seq == announce.seq and "revived" in msg:
             self._notice("REVIVED", msg["revived"])
+            for key, reason in fenced.items():
+                self._notice("FENCED", {"key": key, "reason": reason})
 
     def _on_error(self, msg: dict[str, Any]) -> None:
         code = str(msg.get("code", "INTERNAL"))
@@ -542,12 +574,18 @@ class Channel:
                     self._updates.pop(pending.key, None)
         if is_announce:
             log.error("positiond refused this session: %s", error)
+        key = msg.get("key")
+        if code == "FENCED" and isinstance(key, str) and key not in self._fenced:
+            # Another session owns this leg now: every later call for it raises, loudly.
+            log.error("leg %s is fenced: %s", key, reason)
+            with self._lock:
+                self._fenced[key] = reason
+                self._legs.pop(key, None)
+                self._updates.pop(key, None)
+            self._notice("FENCED", {"key": key, "reason": reason})
         for pending in failed:
             pending._finish(None, error)
         if seq is None:
-            key = msg.get("key")
-            if code == "FENCED" and isinstance(key, str):
-                self._fenced[key] = reason
             self._error_log(error)
 
     def _error_log(self, error: PositiondError) -> None:

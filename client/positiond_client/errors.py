@@ -5,8 +5,9 @@
     PositiondError                 code: every error has a wire code (docs/PROTOCOL.md)
     ├── ProtocolError              the message itself is wrong (BAD_MESSAGE, BAD_FIELD, ...)
     ├── SessionError               UNKNOWN_SESSION, SESSION_CLOSED, NO_SESSION
-    ├── LegError                   UNKNOWN_LEG, LEG_CLOSED, KEY_CONFLICT, FENCED
-    └── StorageError               STORAGE: the daemon could not commit (nothing was acked)
+    ├── LegError                   UNKNOWN_LEG, LEG_CLOSED, KEY_CONFLICT, FENCED, BAD_STATE
+    ├── StorageError               STORAGE: the daemon could not commit (nothing was acked)
+    └── UnavailableError           UNAVAILABLE: a read got no answer (raised by the client)
 
 ``ProtocolError`` is also a ``ValueError``: a strategy that passes a NaN price or a negative
 quantity gets the exception it would expect from any Python API.
@@ -21,6 +22,7 @@ __all__ = [
     "ProtocolError",
     "SessionError",
     "StorageError",
+    "UnavailableError",
     "error_for",
 ]
 
@@ -38,8 +40,11 @@ CODES: dict[str, str] = {
     "LEG_CLOSED": "the leg is no longer open",
     "KEY_CONFLICT": "the position key already belongs to another session's leg",
     "FENCED": "the leg now belongs to another session",
+    "BAD_STATE": "the leg's status does not allow this (e.g. adopting a leg that is not CRASHED)",
     "STORAGE": "the daemon could not write to its database; nothing was committed",
     "INTERNAL": "an unexpected error in the daemon",
+    # Raised by the client only, never sent: a read could not be answered.
+    "UNAVAILABLE": "the daemon did not answer in time (a read cannot fall back to anything)",
 }
 
 
@@ -78,6 +83,16 @@ class LegError(PositiondError):
     code = "UNKNOWN_LEG"
 
 
+class UnavailableError(PositiondError):
+    """The daemon did not answer a read (e.g. the crashed-legs query) in time.
+
+    Writes never raise this (they stay in the outbox); a read must, or "no answer" would look
+    like "no crashed legs" and a strategy would enter its positions a second time.
+    """
+
+    code = "UNAVAILABLE"
+
+
 class StorageError(PositiondError):
     """The daemon could not commit; the message was not acknowledged."""
 
@@ -97,6 +112,7 @@ _CLASS_BY_CODE: dict[str, type[PositiondError]] = {
     "LEG_CLOSED": LegError,
     "KEY_CONFLICT": LegError,
     "FENCED": LegError,
+    "BAD_STATE": LegError,
     "STORAGE": StorageError,
 }
 

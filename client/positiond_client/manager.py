@@ -13,264 +13,23 @@ from __future__ import annotations
 import asyncio
 import atexit
 import logging
-import os
-import socket
 import time
-import traceback
-import uuid
-import weakref
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
-from typing import Any
+from typing import Any, Literal, TypeVar, overload
 
-from positiond_client.channel import Channel, Pending
-from positiond_client.errors import LegError, SessionError
-from positiond_client.paths import default_endpoint
-from positiond_client.protocol import PROTOCOL_VERSION, check_fields, validate
+from positiond_client.channel import Pending
+from positiond_client.core import LIVE, UNSET, Core, Leg, Step
+from positiond_client.errors import PositiondError, UnavailableError
+from positiond_client.recovery import CrashedLeg, Orphan, VerificationReport, verify_positions
 
 __all__ = ["AsyncPositionPersistenceManager", "Leg", "PositionPersistenceManager"]
 
 log = logging.getLogger(__name__)
-
-_UNSET: Any = object()
-_LIVE: weakref.WeakSet[_Core] = weakref.WeakSet()
+T = TypeVar("T")
 
 
-class Leg:
-    """Handle of one position leg, returned by ``save_position_entry``.
-
-    ``position_id`` is the daemon's integer id, filled in when the entry is acknowledged.
-    """
-
-    __slots__ = (
-        "__weakref__",
-        "entry_price",
-        "exchange",
-        "key",
-        "leg_type",
-        "position_id",
-        "product",
-        "quantity",
-        "side",
-        "stop_price",
-        "symbol",
-    )
-
-    def __init__(self, msg: dict[str, Any]) -> None:
-        self.key: str = msg["key"]
-        self.symbol: str = msg["symbol"]
-        self.exchange: str = msg["exchange"]
-        self.product: str = msg["product"]
-        self.leg_type: str | None = msg.get("leg_type")
-        self.side: str = msg["side"]
-        self.quantity: int = msg["quantity"]
-        self.entry_price: float = msg["entry_price"]
-        self.stop_price: float | None = msg.get("stop_price")
-        self.position_id: int | None = None
-
-    def __repr__(self) -> str:
-        return (
-            f"Leg(key={self.key!r}, symbol={self.symbol!r}, side={self.side}, "
-            f"quantity={self.quantity}, position_id={self.position_id})"
-        )
-
-
-def _host() -> str:
-    try:
-        return socket.gethostname()[:255] or "unknown"
-    except OSError:
-        return "unknown"
-
-
-class _Core:
-    """Message building shared by the sync and asyncio managers; no waiting here."""
-
-    def __init__(
-        self,
-        strategy_name: str,
-        endpoint: str | None = None,
-        *,
-        heartbeat_interval: float = 0.5,
-        ack_timeout: float = 2.0,
-        on_notice: Callable[[str, dict[str, Any]], None] | None = None,
-    ) -> None:
-        check_fields("start", {"strategy": strategy_name, "heartbeat_interval": heartbeat_interval})
-        if ack_timeout <= 0:
-            raise ValueError("ack_timeout must be positive")
-        self.strategy_name = strategy_name
-        self.endpoint = endpoint or default_endpoint()
-        if not self.endpoint.startswith(("ipc://", "tcp://")):
-            raise ValueError(f"endpoint {self.endpoint!r} must start with ipc:// or tcp://")
-        self.ack_timeout = ack_timeout
-        self.heartbeat_interval = heartbeat_interval
-        self.session_id: int | None = None
-        self.session_key: str | None = None
-        self._channel = Channel(
-            self.endpoint, heartbeat_interval=heartbeat_interval, on_notice=on_notice
-        )
-        self._closed = False
-        _LIVE.add(self)
-
-    @property
-    def connected(self) -> bool:
-        """Whether the I/O thread currently has a connection to the daemon."""
-        return self._channel.connected
-
-    @property
-    def unacknowledged(self) -> int:
-        """Durable messages sent but not yet acknowledged (kept and re-sent until they are)."""
-        return self._channel.outbox_size
-
-    def is_open(self, leg: Leg | str) -> bool:
-        """Whether the leg is open in this session (entered and not exited)."""
-        return self._channel.is_open(leg.key if isinstance(leg, Leg) else leg)
-
-    def _base(self, kind: str) -> dict[str, Any]:
-        if self.session_key is None:
-            raise SessionError("no session: call start_session() first", "NO_SESSION")
-        return {"v": PROTOCOL_VERSION, "type": kind, "session": self.session_key}
-
-    def _leg_key(self, leg: Leg | str) -> str:
-        key = leg.key if isinstance(leg, Leg) else leg
-        if not isinstance(key, str):
-            raise LegError(f"not a leg handle: {leg!r}", "UNKNOWN_LEG")
-        fenced = self._channel.fenced_reason(key)
-        if fenced is not None:
-            raise LegError(fenced, "FENCED")
-        return key
-
-    def _start_pending(self, session_key: str | None) -> Pending:
-        self.session_key = session_key or uuid.uuid4().hex
-        self.session_id = None
-        msg = {
-            **self._base("start"),
-            "strategy": self.strategy_name,
-            "host": _host(),
-            "pid": os.getpid(),
-            "heartbeat_interval": self.heartbeat_interval,
-            "time": time.time(),
-        }
-        validate(msg | {"seq": 1})
-        pending = self._channel.open_session(msg)
-        pending.add_callback(self._on_started)
-        return pending
-
-    def _on_started(self, pending: Pending) -> None:
-        if pending.result is not None:
-            self.session_id = pending.result.get("session_id")
-
-    def _entry_pending(
-        self,
-        symbol: str,
-        leg_type: str | None,
-        entry_price: float,
-        stop_price: float | None,
-        quantity: int,
-        exchange: str,
-        product: str,
-        side: str,
-        position_key: str | None,
-        highest_price: float | None,
-        last_trail_level: float | None,
-        state: dict[str, Any] | None,
-    ) -> tuple[Leg, Pending]:
-        msg = self._base("entry")
-        msg.update(
-            key=position_key or f"{symbol}-{uuid.uuid4().hex[:16]}",
-            symbol=symbol,
-            exchange=exchange,
-            product=product,
-            side=side.upper() if isinstance(side, str) else side,
-            quantity=quantity,
-            entry_price=entry_price,
-            time=time.time(),
-        )
-        optional = {
-            "leg_type": leg_type,
-            "stop_price": stop_price,
-            "highest_price": highest_price,
-            "last_trail_level": last_trail_level,
-            "state": state,
-        }
-        msg.update({k: v for k, v in optional.items() if v is not None})
-        validate(msg | {"seq": 1})
-        if self._channel.is_open(msg["key"]):
-            raise LegError(f"leg {msg['key']!r} is already open in this session", "KEY_CONFLICT")
-        leg = Leg(msg)
-        pending = self._channel.submit(msg)
-
-        def filled(p: Pending) -> None:
-            if p.result is not None:
-                leg.position_id = p.result.get("position_id")
-
-        pending.add_callback(filled)
-        return leg, pending
-
-    def _update(self, leg: Leg | str, fields: dict[str, Any]) -> None:
-        key = self._leg_key(leg)
-        fields = {k: v for k, v in fields.items() if v is not _UNSET}
-        if not fields:
-            return
-        check_fields("update", fields)
-        self._channel.update(key, fields)
-
-    def _exit_pending(self, leg: Leg | str, exit_price: float | None, exit_reason: str) -> Pending:
-        key = self._leg_key(leg)
-        msg = self._base("exit")
-        msg.update(key=key, exit_reason=exit_reason, time=time.time())
-        if exit_price is not None:
-            msg["exit_price"] = exit_price
-        validate(msg | {"seq": 1})
-        return self._channel.submit(msg)
-
-    def _crash_pending(self, error: BaseException | str) -> Pending:
-        msg = self._base("crash")
-        if isinstance(error, BaseException):
-            tb = "".join(traceback.format_exception(error))
-            msg.update(
-                error_type=type(error).__name__[:200],
-                message=str(error)[:4000],
-                traceback=tb[-65536:],
-            )
-        else:
-            msg.update(error_type="Error", message=str(error)[:4000])
-        msg["time"] = time.time()
-        return self._channel.submit(msg, flush_updates=True)
-
-    def _end_pending(self) -> Pending:
-        msg = self._base("end")
-        msg["time"] = time.time()
-        return self._channel.submit(msg, flush_updates=True)
-
-    def _sync_pending(self) -> Pending:
-        return self._channel.submit(self._base("sync"), flush_updates=True)
-
-    def _unanswered(self, pending: Pending, what: str) -> None:
-        log.warning(
-            "%s not acknowledged by positiond within %.1fs (%s); kept and re-sent until it is",
-            what,
-            self.ack_timeout,
-            "connected" if self._channel.connected else f"no daemon at {self.endpoint}",
-        )
-
-        def late(p: Pending) -> None:
-            if p.error is not None:
-                log.error("positiond refused %s after the caller moved on: %s", what, p.error)
-
-        pending.add_callback(late)
-
-    def _finished(self, pending: Pending) -> None:
-        if pending.kind in ("crash", "end") and pending.error is None:
-            self._channel.session_closed()
-
-    def close(self, timeout: float = 1.0) -> None:
-        """Stop the I/O thread, giving unacknowledged messages ``timeout`` seconds first."""
-        if not self._closed:
-            self._closed = True
-            self._channel.close(timeout)
-
-
-class PositionPersistenceManager(_Core):
+class PositionPersistenceManager(Core):
     """Persist a strategy's legs through positiond.
 
     ::
@@ -288,27 +47,125 @@ class PositionPersistenceManager(_Core):
     about the session (``REVIVED``: it had been declared crashed and is running again).
     """
 
-    def _wait(self, pending: Pending, what: str) -> dict[str, Any] | None:
-        if pending.wait(self.ack_timeout):
-            if pending.error is not None:
-                raise pending.error
-            self._finished(pending)
-            return pending.result
-        self._unanswered(pending, what)
-        return None
+    def _answer(self, pending: Pending) -> dict[str, Any] | None:
+        """The ack's data; None if unanswered within ack_timeout; raises the daemon's refusal."""
+        if not pending.wait(self.ack_timeout):
+            return None
+        if pending.error is not None:
+            raise pending.error
+        self._finished(pending)
+        return pending.result
 
-    def start_session(self, session_key: str | None = None) -> int | None:
-        """Open a session; return its id (None if the daemon did not answer in time)."""
+    def _wait(self, pending: Pending, what: str) -> dict[str, Any] | None:
+        result = self._answer(pending)
+        if result is None:
+            self._unanswered(pending, what)
+        return result
+
+    def _drive(self, op: Step[T]) -> T:
+        try:
+            pending = next(op)
+            while True:
+                try:
+                    result = self._answer(pending)
+                except PositiondError as exc:
+                    pending = op.throw(exc)
+                else:
+                    pending = op.send(result)
+        except StopIteration as stop:
+            value: T = stop.value
+            return value
+
+    @overload
+    def start_session(
+        self, session_key: str | None = None, *, recover: Literal[False] = False
+    ) -> int | None: ...
+
+    @overload
+    def start_session(
+        self, session_key: str | None = None, *, recover: Literal[True], positionbook: Any
+    ) -> VerificationReport: ...
+
+    def start_session(
+        self, session_key: str | None = None, *, recover: bool = False, positionbook: Any = None
+    ) -> int | VerificationReport | None:
+        """Open a session; return its id (None if the daemon did not answer in time).
+
+        ``recover=True`` (with ``positionbook``: OpenAlgo's response, its rows, or the OpenAlgo
+        client itself) then runs :meth:`recover` and returns its report instead.
+        """
         result = self._wait(self._start_pending(session_key), "session start")
-        return None if result is None else int(result["session_id"])
+        if not recover:
+            return None if result is None else int(result["session_id"])
+        if result is None:
+            raise UnavailableError("cannot recover: positiond did not acknowledge the session")
+        report = self.recover(positionbook)
+        report.session_id = self.session_id
+        return report
+
+    # ---- recovery ------------------------------------------------------------------------
+
+    def get_crashed_positions(
+        self, strategy_name: str | None = None, *, all_strategies: bool = False
+    ) -> list[CrashedLeg]:
+        """Crashed legs (status CRASHED, was_crashed true) of this strategy, newest crash first.
+
+        ``strategy_name`` asks about another strategy, ``all_strategies=True`` about every one.
+        Raises :class:`UnavailableError` if the daemon does not answer: "no answer" must never
+        read as "nothing crashed".
+        """
+        return self._drive(self._crashed_op(strategy_name, all_strategies))
+
+    def get_open_positions(self, strategy_name: str | None = None) -> list[CrashedLeg]:
+        """Every leg positiond knows open (ACTIVE, CRASHED, NEEDS_REVIEW), of any strategy."""
+        return self._drive(self._open_op(strategy_name))
+
+    def verify_with_broker(self, broker: Any) -> VerificationReport:
+        """Verdicts for this strategy's crashed legs against ``broker.positionbook()``."""
+        crashed = self.get_crashed_positions()
+        return verify_positions(crashed, broker.positionbook(), self.get_open_positions())
+
+    def mark_position_recovered(self, leg: CrashedLeg | Leg | str) -> Leg:
+        """Adopt a crashed leg into this session (ACTIVE, owned by us; RECOVERY event).
+
+        Returns a handle carrying the saved entry, stop, highest price, trail level and state;
+        the old session can no longer write it (FENCED).
+        """
+        return self._drive(self._adopt_op(leg))
+
+    def close_crashed_position(
+        self,
+        leg: CrashedLeg | Leg | str,
+        exit_price: float | None = None,
+        reason: str | None = None,
+    ) -> bool:
+        """Record a crashed leg the broker shows flat: CLOSED, exit_reason CLOSED_AT_BROKER."""
+        return self._drive(self._resolve_op(leg, "close", exit_price=exit_price, reason=reason))
+
+    def flag_for_review(self, leg: CrashedLeg | Leg | str, reason: str) -> bool:
+        """Set a crashed leg NEEDS_REVIEW with the reason (a human decides)."""
+        return self._drive(self._resolve_op(leg, "review", reason=reason))
+
+    def record_orphans(self, orphans: list[Orphan]) -> int:
+        """Record broker positions nobody explains (``report.orphans``); return how many new."""
+        return self._drive(self._orphans_op(orphans))
+
+    def recover(self, positionbook: Any) -> VerificationReport:
+        """Verify this strategy's crashed legs and act on what is safe.
+
+        RESUME legs are adopted (their handles in ``report.adopted``), CLOSED_AT_BROKER legs
+        closed, MISMATCH legs flagged NEEDS_REVIEW, orphans recorded; ``report.actions`` says
+        what happened to each leg.
+        """
+        return self._drive(self._recover_op(positionbook))
 
     def save_position_entry(
         self,
         symbol: str,
         leg_type: str | None = None,
-        entry_price: float = _UNSET,
+        entry_price: float = UNSET,
         stop_price: float | None = None,
-        quantity: int = _UNSET,
+        quantity: int = UNSET,
         *,
         exchange: str = "NFO",
         product: str = "MIS",
@@ -322,7 +179,7 @@ class PositionPersistenceManager(_Core):
 
         ``position_key`` makes the entry idempotent: the same key never creates a second leg.
         """
-        if entry_price is _UNSET or quantity is _UNSET:
+        if entry_price is UNSET or quantity is UNSET:
             raise ValueError("save_position_entry needs entry_price and quantity")
         leg, pending = self._entry_pending(
             symbol, leg_type, entry_price, stop_price, quantity, exchange, product, side,
@@ -335,11 +192,11 @@ class PositionPersistenceManager(_Core):
         self,
         leg: Leg | str,
         *,
-        current_price: float | None = _UNSET,
-        stop_price: float | None = _UNSET,
-        highest_price: float | None = _UNSET,
-        last_trail_level: float | None = _UNSET,
-        state: dict[str, Any] | None = _UNSET,
+        current_price: float | None = UNSET,
+        stop_price: float | None = UNSET,
+        highest_price: float | None = UNSET,
+        last_trail_level: float | None = UNSET,
+        state: dict[str, Any] | None = UNSET,
     ) -> None:
         """Queue the leg's newest values (never blocks; the daemon coalesces and batches)."""
         self._update(
@@ -405,14 +262,14 @@ class PositionPersistenceManager(_Core):
         self.close()
 
 
-class AsyncPositionPersistenceManager(_Core):
+class AsyncPositionPersistenceManager(Core):
     """The asyncio twin of :class:`PositionPersistenceManager`: durable calls are coroutines.
 
     Waiting never blocks the event loop (the I/O thread resolves a future). Updates stay a
     plain non-blocking call.
     """
 
-    async def _wait(self, pending: Pending, what: str) -> dict[str, Any] | None:
+    async def _answer(self, pending: Pending) -> dict[str, Any] | None:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
 
@@ -427,12 +284,64 @@ class AsyncPositionPersistenceManager(_Core):
         try:
             await asyncio.wait_for(future, self.ack_timeout)
         except TimeoutError:
-            self._unanswered(pending, what)
             return None
         if pending.error is not None:
             raise pending.error
         self._finished(pending)
         return pending.result
+
+    async def _wait(self, pending: Pending, what: str) -> dict[str, Any] | None:
+        result = await self._answer(pending)
+        if result is None:
+            self._unanswered(pending, what)
+        return result
+
+    async def _drive(self, op: Step[T]) -> T:
+        try:
+            pending = next(op)
+            while True:
+                try:
+                    result = await self._answer(pending)
+                except PositiondError as exc:
+                    pending = op.throw(exc)
+                else:
+                    pending = op.send(result)
+        except StopIteration as stop:
+            value: T = stop.value
+            return value
+
+    async def get_crashed_positions(
+        self, strategy_name: str | None = None, *, all_strategies: bool = False
+    ) -> list[CrashedLeg]:
+        """Crashed legs of this strategy (or another, or all), newest crash first."""
+        return await self._drive(self._crashed_op(strategy_name, all_strategies))
+
+    async def get_open_positions(self, strategy_name: str | None = None) -> list[CrashedLeg]:
+        """Every leg positiond knows open (ACTIVE, CRASHED, NEEDS_REVIEW), of any strategy."""
+        return await self._drive(self._open_op(strategy_name))
+
+    async def mark_position_recovered(self, leg: CrashedLeg | Leg | str) -> Leg:
+        """Adopt a crashed leg into this session; returns its handle with the saved state."""
+        return await self._drive(self._adopt_op(leg))
+
+    async def close_crashed_position(
+        self,
+        leg: CrashedLeg | Leg | str,
+        exit_price: float | None = None,
+        reason: str | None = None,
+    ) -> bool:
+        """Record a crashed leg the broker shows flat: CLOSED, exit_reason CLOSED_AT_BROKER."""
+        return await self._drive(
+            self._resolve_op(leg, "close", exit_price=exit_price, reason=reason)
+        )
+
+    async def flag_for_review(self, leg: CrashedLeg | Leg | str, reason: str) -> bool:
+        """Set a crashed leg NEEDS_REVIEW with the reason."""
+        return await self._drive(self._resolve_op(leg, "review", reason=reason))
+
+    async def recover(self, positionbook: Any) -> VerificationReport:
+        """Verify this strategy's crashed legs and act on what is safe (see the sync twin)."""
+        return await self._drive(self._recover_op(positionbook))
 
     async def start_session(self, session_key: str | None = None) -> int | None:
         """Open a session; return its id (None if the daemon did not answer in time)."""
@@ -443,9 +352,9 @@ class AsyncPositionPersistenceManager(_Core):
         self,
         symbol: str,
         leg_type: str | None = None,
-        entry_price: float = _UNSET,
+        entry_price: float = UNSET,
         stop_price: float | None = None,
-        quantity: int = _UNSET,
+        quantity: int = UNSET,
         *,
         exchange: str = "NFO",
         product: str = "MIS",
@@ -456,7 +365,7 @@ class AsyncPositionPersistenceManager(_Core):
         state: dict[str, Any] | None = None,
     ) -> Leg:
         """Record a leg entered at the broker; return its handle (acked after commit)."""
-        if entry_price is _UNSET or quantity is _UNSET:
+        if entry_price is UNSET or quantity is UNSET:
             raise ValueError("save_position_entry needs entry_price and quantity")
         leg, pending = self._entry_pending(
             symbol, leg_type, entry_price, stop_price, quantity, exchange, product, side,
@@ -469,11 +378,11 @@ class AsyncPositionPersistenceManager(_Core):
         self,
         leg: Leg | str,
         *,
-        current_price: float | None = _UNSET,
-        stop_price: float | None = _UNSET,
-        highest_price: float | None = _UNSET,
-        last_trail_level: float | None = _UNSET,
-        state: dict[str, Any] | None = _UNSET,
+        current_price: float | None = UNSET,
+        stop_price: float | None = UNSET,
+        highest_price: float | None = UNSET,
+        last_trail_level: float | None = UNSET,
+        state: dict[str, Any] | None = UNSET,
     ) -> None:
         """Queue the leg's newest values (a plain call: it never blocks)."""
         self._update(
@@ -532,7 +441,7 @@ class AsyncPositionPersistenceManager(_Core):
 @atexit.register
 def _close_all() -> None:
     # Give messages queued just before a normal interpreter exit their chance to be acked.
-    for manager in list(_LIVE):
+    for manager in list(LIVE):
         try:
             manager.close(0.5)
         except Exception:

@@ -265,6 +265,7 @@ _SCHEMAS: dict[str, tuple[dict[str, Checker], frozenset[str]]] = {
             "key": _KEY,
             "action": _one_of(RESOLUTIONS),
             "exit_price": _OPT_PRICE,
+            "exit_reason": _text(64),
             "reason": _text(500),
             "by": _text(200),
         },

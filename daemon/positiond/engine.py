@@ -22,8 +22,13 @@ from positiond.ops import (
     EndOp,
     EntryOp,
     ExitOp,
+    FencedOp,
     LegRow,
     Op,
+    OrphansOp,
+    PruneOp,
+    QueryOp,
+    ResolveOp,
     Result,
     StartOp,
     SyncOp,
@@ -104,6 +109,7 @@ class Engine:
         self._updates: dict[str, dict[str, Any]] = {}
         self._heartbeats: dict[str, float] = {}
         self._trail_backlog: list[TrailEvent] = []
+        self._fenced_seen: set[tuple[str, str, str]] = set()
         self._last_update_flush = monotonic()
         self.counters: dict[str, int] = {"messages": 0, "updates": 0, "errors": 0}
 
@@ -159,9 +165,9 @@ class Engine:
         """Apply one validated message; return an immediate reply (an error) or None."""
         self.counters["messages"] += 1
         kind = msg["type"]
-        key = msg["session"]
-        session = self.sessions.get(key)
-        if session is not None:
+        key = msg.get("session")  # absent only on operator messages (posctl)
+        session = self.sessions.get(key) if key is not None else None
+        if session is not None and key is not None:
             self.liveness.seen(key, now)
             self._heartbeats[key] = wall
             if session.rid != rid:
@@ -197,7 +203,7 @@ class Engine:
         key = msg["key"]
         leg = self.legs.get(key)
         if leg is None or leg.session_key != session.key:
-            return self._leg_error(msg, leg)
+            return self._leg_error(msg, leg, session)
         self.counters["updates"] += 1
         pending = self._updates.get(key)
         if pending is None:
@@ -208,9 +214,22 @@ class Engine:
                     pending[name] = msg[name]
         return None
 
-    def _leg_error(self, msg: dict[str, Any], leg: Leg | None) -> bytes:
+    def _leg_error(self, msg: dict[str, Any], leg: Leg | None, writer: Session) -> bytes:
         if leg is None:
             return self._error(msg, "UNKNOWN_LEG", f"no open leg {msg['key']!r}")
+        # Two monitors on one leg is how double exits happen: refuse, and keep a record of the
+        # first refused write of each kind from each session (an exit is a fact at the broker).
+        mark = (leg.key, writer.key, msg["type"])
+        if mark not in self._fenced_seen:
+            self._fenced_seen.add(mark)
+            log.error(
+                "refused %s for leg %s from session %s (%s): the leg belongs to another session",
+                msg["type"], leg.key, writer.id, writer.strategy,
+            )  # fmt: skip
+            message = {k: v for k, v in msg.items() if k not in ("v", "session")}
+            self._ops.append(
+                FencedOp(None, None, writer.key, self._by(writer), leg.key, self.wall(), message)
+            )
         return self._error(
             msg,
             "FENCED",
@@ -300,7 +319,7 @@ class Engine:
         key = msg["key"]
         leg = self.legs.get(key)
         if leg is not None and leg.session_key != session.key:
-            return self._leg_error(msg, leg)
+            return self._leg_error(msg, leg, session)
         if leg is not None:
             del self.legs[key]
             session.legs.discard(key)
@@ -352,7 +371,62 @@ class Engine:
         self._ops.append(op)
         return None
 
+    @staticmethod
+    def _by(session: Session | None, asked_by: str | None = None) -> str:
+        who = f"session {session.id} ({session.strategy})" if session is not None else None
+        parts = [p for p in (who, asked_by) if p]
+        return ": ".join(parts) if parts else "unknown"
+
+    def _on_query(
+        self, session: Session | None, rid: bytes, msg: dict[str, Any], wall: float
+    ) -> bytes | None:
+        op = QueryOp(rid, msg["seq"], msg.get("session"), self._by(session, msg.get("by")),
+                     msg["what"], msg.get("strategy"))  # fmt: skip
+        self._ops.append(op)
+        return None
+
+    def _on_resolve(
+        self, session: Session | None, rid: bytes, msg: dict[str, Any], wall: float
+    ) -> bytes | None:
+        key, action = msg["key"], msg["action"]
+        if action == "adopt" and session is None:
+            return self._unknown_session(msg) if "session" in msg else self._error(
+                msg, "NO_SESSION", "adopting a leg needs the session that takes it"
+            )  # fmt: skip
+        leg = self.legs.get(key)
+        if leg is not None and (session is None or leg.session_key != session.key):
+            return self._error(
+                msg,
+                "BAD_STATE" if action != "adopt" else "FENCED",
+                f"leg {key!r} is open in a live session; only its owner may act on it",
+            )
+        op = ResolveOp(
+            rid, msg["seq"], msg.get("session"), self._by(session, msg.get("by")), key, action,
+            wall, msg.get("exit_price"), msg.get("exit_reason", "CLOSED_AT_BROKER"),
+            msg.get("reason"),
+        )  # fmt: skip
+        self._ops.append(op)
+        return None
+
+    def _on_orphans(
+        self, session: Session | None, rid: bytes, msg: dict[str, Any], wall: float
+    ) -> bytes | None:
+        by = self._by(session, msg.get("by"))
+        self._ops.append(OrphansOp(rid, msg["seq"], msg.get("session"), by, msg["rows"], wall))
+        return None
+
+    def _on_prune(
+        self, session: Session | None, rid: bytes, msg: dict[str, Any], wall: float
+    ) -> bytes | None:
+        by = self._by(session, msg.get("by"))
+        self._ops.append(PruneOp(rid, msg["seq"], msg.get("session"), by, msg["before"]))
+        return None
+
     _HANDLERS: ClassVar[dict[str, _Handler]] = {
+        "query": _on_query,
+        "resolve": _on_resolve,
+        "orphans": _on_orphans,
+        "prune": _on_prune,
         "hb": _on_hb,
         "update": _on_update,
         "start": _on_start,
@@ -468,6 +542,8 @@ class Engine:
                 self._start_committed(op, res)
             elif isinstance(op, EntryOp):
                 self._entry_committed(op, res)
+            elif isinstance(op, ResolveOp) and res.ok and res.legs:
+                self._adopted(res.legs)
             if op.rid is None:
                 continue
             if res.ok:
@@ -489,6 +565,12 @@ class Engine:
         session.confirmed = True
         for row in res.legs:
             if row.key not in self.legs:
+                self._add_leg(row, session)
+
+    def _adopted(self, rows: list[LegRow]) -> None:
+        for row in rows:
+            session = self.sessions.get(row.session_key)
+            if session is not None:
                 self._add_leg(row, session)
 
     def _entry_committed(self, op: EntryOp, res: Result) -> None:

@@ -15,8 +15,13 @@ __all__ = [
     "EndOp",
     "EntryOp",
     "ExitOp",
+    "FencedOp",
     "LegRow",
     "Op",
+    "OrphansOp",
+    "PruneOp",
+    "QueryOp",
+    "ResolveOp",
     "Result",
     "StartOp",
     "SyncOp",
@@ -36,6 +41,16 @@ class _Durable:
     rid: bytes | None  # routing id to answer, None for the daemon's own decisions
     seq: int | None
     session_key: str
+
+
+@dataclass(slots=True)
+class _Operator:
+    """Recovery and operator ops: from a session, or from a tool that has none (posctl)."""
+
+    rid: bytes | None
+    seq: int | None
+    session_key: str | None
+    by: str  # who asked, for the audit trail
 
 
 @dataclass(slots=True)
@@ -85,7 +100,55 @@ class SyncOp(_Durable):
     """Acked once everything the client sent before it, updates included, is committed."""
 
 
-Op = StartOp | EntryOp | ExitOp | CrashOp | EndOp | SyncOp
+@dataclass(slots=True)
+class QueryOp(_Operator):
+    what: str  # "crashed" or "open"
+    strategy: str | None
+
+
+@dataclass(slots=True)
+class ResolveOp(_Operator):
+    key: str
+    action: str  # adopt, close, review, requeue
+    time: float
+    exit_price: float | None = None
+    exit_reason: str = "CLOSED_AT_BROKER"
+    reason: str | None = None
+
+
+@dataclass(slots=True)
+class OrphansOp(_Operator):
+    rows: list[dict[str, Any]]
+    time: float
+
+
+@dataclass(slots=True)
+class PruneOp(_Operator):
+    before: float
+
+
+@dataclass(slots=True)
+class FencedOp(_Operator):
+    """Record a write refused because the leg belongs to another session now."""
+
+    key: str
+    time: float
+    message: dict[str, Any]
+
+
+Op = (
+    StartOp
+    | EntryOp
+    | ExitOp
+    | CrashOp
+    | EndOp
+    | SyncOp
+    | QueryOp
+    | ResolveOp
+    | OrphansOp
+    | PruneOp
+    | FencedOp
+)
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,6 +19,7 @@ from typing import Any, Literal, TypeVar
 import aiosqlite
 import orjson
 
+from positiond import recovery_store
 from positiond.ops import (
     CLIENT,
     REVIVABLE,
@@ -27,8 +28,13 @@ from positiond.ops import (
     EndOp,
     EntryOp,
     ExitOp,
+    FencedOp,
     LegRow,
     Op,
+    OrphansOp,
+    PruneOp,
+    QueryOp,
+    ResolveOp,
     Result,
     StartOp,
     SyncOp,
@@ -349,6 +355,11 @@ def _sync(cur: sqlite3.Cursor, op: SyncOp, now: str) -> Result:
 
 _APPLY: dict[type, Callable[[sqlite3.Cursor, Any, str], Result]] = {
     SyncOp: _sync,
+    QueryOp: recovery_store.query,
+    ResolveOp: recovery_store.resolve,
+    OrphansOp: recovery_store.orphans,
+    PruneOp: recovery_store.prune,
+    FencedOp: recovery_store.fenced,
     StartOp: _start,
     EntryOp: _entry,
     ExitOp: _exit,

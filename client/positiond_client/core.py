@@ -1,0 +1,406 @@
+"""Message building shared by the sync and asyncio managers: the leg handle, argument checks,
+and each operation written once as a generator that yields the messages it waits for.
+
+A generator yields a :class:`~positiond_client.channel.Pending` and is sent back the ack's data
+(or ``None`` if the daemon did not answer in time); the sync manager drives it with blocking
+waits, the asyncio manager with awaits. Nothing here blocks.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+import traceback
+import uuid
+import weakref
+from collections.abc import Callable, Generator
+from typing import Any, TypeVar
+
+from positiond_client.channel import Channel, Pending
+from positiond_client.errors import LegError, SessionError, UnavailableError
+from positiond_client.paths import default_endpoint
+from positiond_client.protocol import PROTOCOL_VERSION, check_fields, validate
+from positiond_client.recovery import (
+    CLOSED_AT_BROKER,
+    RESUME,
+    CrashedLeg,
+    Orphan,
+    VerificationReport,
+    verify_positions,
+)
+
+__all__ = ["LIVE", "UNSET", "Core", "Leg", "Step"]
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+# An operation: yields what it waits for, receives the ack data (None: no answer in time).
+Step = Generator[Pending, dict[str, Any] | None, T]
+
+UNSET: Any = object()
+LIVE: weakref.WeakSet[Core] = weakref.WeakSet()
+
+
+class Leg:
+    """Handle of one position leg, returned by ``save_position_entry`` and
+    ``mark_position_recovered``.
+
+    ``position_id`` is the daemon's integer id, filled in when the entry is acknowledged. The
+    price fields are the values at entry, or — for an adopted leg — as saved before the crash:
+    everything needed to rebuild the leg's monitor "as if it never crashed".
+    """
+
+    __slots__ = (
+        "__weakref__",
+        "current_price",
+        "entry_price",
+        "entry_time",
+        "exchange",
+        "highest_price",
+        "key",
+        "last_trail_level",
+        "leg_type",
+        "position_id",
+        "product",
+        "quantity",
+        "side",
+        "state",
+        "stop_price",
+        "symbol",
+        "was_crashed",
+    )
+
+    def __init__(self, msg: dict[str, Any]) -> None:
+        self.key: str = msg["key"]
+        self.symbol: str = msg["symbol"]
+        self.exchange: str = msg["exchange"]
+        self.product: str = msg["product"]
+        self.leg_type: str | None = msg.get("leg_type")
+        self.side: str = msg["side"]
+        self.quantity: int = msg["quantity"]
+        self.entry_price: float = msg["entry_price"]
+        self.stop_price: float | None = msg.get("stop_price")
+        self.highest_price: float | None = msg.get("highest_price", self.entry_price)
+        self.last_trail_level: float | None = msg.get("last_trail_level")
+        self.current_price: float | None = msg.get("current_price", self.entry_price)
+        self.state: dict[str, Any] = dict(msg.get("state") or {})
+        self.entry_time: str | None = msg.get("entry_time")
+        self.was_crashed: bool = bool(msg.get("was_crashed", False))
+        self.position_id: int | None = msg.get("position_id")
+
+    @classmethod
+    def from_saved(cls, row: dict[str, Any]) -> Leg:
+        """A handle for a leg as positiond saved it (an adopted crashed leg)."""
+        return cls({**row, "key": row["position_key"]})
+
+    def snapshot(self) -> dict[str, Any]:
+        """The leg's mutable state, as the I/O thread re-sends it after a reconnect."""
+        return {
+            "current_price": self.current_price,
+            "stop_price": self.stop_price,
+            "highest_price": self.highest_price,
+            "last_trail_level": self.last_trail_level,
+            "state": self.state,
+        }
+
+    def __repr__(self) -> str:
+        return (
+            f"Leg(key={self.key!r}, symbol={self.symbol!r}, side={self.side}, "
+            f"quantity={self.quantity}, position_id={self.position_id})"
+        )
+
+
+def _key_of(leg: CrashedLeg | Leg | str) -> str:
+    if isinstance(leg, str):
+        return leg
+    if isinstance(leg, CrashedLeg):
+        return leg.position_key
+    if isinstance(leg, Leg):
+        return leg.key
+    raise LegError(f"not a leg handle: {leg!r}", "UNKNOWN_LEG")
+
+
+def _host() -> str:
+    try:
+        return socket.gethostname()[:255] or "unknown"
+    except OSError:
+        return "unknown"
+
+
+class Core:
+    """Message building shared by the sync and asyncio managers; no waiting here."""
+
+    def __init__(
+        self,
+        strategy_name: str,
+        endpoint: str | None = None,
+        *,
+        heartbeat_interval: float = 0.5,
+        ack_timeout: float = 2.0,
+        on_notice: Callable[[str, dict[str, Any]], None] | None = None,
+    ) -> None:
+        check_fields("start", {"strategy": strategy_name, "heartbeat_interval": heartbeat_interval})
+        if ack_timeout <= 0:
+            raise ValueError("ack_timeout must be positive")
+        self.strategy_name = strategy_name
+        self.endpoint = endpoint or default_endpoint()
+        if not self.endpoint.startswith(("ipc://", "tcp://")):
+            raise ValueError(f"endpoint {self.endpoint!r} must start with ipc:// or tcp://")
+        self.ack_timeout = ack_timeout
+        self.heartbeat_interval = heartbeat_interval
+        self.session_id: int | None = None
+        self.session_key: str | None = None
+        self._channel = Channel(
+            self.endpoint, heartbeat_interval=heartbeat_interval, on_notice=on_notice
+        )
+        self._closed = False
+        LIVE.add(self)
+
+    @property
+    def connected(self) -> bool:
+        """Whether the I/O thread currently has a connection to the daemon."""
+        return self._channel.connected
+
+    @property
+    def unacknowledged(self) -> int:
+        """Durable messages sent but not yet acknowledged (kept and re-sent until they are)."""
+        return self._channel.outbox_size
+
+    def is_open(self, leg: Leg | str) -> bool:
+        """Whether the leg is open in this session (entered and not exited)."""
+        return self._channel.is_open(leg.key if isinstance(leg, Leg) else leg)
+
+    def _base(self, kind: str) -> dict[str, Any]:
+        if self.session_key is None:
+            raise SessionError("no session: call start_session() first", "NO_SESSION")
+        return {"v": PROTOCOL_VERSION, "type": kind, "session": self.session_key}
+
+    def _leg_key(self, leg: Leg | str) -> str:
+        key = leg.key if isinstance(leg, Leg) else leg
+        if not isinstance(key, str):
+            raise LegError(f"not a leg handle: {leg!r}", "UNKNOWN_LEG")
+        fenced = self._channel.fenced_reason(key)
+        if fenced is not None:
+            raise LegError(fenced, "FENCED")
+        return key
+
+    def _start_pending(self, session_key: str | None) -> Pending:
+        self.session_key = session_key or uuid.uuid4().hex
+        self.session_id = None
+        msg = {
+            **self._base("start"),
+            "strategy": self.strategy_name,
+            "host": _host(),
+            "pid": os.getpid(),
+            "heartbeat_interval": self.heartbeat_interval,
+            "time": time.time(),
+        }
+        validate(msg | {"seq": 1})
+        pending = self._channel.open_session(msg)
+        pending.add_callback(self._on_started)
+        return pending
+
+    def _on_started(self, pending: Pending) -> None:
+        if pending.result is not None:
+            self.session_id = pending.result.get("session_id")
+
+    def _entry_pending(
+        self,
+        symbol: str,
+        leg_type: str | None,
+        entry_price: float,
+        stop_price: float | None,
+        quantity: int,
+        exchange: str,
+        product: str,
+        side: str,
+        position_key: str | None,
+        highest_price: float | None,
+        last_trail_level: float | None,
+        state: dict[str, Any] | None,
+    ) -> tuple[Leg, Pending]:
+        msg = self._base("entry")
+        msg.update(
+            key=position_key or f"{symbol}-{uuid.uuid4().hex[:16]}",
+            symbol=symbol,
+            exchange=exchange,
+            product=product,
+            side=side.upper() if isinstance(side, str) else side,
+            quantity=quantity,
+            entry_price=entry_price,
+            time=time.time(),
+        )
+        optional = {
+            "leg_type": leg_type,
+            "stop_price": stop_price,
+            "highest_price": highest_price,
+            "last_trail_level": last_trail_level,
+            "state": state,
+        }
+        msg.update({k: v for k, v in optional.items() if v is not None})
+        validate(msg | {"seq": 1})
+        if self._channel.is_open(msg["key"]):
+            raise LegError(f"leg {msg['key']!r} is already open in this session", "KEY_CONFLICT")
+        leg = Leg(msg)
+        pending = self._channel.submit(msg)
+
+        def filled(p: Pending) -> None:
+            if p.result is not None:
+                leg.position_id = p.result.get("position_id")
+
+        pending.add_callback(filled)
+        return leg, pending
+
+    def _update(self, leg: Leg | str, fields: dict[str, Any]) -> None:
+        key = self._leg_key(leg)
+        fields = {k: v for k, v in fields.items() if v is not UNSET}
+        if not fields:
+            return
+        check_fields("update", fields)
+        self._channel.update(key, fields)
+
+    def _exit_pending(self, leg: Leg | str, exit_price: float | None, exit_reason: str) -> Pending:
+        key = self._leg_key(leg)
+        msg = self._base("exit")
+        msg.update(key=key, exit_reason=exit_reason, time=time.time())
+        if exit_price is not None:
+            msg["exit_price"] = exit_price
+        validate(msg | {"seq": 1})
+        return self._channel.submit(msg)
+
+    def _crash_pending(self, error: BaseException | str) -> Pending:
+        msg = self._base("crash")
+        if isinstance(error, BaseException):
+            tb = "".join(traceback.format_exception(error))
+            msg.update(
+                error_type=type(error).__name__[:200],
+                message=str(error)[:4000],
+                traceback=tb[-65536:],
+            )
+        else:
+            msg.update(error_type="Error", message=str(error)[:4000])
+        msg["time"] = time.time()
+        return self._channel.submit(msg, flush_updates=True)
+
+    def _end_pending(self) -> Pending:
+        msg = self._base("end")
+        msg["time"] = time.time()
+        return self._channel.submit(msg, flush_updates=True)
+
+    def _sync_pending(self) -> Pending:
+        return self._channel.submit(self._base("sync"), flush_updates=True)
+
+    def _unanswered(self, pending: Pending, what: str) -> None:
+        log.warning(
+            "%s not acknowledged by positiond within %.1fs (%s); kept and re-sent until it is",
+            what,
+            self.ack_timeout,
+            "connected" if self._channel.connected else f"no daemon at {self.endpoint}",
+        )
+
+        def late(p: Pending) -> None:
+            if p.error is not None:
+                log.error("positiond refused %s after the caller moved on: %s", what, p.error)
+
+        pending.add_callback(late)
+
+    def _finished(self, pending: Pending) -> None:
+        if pending.kind in ("crash", "end") and pending.error is None:
+            self._channel.session_closed()
+
+    # ---- recovery operations: generators driven by the sync and asyncio managers --------
+
+    def _request(self, kind: str, **fields: Any) -> Pending:
+        msg: dict[str, Any] = {"v": PROTOCOL_VERSION, "type": kind}
+        if self.session_key is not None:
+            msg["session"] = self.session_key
+        msg.update({k: v for k, v in fields.items() if v is not None})
+        validate(msg | {"seq": 1})
+        return self._channel.submit(msg)
+
+    def _answered(
+        self, pending: Pending, result: dict[str, Any] | None, what: str
+    ) -> dict[str, Any]:
+        if result is None:
+            self._channel.forget(pending)
+            raise UnavailableError(
+                f"positiond at {self.endpoint} did not answer {what} within "
+                f"{self.ack_timeout:g}s; nothing was read or decided"
+            )
+        return result
+
+    def _crashed_op(
+        self, strategy_name: str | None, all_strategies: bool
+    ) -> Step[list[CrashedLeg]]:
+        strategy = None if all_strategies else (strategy_name or self.strategy_name)
+        pending = self._request("query", what="crashed", strategy=strategy)
+        result = self._answered(pending, (yield pending), "the crashed-legs query")
+        if result.get("truncated"):
+            log.warning("more crashed legs than one answer holds: resolve some and ask again")
+        return [CrashedLeg.from_row(row) for row in result["legs"]]
+
+    def _open_op(self, strategy_name: str | None) -> Step[list[CrashedLeg]]:
+        pending = self._request("query", what="open", strategy=strategy_name)
+        result = self._answered(pending, (yield pending), "the open-legs query")
+        return [CrashedLeg.from_row(row) for row in result["legs"]]
+
+    def _adopt_op(self, leg: CrashedLeg | Leg | str) -> Step[Leg]:
+        key = _key_of(leg)
+        self._base("resolve")  # adopting needs our session
+        pending = self._request("resolve", key=key, action="adopt")
+        result = self._answered(pending, (yield pending), f"the adoption of {key}")
+        handle = Leg.from_saved(result["leg"])
+        self._channel.open_leg(key, handle.snapshot())
+        log.info("adopted leg %s (%s %s %d)", key, handle.symbol, handle.side, handle.quantity)
+        return handle
+
+    def _resolve_op(self, leg: CrashedLeg | Leg | str, action: str, **fields: Any) -> Step[bool]:
+        key = _key_of(leg)
+        pending = self._request("resolve", key=key, action=action, **fields)
+        result = yield pending
+        if result is None:
+            self._unanswered(pending, f"{action} of {key}")
+        return result is not None
+
+    def _orphans_op(self, orphans: list[Orphan]) -> Step[int]:
+        rows = [o.to_dict() for o in orphans]
+        pending = self._request("orphans", rows=rows)
+        result = yield pending
+        if result is None:
+            self._unanswered(pending, "the orphans record")
+            return 0
+        return int(result["recorded"])
+
+    def _recover_op(self, positionbook: Any) -> Step[VerificationReport]:
+        """Verify this strategy's crashed legs; adopt RESUME, close CLOSED_AT_BROKER, flag the
+        rest for review, record orphans. Each leg's outcome is in ``report.actions``."""
+        crashed = yield from self._crashed_op(None, False)
+        known = yield from self._open_op(None)
+        if hasattr(positionbook, "positionbook"):  # an OpenAlgo client
+            positionbook = positionbook.positionbook()
+        report = verify_positions(crashed, positionbook, known)
+        for verdict in report.verdicts:
+            key = verdict.leg.position_key
+            try:
+                if verdict.verdict == RESUME:
+                    report.adopted[key] = yield from self._adopt_op(key)
+                    report.actions[key] = "adopted"
+                elif verdict.verdict == CLOSED_AT_BROKER:
+                    done = yield from self._resolve_op(key, "close", reason=verdict.reason)
+                    report.actions[key] = "closed" if done else "close queued"
+                else:
+                    done = yield from self._resolve_op(key, "review", reason=verdict.reason)
+                    report.actions[key] = "flagged for review" if done else "review queued"
+            except LegError as exc:  # someone else acted on it first: report, go on
+                report.actions[key] = f"not done: {exc}"
+                log.error("recovery of %s: %s", key, exc)
+        if report.orphans:
+            yield from self._orphans_op(report.orphans)
+        return report
+
+    def close(self, timeout: float = 1.0) -> None:
+        """Stop the I/O thread, giving unacknowledged messages ``timeout`` seconds first."""
+        if not self._closed:
+            self._closed = True
+            self._channel.close(timeout)

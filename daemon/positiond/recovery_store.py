@@ -1,0 +1,249 @@
+"""Store functions for recovery and operator ops: queries, adoption, resolution, orphans, prune.
+
+Each runs inside the writer's batch transaction (see :mod:`positiond.store`), so it is ordered
+with everything else the daemon writes and is acknowledged only after the commit.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from typing import Any
+
+import orjson
+
+from positiond.ops import FencedOp, LegRow, OrphansOp, PruneOp, QueryOp, ResolveOp, Result
+from positiond.schema import iso
+
+__all__ = ["LIVE_LEG_STATUSES", "fenced", "orphans", "prune", "query", "resolve"]
+
+# Legs that still hold (or may hold) a position at the broker.
+LIVE_LEG_STATUSES = ("ACTIVE", "CRASHED", "NEEDS_REVIEW")
+MAX_QUERY_ROWS = 10_000
+
+_LEG_COLUMNS = """
+    p.position_id, p.position_key, p.session_id, s.strategy_name, p.symbol, p.exchange,
+    p.product, p.leg_type, p.side, p.quantity, p.entry_price, p.entry_time, p.current_price,
+    p.stop_price, p.highest_price, p.last_trail_level, p.state, p.status, p.was_crashed,
+    s.crash_timestamp, s.crash_reason, p.review_reason
+"""
+
+
+def _json(value: Any) -> str:
+    return orjson.dumps(value).decode()
+
+
+def _leg_dict(row: sqlite3.Row) -> dict[str, Any]:
+    leg = dict(row)
+    leg["state"] = orjson.loads(leg["state"]) if leg.get("state") else {}
+    leg["was_crashed"] = bool(leg["was_crashed"])
+    return leg
+
+
+def _event(
+    cur: sqlite3.Cursor, position_id: int, session_id: int, kind: str, when: str, payload: Any
+) -> None:
+    cur.execute(
+        "INSERT INTO position_events (position_id, session_id, event_type, event_time, payload) "
+        "VALUES (?, ?, ?, ?, ?)",
+        (position_id, session_id, kind, when, _json(payload)),
+    )
+
+
+def query(cur: sqlite3.Cursor, op: QueryOp, now: str) -> Result:
+    """``crashed``: the seed's recovery query, newest crash first; ``open``: every live leg."""
+    params: list[Any] = []
+    if op.what == "crashed":
+        where = "p.status = 'CRASHED' AND p.was_crashed = true"
+        order = "s.crash_timestamp DESC, p.position_id"
+    else:
+        where = f"p.status IN {LIVE_LEG_STATUSES!r}"
+        order = "p.position_id"
+    if op.strategy is not None:
+        where += " AND s.strategy_name = ?"
+        params.append(op.strategy)
+    rows = cur.execute(
+        f"SELECT {_LEG_COLUMNS} FROM strategy_positions p "
+        f"JOIN strategy_sessions s ON s.id = p.session_id WHERE {where} ORDER BY {order} "
+        f"LIMIT {MAX_QUERY_ROWS + 1}",
+        params,
+    ).fetchall()
+    legs = [_leg_dict(r) for r in rows[:MAX_QUERY_ROWS]]
+    return Result(True, {"legs": legs, "truncated": len(rows) > MAX_QUERY_ROWS})
+
+
+def _leg_row(cur: sqlite3.Cursor, key: str) -> sqlite3.Row | None:
+    row: sqlite3.Row | None = cur.execute(
+        f"SELECT {_LEG_COLUMNS}, s.session_key, s.status AS session_status "
+        "FROM strategy_positions p JOIN strategy_sessions s ON s.id = p.session_id "
+        "WHERE p.position_key = ?",
+        (key,),
+    ).fetchone()
+    return row
+
+
+def resolve(cur: sqlite3.Cursor, op: ResolveOp, now: str) -> Result:
+    """Adopt, close, flag or requeue one leg that is not live in any session."""
+    leg = _leg_row(cur, op.key)
+    if leg is None:
+        return Result.error("UNKNOWN_LEG", f"no leg {op.key!r}")
+    status, pid = leg["status"], leg["position_id"]
+    audit = {"by": op.by, "reason": op.reason, "from_status": status}
+    if op.action == "adopt":
+        return _adopt(cur, op, leg, now, audit)
+    if status == "ACTIVE":
+        return Result.error(
+            "BAD_STATE",
+            f"leg {op.key!r} is ACTIVE in session {leg['session_id']}: its owner exits it",
+        )
+    if op.action == "close":
+        if status == "CLOSED":
+            return Result(True, {"position_id": pid, "status": "CLOSED", "duplicate": True})
+        cur.execute(
+            "UPDATE strategy_positions SET status = 'CLOSED', exit_price = ?, exit_time = ?, "
+            "exit_reason = ?, updated_at = ? WHERE position_id = ?",
+            (op.exit_price, iso(op.time), op.exit_reason, now, pid),
+        )
+        audit |= {"exit_price": op.exit_price, "exit_reason": op.exit_reason}
+        _event(cur, pid, leg["session_id"], "EXIT", iso(op.time), audit)
+        return Result(True, {"position_id": pid, "status": "CLOSED", "duplicate": False})
+    if status not in ("CRASHED", "NEEDS_REVIEW"):
+        return Result.error("BAD_STATE", f"leg {op.key!r} is {status}")
+    if op.action == "review":
+        cur.execute(
+            "UPDATE strategy_positions SET status = 'NEEDS_REVIEW', review_reason = ?, "
+            "updated_at = ? WHERE position_id = ?",
+            (op.reason, now, pid),
+        )
+        _event(cur, pid, leg["session_id"], "NEEDS_REVIEW", now, audit)
+        return Result(True, {"position_id": pid, "status": "NEEDS_REVIEW"})
+    # requeue: a reviewed leg is ready to be adopted again
+    if status == "CRASHED":
+        return Result(True, {"position_id": pid, "status": "CRASHED", "duplicate": True})
+    cur.execute(
+        "UPDATE strategy_positions SET status = 'CRASHED', was_crashed = TRUE, updated_at = ? "
+        "WHERE position_id = ?",
+        (now, pid),
+    )
+    _event(cur, pid, leg["session_id"], "REQUEUED", now, audit)
+    return Result(True, {"position_id": pid, "status": "CRASHED", "duplicate": False})
+
+
+def _adopt(
+    cur: sqlite3.Cursor, op: ResolveOp, leg: sqlite3.Row, now: str, audit: dict[str, Any]
+) -> Result:
+    if op.session_key is None:
+        return Result.error("NO_SESSION", "adopting a leg needs the session that takes it")
+    adopter = cur.execute(
+        "SELECT id, status FROM strategy_sessions WHERE session_key = ?", (op.session_key,)
+    ).fetchone()
+    if adopter is None or adopter["status"] != "RUNNING":
+        return Result.error("SESSION_CLOSED", "only a RUNNING session can adopt a leg")
+    pid = leg["position_id"]
+    if leg["session_key"] == op.session_key and leg["status"] == "ACTIVE":
+        data = _leg_dict(leg)
+        return Result(
+            True, {"position_id": pid, "status": "ACTIVE", "duplicate": True, "leg": data}
+        )
+    if leg["status"] != "CRASHED":
+        return Result.error(
+            "BAD_STATE", f"leg {op.key!r} is {leg['status']}: only a CRASHED leg can be adopted"
+        )
+    if leg["session_status"] == "RUNNING":
+        return Result.error("FENCED", f"leg {op.key!r} belongs to live session {leg['session_id']}")
+    cur.execute(
+        "UPDATE strategy_positions SET session_id = ?, status = 'ACTIVE', updated_at = ? "
+        "WHERE position_id = ?",
+        (adopter["id"], now, pid),
+    )
+    audit |= {"from_session": leg["session_id"], "from_strategy": leg["strategy_name"]}
+    _event(cur, pid, adopter["id"], "RECOVERY", now, audit)
+    data = _leg_dict(leg) | {"status": "ACTIVE", "session_id": adopter["id"]}
+    row = LegRow(op.key, op.session_key, leg["stop_price"], leg["last_trail_level"])
+    return Result(
+        True, {"position_id": pid, "status": "ACTIVE", "duplicate": False, "leg": data}, legs=[row]
+    )
+
+
+def orphans(cur: sqlite3.Cursor, op: OrphansOp, now: str) -> Result:
+    """Record broker positions nobody explains; an identical open record is not repeated."""
+    recorded = 0
+    for row in op.rows:
+        key = (row["symbol"], row["exchange"], row["product"])
+        seen = cur.execute(
+            "SELECT 1 FROM broker_orphans WHERE symbol = ? AND exchange = ? AND product = ? "
+            "AND broker_quantity = ? AND known_quantity = ? AND status = 'ORPHANED'",
+            (*key, row["broker_quantity"], row["known_quantity"]),
+        ).fetchone()
+        if seen:
+            continue
+        cur.execute(
+            "INSERT INTO broker_orphans (detected_at, symbol, exchange, product, broker_quantity, "
+            "known_quantity, detected_by, row) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (iso(op.time), *key, row["broker_quantity"], row["known_quantity"], op.by,
+             _json(row.get("row", {}))),
+        )  # fmt: skip
+        recorded += 1
+    return Result(True, {"recorded": recorded, "already_recorded": len(op.rows) - recorded})
+
+
+def fenced(cur: sqlite3.Cursor, op: FencedOp, now: str) -> Result:
+    """Keep a refused write in the leg's audit trail (an exit there is a fact at the broker)."""
+    leg = cur.execute(
+        "SELECT position_id, session_id FROM strategy_positions WHERE position_key = ?", (op.key,)
+    ).fetchone()
+    if leg is not None:
+        _event(cur, leg[0], leg[1], "FENCED_WRITE", iso(op.time), {"by": op.by, **op.message})
+    return Result(True, {})
+
+
+_FINISHED = f"""
+    SELECT s.id FROM strategy_sessions s
+    WHERE s.status != 'RUNNING'
+      AND coalesce(s.end_time, s.crash_timestamp, s.start_time) < :before
+      AND NOT EXISTS (SELECT 1 FROM strategy_positions p
+                      WHERE p.session_id = s.id AND p.status IN {LIVE_LEG_STATUSES!r})
+      AND NOT EXISTS (SELECT 1 FROM position_events e
+                      JOIN strategy_positions p ON p.position_id = e.position_id
+                      WHERE e.session_id = s.id AND p.session_id != s.id)
+"""
+
+
+def prune(cur: sqlite3.Cursor, op: PruneOp, now: str) -> Result:
+    """Delete finished sessions older than the cutoff with their legs and events.
+
+    Never touches a session with an ACTIVE, CRASHED or NEEDS_REVIEW leg, nor one whose events
+    belong to a leg another session adopted.
+    """
+    page_size = cur.execute("PRAGMA page_size").fetchone()[0]
+    free_before = cur.execute("PRAGMA freelist_count").fetchone()[0]
+    before = iso(op.before)
+    cur.execute("CREATE TEMP TABLE IF NOT EXISTS prune_ids (id INTEGER PRIMARY KEY)")
+    cur.execute("DELETE FROM prune_ids")
+    cur.execute(f"INSERT INTO prune_ids {_FINISHED}", {"before": before})
+    events = cur.execute(
+        "DELETE FROM position_events WHERE session_id IN (SELECT id FROM prune_ids) "
+        "OR position_id IN (SELECT position_id FROM strategy_positions "
+        "WHERE session_id IN (SELECT id FROM prune_ids))"
+    ).rowcount
+    positions = cur.execute(
+        "DELETE FROM strategy_positions WHERE session_id IN (SELECT id FROM prune_ids)"
+    ).rowcount
+    sessions = cur.execute(
+        "DELETE FROM strategy_sessions WHERE id IN (SELECT id FROM prune_ids)"
+    ).rowcount
+    orphan_rows = cur.execute(
+        "DELETE FROM broker_orphans WHERE detected_at < ?", (before,)
+    ).rowcount
+    cur.execute("DELETE FROM prune_ids")
+    free_after = cur.execute("PRAGMA freelist_count").fetchone()[0]
+    return Result(
+        True,
+        {
+            "sessions": sessions,
+            "positions": positions,
+            "events": events,
+            "orphans": orphan_rows,
+            "freed_bytes": max(0, free_after - free_before) * page_size,
+            "by": op.by,
+        },
+    )
