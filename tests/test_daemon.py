@@ -298,8 +298,6 @@ def test_coalescing_stores_the_newest_state(daemon: DaemonProcess) -> None:
 
 
 def test_duplicate_entry_and_exit_are_idempotent(daemon: DaemonProcess) -> None:
-    pm = PositionPersistenceManager("expiry_blast", endpoint=daemon.endpoint, ack_timeout=5)
-    pm.start_session()
     with zmq.Context() as ctx, ctx.socket(zmq.DEALER) as raw:
         raw.setsockopt(zmq.LINGER, 0)
         raw.connect(daemon.endpoint)
@@ -309,7 +307,9 @@ def test_duplicate_entry_and_exit_are_idempotent(daemon: DaemonProcess) -> None:
             assert raw.poll(5000 * UNIT), "no reply"
             return decode_reply(raw.recv())
 
-        base = {"v": 1, "session": pm.session_key}
+        # No token offered: the daemon issues one in the welcome (the start's ack).
+        welcome = call({"v": 1, "type": "start", "seq": 100, "session": "dup", "strategy": "s"})
+        base = {"v": 1, "session": "dup", "token": welcome["token"]}
         entry = {
             **base,
             "type": "entry",
@@ -336,8 +336,6 @@ def test_duplicate_entry_and_exit_are_idempotent(daemon: DaemonProcess) -> None:
     assert [(r["status"], r["stop_price"]) for r in legs] == [("CLOSED", None)]
     exits = rows(daemon.db, "SELECT COUNT(*) AS n FROM position_events WHERE event_type = 'EXIT'")
     assert exits[0]["n"] == 1
-    pm.end_session()
-    pm.close()
 
 
 def decode_reply(raw: bytes) -> dict[str, object]:
@@ -407,7 +405,7 @@ def test_sigterm_flushes_pending_updates(workdir: Path) -> None:
         with zmq.Context() as ctx, ctx.socket(zmq.DEALER) as raw:
             raw.setsockopt(zmq.LINGER, 0)
             raw.connect(daemon.endpoint)
-            base = {"v": 1, "session": "sigterm-1"}
+            base = {"v": 1, "session": "sigterm-1", "token": "ab" * 16}
             leg = {
                 "type": "entry",
                 "symbol": "X",

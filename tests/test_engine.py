@@ -7,7 +7,7 @@ from typing import Any
 import orjson
 
 from positiond.engine import Engine
-from positiond.ops import CrashOp, EntryOp, ExitOp, LegRow, Result, StartOp
+from positiond.ops import CrashOp, EntryOp, ExitOp, LegRow, Result, StallOp, StartOp, token_hash
 
 
 class Clock:
@@ -19,6 +19,7 @@ class Clock:
 
 
 RID = b"peer-1"
+TOKEN = "5" * 32
 
 
 def make(timeout: float = 3.0, flush: float = 1.0) -> tuple[Engine, Clock]:
@@ -29,7 +30,9 @@ def make(timeout: float = 3.0, flush: float = 1.0) -> tuple[Engine, Clock]:
 
 
 def send(engine: Engine, clock: Clock, msg: dict[str, Any]) -> dict[str, Any] | None:
-    reply = engine.receive(RID, {"v": 1, "session": "s1", **msg}, clock.now, clock())
+    reply = engine.receive(
+        RID, {"v": 1, "session": "s1", "token": TOKEN, **msg}, clock.now, clock()
+    )
     return None if reply is None else dict(orjson.loads(reply))
 
 
@@ -82,14 +85,28 @@ def test_update_for_unknown_or_foreign_leg_is_refused() -> None:
     assert reply is not None and reply["code"] == "UNKNOWN_LEG" and reply["key"] == "nope"
     engine.receive(
         b"peer-2",
-        {"v": 1, "session": "s2", "type": "start", "seq": 1, "strategy": "other"},
+        {
+            "v": 1,
+            "session": "s2",
+            "token": "6" * 32,
+            "type": "start",
+            "seq": 1,
+            "strategy": "other",
+        },
         clock.now,
         clock.now,
     )
     enter(engine, clock, "ce", 2)
     foreign = engine.receive(
         b"peer-2",
-        {"v": 1, "session": "s2", "type": "update", "key": "ce", "stop_price": 1.0},
+        {
+            "v": 1,
+            "session": "s2",
+            "token": "6" * 32,
+            "type": "update",
+            "key": "ce",
+            "stop_price": 1.0,
+        },
         clock.now,
         clock.now,
     )
@@ -140,8 +157,10 @@ def test_own_crash_report_retires_the_session_so_a_later_disconnect_adds_nothing
 
 def test_restart_verdict_for_sessions_that_do_not_return() -> None:
     engine, clock = make(timeout=2.0)
-    engine.load([("s1", 1, "expiry_blast"), ("s2", 2, "other")], [LegRow("ce", "s1", 90.0, 1.0)])
-    engine.receive(RID, {"v": 1, "session": "s1", "type": "hb"}, clock.now + 1, clock.now + 1)
+    sessions = [("s1", 1, "expiry_blast", token_hash(TOKEN), None), ("s2", 2, "other", None, None)]
+    engine.load(sessions, [LegRow("ce", "s1", 90.0, 1.0)])
+    hb = {"v": 1, "session": "s1", "token": TOKEN, "type": "hb"}
+    engine.receive(RID, hb, clock.now + 1, clock.now + 1)
     clock.now += 2.5
     engine.tick(clock.now)
     (crash,) = engine.take_batch(clock.now).ops
@@ -226,3 +245,47 @@ def test_a_requeued_sync_still_carries_the_updates_before_it() -> None:
     engine.requeue(failed)  # the commit failed (say, a locked database)
     retry = engine.take_batch(clock.now)
     assert retry.updates["ce"]["stop_price"] == 95.0
+
+
+def test_a_wrong_or_missing_token_is_refused_and_is_no_heartbeat() -> None:
+    engine, clock = make(timeout=3.0)
+    started(engine, clock)
+    for token in (None, "0" * 32):
+        msg: dict[str, Any] = {"v": 1, "session": "s1", "type": "hb"}
+        if token:
+            msg["token"] = token
+        clock.now += 1.0
+        reply = engine.receive(b"intruder", msg, clock.now, clock.now)
+        assert reply is not None and orjson.loads(reply)["code"] == "BAD_TOKEN"
+    clock.now += 1.1  # 3.1 s since the owner's last message: the intruder kept nothing alive
+    engine.tick(clock.now)
+    assert [type(op) for op in engine.take_batch(clock.now).ops] == [CrashOp]
+
+
+def test_a_loaded_session_proves_itself_with_the_token_whose_hash_is_stored() -> None:
+    engine, clock = make()
+    engine.load([("s1", 1, "expiry_blast", token_hash(TOKEN), None)], [])
+    bad = engine.receive(RID, {"v": 1, "session": "s1", "token": "1" * 32, "type": "hb"}, 0, 0)
+    assert bad is not None and orjson.loads(bad)["code"] == "BAD_TOKEN"
+    assert send(engine, clock, {"type": "hb"}) is None
+
+
+def test_progress_deadline_marks_a_session_stalled_then_running_again() -> None:
+    engine, clock = make(timeout=3.0)
+    send(engine, clock, {"type": "start", "seq": 1, "strategy": "s", "progress_deadline": 5.0})
+    engine.committed(engine.take_batch(clock.now), [Result(True, {"session_id": 1})])
+    enter(engine, clock, "ce", 2)
+    engine.take_batch(clock.now)
+    for _ in range(6):  # heartbeats keep it alive, but no update comes: the main loop is stuck
+        clock.now += 1.0
+        send(engine, clock, {"type": "hb"})
+        engine.tick(clock.now)
+    (stall,) = engine.take_batch(clock.now).ops
+    assert isinstance(stall, StallOp) and stall.stalled and stall.payload["legs"] == ["ce"]
+    clock.now += 10.0
+    send(engine, clock, {"type": "hb"})
+    engine.tick(clock.now)
+    assert engine.take_batch(clock.now).ops == []  # reported once
+    send(engine, clock, {"type": "update", "key": "ce", "stop_price": 91.0})
+    (progress,) = engine.take_batch(clock.now).ops
+    assert isinstance(progress, StallOp) and not progress.stalled

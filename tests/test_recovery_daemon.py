@@ -171,7 +171,7 @@ def test_fencing_a_frozen_strategy_that_comes_back(
     assert old.info() == {"error": "FENCED"}
     old.send("exit")
     assert old.info() == {"error": "FENCED"}
-    # A client that did not learn it (raw messages under the old session key) is refused too.
+    # Another client cannot speak for the old session: without its token it is refused.
     session_key = rows(
         daemon.db, "SELECT session_key FROM strategy_sessions WHERE id = ?", (old_sid,)
     )[0]["session_key"]
@@ -181,12 +181,11 @@ def test_fencing_a_frozen_strategy_that_comes_back(
         base = {"v": 1, "session": session_key, "key": "ce-1"}
         for msg in (
             {**base, "type": "update", "stop_price": 1.0},
-            {**base, "type": "exit", "seq": 1, "exit_reason": "STOP_HIT", "exit_price": 1.0},
+            {**base, "type": "update", "stop_price": 1.0, "token": "0" * 32},
         ):
             raw.send(encode(msg))
             assert raw.poll(5000 * UNIT)
-            reply = decode_reply(raw.recv())
-            assert (reply["code"], reply["key"]) == ("FENCED", "ce-1")
+            assert decode_reply(raw.recv())["code"] == "BAD_TOKEN"
     assert manager.sync(5)
     leg_row = rows(daemon.db, "SELECT * FROM strategy_positions WHERE position_key = 'ce-1'")[0]
     assert (leg_row["status"], leg_row["stop_price"], leg_row["session_id"]) == (
@@ -194,9 +193,8 @@ def test_fencing_a_frozen_strategy_that_comes_back(
         104.0,
         manager.session_id,
     )
-    fenced = rows(daemon.db, "SELECT payload FROM position_events WHERE event_type='FENCED_WRITE'")
-    kinds = sorted(json.loads(r["payload"])["type"] for r in fenced)
-    assert kinds == ["exit", "update"]
+    # The old client fenced the leg itself: nothing it tried reached the daemon.
+    assert rows(daemon.db, "SELECT * FROM position_events WHERE event_type='FENCED_WRITE'") == []
     # The new owner still works the leg.
     assert manager.save_position_exit(leg, exit_price=104.0, exit_reason="STOP_HIT")
 
@@ -209,3 +207,55 @@ def test_reads_raise_when_the_daemon_is_away(workdir: Any) -> None:
         assert pm.unacknowledged == 0
     finally:
         pm.close(0)
+
+
+def test_writes_for_an_adopted_leg_are_refused_and_recorded(
+    daemon: DaemonProcess, manager: PositionPersistenceManager
+) -> None:
+    """A client that does not know its leg was adopted (raw protocol) gets FENCED, on record."""
+    token = "7" * 32
+    with zmq.Context() as ctx, ctx.socket(zmq.DEALER) as raw:
+        raw.setsockopt(zmq.LINGER, 0)
+        raw.connect(daemon.endpoint)
+
+        def call(msg: dict[str, Any]) -> dict[str, Any]:
+            raw.send(encode({"v": 1, "session": "raw-1", "token": token, **msg}))
+            assert raw.poll(5000 * UNIT), "no reply"
+            return decode_reply(raw.recv())
+
+        start = {"type": "start", "seq": 1, "strategy": "expiry_blast"}
+        sid = call(start)["session_id"]
+        entry = {
+            "type": "entry",
+            "seq": 2,
+            "key": "raw-leg",
+            "symbol": CE,
+            "exchange": "NFO",
+            "product": "MIS",
+            "side": "SELL",
+            "quantity": 75,
+            "entry_price": 100.0,
+            "stop_price": 120.0,
+        }
+        assert call(entry)["duplicate"] is False
+        # It sends no heartbeat: declared crashed after the 1 s timeout; another session adopts.
+        wait_for(lambda: session_status(daemon.db, sid) == "CRASHED", 5, "CRASHED")  # type: ignore[arg-type]
+        manager.start_session()
+        manager.mark_position_recovered("raw-leg")
+        revived = call({**start, "seq": 3})["revived"]
+        assert revived["legs"] == []  # nothing handed back: its only leg is someone else's
+        update = call({"type": "update", "key": "raw-leg", "stop_price": 1.0})
+        exit_ = call({"type": "exit", "seq": 4, "key": "raw-leg", "exit_reason": "STOP_HIT"})
+        assert (update["code"], update["key"]) == ("FENCED", "raw-leg")
+        assert (exit_["code"], exit_["seq"]) == ("FENCED", 4)
+    assert manager.sync(5)
+    leg = rows(daemon.db, "SELECT * FROM strategy_positions WHERE position_key = 'raw-leg'")[0]
+    assert (leg["status"], leg["stop_price"], leg["session_id"]) == (
+        "ACTIVE",
+        120.0,
+        manager.session_id,
+    )
+    fenced = rows(daemon.db, "SELECT payload FROM position_events WHERE event_type='FENCED_WRITE'")
+    payloads = sorted((json.loads(r["payload"]) for r in fenced), key=lambda p: p["type"])
+    assert [p["type"] for p in payloads] == ["exit", "update"]
+    assert payloads[0]["exit_reason"] == "STOP_HIT"  # the refused exit is kept for a human

@@ -25,8 +25,11 @@ async def store(workdir: Path) -> AsyncIterator[Store]:
     await opened.close()
 
 
-def start(key: str = "s1", strategy: str = "expiry_blast") -> StartOp:
-    return StartOp(b"r", 1, key, strategy, "host", 123, 0.5, 1.7e9)
+TOKEN = "c" * 32
+
+
+def start(key: str = "s1", strategy: str = "expiry_blast", token: str = TOKEN) -> StartOp:
+    return StartOp(b"r", 1, key, strategy, "host", 123, 0.5, 1.7e9, token=token)
 
 
 def entry(key: str, session: str = "s1", **extra: Any) -> EntryOp:
@@ -122,7 +125,7 @@ async def test_crash_marks_open_legs_and_the_verdict_never_beats_an_end(store: S
     )
     assert [tuple(r) for r in legs] == [("ce", "CRASHED", 1, 97.0), ("pe", "CLOSED", 0, 90.0)]
     # s2 ended cleanly; a late verdict about it changes nothing.
-    await apply(store, EndOp(b"r", 5, "s2", 1.7e9))
+    await apply(store, EndOp(b"r", 5, "s2", 1.7e9, token=TOKEN))
     (late,) = await apply(store, CrashOp(None, None, "s2", "HEARTBEAT", "late", 1.7e9))
     assert late.data["duplicate"] is True
     sessions = rows(store.path, "SELECT status FROM strategy_sessions ORDER BY id")
@@ -132,7 +135,7 @@ async def test_crash_marks_open_legs_and_the_verdict_never_beats_an_end(store: S
 async def test_strategy_report_replaces_a_daemon_verdict_but_not_the_reverse(store: Store) -> None:
     await apply(store, start())
     await apply(store, CrashOp(None, None, "s1", "HEARTBEAT", "missed heartbeats", 1.7e9))
-    await apply(store, CrashOp(b"r", 2, "s1", "CLIENT", "ValueError: boom", 1.7e9))
+    await apply(store, CrashOp(b"r", 2, "s1", "CLIENT", "ValueError: boom", 1.7e9, token=TOKEN))
     await apply(store, CrashOp(None, None, "s1", "DISCONNECT", "process exited", 1.7e9))
     session = rows(store.path, "SELECT crash_reason, crash_source FROM strategy_sessions")[0]
     assert (session["crash_reason"], session["crash_source"]) == ("ValueError: boom", "CLIENT")
@@ -203,3 +206,17 @@ async def test_concurrent_readers_do_not_block_the_writer(store: Store) -> None:
         assert res.ok
     finally:
         reader.close()
+
+
+async def test_only_the_token_holder_resumes_ends_or_crashes_a_session(store: Store) -> None:
+    await apply(store, start())
+    stored = rows(store.path, "SELECT token_hash FROM strategy_sessions")[0]["token_hash"]
+    assert stored and TOKEN not in stored  # only a hash is kept
+    thief = "d" * 32
+    (resume,) = await apply(store, start(token=thief))
+    (end,) = await apply(store, EndOp(b"r", 2, "s1", 1.7e9, token=thief))
+    (crash,) = await apply(store, CrashOp(b"r", 3, "s1", "CLIENT", "x", 1.7e9, token=None))
+    assert [r.code for r in (resume, end, crash)] == ["BAD_TOKEN"] * 3
+    assert rows(store.path, "SELECT status FROM strategy_sessions")[0]["status"] == "RUNNING"
+    (ok,) = await apply(store, start())
+    assert ok.ok and ok.data["resumed"] is True

@@ -33,7 +33,9 @@ __all__ = ["Channel", "Pending"]
 log = logging.getLogger(__name__)
 
 # Refusals of a session's start that end it for good; anything else is retried.
-FINAL_SESSION_ERRORS = frozenset({"SESSION_CLOSED", "BAD_FIELD", "BAD_VERSION", "BAD_TYPE"})
+FINAL_SESSION_ERRORS = frozenset(
+    {"SESSION_CLOSED", "BAD_FIELD", "BAD_VERSION", "BAD_TYPE", "BAD_TOKEN"}
+)
 # Outbox size past which every new durable message logs a warning (nothing is dropped).
 OUTBOX_WARN = 10_000
 
@@ -124,6 +126,7 @@ class Channel:
         self._legs: dict[str, dict[str, Any]] = {}  # leg key -> newest full state
         self._fenced: dict[str, str] = {}
         self._session: str | None = None
+        self._token: str | None = None
         self._start: Pending | None = None  # the session's start (the announce to re-send)
         self._closed_reason: PositiondError | None = None
         self._wake_pending = False
@@ -169,6 +172,7 @@ class Channel:
         """Queue the session's start; it is (re-)announced on every connection."""
         with self._lock:
             self._session = msg["session"]
+            self._token = msg.get("token")
             self._closed_reason = None
             pending = self._submit_locked(msg)
             self._start = pending
@@ -290,7 +294,13 @@ class Channel:
     def _queue_updates_locked(self) -> None:
         session = self._session
         for key, fields in self._updates.items():
-            msg = {"v": PROTOCOL_VERSION, "type": "update", "session": session, "key": key}
+            msg = {
+                "v": PROTOCOL_VERSION,
+                "type": "update",
+                "session": session,
+                "token": self._token,
+                "key": key,
+            }
             msg.update(fields)
             self._outq.append(encode(msg))
         self._updates = {}
@@ -338,7 +348,14 @@ class Channel:
                 ):
                     self._send(
                         sock,
-                        encode({"v": PROTOCOL_VERSION, "type": "hb", "session": self._session}),
+                        encode(
+                            {
+                                "v": PROTOCOL_VERSION,
+                                "type": "hb",
+                                "session": self._session,
+                                "token": self._token,
+                            }
+                        ),
                     )
         except Exception:
             log.exception("positiond client I/O thread failed")
@@ -422,6 +439,7 @@ class Channel:
                     "v": PROTOCOL_VERSION,
                     "type": "update",
                     "session": self._session,
+                    "token": self._token,
                     "key": key,
                 }
                 msg.update(state)

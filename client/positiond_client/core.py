@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import socket
 import time
 import traceback
@@ -138,9 +139,12 @@ class Core:
         *,
         heartbeat_interval: float = 0.5,
         ack_timeout: float = 2.0,
+        progress_deadline: float | None = None,
         on_notice: Callable[[str, dict[str, Any]], None] | None = None,
     ) -> None:
         check_fields("start", {"strategy": strategy_name, "heartbeat_interval": heartbeat_interval})
+        if progress_deadline is not None:
+            check_fields("start", {"progress_deadline": progress_deadline})
         if ack_timeout <= 0:
             raise ValueError("ack_timeout must be positive")
         self.strategy_name = strategy_name
@@ -151,6 +155,8 @@ class Core:
         self.heartbeat_interval = heartbeat_interval
         self.session_id: int | None = None
         self.session_key: str | None = None
+        self._token: str | None = None
+        self.progress_deadline = progress_deadline
         self._channel = Channel(
             self.endpoint, heartbeat_interval=heartbeat_interval, on_notice=on_notice
         )
@@ -174,7 +180,12 @@ class Core:
     def _base(self, kind: str) -> dict[str, Any]:
         if self.session_key is None:
             raise SessionError("no session: call start_session() first", "NO_SESSION")
-        return {"v": PROTOCOL_VERSION, "type": kind, "session": self.session_key}
+        return {
+            "v": PROTOCOL_VERSION,
+            "type": kind,
+            "session": self.session_key,
+            "token": self._token,
+        }
 
     def _leg_key(self, leg: Leg | str) -> str:
         key = leg.key if isinstance(leg, Leg) else leg
@@ -188,6 +199,10 @@ class Core:
     def _start_pending(self, session_key: str | None) -> Pending:
         self.session_key = session_key or uuid.uuid4().hex
         self.session_id = None
+        # The session's secret: every message carries it, the daemon keeps only its hash, so
+        # no other client can write to this session (proposed here rather than issued by the
+        # daemon, so that a lost first ack cannot lock the strategy out of its own session).
+        self._token = secrets.token_hex(16)
         msg = {
             **self._base("start"),
             "strategy": self.strategy_name,
@@ -196,6 +211,8 @@ class Core:
             "heartbeat_interval": self.heartbeat_interval,
             "time": time.time(),
         }
+        if self.progress_deadline is not None:
+            msg["progress_deadline"] = self.progress_deadline
         validate(msg | {"seq": 1})
         pending = self._channel.open_session(msg)
         pending.add_callback(self._on_started)
@@ -315,6 +332,7 @@ class Core:
         msg: dict[str, Any] = {"v": PROTOCOL_VERSION, "type": kind}
         if self.session_key is not None:
             msg["session"] = self.session_key
+            msg["token"] = self._token
         msg.update({k: v for k, v in fields.items() if v is not None})
         validate(msg | {"seq": 1})
         return self._channel.submit(msg)

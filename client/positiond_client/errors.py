@@ -4,7 +4,7 @@
 
     PositiondError                 code: every error has a wire code (docs/PROTOCOL.md)
     ├── ProtocolError              the message itself is wrong (BAD_MESSAGE, BAD_FIELD, ...)
-    ├── SessionError               UNKNOWN_SESSION, SESSION_CLOSED, NO_SESSION
+    ├── SessionError               UNKNOWN_SESSION, SESSION_CLOSED, NO_SESSION, BAD_TOKEN
     ├── LegError                   UNKNOWN_LEG, LEG_CLOSED, KEY_CONFLICT, FENCED, BAD_STATE
     ├── StorageError               STORAGE: the daemon could not commit (nothing was acked)
     └── UnavailableError           UNAVAILABLE: a read got no answer (raised by the client)
@@ -35,6 +35,7 @@ CODES: dict[str, str] = {
     "BAD_FRAMES": "a message must be exactly one frame",
     "NO_SESSION": "the message names no session this connection may write to",
     "UNKNOWN_SESSION": "no session with this key exists",
+    "BAD_TOKEN": "the message's token is not the one the daemon issued for this session",
     "SESSION_CLOSED": "the session ended or crashed by its own report; start a new one",
     "UNKNOWN_LEG": "no leg with this key exists",
     "LEG_CLOSED": "the leg is no longer open",
@@ -107,6 +108,7 @@ _CLASS_BY_CODE: dict[str, type[PositiondError]] = {
     "BAD_FRAMES": ProtocolError,
     "NO_SESSION": SessionError,
     "UNKNOWN_SESSION": SessionError,
+    "BAD_TOKEN": SessionError,
     "SESSION_CLOSED": SessionError,
     "UNKNOWN_LEG": LegError,
     "LEG_CLOSED": LegError,

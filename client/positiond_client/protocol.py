@@ -177,7 +177,15 @@ _SEQ = _integer(1, MAX_SEQ)
 _VERSION = _integer(0, 2**31)
 _TYPE = _long_text(32)
 
-_COMMON: dict[str, Checker] = {"v": _VERSION, "type": _TYPE, "session": _SESSION}
+# ``token``: issued by the daemon in the ack of a session's first ``start``; every later message
+# of the session carries it (a re-announcing ``start`` too) — no other client can write there.
+_TOKEN = _text(64, r"[0-9a-f]+")
+_COMMON: dict[str, Checker] = {
+    "v": _VERSION,
+    "type": _TYPE,
+    "session": _SESSION,
+    "token": _TOKEN,
+}
 # (for the sessionless types, ``session`` is optional but checked when present)
 _DURABLE: dict[str, Checker] = {**_COMMON, "seq": _SEQ}
 
@@ -192,6 +200,7 @@ _SCHEMAS: dict[str, tuple[dict[str, Checker], frozenset[str]]] = {
             "host": _text(255),
             "pid": _integer(0, 2**31),
             "heartbeat_interval": _number(0.01, 3600.0),
+            "progress_deadline": _number(1.0, 86400.0),
             "time": _TIME,
         },
         frozenset({"strategy"}),
@@ -320,7 +329,7 @@ def validate(msg: Mapping[str, Any]) -> None:
     missing = _REQUIRED[kind].difference(msg)
     if missing:
         raise ProtocolError(f"{kind}: missing field(s) {', '.join(sorted(missing))}", "BAD_FIELD")
-    if kind == "update" and len(msg) == 4 and "key" in msg:
+    if kind == "update" and not any(name in msg for name in UPDATE_FIELDS):
         raise ProtocolError("update: names no field to change", "BAD_FIELD")
 
 

@@ -7,7 +7,9 @@ the store, and replies to send once that batch has committed.
 
 from __future__ import annotations
 
+import hmac
 import logging
+import secrets
 import time as _time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -24,15 +26,18 @@ from positiond.ops import (
     ExitOp,
     FencedOp,
     LegRow,
+    LiveSession,
     Op,
     OrphansOp,
     PruneOp,
     QueryOp,
     ResolveOp,
     Result,
+    StallOp,
     StartOp,
     SyncOp,
     TrailEvent,
+    token_hash,
 )
 from positiond_client.protocol import PROTOCOL_VERSION, UPDATE_FIELDS, encode, error_reply
 
@@ -51,6 +56,23 @@ class Session:
     confirmed: bool = False  # its start (or resume) has committed
     rid: bytes | None = None
     legs: set[str] = field(default_factory=set)
+    token: str | None = None  # every message must carry it
+    token_hash: str | None = None  # loaded from the database until the token is seen again
+    progress_deadline: float | None = None
+    last_progress: float = 0.0  # monotonic time of its last entry/update/exit
+    stalled: bool = False
+
+    def authentic(self, token: object) -> bool:
+        """Does the message's token prove it comes from the session's own client?"""
+        if self.token is not None:
+            return isinstance(token, str) and hmac.compare_digest(token, self.token)
+        if self.token_hash is not None:
+            if not isinstance(token, str) or not hmac.compare_digest(
+                self.token_hash, token_hash(token)
+            ):
+                return False
+            self.token = token  # verified once: compare plainly from now on
+        return True  # a session from before tokens existed
 
 
 @dataclass(slots=True)
@@ -110,24 +132,35 @@ class Engine:
         self._heartbeats: dict[str, float] = {}
         self._trail_backlog: list[TrailEvent] = []
         self._fenced_seen: set[tuple[str, str, str]] = set()
+        self._progress_watch: set[str] = set()  # sessions with a progress deadline
         self._last_update_flush = monotonic()
         self.counters: dict[str, int] = {"messages": 0, "updates": 0, "errors": 0}
 
     # ---- loading -------------------------------------------------------------------------
 
-    def load(self, sessions: Iterable[tuple[str, int, str]], legs: Iterable[LegRow]) -> None:
+    def load(self, sessions: Iterable[LiveSession], legs: Iterable[LegRow]) -> None:
         """Adopt what the database says was live when the daemon last stopped.
 
         Each RUNNING session gets one heartbeat timeout to come back from now on.
         """
         now = self.monotonic()
-        for key, sid, strategy in sessions:
-            self.sessions[key] = Session(key, strategy, id=sid, confirmed=True)
+        for key, sid, strategy, hashed, deadline in sessions:
+            session = Session(key, strategy, id=sid, confirmed=True, token_hash=hashed)
+            self._watch_progress(session, deadline, now)
+            self.sessions[key] = session
             self.liveness.expect_return(key, now)
         for row in legs:
-            session = self.sessions.get(row.session_key)
-            if session is not None:
-                self._add_leg(row, session)
+            owner = self.sessions.get(row.session_key)
+            if owner is not None:
+                self._add_leg(row, owner)
+
+    def _watch_progress(self, session: Session, deadline: float | None, now: float) -> None:
+        session.progress_deadline = deadline
+        session.last_progress = now
+        if deadline is None:
+            self._progress_watch.discard(session.key)
+        else:
+            self._progress_watch.add(session.key)
 
     def _add_leg(self, row: LegRow, session: Session) -> None:
         self.legs[row.key] = Leg(row.key, row.session_key, row.stop_price, row.last_trail_level)
@@ -168,14 +201,27 @@ class Engine:
         key = msg.get("session")  # absent only on operator messages (posctl)
         session = self.sessions.get(key) if key is not None else None
         if session is not None and key is not None:
+            if not session.authentic(msg.get("token")) and not (
+                kind == "start" and not session.confirmed and session.rid == rid
+            ):
+                return self._error(
+                    msg, "BAD_TOKEN", f"session {key!r} belongs to another client (wrong token)"
+                )
             self.liveness.seen(key, now)
             self._heartbeats[key] = wall
             if session.rid != rid:
                 self._attach(session, rid)
             if kind == "update":
+                session.last_progress = now
+                if session.stalled:
+                    self._progress(session)
                 return self._update(session, msg)
             if kind == "hb":
                 return None
+            if kind == "entry" or kind == "exit":
+                session.last_progress = now
+                if session.stalled:
+                    self._progress(session)
         handler = self._HANDLERS[kind]
         return handler(self, session, rid, msg, wall)
 
@@ -250,10 +296,13 @@ class Engine:
         self, session: Session | None, rid: bytes, msg: dict[str, Any], wall: float
     ) -> bytes | None:
         key = msg["session"]
+        now = self.monotonic()
         if session is None:
-            session = Session(key, msg["strategy"])
+            # A token offered is checked against the stored hash when the start commits; a new
+            # session gets a fresh one, sent back in the ack.
+            session = Session(key, msg["strategy"], token=msg.get("token") or secrets.token_hex(16))
             self.sessions[key] = session
-            self.liveness.seen(key, self.monotonic())
+            self.liveness.seen(key, now)
             self._attach(session, rid)
         elif session.strategy != msg["strategy"]:
             return self._error(
@@ -282,8 +331,11 @@ class Engine:
                 msg.get("time", wall),
                 peer.uid if peer else None,
                 peer.pid if peer else None,
+                session.token or "",
+                msg.get("progress_deadline"),
             )
         )
+        self._watch_progress(session, msg.get("progress_deadline"), now)
         return None
 
     def _on_entry(
@@ -355,8 +407,9 @@ class Engine:
         if "traceback" in msg:
             payload["traceback"] = msg["traceback"]
         op = CrashOp(
-            rid, msg["seq"], msg["session"], CLIENT, reason, msg.get("time", wall), payload
-        )
+            rid, msg["seq"], msg["session"], CLIENT, reason, msg.get("time", wall), payload,
+            token=msg.get("token"),
+        )  # fmt: skip
         if session is not None:
             op.final_updates = self._retire(session)
         self._ops.append(op)
@@ -365,7 +418,7 @@ class Engine:
     def _on_end(
         self, session: Session | None, rid: bytes, msg: dict[str, Any], wall: float
     ) -> bytes | None:
-        op = EndOp(rid, msg["seq"], msg["session"], msg.get("time", wall))
+        op = EndOp(rid, msg["seq"], msg["session"], msg.get("time", wall), token=msg.get("token"))
         if session is not None:
             op.final_updates = self._retire(session)
         self._ops.append(op)
@@ -441,6 +494,7 @@ class Engine:
         """Forget a session and its legs in memory; return their pending updates."""
         self.sessions.pop(session.key, None)
         self.liveness.forget(session.key)
+        self._progress_watch.discard(session.key)
         self._heartbeats.pop(session.key, None)
         if session.rid is not None and (peer := self.peers.get(session.rid)) is not None:
             peer.sessions.discard(session.key)
@@ -481,7 +535,33 @@ class Engine:
                 reason,
                 {"last_seen": last_wall, "timeout": self.liveness.timeout},
             )
+        for key in self._progress_watch:
+            session = self.sessions[key]
+            deadline = session.progress_deadline
+            if (
+                deadline is not None
+                and not session.stalled
+                and session.legs
+                and now - session.last_progress > deadline
+            ):
+                session.stalled = True
+                last = self.wall() - (now - session.last_progress)
+                log.warning(
+                    "session %s (%s) STALLED: no update for %.1fs with %d leg(s) open",
+                    session.id, session.strategy, now - session.last_progress, len(session.legs),
+                )  # fmt: skip
+                payload = {
+                    "last_progress": last,
+                    "deadline": deadline,
+                    "legs": sorted(session.legs),
+                }
+                self._ops.append(StallOp(None, None, key, True, self.wall(), payload))
         return self.batch_due(now)
+
+    def _progress(self, session: Session) -> None:
+        session.stalled = False
+        log.info("session %s (%s) makes progress again", session.id, session.strategy)
+        self._ops.append(StallOp(None, None, session.key, False, self.wall()))
 
     def batch_due(self, now: float) -> bool:
         if self._ops:
@@ -563,6 +643,7 @@ class Engine:
             return
         session.id = res.data["session_id"]
         session.confirmed = True
+        session.token = res.data.get("token") or session.token
         for row in res.legs:
             if row.key not in self.legs:
                 self._add_leg(row, session)

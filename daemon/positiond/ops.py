@@ -6,6 +6,7 @@ The engine decides, the store executes a whole :class:`Batch` in one transaction
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +24,7 @@ __all__ = [
     "QueryOp",
     "ResolveOp",
     "Result",
+    "StallOp",
     "StartOp",
     "SyncOp",
     "TrailEvent",
@@ -34,6 +36,17 @@ HEARTBEAT = "HEARTBEAT"  # missed heartbeats: the strategy may come back (REVIVE
 DISCONNECT = "DISCONNECT"  # its ipc connection dropped: the process exited
 RESTART = "RESTART"  # did not return after a daemon restart
 REVIVABLE = frozenset({HEARTBEAT, DISCONNECT, RESTART})
+# What the daemon loads at start for each live session: key, id, strategy, token hash, deadline.
+LiveSession = tuple[str, int, str, str | None, float | None]
+
+
+def token_hash(token: str) -> str:
+    """Only a hash of a session's token is stored: reading the database does not grant writes."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+# Session statuses of a strategy that is alive (STALLED: alive, but its main loop is stuck).
+LIVE_SESSION_STATUSES = ("RUNNING", "STALLED")
 
 
 @dataclass(slots=True)
@@ -62,6 +75,8 @@ class StartOp(_Durable):
     time: float
     peer_uid: int | None = None
     peer_pid: int | None = None
+    token: str = ""  # the one the sender offered (resume), else a fresh one (new session)
+    progress_deadline: float | None = None
 
 
 @dataclass(slots=True)
@@ -87,12 +102,23 @@ class CrashOp(_Durable):
     time: float
     payload: dict[str, Any] = field(default_factory=dict)
     final_updates: dict[str, dict[str, Any]] = field(default_factory=dict)
+    token: str | None = None  # from the strategy; checked against the stored hash
 
 
 @dataclass(slots=True)
 class EndOp(_Durable):
     time: float
     final_updates: dict[str, dict[str, Any]] = field(default_factory=dict)
+    token: str | None = None
+
+
+@dataclass(slots=True)
+class StallOp(_Durable):
+    """The session's main loop made no progress within its deadline (or resumed: stalled=False)."""
+
+    stalled: bool
+    time: float
+    payload: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -148,6 +174,7 @@ Op = (
     | OrphansOp
     | PruneOp
     | FencedOp
+    | StallOp
 )
 
 

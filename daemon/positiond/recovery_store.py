@@ -11,7 +11,16 @@ from typing import Any
 
 import orjson
 
-from positiond.ops import FencedOp, LegRow, OrphansOp, PruneOp, QueryOp, ResolveOp, Result
+from positiond.ops import (
+    LIVE_SESSION_STATUSES,
+    FencedOp,
+    LegRow,
+    OrphansOp,
+    PruneOp,
+    QueryOp,
+    ResolveOp,
+    Result,
+)
 from positiond.schema import iso
 
 __all__ = ["LIVE_LEG_STATUSES", "fenced", "orphans", "prune", "query", "resolve"]
@@ -136,7 +145,7 @@ def _adopt(
     adopter = cur.execute(
         "SELECT id, status FROM strategy_sessions WHERE session_key = ?", (op.session_key,)
     ).fetchone()
-    if adopter is None or adopter["status"] != "RUNNING":
+    if adopter is None or adopter["status"] not in LIVE_SESSION_STATUSES:
         return Result.error("SESSION_CLOSED", "only a RUNNING session can adopt a leg")
     pid = leg["position_id"]
     if leg["session_key"] == op.session_key and leg["status"] == "ACTIVE":
@@ -148,7 +157,7 @@ def _adopt(
         return Result.error(
             "BAD_STATE", f"leg {op.key!r} is {leg['status']}: only a CRASHED leg can be adopted"
         )
-    if leg["session_status"] == "RUNNING":
+    if leg["session_status"] in LIVE_SESSION_STATUSES:
         return Result.error("FENCED", f"leg {op.key!r} belongs to live session {leg['session_id']}")
     cur.execute(
         "UPDATE strategy_positions SET session_id = ?, status = 'ACTIVE', updated_at = ? "
@@ -198,7 +207,7 @@ def fenced(cur: sqlite3.Cursor, op: FencedOp, now: str) -> Result:
 
 _FINISHED = f"""
     SELECT s.id FROM strategy_sessions s
-    WHERE s.status != 'RUNNING'
+    WHERE s.status NOT IN {LIVE_SESSION_STATUSES!r}
       AND coalesce(s.end_time, s.crash_timestamp, s.start_time) < :before
       AND NOT EXISTS (SELECT 1 FROM strategy_positions p
                       WHERE p.session_id = s.id AND p.status IN {LIVE_LEG_STATUSES!r})

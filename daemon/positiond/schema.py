@@ -122,8 +122,17 @@ CREATE TABLE broker_orphans (
 CREATE INDEX broker_orphans_instrument ON broker_orphans(symbol, exchange, product);
 """
 
+# Reliability and security: a session whose main loop stopped making progress is STALLED (not
+# crashed); each session's daemon-issued token is kept as a hash only.
+_V3 = """
+INSERT INTO session_statuses VALUES ('STALLED');
+INSERT INTO event_types VALUES ('STALLED'), ('PROGRESS');
+ALTER TABLE strategy_sessions ADD COLUMN token_hash TEXT;
+ALTER TABLE strategy_sessions ADD COLUMN progress_deadline REAL;
+"""
+
 # Index i holds the script that takes the schema from version i to i + 1.
-_MIGRATIONS: list[str] = [_V1, _V2]
+_MIGRATIONS: list[str] = [_V1, _V2, _V3]
 SCHEMA_VERSION = len(_MIGRATIONS)
 
 

@@ -9,6 +9,7 @@ aborts the whole batch, which the caller retries — nothing in it was acknowled
 
 from __future__ import annotations
 
+import hmac
 import logging
 import os
 import sqlite3
@@ -22,6 +23,7 @@ import orjson
 from positiond import recovery_store
 from positiond.ops import (
     CLIENT,
+    LIVE_SESSION_STATUSES,
     REVIVABLE,
     Batch,
     CrashOp,
@@ -30,14 +32,17 @@ from positiond.ops import (
     ExitOp,
     FencedOp,
     LegRow,
+    LiveSession,
     Op,
     OrphansOp,
     PruneOp,
     QueryOp,
     ResolveOp,
     Result,
+    StallOp,
     StartOp,
     SyncOp,
+    token_hash,
 )
 from positiond.schema import iso, migrate
 
@@ -99,8 +104,8 @@ def _write_updates(cur: sqlite3.Cursor, updates: dict[str, dict[str, Any]], now:
 
 def _session(cur: sqlite3.Cursor, session_key: str) -> sqlite3.Row | None:
     row: sqlite3.Row | None = cur.execute(
-        "SELECT id, status, strategy_name, crash_source, crash_timestamp, crash_reason "
-        "FROM strategy_sessions WHERE session_key = ?",
+        "SELECT id, status, strategy_name, crash_source, crash_timestamp, crash_reason, "
+        "token_hash FROM strategy_sessions WHERE session_key = ?",
         (session_key,),
     ).fetchone()
     return row
@@ -136,13 +141,23 @@ def _event(
     cur.execute(_EVENT_SQL, (position_id, session_id, kind, when, _json(payload)))
 
 
+def _token_refused(row: sqlite3.Row, token: str | None) -> Result | None:
+    stored = row["token_hash"]
+    if stored is None:  # a session from before tokens existed
+        return None
+    if token is None or not hmac.compare_digest(stored, token_hash(token)):
+        return Result.error("BAD_TOKEN", "this session belongs to another client (token mismatch)")
+    return None
+
+
 def _start(cur: sqlite3.Cursor, op: StartOp, now: str) -> Result:
     row = _session(cur, op.session_key)
     if row is None:
         cur.execute(
             "INSERT INTO strategy_sessions (session_key, strategy_name, status, start_time, "
-            "last_heartbeat, client_host, client_pid, peer_uid, peer_pid, heartbeat_interval) "
-            "VALUES (?, ?, 'RUNNING', ?, ?, ?, ?, ?, ?, ?)",
+            "last_heartbeat, client_host, client_pid, peer_uid, peer_pid, heartbeat_interval, "
+            "token_hash, progress_deadline) "
+            "VALUES (?, ?, 'RUNNING', ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 op.session_key,
                 op.strategy,
@@ -153,19 +168,31 @@ def _start(cur: sqlite3.Cursor, op: StartOp, now: str) -> Result:
                 op.peer_uid,
                 op.peer_pid,
                 op.heartbeat_interval,
+                token_hash(op.token),
+                op.progress_deadline,
             ),
         )
         sid = cur.lastrowid
         assert sid is not None
         _event(cur, None, sid, "SESSION_START", now, {"host": op.host, "pid": op.pid})
-        return Result(True, {"session_id": sid, "status": "RUNNING", "resumed": False})
+        new = {"session_id": sid, "status": "RUNNING", "resumed": False, "token": op.token}
+        return Result(True, new)
     sid = row["id"]
     if row["strategy_name"] != op.strategy:
         return Result.error(
             "BAD_FIELD", f"session {op.session_key!r} belongs to strategy {row['strategy_name']!r}"
         )
-    data: dict[str, Any] = {"session_id": sid, "status": "RUNNING", "resumed": True}
-    if row["status"] == "RUNNING":
+    refused = _token_refused(row, op.token)
+    if refused is not None:
+        return refused
+    data: dict[str, Any] = {
+        "session_id": sid,
+        "status": "RUNNING",
+        "resumed": True,
+        "token": op.token,
+    }
+    if row["status"] in LIVE_SESSION_STATUSES:
+        data["status"] = row["status"]
         _event(cur, None, sid, "SESSION_RESUMED", now, {"peer_pid": op.peer_pid})
     elif row["status"] == "CRASHED" and row["crash_source"] in REVIVABLE:
         revived = [
@@ -201,8 +228,9 @@ def _start(cur: sqlite3.Cursor, op: StartOp, now: str) -> Result:
         )
     cur.execute(
         "UPDATE strategy_sessions SET last_heartbeat = ?, peer_uid = coalesce(?, peer_uid), "
-        "peer_pid = coalesce(?, peer_pid) WHERE id = ?",
-        (now, op.peer_uid, op.peer_pid, sid),
+        "peer_pid = coalesce(?, peer_pid), token_hash = coalesce(token_hash, ?), "
+        "progress_deadline = ? WHERE id = ?",
+        (now, op.peer_uid, op.peer_pid, token_hash(op.token), op.progress_deadline, sid),
     )
     return Result(True, data, legs=_open_legs(cur, sid, op.session_key))
 
@@ -221,7 +249,7 @@ def _entry(cur: sqlite3.Cursor, op: EntryOp, now: str) -> Result:
     session = _session(cur, op.session_key)
     if session is None:
         return Result.error("UNKNOWN_SESSION", f"no session {op.session_key!r}")
-    if session["status"] != "RUNNING":
+    if session["status"] not in LIVE_SESSION_STATUSES:
         return Result.error("SESSION_CLOSED", f"session is {session['status']}")
     f = op.fields
     entry_time = iso(op.time)
@@ -286,11 +314,13 @@ def _crash(cur: sqlite3.Cursor, op: CrashOp, now: str) -> Result:
     session = _session(cur, op.session_key)
     if session is None:
         return Result.error("UNKNOWN_SESSION", f"no session {op.session_key!r}")
+    if op.rid is not None and (refused := _token_refused(session, op.token)) is not None:
+        return refused
     sid, status = session["id"], session["status"]
     _write_updates(cur, op.final_updates, now)
     # The strategy's own report is final and beats an earlier verdict of the daemon's; the
     # daemon's verdicts never overwrite a COMPLETED session or the strategy's report.
-    takes = status == "RUNNING" or (
+    takes = status in LIVE_SESSION_STATUSES or (
         status == "CRASHED" and op.source == CLIENT and session["crash_source"] != CLIENT
     )
     if not takes:
@@ -323,11 +353,15 @@ def _end(cur: sqlite3.Cursor, op: EndOp, now: str) -> Result:
     session = _session(cur, op.session_key)
     if session is None:
         return Result.error("UNKNOWN_SESSION", f"no session {op.session_key!r}")
+    if (refused := _token_refused(session, op.token)) is not None:
+        return refused
     sid, status = session["id"], session["status"]
     _write_updates(cur, op.final_updates, now)
     # A strategy the daemon declared dead that says it is done was alive after all: its end
     # counts. Its legs keep their status (CRASHED legs still need recovery).
-    live = status == "RUNNING" or (status == "CRASHED" and session["crash_source"] in REVIVABLE)
+    live = status in LIVE_SESSION_STATUSES or (
+        status == "CRASHED" and session["crash_source"] in REVIVABLE
+    )
     if not live:
         return Result(True, {"session_id": sid, "status": status, "duplicate": True})
     when = iso(op.time)
@@ -353,8 +387,25 @@ def _sync(cur: sqlite3.Cursor, op: SyncOp, now: str) -> Result:
     return Result(True, {})
 
 
+def _stall(cur: sqlite3.Cursor, op: StallOp, now: str) -> Result:
+    session = _session(cur, op.session_key)
+    if session is None:
+        return Result(True, {})
+    before, after, kind = (
+        ("RUNNING", "STALLED", "STALLED") if op.stalled else ("STALLED", "RUNNING", "PROGRESS")
+    )
+    changed = cur.execute(
+        "UPDATE strategy_sessions SET status = ? WHERE id = ? AND status = ?",
+        (after, session["id"], before),
+    ).rowcount
+    if changed:
+        _event(cur, None, session["id"], kind, iso(op.time), op.payload)
+    return Result(True, {})
+
+
 _APPLY: dict[type, Callable[[sqlite3.Cursor, Any, str], Result]] = {
     SyncOp: _sync,
+    StallOp: _stall,
     QueryOp: recovery_store.query,
     ResolveOp: recovery_store.resolve,
     OrphansOp: recovery_store.orphans,
@@ -411,7 +462,7 @@ def apply_batch(conn: sqlite3.Connection, batch: Batch) -> list[Result]:
         if batch.heartbeats:
             cur.executemany(
                 "UPDATE strategy_sessions SET last_heartbeat = ? "
-                "WHERE session_key = ? AND status = 'RUNNING'",
+                "WHERE session_key = ? AND status IN ('RUNNING', 'STALLED')",
                 [(iso(w), k) for k, w in batch.heartbeats.items()],
             )
         cur.execute("COMMIT")
@@ -422,12 +473,13 @@ def apply_batch(conn: sqlite3.Connection, batch: Batch) -> list[Result]:
     return results
 
 
-def load_live(conn: sqlite3.Connection) -> tuple[list[tuple[str, int, str]], list[LegRow]]:
-    """RUNNING sessions and their ACTIVE legs, as the daemon found them at start."""
+def load_live(conn: sqlite3.Connection) -> tuple[list[LiveSession], list[LegRow]]:
+    """RUNNING/STALLED sessions and their ACTIVE legs, as the daemon found them at start."""
     sessions = [
-        (r[0], r[1], r[2])
+        (r[0], r[1], r[2], r[3], r[4])
         for r in conn.execute(
-            "SELECT session_key, id, strategy_name FROM strategy_sessions WHERE status = 'RUNNING'"
+            "SELECT session_key, id, strategy_name, token_hash, progress_deadline "
+            "FROM strategy_sessions WHERE status IN ('RUNNING', 'STALLED')"
         )
     ]
     legs = [
@@ -435,7 +487,7 @@ def load_live(conn: sqlite3.Connection) -> tuple[list[tuple[str, int, str]], lis
         for r in conn.execute(
             "SELECT p.position_key, s.session_key, p.stop_price, p.last_trail_level "
             "FROM strategy_positions p JOIN strategy_sessions s ON s.id = p.session_id "
-            "WHERE p.status = 'ACTIVE' AND s.status = 'RUNNING'"
+            "WHERE p.status = 'ACTIVE' AND s.status IN ('RUNNING', 'STALLED')"
         )
     ]
     return sessions, legs
@@ -488,7 +540,7 @@ class Store:
         """Commit a batch; one :class:`Result` per durable op. Raises on storage faults."""
         return await self.call(apply_batch, batch)
 
-    async def load_live(self) -> tuple[list[tuple[str, int, str]], list[LegRow]]:
+    async def load_live(self) -> tuple[list[LiveSession], list[LegRow]]:
         """RUNNING sessions and their ACTIVE legs."""
         return await self.call(load_live)
 
