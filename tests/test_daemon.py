@@ -479,3 +479,25 @@ def test_tcp_endpoint_works_and_reports_its_port(workdir: Path) -> None:
         assert rows(daemon.db, "SELECT status FROM strategy_sessions")[0]["status"] == "COMPLETED"
     finally:
         daemon.stop()
+
+
+def test_a_main_loop_that_stops_updating_is_stalled_not_crashed(daemon: DaemonProcess) -> None:
+    pm = PositionPersistenceManager(
+        "expiry_blast", endpoint=daemon.endpoint, ack_timeout=5, progress_deadline=1.0
+    )
+    try:
+        sid = pm.start_session()
+        leg = pm.save_position_entry(symbol="X", entry_price=10.0, quantity=1, stop_price=9.0)
+        # Heartbeats keep flowing from the I/O thread, but no update comes for > 1 s.
+        wait_for(lambda: session_status(daemon.db, sid) == "STALLED", 5, "STALLED")  # type: ignore[arg-type]
+        stalled = rows(daemon.db, "SELECT payload FROM position_events WHERE event_type='STALLED'")
+        assert json.loads(stalled[0]["payload"])["legs"] == [leg.key]
+        assert rows(daemon.db, "SELECT status FROM strategy_positions")[0]["status"] == "ACTIVE"
+        pm.queue_position_update(leg, stop_price=9.5)
+        assert pm.sync(5)
+        assert session_status(daemon.db, sid) == "RUNNING"  # type: ignore[arg-type]
+        kinds = rows(daemon.db, "SELECT event_type FROM position_events WHERE position_id IS NULL")
+        assert [k["event_type"] for k in kinds] == ["SESSION_START", "STALLED", "PROGRESS"]
+        assert pm.end_session()
+    finally:
+        pm.close()
