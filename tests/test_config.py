@@ -5,11 +5,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
 
-from positiond.config import Config, ConfigError, from_args
+from positiond.config import Config, ConfigError, format_config, from_args, load
 from positiond_client.paths import default_db_path, default_endpoint, ensure_private_dir
 from tests.helpers import DaemonProcess, wait_for
 
@@ -35,7 +36,7 @@ def test_flags_beat_environment_beat_defaults() -> None:
         "POSITIOND_DB": "/env.db",
         "POSITIOND_ENDPOINT": "ipc:///tmp/env.sock",
     }
-    config = from_args(["--db", "/flag.db", "--flush-interval", "0.25"], env)
+    config = from_args(["--db", "/flag.db", "--flush-interval", "0.25"], env, default_file=None)
     assert config == Config(
         db=Path("/flag.db"),
         endpoint="ipc:///tmp/env.sock",
@@ -55,7 +56,7 @@ def test_flags_beat_environment_beat_defaults() -> None:
 )
 def test_bad_values_are_refused_naming_the_field(argv: list[str], field: str) -> None:
     with pytest.raises(ConfigError, match=field):
-        from_args(argv, {})
+        from_args(argv, {}, default_file=None)
 
 
 def test_bad_value_exits_2_before_binding(workdir: Path) -> None:
@@ -145,3 +146,145 @@ def test_private_dir_refuses_a_world_writable_one(workdir: Path) -> None:
     fresh = workdir / "fresh"
     ensure_private_dir(fresh)
     assert oct(fresh.stat().st_mode & 0o777) == "0o700"
+
+
+# ---- the config file, and where every value came from -------------------------------------
+
+
+def _run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("POSITIOND_")}
+    return subprocess.run(
+        [sys.executable, "-m", "positiond", *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=base | (env or {}),
+    )
+
+
+def test_file_is_beaten_by_environment_which_is_beaten_by_flags(workdir: Path) -> None:
+    toml = workdir / "positiond.toml"
+    toml.write_text(
+        'db = "/file.db"\nheartbeat_timeout = 7\nflush_interval = 0.5\n'
+        'log_level = "warning"\nsocket_mode = 0o660\nbusy_timeout = 30\n'
+    )
+    env = {"POSITIOND_HEARTBEAT_TIMEOUT": "5", "POSITIOND_CONFIG": str(toml)}
+    loaded = load(["--flush-interval", "0.25"], env)
+    cfg = loaded.config
+    assert (cfg.db, cfg.heartbeat_timeout, cfg.flush_interval) == (Path("/file.db"), 5.0, 0.25)
+    assert (cfg.log_level, cfg.socket_mode, cfg.busy_timeout) == ("WARNING", 0o660, 30.0)
+    assert loaded.file == toml
+    assert loaded.sources["db"] == f"file {toml}"
+    assert loaded.sources["heartbeat_timeout"] == "env POSITIOND_HEARTBEAT_TIMEOUT"
+    assert loaded.sources["flush_interval"] == "flag --flush-interval"
+    assert loaded.sources["synchronous"] == "default"
+    # --config beats $POSITIOND_CONFIG.
+    other = workdir / "other.toml"
+    other.write_text("heartbeat_timeout = 9\n")
+    assert (
+        load(["--config", str(other)], {"POSITIOND_CONFIG": str(toml)}).config.heartbeat_timeout
+        == 9
+    )
+
+
+def test_the_default_file_is_read_only_when_it_exists(workdir: Path) -> None:
+    default = workdir / "etc-positiond.toml"
+    assert load([], {}, default_file=default).file is None
+    default.write_text("status_interval = 2\n")
+    loaded = load([], {}, default_file=default)
+    assert loaded.config.status_interval == 2.0
+    assert loaded.sources["status_interval"] == f"file {default}"
+
+
+@pytest.mark.parametrize(
+    ("text", "field", "words"),
+    [
+        ("heartbeat_timeot = 3\n", "heartbeat_timeot", "unknown setting"),
+        ('heartbeat_timeout = "soon"\n', "heartbeat_timeout", "not a valid value"),
+        ("heartbeat_timeout = true\n", "heartbeat_timeout", "not a valid value"),
+        ("flush_interval = -1\n", "flush_interval", "must be within"),
+        ("socket_mode = 0o666\n", "socket_mode", "every local user"),
+        ('log_level = "LOUD"\n', "log_level", "must be one of"),
+        ("[daemon]\ndb = 'x'\n", "daemon", "unknown setting"),
+        ("heartbeat_timeout = \n", "config", "Invalid value"),
+    ],
+)
+def test_bad_file_values_are_refused_naming_the_field_and_the_file(
+    workdir: Path, text: str, field: str, words: str
+) -> None:
+    toml = workdir / "bad.toml"
+    toml.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load(["--config", str(toml)], {})
+    message = str(info.value)
+    assert message.startswith(f"{field}: ") and words in message and str(toml) in message
+    assert "\n" not in message
+
+
+def test_missing_explicit_config_file_is_an_error(workdir: Path) -> None:
+    with pytest.raises(ConfigError, match=r"^config: .*no such file"):
+        load(["--config", str(workdir / "nope.toml")], {})
+    with pytest.raises(ConfigError, match=r"^config: "):
+        load([], {"POSITIOND_CONFIG": str(workdir / "nope.toml")})
+
+
+@pytest.mark.parametrize("raw", ["0660", "660", "0o660"])
+def test_socket_mode_is_octal_everywhere(raw: str) -> None:
+    assert from_args(["--socket-mode", raw], {}, default_file=None).socket_mode == 0o660
+    assert from_args([], {"POSITIOND_SOCKET_MODE": raw}, default_file=None).socket_mode == 0o660
+
+
+def test_print_config_is_toml_with_a_source_per_value(workdir: Path) -> None:
+    toml = workdir / "p.toml"
+    toml.write_text("heartbeat_timeout = 4\nsocket_mode = 0o640\n")
+    result = _run(
+        "--config",
+        str(toml),
+        "--db",
+        str(workdir / "p.db"),
+        "--print-config",
+        env={"POSITIOND_FLUSH_INTERVAL": "0.2"},
+    )
+    assert result.returncode == 0, result.stderr
+    lines = {line.split(" = ")[0]: line for line in result.stdout.splitlines() if " = " in line}
+    assert lines["heartbeat_timeout"].endswith(f"# file {toml}")
+    assert lines["flush_interval"].endswith("# env POSITIOND_FLUSH_INTERVAL")
+    assert lines["db"].endswith("# flag --db")
+    assert lines["synchronous"].endswith("# default")
+    # The output is itself a valid config file that reproduces the settings.
+    again = workdir / "again.toml"
+    again.write_text(result.stdout)
+    assert tomllib.loads(result.stdout)["socket_mode"] == 0o640
+    assert (
+        load(["--config", str(again)], {}).config
+        == load(
+            ["--config", str(toml), "--db", str(workdir / "p.db")],
+            {"POSITIOND_FLUSH_INTERVAL": "0.2"},
+        ).config
+    )
+    assert not (workdir / "p.db").exists()  # printing opens nothing
+
+
+def test_format_config_names_the_file() -> None:
+    text = format_config(load([], {}, default_file=None))
+    assert "# config file: none" in text
+
+
+@pytest.mark.parametrize(
+    ("how", "field"),
+    [("file", "heartbeat_timeout"), ("env", "flush_interval"), ("unknown", "color")],
+)
+def test_bad_file_or_env_value_exits_2_before_binding(workdir: Path, how: str, field: str) -> None:
+    toml = workdir / "p.toml"
+    toml.write_text("heartbeat_timeout = -3\n" if how == "file" else "")
+    if how == "unknown":
+        toml.write_text('color = "blue"\n')
+    env = {"POSITIOND_FLUSH_INTERVAL": "fast"} if how == "env" else {}
+    sock = workdir / "p.sock"
+    result = _run(
+        "--config", str(toml), "--db", str(workdir / "p.db"), "--endpoint", f"ipc://{sock}", env=env
+    )
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"positiond: {field}: ")
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not (workdir / "p.db").exists() and not sock.exists()

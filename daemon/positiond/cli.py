@@ -1,61 +1,131 @@
-"""``positiond`` command line: parse settings, configure logging, run the daemon until a signal."""
+"""``positiond`` command line: settings, logging, signals; runs the daemon until told to stop.
+
+Exit codes: 0 after a graceful stop (SIGTERM/SIGINT), 1 when the daemon cannot run (another
+instance holds the database or endpoint, a database from a newer version), 2 for an invalid
+setting or an unusable socket from systemd — found before anything is opened or bound. The
+systemd unit does not restart on 2 (``RestartPreventExitStatus=2``): a restart cannot fix it.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
-from positiond.config import Config, ConfigError, from_args
+from positiond.activation import ActivationError, Inherited, inherited_socket, matches
+from positiond.config import Config, ConfigError, Loaded, format_config, load
+from positiond.logs import set_level, setup_logging
 from positiond.schema import SchemaError
 from positiond.server import AlreadyRunning, Daemon
+from positiond.status import status_line
 
 __all__ = ["async_main", "main"]
 
 log = logging.getLogger("positiond")
 
-
-def setup_logging(level: str) -> None:
-    """The only place handlers are configured: stderr, one line per record."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level)
-    # aiosqlite logs every statement at DEBUG: too much even when debugging positiond.
-    logging.getLogger("aiosqlite").setLevel(max(logging.INFO, root.level))
+EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
 
 
-async def async_main(config: Config) -> int:
+class _Reloader:
+    """SIGHUP: re-read the config file (same flags, same environment), apply what is safe."""
+
+    def __init__(self, daemon: Daemon, argv: Sequence[str] | None, env: Mapping[str, str]):
+        self.daemon, self.argv, self.env = daemon, argv, dict(env)
+
+    def __call__(self) -> None:
+        daemon = self.daemon
+        daemon.notifier.reloading()
+        try:
+            try:
+                loaded = load(self.argv, self.env)
+            except ConfigError as exc:
+                log.error("reload: %s; keeping the current settings", exc)
+                return
+            old = daemon.config
+            applied, refused = daemon.reconfigure(loaded.config)
+            if "log_level" in applied:
+                set_level(daemon.config.log_level)
+            if not applied and not refused:
+                log.info("reload: %s unchanged", loaded.file or "settings")
+            for name in applied:
+                log.info(
+                    "reload: %s %s -> %s", name, getattr(old, name), getattr(daemon.config, name)
+                )
+            if refused:
+                log.warning(
+                    "reload: not applied (restart the daemon to change them): %s",
+                    ", ".join(
+                        f"{n} (running {getattr(old, n)}, configured {getattr(loaded.config, n)})"
+                        for n in refused
+                    ),
+                )
+        finally:
+            daemon.notifier.ready(status_line(daemon.health()))
+
+
+async def async_main(
+    config: Config,
+    *,
+    inherited: Inherited | None = None,
+    argv: Sequence[str] | None = None,
+    env: Mapping[str, str] | None = None,
+) -> int:
     """Run the daemon until SIGTERM/SIGINT; return the exit code."""
-    daemon = Daemon(config)
+    daemon = Daemon(config, listen_fd=None if inherited is None else inherited.fd)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, daemon.request_stop)
+    loop.add_signal_handler(
+        signal.SIGHUP, _Reloader(daemon, argv, os.environ if env is None else env)
+    )
     log.info("database: %s", config.db)
     log.info("endpoint: %s", config.endpoint)
+    if inherited is not None:
+        log.info("socket activation: listening socket %s from systemd", inherited.path)
     try:
         await daemon.run()
-    except AlreadyRunning as exc:
+    except (AlreadyRunning, SchemaError) as exc:
         log.error("%s", exc)
-        return 1
-    except SchemaError as exc:
-        log.error("%s", exc)
-        return 1
-    return 0
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def _settings(argv: Sequence[str] | None) -> tuple[Loaded, Inherited | None]:
+    loaded = load(argv)
+    if loaded.print_config:
+        return loaded, None
+    try:
+        inherited = inherited_socket()
+    except ActivationError as exc:
+        raise ConfigError("socket activation", str(exc)) from None
+    if inherited is not None and not matches(loaded.config.endpoint, inherited):
+        raise ConfigError(
+            "endpoint",
+            f"{loaded.config.endpoint} is not the socket systemd passed ({inherited.path}); "
+            "make ListenStream= in positiond.socket and the endpoint the same path "
+            f"(from {loaded.sources['endpoint']})",
+        )
+    return loaded, inherited
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``positiond`` console script and ``python -m positiond``."""
+    env = dict(os.environ)  # as started: SIGHUP resolves the settings against the same one
     try:
-        config = from_args(argv)
+        loaded, inherited = _settings(argv)
     except ConfigError as exc:
         print(f"positiond: {exc}", file=sys.stderr)
-        return 2
-    setup_logging(config.log_level)
-    return asyncio.run(async_main(config))
+        return EXIT_CONFIG
+    if loaded.print_config:
+        sys.stdout.write(format_config(loaded))
+        return EXIT_OK
+    setup_logging(loaded.config.log_level)
+    if loaded.file is not None:
+        log.info("settings from %s", loaded.file)
+    return asyncio.run(async_main(loaded.config, inherited=inherited, argv=argv, env=env))
 
 
 if __name__ == "__main__":

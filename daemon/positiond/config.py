@@ -1,25 +1,56 @@
-"""The daemon's settings: one dataclass; defaults < environment < command-line flags."""
+"""The daemon's settings: one dataclass; defaults < TOML file < environment < command-line flags.
+
+The file is ``/etc/positiond/positiond.toml`` when it exists, or the one named by ``--config`` /
+``$POSITIOND_CONFIG`` (which must exist). Its keys are the flags' names with underscores
+(``heartbeat_timeout = 3``); an unknown key is an error, like any invalid value: the message
+names the setting and where the bad value came from, and ``positiond`` exits 2 before it opens
+or binds anything. :func:`load` also records where each value came from, for ``--print-config``,
+and SIGHUP re-runs it to pick up a changed file (see :data:`RELOADABLE`).
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
-from collections.abc import Mapping, Sequence
+import tomllib
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 from positiond.store import Synchronous
 from positiond_client.paths import default_db_path, default_endpoint
 from positiond_client.protocol import MAX_MESSAGE_BYTES
 
-__all__ = ["Config", "ConfigError", "build_parser", "from_args"]
+__all__ = [
+    "DEFAULT_CONFIG_FILE",
+    "RELOADABLE",
+    "Config",
+    "ConfigError",
+    "Loaded",
+    "build_parser",
+    "changed",
+    "format_config",
+    "from_args",
+    "load",
+]
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 SYNCHRONOUS = ("NORMAL", "FULL")
+DEFAULT_CONFIG_FILE = Path("/etc/positiond/positiond.toml")
+CONFIG_ENV = "POSITIOND_CONFIG"
+# What SIGHUP can change in a running daemon; everything else needs a restart.
+RELOADABLE = frozenset({"log_level", "heartbeat_timeout", "flush_interval", "status_interval"})
 
 
 class ConfigError(ValueError):
-    """An invalid setting; the message names it."""
+    """An invalid setting; the message (one line) names it."""
+
+    def __init__(self, name: str, reason: str) -> None:
+        super().__init__(f"{name}: {reason}")
+        self.name = name
+        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -33,33 +64,164 @@ class Config:
     log_level: str = "INFO"
     synchronous: Synchronous = "NORMAL"
     max_message_bytes: int = MAX_MESSAGE_BYTES
+    # 0600: only the daemon's user. 0660 + a shared group lets strategy units in.
+    socket_mode: int = 0o600
+    # How long a write waits for another connection's lock (a backup, an operator's sqlite3).
+    busy_timeout: float = 5.0
+    # How often STATUS= and status.json are refreshed.
+    status_interval: float = 5.0
 
     def __post_init__(self) -> None:
         if not (self.endpoint.startswith("ipc://") or self.endpoint.startswith("tcp://")):
-            raise ConfigError(f"endpoint: {self.endpoint!r} must start with ipc:// or tcp://")
+            raise ConfigError("endpoint", f"{self.endpoint!r} must start with ipc:// or tcp://")
         if self.endpoint.startswith("ipc://") and len(self.endpoint) - 6 > 107:
-            raise ConfigError("endpoint: ipc paths are limited to 107 characters")
-        if not 0.05 <= self.heartbeat_timeout <= 3600:
-            raise ConfigError("heartbeat_timeout: must be within [0.05, 3600] seconds")
-        if not 0.001 <= self.flush_interval <= 3600:
-            raise ConfigError("flush_interval: must be within [0.001, 3600] seconds")
+            raise ConfigError("endpoint", "ipc paths are limited to 107 characters")
+        _within("heartbeat_timeout", self.heartbeat_timeout, 0.05, 3600)
+        _within("flush_interval", self.flush_interval, 0.001, 3600)
         if self.log_level not in LOG_LEVELS:
-            raise ConfigError(f"log_level: must be one of {', '.join(LOG_LEVELS)}")
+            raise ConfigError("log_level", f"must be one of {', '.join(LOG_LEVELS)}")
         if self.synchronous not in SYNCHRONOUS:
-            raise ConfigError(f"synchronous: must be one of {', '.join(SYNCHRONOUS)}")
-        if not 1024 <= self.max_message_bytes <= 64 * 1024 * 1024:
-            raise ConfigError("max_message_bytes: must be within [1024, 67108864]")
+            raise ConfigError("synchronous", f"must be one of {', '.join(SYNCHRONOUS)}")
+        _within("max_message_bytes", self.max_message_bytes, 1024, 64 * 1024 * 1024)
+        if not 0 <= self.socket_mode <= 0o777:
+            raise ConfigError("socket_mode", f"{self.socket_mode:#o} is not a file mode")
+        if self.socket_mode & 0o007:
+            raise ConfigError(
+                "socket_mode",
+                f"{self.socket_mode:#o} lets every local user write sessions; "
+                "give access through a group (0660) instead",
+            )
+        _within("busy_timeout", self.busy_timeout, 0.0, 3600)
+        _within("status_interval", self.status_interval, 0.1, 3600)
 
 
+def _within(name: str, value: float, low: float, high: float) -> None:
+    if not low <= value <= high:  # also refuses NaN
+        raise ConfigError(name, f"{value!r} must be within [{low:g}, {high:g}]")
+
+
+# ---- how each setting is spelled and parsed in each layer ---------------------------------
+
+
+def _float(raw: str) -> float:
+    return float(raw)
+
+
+def _int(raw: str) -> int:
+    return int(raw, 0)
+
+
+def _octal(raw: str) -> int:
+    text = raw.strip().lower()
+    return int(text[2:] if text.startswith("0o") else text, 8)
+
+
+def _path(raw: str) -> Path:
+    return Path(raw).expanduser()
+
+
+def _upper(raw: str) -> str:
+    return raw.strip().upper()
+
+
+@dataclass(frozen=True)
+class _Setting:
+    name: str
+    parse: Callable[[str], Any]  # from a flag, the environment or a TOML string
+    toml: tuple[type, ...]  # TOML value types accepted as they are
+    metavar: str
+    help: str
+
+    @property
+    def env(self) -> str:
+        return "POSITIOND_" + self.name.upper()
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+
+_NUMBER = (int, float)
+SETTINGS: tuple[_Setting, ...] = (
+    _Setting(
+        "db",
+        _path,
+        (),
+        "PATH",
+        "SQLite database (default: $STATE_DIRECTORY, else $XDG_STATE_HOME/positiond, else "
+        "~/.local/state/positiond; file positiond.db)",
+    ),
+    _Setting(
+        "endpoint",
+        str,
+        (),
+        "ENDPOINT",
+        "ipc:// or tcp:// endpoint to bind (default: ipc socket positiond.sock in "
+        "$RUNTIME_DIRECTORY, else $XDG_RUNTIME_DIR/positiond, else /tmp/positiond-$UID)",
+    ),
+    _Setting(
+        "heartbeat_timeout",
+        _float,
+        _NUMBER,
+        "SECONDS",
+        "declare a silent session CRASHED after this long (default: {})",
+    ),
+    _Setting(
+        "flush_interval",
+        _float,
+        _NUMBER,
+        "SECONDS",
+        "write coalesced updates this often (default: {})",
+    ),
+    _Setting("log_level", _upper, (), "LEVEL", f"{', '.join(LOG_LEVELS)} (default: {{}})"),
+    _Setting(
+        "synchronous",
+        _upper,
+        (),
+        "MODE",
+        "SQLite synchronous mode: NORMAL survives any crash of the process, FULL also a power "
+        "loss at some cost per commit (default: {})",
+    ),
+    _Setting(
+        "max_message_bytes",
+        _int,
+        (int,),
+        "BYTES",
+        "largest message accepted; a peer sending more is disconnected (default: {})",
+    ),
+    _Setting(
+        "socket_mode",
+        _octal,
+        (int,),
+        "MODE",
+        "octal mode of the ipc socket file; 0660 lets a shared group connect (default: {})",
+    ),
+    _Setting(
+        "busy_timeout",
+        _float,
+        _NUMBER,
+        "SECONDS",
+        "how long a write waits for another connection's lock before it is retried (default: {})",
+    ),
+    _Setting(
+        "status_interval",
+        _float,
+        _NUMBER,
+        "SECONDS",
+        "refresh systemd's STATUS= line and status.json this often (default: {})",
+    ),
+)
+_BY_NAME = {s.name: s for s in SETTINGS}
 # setting -> environment variable (the client reads POSITIOND_ENDPOINT too)
-ENV = {
-    "db": "POSITIOND_DB",
-    "endpoint": "POSITIOND_ENDPOINT",
-    "heartbeat_timeout": "POSITIOND_HEARTBEAT_TIMEOUT",
-    "flush_interval": "POSITIOND_FLUSH_INTERVAL",
-    "log_level": "POSITIOND_LOG_LEVEL",
-    "synchronous": "POSITIOND_SYNCHRONOUS",
-}
+ENV = {s.name: s.env for s in SETTINGS}
+
+
+def _show(name: str, value: object) -> str:
+    if name == "socket_mode" and isinstance(value, int):
+        return f"{value:04o}"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,77 +230,162 @@ def build_parser() -> argparse.ArgumentParser:
         prog="positiond",
         description="Position persistence daemon: strategies push their legs over ZeroMQ, "
         "positiond keeps them in SQLite and marks a strategy that dies CRASHED.",
-        epilog="Runs in the foreground and logs to stderr. SIGTERM/SIGINT stop it gracefully "
-        "(everything pending is written first). Protocol: docs/PROTOCOL.md.",
+        epilog="Precedence: defaults < config file < environment < flags; the environment "
+        "variable of each flag is in brackets, its TOML key is the flag's name with "
+        "underscores. Runs in the foreground and logs to stderr (syslog-style priorities "
+        "under systemd). SIGTERM/SIGINT stop it gracefully (everything pending is written "
+        "first); SIGHUP re-reads the config file. Protocol: docs/PROTOCOL.md; deployment as "
+        "a systemd service: docs/DEPLOY.md.",
     )
     parser.add_argument(
-        "--db",
-        metavar="PATH",
-        help="SQLite database [POSITIOND_DB] (default: $STATE_DIRECTORY, else "
-        "$XDG_STATE_HOME/positiond, else ~/.local/state/positiond; file positiond.db)",
+        "--config",
+        metavar="FILE",
+        help=f"TOML config file [{CONFIG_ENV}] (default: {DEFAULT_CONFIG_FILE}, if it exists)",
     )
     parser.add_argument(
-        "--endpoint",
-        metavar="ENDPOINT",
-        help="ipc:// or tcp:// endpoint to bind [POSITIOND_ENDPOINT] (default: ipc socket "
-        "positiond.sock in $RUNTIME_DIRECTORY, else $XDG_RUNTIME_DIR/positiond, else "
-        "/tmp/positiond-$UID)",
+        "--print-config",
+        action="store_true",
+        help="print the effective settings and where each came from, then exit",
     )
-    parser.add_argument(
-        "--heartbeat-timeout",
-        type=float,
-        metavar="SECONDS",
-        help=f"declare a silent session CRASHED after this long "
-        f"[POSITIOND_HEARTBEAT_TIMEOUT] (default: {d.heartbeat_timeout:g})",
-    )
-    parser.add_argument(
-        "--flush-interval",
-        type=float,
-        metavar="SECONDS",
-        help=f"write coalesced updates this often [POSITIOND_FLUSH_INTERVAL] "
-        f"(default: {d.flush_interval:g})",
-    )
-    parser.add_argument(
-        "--log-level",
-        type=str.upper,
-        choices=LOG_LEVELS,
-        help=f"[POSITIOND_LOG_LEVEL] (default: {d.log_level})",
-    )
-    parser.add_argument(
-        "--synchronous",
-        type=str.upper,
-        choices=SYNCHRONOUS,
-        help="SQLite synchronous mode [POSITIOND_SYNCHRONOUS]: NORMAL survives any crash of "
-        "the process, FULL also a power loss at some cost per commit "
-        f"(default: {d.synchronous})",
-    )
+    for s in SETTINGS:
+        text = s.help.format(_show(s.name, getattr(d, s.name)))
+        parser.add_argument(s.flag, dest=s.name, metavar=s.metavar, help=f"{text} [{s.env}]")
     return parser
 
 
-def from_args(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> Config:
-    """Build the Config from flags over environment over defaults (raises ConfigError)."""
+# ---- resolution -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """The effective settings, where each came from, and the file that was read (if any)."""
+
+    config: Config
+    sources: dict[str, str]
+    file: Path | None
+    print_config: bool = False
+
+
+def load(
+    argv: Sequence[str] | None = None,
+    env: Mapping[str, str] | None = None,
+    default_file: Path | None = DEFAULT_CONFIG_FILE,
+) -> Loaded:
+    """Resolve defaults < file < environment < flags; raises ConfigError naming the setting."""
     env = os.environ if env is None else env
     args = build_parser().parse_args(argv)
-    types = {f.name: f.type for f in fields(Config)}
     values: dict[str, object] = {}
-    for name, var in ENV.items():
-        if env.get(var):
-            values[name] = _convert(name, env[var], types[name])
-    for name in ENV:
-        flag = getattr(args, name, None)
-        if flag is not None:
-            values[name] = _convert(name, flag, types[name])
-    return Config(**values)  # type: ignore[arg-type]
+    sources = {s.name: "default" for s in SETTINGS}
 
+    path = _config_file(args.config, env, default_file)
+    if path is not None:
+        where = f"file {path}"
+        for name, raw in _read_toml(path).items():
+            values[name] = _from_toml(name, raw, where)
+            sources[name] = where
+    for s in SETTINGS:
+        raw = env.get(s.env)
+        if raw:
+            values[s.name] = _parse(s, raw, f"env {s.env}")
+            sources[s.name] = f"env {s.env}"
+    for s in SETTINGS:
+        raw = getattr(args, s.name)
+        if raw is not None:
+            values[s.name] = _parse(s, raw, f"flag {s.flag}")
+            sources[s.name] = f"flag {s.flag}"
 
-def _convert(name: str, raw: object, kind: object) -> object:
+    # The path defaults, computed without the variables that are layers of their own.
+    base_env = {k: v for k, v in env.items() if k not in ("POSITIOND_DB", "POSITIOND_ENDPOINT")}
+    values.setdefault("db", default_db_path(base_env))
+    values.setdefault("endpoint", default_endpoint(base_env))
     try:
-        if kind in (float, "float"):
-            return float(raw)  # type: ignore[arg-type]
-        if kind in (Path, "Path"):
-            return Path(str(raw)).expanduser()
-        if name in ("log_level", "synchronous"):
-            return str(raw).upper()
-        return raw
+        config = Config(**values)  # type: ignore[arg-type]
+    except ConfigError as exc:
+        source = sources.get(exc.name, "default")
+        raise ConfigError(exc.name, f"{exc.reason} (from {source})") from None
+    return Loaded(config, sources, path, bool(args.print_config))
+
+
+def from_args(
+    argv: Sequence[str] | None = None,
+    env: Mapping[str, str] | None = None,
+    default_file: Path | None = DEFAULT_CONFIG_FILE,
+) -> Config:
+    """Build the Config from flags over environment over file over defaults."""
+    return load(argv, env, default_file).config
+
+
+def _config_file(flag: str | None, env: Mapping[str, str], default: Path | None) -> Path | None:
+    explicit = flag if flag is not None else env.get(CONFIG_ENV)
+    if explicit:
+        path = Path(explicit).expanduser()
+        if not path.is_file():
+            raise ConfigError("config", f"{path}: no such file")
+        return path
+    if default is not None and default.is_file():
+        return default
+    return None
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as handle:
+            data = tomllib.load(handle)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("config", f"{path}: {exc}") from None
+    except OSError as exc:
+        raise ConfigError("config", f"{path}: {exc.strerror}") from None
+    unknown = sorted(set(data) - set(_BY_NAME))
+    if unknown:
+        raise ConfigError(
+            unknown[0],
+            f"unknown setting in {path} (known: {', '.join(s.name for s in SETTINGS)})",
+        )
+    return data
+
+
+def _parse(s: _Setting, raw: str, where: str) -> object:
+    try:
+        return s.parse(raw)
     except (TypeError, ValueError):
-        raise ConfigError(f"{name}: {raw!r} is not a valid value") from None
+        raise ConfigError(s.name, f"{raw!r} is not a valid value (from {where})") from None
+
+
+def _from_toml(name: str, raw: object, where: str) -> object:
+    s = _BY_NAME[name]
+    if isinstance(raw, bool):  # bool is an int to Python, never a number in a config
+        raise ConfigError(name, f"{raw!r} is not a valid value (from {where})")
+    if s.toml and isinstance(raw, s.toml):
+        return float(raw) if s.parse is _float else raw  # type: ignore[arg-type]
+    if isinstance(raw, str):
+        return _parse(s, raw, where)
+    raise ConfigError(name, f"{raw!r} is not a valid value (from {where})")
+
+
+def changed(old: Config, new: Config) -> list[str]:
+    """Names of the settings whose values differ."""
+    return [f.name for f in fields(Config) if getattr(old, f.name) != getattr(new, f.name)]
+
+
+def format_config(loaded: Loaded) -> str:
+    """The effective settings as TOML, each value's source in a comment."""
+    cfg = loaded.config
+    lines = [
+        "# positiond: effective settings (defaults < file < environment < flags)",
+        f"# config file: {loaded.file if loaded.file is not None else 'none'}",
+    ]
+    body = []
+    for s in SETTINGS:
+        value = getattr(cfg, s.name)
+        if s.name == "socket_mode":
+            text = f"0o{value:03o}"
+        elif isinstance(value, Path):
+            text = json.dumps(str(value))
+        elif isinstance(value, str):
+            text = json.dumps(value)
+        else:
+            text = repr(value)
+        body.append((f"{s.name} = {text}", loaded.sources[s.name]))
+    width = max(len(line) for line, _ in body)
+    lines += [f"{line:<{width}}  # {source}" for line, source in body]
+    return "\n".join(lines) + "\n"

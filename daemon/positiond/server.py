@@ -1,24 +1,32 @@
 """The daemon's asyncio adapter: one ROUTER socket in, one SQLite writer out.
 
-Four tasks share the event loop:
+Five tasks share the event loop:
 
 - receive: ``await poll()`` then drain the socket without blocking through a shadow socket
   (pyzmq's one-await-per-message path is four times slower, and a cancelled ``recv`` can lose a
   message), decode, hand each message to the :class:`~positiond.engine.Engine`;
 - write: takes a batch from the engine, commits it in one call, then sends the acks;
 - tick: drives liveness verdicts and the flush interval;
-- monitor: turns a dropped ipc connection into "process exited" within milliseconds.
+- monitor: turns a dropped ipc connection into "process exited" within milliseconds;
+- status: tells systemd how the daemon is doing (``STATUS=``, ``WATCHDOG=1`` while the writer
+  makes progress, see :mod:`positiond.status`) and refreshes ``status.json``.
+
+Under systemd the daemon may be handed its listening socket (:mod:`positiond.activation`) and
+reports READY=1 only once the database is migrated and the socket accepts connections.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import errno
 import fcntl
+import importlib.metadata
 import logging
 import os
 import sqlite3
+import stat
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -28,8 +36,16 @@ import zmq
 import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
-from positiond.config import Config
+from positiond.config import RELOADABLE, Config, changed
 from positiond.engine import Engine
+from positiond.notify import Notifier
+from positiond.status import (
+    STATUS_FILENAME,
+    Progress,
+    remove_status_file,
+    status_line,
+    write_status_file,
+)
 from positiond.store import Store
 from positiond_client.errors import ProtocolError
 from positiond_client.paths import ensure_private_dir, ipc_path, runtime_dir
@@ -46,6 +62,18 @@ DRAIN_MAX = 2000
 PROBE_RETRIES = (0.002, 0.01, 0.05, 0.2)
 # How long a stopping daemon keeps retrying a failing final write.
 SHUTDOWN_WRITE_TIMEOUT = 10.0
+# While the final flush runs, ask systemd for this much more stop time every EXTEND_STEP seconds.
+EXTEND_STEP = 1.0
+EXTEND_BY = 3 * EXTEND_STEP
+# Without a systemd watchdog, health() calls a writer stalled for this long unhealthy.
+STALL_LIMIT = 30.0
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("positiond")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
 
 
 class AlreadyRunning(RuntimeError):
@@ -103,10 +131,14 @@ class Daemon:
         self,
         config: Config,
         *,
+        listen_fd: int | None = None,
+        notifier: Notifier | None = None,
         monotonic: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
     ) -> None:
         self.config = config
+        self.listen_fd = listen_fd  # a listening socket from systemd (positiond.activation)
+        self.notifier = Notifier() if notifier is None else notifier
         self.monotonic = monotonic
         self.engine = Engine(
             config.heartbeat_timeout, config.flush_interval, monotonic=monotonic, wall=wall
@@ -125,8 +157,11 @@ class Daemon:
         self._bad_log = _RateLimitedLog()
         self.is_ipc = config.endpoint.startswith("ipc://")
         self.endpoint = config.endpoint
-        self.healthy = True
+        self.healthy = True  # the last write succeeded
         self.last_flush: float | None = None
+        self.started = monotonic()
+        self.progress = Progress(self.started)
+        self.status_path: Path | None = None
         self.counters = self.engine.counters
         self.counters.update({"bad_messages": 0, "dropped_replies": 0, "batches": 0})
 
@@ -148,7 +183,7 @@ class Daemon:
             # would silently steal the endpoint from the first.
             lock = sock_path.with_name(sock_path.name + ".lock")
             self._locks.append(_lock(lock, f"endpoint {cfg.endpoint}"))
-        self.store = await Store.open(db, cfg.synchronous)
+        self.store = await Store.open(db, cfg.synchronous, busy_timeout=cfg.busy_timeout)
         sessions, legs = await self.store.load_live()
         self.engine.load(sessions, legs)
         if sessions:
@@ -162,11 +197,18 @@ class Daemon:
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         sock.setsockopt(zmq.MAXMSGSIZE, cfg.max_message_bytes + 1024)
         sock.setsockopt(zmq.LINGER, 1000)
+        if self.listen_fd is not None:
+            # Socket activation: libzmq adopts systemd's listening socket (and will close it)
+            # instead of unlinking the file and binding a new one; bind only names it.
+            sock.setsockopt(zmq.USE_FD, self.listen_fd)
         sock.bind(cfg.endpoint)
         # tcp://host:* binds a free port: report the real one.
         self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
-        if sock_path is not None:
-            os.chmod(sock_path, 0o600)
+        if sock_path is not None and self.listen_fd is not None:
+            log.info("listening on the socket from systemd (mode: the unit's SocketMode=)")
+        elif sock_path is not None:
+            os.chmod(sock_path, cfg.socket_mode)
+            self._check_group_access(sock_path)
         else:
             log.warning(
                 "listening on %s without authentication: anyone who can reach it can write "
@@ -182,12 +224,45 @@ class Daemon:
             loop.create_task(self._tick_loop(), name="positiond-tick"),
         ]
         self._tasks.append(loop.create_task(self._monitor_loop(), name="positiond-monitor"))
+        self.status_path = self._status_file(sock_path)
+        self.started = self.monotonic()
+        self.progress = Progress(self.started)
+        health = self.publish_health(notify=False)
+        # The database is migrated and the socket accepts connections: now, not earlier.
+        self.notifier.ready(status_line(health))
+        self._tasks.append(loop.create_task(self._status_loop(), name="positiond-status"))
+        if self.notifier.watchdog_interval is not None:
+            self._tasks.append(loop.create_task(self._watchdog_loop(), name="positiond-watchdog"))
         log.info("positiond ready: database %s, endpoint %s", db, self.endpoint)
+
+    def _check_group_access(self, sock_path: Path) -> None:
+        if not self.config.socket_mode & 0o070:
+            return
+        mode = sock_path.parent.stat().st_mode
+        if not mode & stat.S_IXGRP:
+            log.warning(
+                "socket_mode %04o lets the group in, but its directory %s (mode %04o) does not",
+                self.config.socket_mode,
+                sock_path.parent,
+                mode & 0o7777,
+            )
+
+    def _status_file(self, sock_path: Path | None) -> Path | None:
+        """status.json goes beside the socket (the runtime directory)."""
+        directory = sock_path.parent if sock_path is not None else runtime_dir()
+        try:
+            if sock_path is None:
+                ensure_private_dir(directory)
+            return directory / STATUS_FILENAME
+        except OSError as exc:
+            log.warning("no status.json: %s", exc)
+            return None
 
     def request_stop(self) -> None:
         """Ask for a graceful stop (signal handlers call this)."""
         if not self._stopping:
             log.info("stopping: no new messages; flushing what is pending")
+            self.notifier.stopping("stopping: writing what is pending")
             self._stopping = True
             self._stop_requested.set()
             self._wake.set()
@@ -205,6 +280,8 @@ class Daemon:
 
     async def stop(self) -> None:
         """Stop receiving, write everything pending, answer it, close socket and database."""
+        if not self._stopping:
+            self.notifier.stopping("stopping: writing what is pending")
         self._stopping = True
         for task in self._tasks:
             task.cancel()
@@ -214,7 +291,7 @@ class Daemon:
         self._tasks = []
         if self._writer is not None:
             self._wake.set()
-            await self._writer
+            await self._final_flush(self._writer)
             self._writer = None
         if self.sock is not None:
             self.sock.close(linger=1000)
@@ -225,11 +302,131 @@ class Daemon:
         if self.store is not None:
             await self.store.close()
             self.store = None
+        if self.status_path is not None:
+            remove_status_file(self.status_path)
         for handle in self._locks:
             handle.close()
         self._locks = []
         log.info("positiond stopped")
+        self.notifier.close()
         self._stopped.set()
+
+    async def _final_flush(self, writer: asyncio.Task[None]) -> None:
+        """Wait for the writer to drain; if that runs long, tell systemd not to kill us yet.
+
+        The writer gives up by itself after SHUTDOWN_WRITE_TIMEOUT of failures, and one SQLite
+        call waits at most busy_timeout: extensions stop after both, so a hung disk cannot keep
+        the unit in "deactivating" forever.
+        """
+        deadline = self.monotonic() + SHUTDOWN_WRITE_TIMEOUT + self.config.busy_timeout + 5
+        while True:
+            done, _ = await asyncio.wait({writer}, timeout=EXTEND_STEP)
+            if done:
+                writer.result()
+                return
+            if self.monotonic() < deadline:
+                pending = self.engine.pending_ops + self.engine.pending_updates
+                log.info(
+                    "final flush still running (%d pending); extending the stop timeout", pending
+                )
+                self.notifier.extend_timeout(EXTEND_BY)
+
+    # ---- health --------------------------------------------------------------------------
+
+    @property
+    def stall_limit(self) -> float:
+        """A writer without progress for this long is stuck (half the watchdog timeout)."""
+        interval = self.notifier.watchdog_interval
+        return interval if interval is not None else max(STALL_LIMIT, 2 * self.config.busy_timeout)
+
+    def writer_progressing(self) -> bool:
+        """Did the writer commit or have nothing to do within :attr:`stall_limit`?"""
+        now = self.monotonic()
+        engine = self.engine
+        if not engine.pending_ops and not engine.batch_due(now):
+            self.progress.idle(now)
+        return self.progress.stalled_for(now) < self.stall_limit
+
+    def health(self) -> dict[str, Any]:
+        """A snapshot for operators and monitoring (documented in :mod:`positiond.status`)."""
+        now, wall = self.monotonic(), time.time()
+        progressing = self.writer_progressing()
+        db = Path(self.config.db)
+        size = 0
+        for path in (db, db.with_name(db.name + "-wal")):
+            with contextlib.suppress(OSError):
+                size += path.stat().st_size
+        return {
+            "pid": os.getpid(),
+            "version": _version(),
+            "time": round(wall, 3),
+            "status_interval": self.config.status_interval,
+            "uptime": round(now - self.started, 3),
+            "endpoint": self.endpoint,
+            "db": str(db),
+            "db_size": size,
+            "sessions": len(self.engine.sessions),
+            "legs": len(self.engine.legs),
+            "pending_ops": self.engine.pending_ops,
+            "pending_updates": self.engine.pending_updates,
+            "last_flush_age": None if self.last_flush is None else round(wall - self.last_flush, 3),
+            "writer_stalled": round(self.progress.stalled_for(now), 3),
+            "writes_ok": self.healthy,
+            "healthy": self.healthy and progressing,
+            "counters": dict(self.counters),
+        }
+
+    def publish_health(self, *, notify: bool = True) -> dict[str, Any]:
+        """Refresh status.json and (unless ``notify`` is False) systemd's STATUS= line."""
+        health = self.health()
+        if notify:
+            self.notifier.status(status_line(health))
+        if self.status_path is not None:
+            try:
+                write_status_file(self.status_path, health)
+            except OSError as exc:
+                log.warning("cannot write %s: %s", self.status_path, exc)
+        return health
+
+    async def _status_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.status_interval)
+            self.publish_health()
+
+    async def _watchdog_loop(self) -> None:
+        interval = self.notifier.watchdog_interval
+        assert interval is not None
+        stuck = False
+        while True:
+            await asyncio.sleep(interval)
+            if self.writer_progressing():
+                if stuck:
+                    log.warning("the writer makes progress again; watchdog pings resume")
+                    stuck = False
+                self.notifier.watchdog()
+            elif not stuck:
+                stuck = True
+                log.error(
+                    "the writer has made no progress for %.1fs (%d message(s), %d update(s) "
+                    "pending): no more watchdog pings, systemd will restart the daemon",
+                    self.progress.stalled_for(self.monotonic()),
+                    self.engine.pending_ops,
+                    self.engine.pending_updates,
+                )
+
+    # ---- reload --------------------------------------------------------------------------
+
+    def reconfigure(self, new: Config) -> tuple[list[str], list[str]]:
+        """Adopt the settings that are safe to change at runtime; (applied, not applied)."""
+        diff = changed(self.config, new)
+        applied = [name for name in diff if name in RELOADABLE]
+        refused = [name for name in diff if name not in RELOADABLE]
+        self.config = dataclasses.replace(
+            self.config, **{name: getattr(new, name) for name in applied}
+        )
+        self.engine.liveness.timeout = self.config.heartbeat_timeout
+        self.engine.flush_interval = self.config.flush_interval
+        return applied, refused
 
     # ---- receive -------------------------------------------------------------------------
 
@@ -336,15 +533,21 @@ class Daemon:
         engine = self.engine
         batch = engine.take_batch(self.monotonic(), flush_updates=flush_updates)
         if not batch:
+            self.progress.idle(self.monotonic())
             return True
+        self.progress.begin(self.monotonic())
+        committed = False
         try:
             results = await self.store.apply(batch)
+            committed = True
         except (sqlite3.Error, OSError) as exc:
             engine.requeue(batch)
             if self.healthy:
                 log.error("database write failed, will retry (nothing acked): %s", exc)
             self.healthy = False
             return False
+        finally:
+            self.progress.end(self.monotonic(), committed=committed)
         if not self.healthy:
             log.warning("database writes work again")
             self.healthy = True
@@ -357,9 +560,9 @@ class Daemon:
     # ---- time ----------------------------------------------------------------------------
 
     async def _tick_loop(self) -> None:
-        cfg = self.config
-        interval = max(0.005, min(0.05, cfg.flush_interval / 4, cfg.heartbeat_timeout / 10))
         while True:
+            cfg = self.config  # SIGHUP may have changed it
+            interval = max(0.005, min(0.05, cfg.flush_interval / 4, cfg.heartbeat_timeout / 10))
             await asyncio.sleep(interval)
             if self.engine.tick(self.monotonic()):
                 self._wake.set()

@@ -1,0 +1,103 @@
+"""How the daemon is doing: the writer's progress marker, the STATUS= line, ``status.json``.
+
+The watchdog must be fed only while the writer really makes progress: a SQLite call stuck on a
+lock or a dead disk has to get the daemon restarted, not kept alive by a timer that still runs.
+:class:`Progress` is that marker, a plain object driven by the caller's clock.
+
+``status.json`` (next to the ipc socket, in the runtime directory) is the health snapshot of
+:meth:`positiond.server.Daemon.health`, replaced atomically every status interval, for operators
+and monitoring (``posctl status``) without a round trip to the daemon. Its fields:
+
+``pid``, ``version``, ``time`` (Unix seconds when written), ``status_interval`` (a file older than
+a few of these belongs to a dead or hung daemon), ``uptime`` (seconds), ``endpoint``, ``db``,
+``db_size`` (bytes, database plus WAL), ``sessions`` (live), ``legs`` (open), ``pending_ops``
+(durable messages not committed yet), ``pending_updates`` (coalesced leg updates not written yet),
+``last_flush_age`` (seconds since the last commit, null before the first), ``writer_stalled``
+(seconds since the writer last committed or had nothing to do), ``healthy`` (writes succeed and
+the writer is not stalled), ``counters``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+__all__ = ["STATUS_FILENAME", "Progress", "remove_status_file", "status_line", "write_status_file"]
+
+STATUS_FILENAME = "status.json"
+
+
+class Progress:
+    """When did the writer last commit a batch or find nothing to write?
+
+    After a failed write only a commit counts again: between the retries of a failing batch the
+    writer has nothing due for a moment, and that must not pass for health.
+    """
+
+    def __init__(self, now: float) -> None:
+        self.last = now
+        self.write_started: float | None = None
+        self.failing = False
+
+    def begin(self, now: float) -> None:
+        """A batch goes to SQLite."""
+        self.write_started = now
+
+    def end(self, now: float, *, committed: bool) -> None:
+        """The batch came back, committed or not (then it will be retried)."""
+        self.write_started = None
+        self.failing = not committed
+        if committed:
+            self.last = now
+
+    def idle(self, now: float) -> None:
+        """Nothing is due: an idle writer is a healthy one, unless a write runs or failed."""
+        if self.write_started is None and not self.failing:
+            self.last = now
+
+    def stalled_for(self, now: float) -> float:
+        return max(0.0, now - self.last)
+
+
+def _ago(seconds: float | None) -> str:
+    if seconds is None:
+        return "never"
+    if seconds < 60:
+        return f"{seconds:.1f}s ago"
+    if seconds < 3600:
+        return f"{seconds / 60:.0f}min ago"
+    return f"{seconds / 3600:.1f}h ago"
+
+
+def status_line(health: dict[str, Any]) -> str:
+    """The one line ``systemctl status positiond`` shows."""
+    line = (
+        f"{health['sessions']} session(s) live, {health['legs']} leg(s) open, "
+        f"{health['pending_ops'] + health['pending_updates']} pending, "
+        f"last flush {_ago(health['last_flush_age'])}"
+    )
+    if not health["healthy"]:
+        line += f"; UNHEALTHY: writer stalled {health['writer_stalled']:.1f}s"
+        if not health["writes_ok"]:
+            line += ", database writes failing"
+    return line
+
+
+def write_status_file(path: Path, health: dict[str, Any]) -> None:
+    """Replace ``path`` atomically (a reader never sees half a file); mode 0640."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    data = json.dumps(health, sort_keys=True).encode() + b"\n"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o640)
+    os.fchmod(fd, 0o640)  # the unit's UMask=0077 would leave the group out
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
+    os.replace(tmp, path)
+
+
+def remove_status_file(path: Path) -> None:
+    """A stopped daemon leaves no snapshot that could be mistaken for a live one."""
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
