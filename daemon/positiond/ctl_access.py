@@ -1,0 +1,295 @@
+"""How posctl reaches the data: SQLite read-only for reads; for changes, the daemon when it runs
+and a locked direct write when it does not.
+
+Reads open ``file:<db>?mode=ro`` in one read transaction (one consistent snapshot, WAL readers
+never block the daemon's writer), so they work whether or not the daemon runs.
+
+Changes are protocol messages (``resolve``, ``orphans``, ``prune``: the sessionless ones), checked
+with :func:`positiond_client.protocol.validate` either way. The daemon holds an flock on
+``<db>.lock`` while it runs:
+
+- lock held: the daemon runs and is the only writer, so the messages go to it over ZeroMQ and
+  each waits for its ack (no answer in time: :data:`EXIT_NO_ANSWER`);
+- lock free: posctl takes the lock itself (a daemon starting meanwhile refuses to run instead of
+  writing alongside), and applies the same ops the daemon would build, with the daemon's
+  :func:`positiond.store.apply_batch`, in one transaction. One code path for the SQL.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import getpass
+import os
+import socket
+import sqlite3
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import orjson
+import zmq
+from rich.console import Console
+
+from positiond import store
+from positiond.ops import Batch, Op, OrphansOp, PruneOp, ResolveOp
+from positiond.schema import SCHEMA_VERSION, SchemaError
+from positiond_client.errors import ProtocolError
+from positiond_client.paths import ipc_path
+from positiond_client.protocol import PROTOCOL_VERSION, encode, validate
+
+__all__ = [
+    "EXIT_ATTENTION",
+    "EXIT_NO_ANSWER",
+    "EXIT_OK",
+    "EXIT_REFUSED",
+    "EXIT_UNREACHABLE",
+    "EXIT_USAGE",
+    "Ctl",
+    "CtlError",
+    "Outcome",
+    "Written",
+    "lock_path",
+    "open_readonly",
+    "who",
+    "write",
+]
+
+EXIT_OK = 0  # done; nothing crashed, nothing to look at
+EXIT_ATTENTION = 1  # crashed legs, mismatches, orphans, an unhealthy daemon
+EXIT_USAGE = 2  # bad command line or input file (argparse uses 2 too)
+EXIT_UNREACHABLE = 3  # database unreadable / missing, daemon not running or unreachable
+EXIT_NO_ANSWER = 4  # the daemon runs but did not answer in time
+EXIT_REFUSED = 5  # the daemon (or the store) refused: unknown leg, wrong state, fenced
+
+# The columns every read uses appeared in schema version 2 (review_reason, broker_orphans).
+MIN_READ_VERSION = 2
+
+
+class CtlError(Exception):
+    """A failure that ends the command: a one-line message and the exit code it means."""
+
+    def __init__(self, exit_code: int, message: str, code: str | None = None) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+        self.message = message
+        self.code = code  # the wire error code, for a refusal
+
+
+def _uri(db: Path, mode: str) -> str:
+    return f"file:{quote(str(db.absolute()), safe='/')}?mode={mode}"
+
+
+def open_readonly(db: Path) -> sqlite3.Connection:
+    """A read-only connection inside one read transaction; CtlError(3) when it cannot be read."""
+    if not db.is_file():
+        raise CtlError(EXIT_UNREACHABLE, f"no database at {db} (use --db or POSITIOND_DB)")
+    try:
+        conn = sqlite3.connect(_uri(db, "ro"), uri=True, timeout=5, isolation_level=None)
+    except sqlite3.Error as exc:
+        raise CtlError(EXIT_UNREACHABLE, f"cannot open {db}: {exc}") from None
+    try:
+        conn.row_factory = sqlite3.Row
+        conn.execute("PRAGMA busy_timeout = 5000")
+        conn.execute("BEGIN")
+        version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+        if version and version >= MIN_READ_VERSION:
+            conn.execute("SELECT 1 FROM strategy_positions LIMIT 1").fetchall()
+    except sqlite3.Error as exc:
+        conn.close()
+        raise CtlError(EXIT_UNREACHABLE, f"cannot read {db}: {exc}") from None
+    problem = None
+    if version == 0:
+        problem = f"{db} is not a positiond database (no schema)"
+    elif version > SCHEMA_VERSION:
+        problem = f"{db} has schema version {version}, newer than this posctl; upgrade positiond"
+    elif version < MIN_READ_VERSION:
+        problem = f"{db} has the old schema version {version}; start positiond once to migrate it"
+    if problem is not None:
+        conn.close()
+        raise CtlError(EXIT_UNREACHABLE, problem)
+    return conn
+
+
+def lock_path(db: Path) -> Path:
+    """The file the daemon holds an flock on while it runs (see positiond.server)."""
+    return db.with_name(db.name + ".lock")
+
+
+@contextlib.contextmanager
+def _daemon_lock(db: Path) -> Iterator[bool]:
+    """Try the daemon's lock: yields True while we hold it (no daemon), False if it is taken."""
+    path = lock_path(db)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except PermissionError:
+        try:  # the daemon's user owns it: a read-only descriptor can still be locked
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise CtlError(EXIT_UNREACHABLE, f"cannot open the lock {path}: {exc}") from None
+    except OSError as exc:
+        raise CtlError(EXIT_UNREACHABLE, f"cannot open the lock {path}: {exc}") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True  # closing the descriptor releases the lock
+    finally:
+        os.close(fd)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """The answer to one message: the ack's data, or a refusal's code and reason."""
+
+    ok: bool
+    data: dict[str, Any] = field(default_factory=dict)
+    code: str = ""
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class Written:
+    """How the messages were applied (``via`` "daemon" or "direct") and one outcome each."""
+
+    via: str
+    by: str
+    outcomes: list[Outcome]
+
+
+def _op(msg: dict[str, Any], by: str, now: float) -> Op:
+    """The op the daemon's engine builds for this sessionless message (positiond.engine)."""
+    kind = msg["type"]
+    if kind == "resolve":
+        return ResolveOp(
+            None, None, None, by, msg["key"], msg["action"], now, msg.get("exit_price"),
+            msg.get("exit_reason", "CLOSED_AT_BROKER"), msg.get("reason"),
+        )  # fmt: skip
+    if kind == "orphans":
+        return OrphansOp(None, None, None, by, msg["rows"], now)
+    if kind == "prune":
+        return PruneOp(None, None, None, by, msg["before"])
+    raise ValueError(f"posctl does not write {kind!r} messages")
+
+
+def _direct(db: Path, messages: list[dict[str, Any]], by: str) -> list[Outcome]:
+    now = time.time()
+    ops = [_op(msg, by, now) for msg in messages]
+    try:
+        conn = sqlite3.connect(_uri(db, "rw"), uri=True, timeout=5, isolation_level=None)
+    except sqlite3.Error as exc:
+        raise CtlError(EXIT_UNREACHABLE, f"cannot open {db} for writing: {exc}") from None
+    try:
+        store._setup(conn, "NORMAL", 5000)
+        results = store.apply_batch(conn, Batch(ops=ops, time=now))
+    except SchemaError as exc:
+        raise CtlError(EXIT_UNREACHABLE, f"{db}: {exc}") from None
+    except sqlite3.Error as exc:
+        raise CtlError(EXIT_UNREACHABLE, f"cannot write {db}: {exc}") from None
+    finally:
+        conn.close()
+    return [Outcome(r.ok, r.data, r.code, r.reason) for r in results]
+
+
+def _ask_daemon(endpoint: str, messages: list[dict[str, Any]], timeout: float) -> list[Outcome]:
+    sock_file = ipc_path(endpoint)
+    if sock_file is not None and not sock_file.exists():
+        raise CtlError(
+            EXIT_UNREACHABLE,
+            f"the database is locked by a running positiond, but there is no socket at "
+            f"{sock_file}: give its --endpoint",
+        )
+    outcomes = []
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    try:
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(endpoint)
+        for msg in messages:
+            sock.send(encode(msg))
+            outcomes.append(_reply(sock, msg, endpoint, timeout))
+    finally:
+        sock.close(linger=0)
+        ctx.term()
+    return outcomes
+
+
+def _reply(sock: zmq.Socket[bytes], msg: dict[str, Any], endpoint: str, timeout: float) -> Outcome:
+    deadline = time.monotonic() + timeout
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0 or not sock.poll(int(left * 1000) + 1):
+            raise CtlError(
+                EXIT_NO_ANSWER,
+                f"daemon did not answer on {endpoint} within {timeout:g}s "
+                f"({msg['type']} {msg.get('key', '')}); it may still apply it".rstrip(),
+            )
+        reply = orjson.loads(sock.recv())
+        if type(reply) is not dict or reply.get("seq") != msg["seq"]:
+            continue  # a ping, or a late answer to something else
+        if reply.get("type") == "ack":
+            data = {k: v for k, v in reply.items() if k not in ("v", "type", "seq")}
+            return Outcome(True, data)
+        return Outcome(False, code=str(reply.get("code")), reason=str(reply.get("reason")))
+
+
+def write(
+    db: Path, endpoint: str, messages: list[dict[str, Any]], *, by: str, timeout: float
+) -> Written:
+    """Apply sessionless messages through the running daemon, or directly when none runs."""
+    checked = []
+    for seq, fields in enumerate(messages, start=1):
+        msg = {"v": PROTOCOL_VERSION, "seq": seq, "by": by, **fields}
+        try:
+            validate(msg)
+        except ProtocolError as exc:
+            raise CtlError(EXIT_USAGE, exc.reason, exc.code) from None
+        checked.append(msg)
+    if not db.is_file():
+        raise CtlError(EXIT_UNREACHABLE, f"no database at {db} (use --db or POSITIOND_DB)")
+    with _daemon_lock(db) as ours:
+        if ours:
+            direct_by = f"{by} (direct write: daemon not running)"
+            return Written("direct", direct_by, _direct(db, checked, direct_by))
+    return Written("daemon", by, _ask_daemon(endpoint, checked, timeout))
+
+
+def who() -> str:
+    """``posctl user@host``: the ``by`` of every change, kept in the audit trail."""
+    try:
+        user = getpass.getuser()
+    except Exception:  # no login name in the environment or passwd: the uid says it
+        user = str(os.getuid())
+    return f"posctl {user}@{socket.gethostname()}"[:120]
+
+
+@dataclass
+class Ctl:
+    """What every command gets: where the data is, how to print, who is asking."""
+
+    db: Path
+    endpoint: str
+    json: bool
+    timeout: float
+    out: Console
+    by: str
+
+    def emit(self, data: Any) -> None:
+        """Print ``data`` as indented JSON on stdout (``--json``)."""
+        sys.stdout.write(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode() + "\n")
+
+    def write(self, messages: list[dict[str, Any]]) -> Written:
+        """Apply sessionless messages: through the daemon, or directly when it is down."""
+        return write(self.db, self.endpoint, messages, by=self.by, timeout=self.timeout)
+
+    def via(self, written: Written) -> str:
+        """How a change was applied, for the human output."""
+        if written.via == "daemon":
+            return f"through the daemon at {self.endpoint}, as {written.by!r}"
+        return f"directly in {self.db} (daemon not running), as {written.by!r}"

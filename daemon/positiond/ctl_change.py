@@ -1,0 +1,247 @@
+"""posctl's commands that change data: verify (with --apply), resolve, prune.
+
+Each builds sessionless protocol messages and hands them to :meth:`positiond.ctl_access.Ctl.write`,
+which sends them to the running daemon or applies them directly with the daemon's own store code.
+Each command's docstring is its ``--help``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from positiond import ctl_render as render
+from positiond.ctl_access import (
+    EXIT_ATTENTION,
+    EXIT_OK,
+    EXIT_REFUSED,
+    EXIT_USAGE,
+    Ctl,
+    CtlError,
+    Written,
+    open_readonly,
+)
+from positiond.ctl_read import find_leg, query
+from positiond.schema import iso
+from positiond_client.recovery import (
+    CLOSED_AT_BROKER,
+    MISMATCH,
+    RESUME,
+    CrashedLeg,
+    VerificationReport,
+    verify_positions,
+)
+
+__all__ = ["cmd_prune", "cmd_resolve", "cmd_verify"]
+
+RESUME_ACTION = "left CRASHED: the strategy's next run adopts it"
+ORPHAN_CHUNK = 200  # rows per orphans message, well under the protocol's size limit
+
+
+# ---- verify --------------------------------------------------------------------------------
+
+
+def _load_positionbook(source: str) -> Any:
+    try:
+        raw = sys.stdin.buffer.read() if source == "-" else Path(source).read_bytes()
+    except OSError as exc:
+        raise CtlError(EXIT_USAGE, f"cannot read the positionbook {source}: {exc}") from None
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise CtlError(EXIT_USAGE, f"the positionbook {source} is not JSON: {exc}") from None
+
+
+def _apply_verdicts(ctl: Ctl, report: VerificationReport) -> tuple[Written | None, bool]:
+    """Close CLOSED_AT_BROKER legs, flag MISMATCH ones, record orphans; RESUME legs stay."""
+    messages: list[dict[str, Any]] = []
+    keys: list[str] = []
+    for verdict in report.verdicts:
+        key = verdict.leg.position_key
+        if verdict.verdict == RESUME:
+            report.actions[key] = RESUME_ACTION
+            continue
+        action = "close" if verdict.verdict == CLOSED_AT_BROKER else "review"
+        messages.append({"type": "resolve", "key": key, "action": action,
+                         "reason": verdict.reason[:500]})  # fmt: skip
+        keys.append(key)
+    rows = [o.to_dict() for o in report.orphans]
+    for start in range(0, len(rows), ORPHAN_CHUNK):
+        messages.append({"type": "orphans", "rows": rows[start : start + ORPHAN_CHUNK]})
+    if not messages:
+        return None, False
+    written = ctl.write(messages)
+    refused = False
+    recorded = already = 0
+    for i, outcome in enumerate(written.outcomes):
+        if i >= len(keys):  # an orphans message
+            if outcome.ok:
+                recorded += int(outcome.data.get("recorded", 0))
+                already += int(outcome.data.get("already_recorded", 0))
+            else:
+                refused = True
+                report.actions["orphans"] = f"refused: {outcome.code}: {outcome.reason}"
+            continue
+        key = keys[i]
+        if not outcome.ok:
+            refused = True
+            report.actions[key] = f"refused: {outcome.code}: {outcome.reason}"
+        elif outcome.data.get("duplicate"):
+            report.actions[key] = f"already {outcome.data.get('status')}"
+        elif outcome.data.get("status") == "CLOSED":
+            report.actions[key] = "closed (CLOSED_AT_BROKER)"
+        else:
+            report.actions[key] = "flagged NEEDS_REVIEW"
+    if rows and "orphans" not in report.actions:
+        report.actions["orphans"] = f"recorded {recorded} ({already} already recorded)"
+    return written, refused
+
+
+def cmd_verify(ctl: Ctl, args: argparse.Namespace) -> int:
+    """Judge each crashed leg against a saved OpenAlgo positionbook (a JSON file, or - for
+    stdin): RESUME (still open at the broker), CLOSED_AT_BROKER (flat there: the exit was
+    missed), MISMATCH (quantity or side differ: a human decides), and list the orphans (broker
+    positions no leg explains).
+
+    The positionbook is the raw client.positionbook() response or its list of rows; it is
+    compared per instrument with every ACTIVE, CRASHED and NEEDS_REVIEW leg of every strategy.
+    --apply closes CLOSED_AT_BROKER legs, flags MISMATCH legs NEEDS_REVIEW with the reason and
+    records the orphans; RESUME legs stay CRASHED for the strategy's next run to adopt. --json
+    prints {"verdicts": [...], "orphans": [...]} (plus "actions" with --apply; its "orphans" key
+    says what was recorded). Exit 1 while any MISMATCH or orphan remains, 5 if an action was
+    refused.
+    """
+    book = _load_positionbook(args.positionbook)
+    conn = open_readonly(ctl.db)
+    try:
+        crashed = [
+            CrashedLeg.from_row(r) for r in query(conn, ctl.by, "crashed", args.strategy)["legs"]
+        ]
+        known = [CrashedLeg.from_row(r) for r in query(conn, ctl.by, "open", None)["legs"]]
+    finally:
+        conn.close()
+    try:
+        report = verify_positions(crashed, book, known)
+    except ValueError as exc:
+        raise CtlError(EXIT_USAGE, f"positionbook {args.positionbook}: {exc}") from None
+    written, refused = _apply_verdicts(ctl, report) if args.apply else (None, False)
+    data = report.to_dict()
+    if ctl.json:
+        ctl.emit(data)
+    else:
+        _print_verify(ctl, data, report, written, args.apply)
+    if refused:
+        return EXIT_REFUSED
+    attention = report.orphans or report.by_verdict(MISMATCH)
+    return EXIT_ATTENTION if attention else EXIT_OK
+
+
+def _print_verify(
+    ctl: Ctl, data: dict[str, Any], report: VerificationReport, written: Written | None,
+    applied: bool,
+) -> None:  # fmt: skip
+    out = ctl.out
+    if data["verdicts"]:
+        out.print(render.verify_table(out, data["verdicts"], report.actions))
+    else:
+        out.print("No crashed legs to verify.", markup=False)
+    if data["orphans"]:
+        out.print(render.orphans_table(out, data["orphans"]))
+        if "orphans" in report.actions:
+            out.print(f"orphans: {report.actions['orphans']}", markup=False)
+    counts = {v: len(report.by_verdict(v)) for v in (RESUME, CLOSED_AT_BROKER, MISMATCH)}
+    out.print(
+        ", ".join(f"{n} {v}" for v, n in counts.items()) + f", {len(report.orphans)} orphan(s).",
+        markup=False,
+    )
+    if written is not None:
+        out.print(f"Applied {ctl.via(written)}.", markup=False)
+    elif applied:
+        out.print("Nothing to apply.", markup=False)
+    elif counts[CLOSED_AT_BROKER] or counts[MISMATCH] or report.orphans:
+        out.print(
+            "Nothing changed: --apply closes the CLOSED_AT_BROKER legs, flags the MISMATCH ones "
+            "for review and records the orphans.",
+            markup=False,
+        )
+    if counts[RESUME]:
+        out.print(f"{counts[RESUME]} RESUME leg(s): {RESUME_ACTION}.", markup=False)
+
+
+# ---- resolve, prune ------------------------------------------------------------------------
+
+
+def _key_of(ctl: Ctl, leg: str) -> str:
+    """The position key for LEG (a key or an id); LEG itself when the database cannot say."""
+    try:
+        conn = open_readonly(ctl.db)
+    except CtlError:
+        return leg
+    try:
+        row = find_leg(conn, leg)
+    finally:
+        conn.close()
+    return leg if row is None else str(row["position_key"])
+
+
+def cmd_resolve(ctl: Ctl, args: argparse.Namespace) -> int:
+    """Decide one crashed or reviewed leg by hand (LEG: its position key or position id).
+
+    --closed: it is flat at the broker (you exited it): CLOSED with exit reason MANUAL_EXIT
+    (--exit-price optional). --review REASON: NEEDS_REVIEW, nobody adopts it until requeued.
+    --resume: a reviewed leg goes back to CRASHED, for its strategy's next run to adopt.
+    A leg ACTIVE in a live session is refused (exit 5): its owner exits it.
+    """
+    if args.exit_price is not None and not args.closed:
+        raise CtlError(EXIT_USAGE, "--exit-price goes with --closed")
+    key = _key_of(ctl, args.leg)
+    msg: dict[str, Any] = {"type": "resolve", "key": key}
+    if args.closed:
+        msg |= {"action": "close", "exit_reason": "MANUAL_EXIT"}
+        if args.exit_price is not None:
+            msg["exit_price"] = args.exit_price
+    elif args.review is not None:
+        msg["action"] = "review"
+    else:
+        msg["action"] = "requeue"
+    reason = args.review if args.review is not None else args.note
+    if reason:
+        msg["reason"] = reason
+    written = ctl.write([msg])
+    outcome = written.outcomes[0]
+    if not outcome.ok:
+        raise CtlError(EXIT_REFUSED, f"{key}: {outcome.code}: {outcome.reason}", outcome.code)
+    if ctl.json:
+        ctl.emit({"key": key, "action": msg["action"], "via": written.via, "by": written.by,
+                  "result": outcome.data})  # fmt: skip
+    else:
+        status = outcome.data.get("status")
+        done = f"already {status}: nothing changed" if outcome.data.get("duplicate") else status
+        ctl.out.print(f"{key}: {done} — {ctl.via(written)}", markup=False)
+    return EXIT_OK
+
+
+def cmd_prune(ctl: Ctl, args: argparse.Namespace) -> int:
+    """Delete finished sessions older than --older-than (30d, 12h, 0d) with their legs and
+    events, and orphan records as old; report what went and the space freed in the file.
+
+    Never touches a session that is live or has an ACTIVE, CRASHED or NEEDS_REVIEW leg (the
+    store enforces it, whichever way the prune runs).
+    """
+    before = time.time() - args.older_than
+    written = ctl.write([{"type": "prune", "before": before}])
+    outcome = written.outcomes[0]
+    if not outcome.ok:
+        raise CtlError(EXIT_REFUSED, f"prune: {outcome.code}: {outcome.reason}", outcome.code)
+    if ctl.json:
+        ctl.emit({"before": iso(before), "via": written.via, "by": written.by,
+                  "result": outcome.data})  # fmt: skip
+    else:
+        ctl.out.print(render.prune_table(ctl.out, outcome.data, iso(before)))
+        ctl.out.print(f"Pruned {ctl.via(written)}.", markup=False)
+    return EXIT_OK

@@ -1,0 +1,325 @@
+"""posctl's read commands: crashed, sessions, positions, events, status.
+
+Each opens the database read-only in one snapshot (:func:`positiond.ctl_access.open_readonly`);
+crashed legs and open legs come from the daemon's own query (:func:`positiond.recovery_store.query`,
+the seed's crash identification), so posctl and a recovering strategy see the same legs. Each
+command's docstring is its ``--help``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sqlite3
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from positiond import ctl_render as render
+from positiond import recovery_store
+from positiond.ctl_access import (
+    EXIT_ATTENTION,
+    EXIT_OK,
+    EXIT_REFUSED,
+    EXIT_UNREACHABLE,
+    EXIT_USAGE,
+    Ctl,
+    CtlError,
+    open_readonly,
+)
+from positiond.ops import QueryOp
+from positiond_client.paths import ipc_path, runtime_dir
+from positiond_client.recovery import CrashedLeg
+
+__all__ = [
+    "cmd_crashed",
+    "cmd_events",
+    "cmd_positions",
+    "cmd_sessions",
+    "cmd_status",
+    "find_leg",
+    "query",
+    "status_file",
+]
+
+STATUS_FILENAME = "status.json"  # written by the daemon beside its socket (positiond.status)
+
+
+def _statuses(conn: sqlite3.Connection, table: str, given: list[str] | None) -> list[str] | None:
+    """Upper-cased statuses from repeatable/comma-separated options, checked against the db."""
+    if not given:
+        return None
+    wanted = [s.strip().upper() for item in given for s in item.split(",") if s.strip()]
+    if "ALL" in wanted:
+        return None
+    known = {r[0] for r in conn.execute(f"SELECT name FROM {table}")}
+    unknown = sorted(set(wanted) - known)
+    if unknown:
+        raise CtlError(
+            EXIT_USAGE, f"unknown status {', '.join(unknown)} (known: {', '.join(sorted(known))})"
+        )
+    return wanted
+
+
+def _in(column: str, values: Sequence[str]) -> str:
+    return f"{column} IN ({', '.join('?' * len(values))})"
+
+
+# ---- reads ---------------------------------------------------------------------------------
+
+
+def query(conn: sqlite3.Connection, by: str, what: str, strategy: str | None) -> dict[str, Any]:
+    """The daemon's own query (recovery_store.query: the seed's crash query) on our snapshot."""
+    result = recovery_store.query(conn.cursor(), QueryOp(None, None, None, by, what, strategy), "")
+    return result.data
+
+
+def cmd_crashed(ctl: Ctl, args: argparse.Namespace) -> int:
+    """Crashed legs grouped by crash: when, why, and each leg's symbol, side, quantity, entry,
+    stop, highest price and trail level (what a manual exit needs).
+
+    The seed's crash identification (status CRASHED and was_crashed), newest crash first. Exit 0
+    when there is none, 1 when there are crashed legs.
+    """
+    conn = open_readonly(ctl.db)
+    try:
+        found = query(conn, ctl.by, "crashed", args.strategy)
+        legs = [
+            leg for leg in found["legs"]
+            if args.since is None or (leg["crash_timestamp"] or "") >= args.since
+        ]  # fmt: skip
+        crashes: dict[int, dict[str, Any]] = {}
+        for leg in legs:
+            sid = leg["session_id"]
+            if sid not in crashes:
+                crashes[sid] = {
+                    "session_id": sid,
+                    "strategy_name": leg["strategy_name"],
+                    "crash_timestamp": leg["crash_timestamp"],
+                    "crash_reason": leg["crash_reason"],
+                    "legs": [],
+                }
+            crashes[sid]["legs"].append(CrashedLeg.from_row(leg).to_dict())
+        if crashes:
+            for row in conn.execute(
+                "SELECT id, crash_source, client_host, client_pid, start_time "
+                f"FROM strategy_sessions WHERE {_in('id', [''] * len(crashes))}",
+                list(crashes),
+            ):
+                crashes[row["id"]].update(
+                    {k: row[k] for k in ("crash_source", "client_host", "client_pid", "start_time")}
+                )
+    finally:
+        conn.close()
+    if ctl.json:
+        ctl.emit({"crashes": list(crashes.values()), "count": len(legs),
+                  "truncated": found["truncated"]})  # fmt: skip
+    elif not legs:
+        scope = f" for strategy {args.strategy!r}" if args.strategy else ""
+        ctl.out.print(f"No crashed legs{scope}.", markup=False)
+    else:
+        for table in render.crashed_tables(ctl.out, list(crashes.values())):
+            ctl.out.print(table)
+            ctl.out.print()
+        ctl.out.print(
+            f"{len(legs)} crashed leg(s) in {len(crashes)} crash(es).\n"
+            "Check them against the broker: posctl verify --positionbook FILE.json\n"
+            "or decide each by hand: posctl resolve LEG --closed | --review REASON | --resume",
+            markup=False,
+        )
+    return EXIT_ATTENTION if legs else EXIT_OK
+
+
+def cmd_sessions(ctl: Ctl, args: argparse.Namespace) -> int:
+    """Strategy sessions, newest first: status, start, end or crash with its reason, and how
+    many of their legs are open, crashed, or in all."""
+    conn = open_readonly(ctl.db)
+    try:
+        where, params = ["1"], []
+        statuses = _statuses(conn, "session_statuses", args.status)
+        if statuses:
+            where.append(_in("s.status", statuses))
+            params += statuses
+        if args.strategy:
+            where.append("s.strategy_name = ?")
+            params.append(args.strategy)
+        found = conn.execute(
+            "SELECT s.id, s.session_key, s.strategy_name, s.status, s.start_time, s.end_time, "
+            "s.last_heartbeat, s.crash_timestamp, s.crash_reason, s.crash_source, s.client_host, "
+            "s.client_pid, "
+            "(SELECT count(*) FROM strategy_positions p WHERE p.session_id = s.id "
+            " AND p.status = 'ACTIVE') AS open_legs, "
+            "(SELECT count(*) FROM strategy_positions p WHERE p.session_id = s.id "
+            " AND p.status = 'CRASHED') AS crashed_legs, "
+            "(SELECT count(*) FROM strategy_positions p WHERE p.session_id = s.id) AS all_legs "
+            f"FROM strategy_sessions s WHERE {' AND '.join(where)} ORDER BY s.id DESC LIMIT ?",
+            [*params, args.limit + 1],
+        ).fetchall()
+    finally:
+        conn.close()
+    sessions = [dict(r) for r in found[: args.limit]]
+    truncated = len(found) > args.limit
+    if ctl.json:
+        ctl.emit({"sessions": sessions, "truncated": truncated})
+    elif not sessions:
+        ctl.out.print("No sessions match.", markup=False)
+    else:
+        ctl.out.print(render.sessions_table(ctl.out, sessions))
+        if truncated:
+            ctl.out.print(f"(the newest {args.limit}; --limit shows more)", markup=False)
+    return EXIT_OK
+
+
+_POSITION_COLUMNS = """
+    p.position_id, p.position_key, p.session_id, s.strategy_name, p.symbol, p.exchange,
+    p.product, p.leg_type, p.side, p.quantity, p.entry_price, p.entry_time, p.current_price,
+    p.stop_price, p.highest_price, p.last_trail_level, p.state, p.status, p.was_crashed,
+    p.exit_price, p.exit_time, p.exit_reason, p.review_reason, p.updated_at,
+    s.status AS session_status, s.crash_timestamp, s.crash_reason
+"""
+
+
+def leg_dict(row: sqlite3.Row) -> dict[str, Any]:
+    leg = dict(row)
+    leg["state"] = orjson.loads(leg["state"]) if leg.get("state") else {}
+    leg["was_crashed"] = bool(leg["was_crashed"])
+    return leg
+
+
+def cmd_positions(ctl: Ctl, args: argparse.Namespace) -> int:
+    """Legs with their levels, newest first: by default those that may still hold a position
+    at the broker (ACTIVE, CRASHED, NEEDS_REVIEW); --status picks others (or ALL)."""
+    conn = open_readonly(ctl.db)
+    try:
+        statuses = _statuses(
+            conn, "position_statuses", args.status or ["ACTIVE,CRASHED,NEEDS_REVIEW"]
+        )
+        where, params = ["1"], []
+        if statuses:
+            where.append(_in("p.status", statuses))
+            params += statuses
+        if args.strategy:
+            where.append("s.strategy_name = ?")
+            params.append(args.strategy)
+        found = conn.execute(
+            f"SELECT {_POSITION_COLUMNS} FROM strategy_positions p "
+            f"JOIN strategy_sessions s ON s.id = p.session_id WHERE {' AND '.join(where)} "
+            "ORDER BY p.position_id DESC LIMIT ?",
+            [*params, args.limit + 1],
+        ).fetchall()
+    finally:
+        conn.close()
+    legs = [leg_dict(r) for r in found[: args.limit]]
+    truncated = len(found) > args.limit
+    if ctl.json:
+        ctl.emit({"positions": legs, "truncated": truncated})
+    elif not legs:
+        ctl.out.print("No legs match.", markup=False)
+    else:
+        ctl.out.print(render.positions_table(ctl.out, legs))
+        if truncated:
+            ctl.out.print(f"(the newest {args.limit}; --limit shows more)", markup=False)
+    return EXIT_OK
+
+
+def find_leg(conn: sqlite3.Connection, leg: str) -> sqlite3.Row | None:
+    """A leg by its position key, or else by its numeric position id."""
+    sql = (
+        f"SELECT {_POSITION_COLUMNS} FROM strategy_positions p "
+        "JOIN strategy_sessions s ON s.id = p.session_id WHERE "
+    )
+    row: sqlite3.Row | None = conn.execute(sql + "p.position_key = ?", (leg,)).fetchone()
+    if row is None and leg.isdigit():
+        row = conn.execute(sql + "p.position_id = ?", (int(leg),)).fetchone()
+    return row
+
+
+def cmd_events(ctl: Ctl, args: argparse.Namespace) -> int:
+    """The audit trail of one leg (LEG: its position key or position id): entry, trail moves,
+    crash, recovery, review, exit, refused writes — each with time, session and details."""
+    conn = open_readonly(ctl.db)
+    try:
+        row = find_leg(conn, args.leg)
+        if row is None:
+            raise CtlError(EXIT_REFUSED, f"no leg {args.leg!r}", "UNKNOWN_LEG")
+        events = [
+            {**dict(e), "payload": orjson.loads(e["payload"] or "{}")}
+            for e in conn.execute(
+                "SELECT id, position_id, session_id, event_type, event_time, payload "
+                "FROM position_events WHERE position_id = ? ORDER BY id",
+                (row["position_id"],),
+            )
+        ]
+    finally:
+        conn.close()
+    leg = leg_dict(row)
+    if ctl.json:
+        ctl.emit({"leg": leg, "events": events})
+    else:
+        ctl.out.print(render.events_table(ctl.out, leg, events))
+    return EXIT_OK
+
+
+# ---- status --------------------------------------------------------------------------------
+
+
+def status_file(endpoint: str) -> Path:
+    """Where the daemon on ``endpoint`` keeps status.json: beside its ipc socket."""
+    sock = ipc_path(endpoint)
+    return (sock.parent if sock is not None else runtime_dir()) / STATUS_FILENAME
+
+
+def _pid_alive(pid: Any) -> bool:
+    if type(pid) is not int or pid <= 0:
+        return True  # cannot tell: let the file's age speak
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # alive, another user's
+    return True
+
+
+def cmd_status(ctl: Ctl, args: argparse.Namespace) -> int:
+    """The running daemon's health from its status.json (beside its socket): live sessions,
+    open legs, pending writes, last flush, writer stalls. Exit 0 healthy, 1 unhealthy (or a
+    snapshot too old: hung), 3 not running or unreachable."""
+    path = status_file(ctl.endpoint)
+    try:
+        health = orjson.loads(path.read_bytes())
+    except FileNotFoundError:
+        raise CtlError(EXIT_UNREACHABLE, f"daemon not running or unreachable: no {path}") from None
+    except (OSError, orjson.JSONDecodeError) as exc:
+        raise CtlError(EXIT_UNREACHABLE, f"cannot read {path}: {exc}") from None
+    if type(health) is not dict:
+        raise CtlError(EXIT_UNREACHABLE, f"{path} does not hold a status object")
+    if not _pid_alive(health.get("pid")):
+        raise CtlError(
+            EXIT_UNREACHABLE, f"daemon not running: {path} was left by pid {health['pid']}"
+        )
+    written = health.get("time")
+    interval = health.get("status_interval")
+    limit = 3 * float(interval) + 2 if isinstance(interval, int | float) else 30.0
+    age = time.time() - float(written) if isinstance(written, int | float) else None
+    stale = age is None or age > limit
+    healthy = bool(health.get("healthy")) and not stale
+    if ctl.json:
+        ctl.emit({"running": True, "healthy": healthy, "stale": stale,
+                  "status_file": str(path), "status": health})  # fmt: skip
+    else:
+        if healthy:
+            verdict = "healthy"
+        elif stale:
+            verdict = "UNHEALTHY: " + (
+                "status.json has no time" if age is None else
+                f"status.json is {age:.0f}s old (hung daemon?)"
+            )  # fmt: skip
+        else:
+            verdict = "UNHEALTHY" + ("" if health.get("writes_ok", True) else
+                                     ": database writes failing")  # fmt: skip
+        ctl.out.print(render.status_table(ctl.out, health, verdict))
+    return EXIT_OK if healthy else EXIT_ATTENTION
