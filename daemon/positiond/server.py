@@ -22,7 +22,6 @@ import contextlib
 import dataclasses
 import errno
 import fcntl
-import importlib.metadata
 import logging
 import os
 import sqlite3
@@ -39,13 +38,7 @@ from zmq.utils.monitor import parse_monitor_message
 from positiond.config import RELOADABLE, Config, changed
 from positiond.engine import Engine
 from positiond.notify import Notifier
-from positiond.status import (
-    STATUS_FILENAME,
-    Progress,
-    remove_status_file,
-    status_line,
-    write_status_file,
-)
+from positiond.status import Progress, Reporter, status_file_for, status_line, version
 from positiond.store import Store
 from positiond_client.errors import ProtocolError
 from positiond_client.paths import ensure_private_dir, ipc_path, runtime_dir
@@ -67,13 +60,6 @@ EXTEND_STEP = 1.0
 EXTEND_BY = 3 * EXTEND_STEP
 # Without a systemd watchdog, health() calls a writer stalled for this long unhealthy.
 STALL_LIMIT = 30.0
-
-
-def _version() -> str:
-    try:
-        return importlib.metadata.version("positiond")
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown"
 
 
 class AlreadyRunning(RuntimeError):
@@ -161,7 +147,7 @@ class Daemon:
         self.last_flush: float | None = None
         self.started = monotonic()
         self.progress = Progress(self.started)
-        self.status_path: Path | None = None
+        self.reporter = Reporter(self.notifier, None, self.health)
         self.counters = self.engine.counters
         self.counters.update({"bad_messages": 0, "dropped_replies": 0, "batches": 0})
 
@@ -224,15 +210,17 @@ class Daemon:
             loop.create_task(self._tick_loop(), name="positiond-tick"),
         ]
         self._tasks.append(loop.create_task(self._monitor_loop(), name="positiond-monitor"))
-        self.status_path = self._status_file(sock_path)
+        self.reporter.path = status_file_for(sock_path)
         self.started = self.monotonic()
         self.progress = Progress(self.started)
-        health = self.publish_health(notify=False)
+        health = self.reporter.publish(notify=False)
         # The database is migrated and the socket accepts connections: now, not earlier.
         self.notifier.ready(status_line(health))
-        self._tasks.append(loop.create_task(self._status_loop(), name="positiond-status"))
+        status = self.reporter.status_loop(lambda: self.config.status_interval)
+        self._tasks.append(loop.create_task(status, name="positiond-status"))
         if self.notifier.watchdog_interval is not None:
-            self._tasks.append(loop.create_task(self._watchdog_loop(), name="positiond-watchdog"))
+            watchdog = self.reporter.watchdog_loop(self.writer_progressing)
+            self._tasks.append(loop.create_task(watchdog, name="positiond-watchdog"))
         log.info("positiond ready: database %s, endpoint %s", db, self.endpoint)
 
     def _check_group_access(self, sock_path: Path) -> None:
@@ -246,17 +234,6 @@ class Daemon:
                 sock_path.parent,
                 mode & 0o7777,
             )
-
-    def _status_file(self, sock_path: Path | None) -> Path | None:
-        """status.json goes beside the socket (the runtime directory)."""
-        directory = sock_path.parent if sock_path is not None else runtime_dir()
-        try:
-            if sock_path is None:
-                ensure_private_dir(directory)
-            return directory / STATUS_FILENAME
-        except OSError as exc:
-            log.warning("no status.json: %s", exc)
-            return None
 
     def request_stop(self) -> None:
         """Ask for a graceful stop (signal handlers call this)."""
@@ -302,8 +279,7 @@ class Daemon:
         if self.store is not None:
             await self.store.close()
             self.store = None
-        if self.status_path is not None:
-            remove_status_file(self.status_path)
+        self.reporter.remove()
         for handle in self._locks:
             handle.close()
         self._locks = []
@@ -358,7 +334,7 @@ class Daemon:
                 size += path.stat().st_size
         return {
             "pid": os.getpid(),
-            "version": _version(),
+            "version": version(),
             "time": round(wall, 3),
             "status_interval": self.config.status_interval,
             "uptime": round(now - self.started, 3),
@@ -375,44 +351,6 @@ class Daemon:
             "healthy": self.healthy and progressing,
             "counters": dict(self.counters),
         }
-
-    def publish_health(self, *, notify: bool = True) -> dict[str, Any]:
-        """Refresh status.json and (unless ``notify`` is False) systemd's STATUS= line."""
-        health = self.health()
-        if notify:
-            self.notifier.status(status_line(health))
-        if self.status_path is not None:
-            try:
-                write_status_file(self.status_path, health)
-            except OSError as exc:
-                log.warning("cannot write %s: %s", self.status_path, exc)
-        return health
-
-    async def _status_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.config.status_interval)
-            self.publish_health()
-
-    async def _watchdog_loop(self) -> None:
-        interval = self.notifier.watchdog_interval
-        assert interval is not None
-        stuck = False
-        while True:
-            await asyncio.sleep(interval)
-            if self.writer_progressing():
-                if stuck:
-                    log.warning("the writer makes progress again; watchdog pings resume")
-                    stuck = False
-                self.notifier.watchdog()
-            elif not stuck:
-                stuck = True
-                log.error(
-                    "the writer has made no progress for %.1fs (%d message(s), %d update(s) "
-                    "pending): no more watchdog pings, systemd will restart the daemon",
-                    self.progress.stalled_for(self.monotonic()),
-                    self.engine.pending_ops,
-                    self.engine.pending_updates,
-                )
 
     # ---- reload --------------------------------------------------------------------------
 

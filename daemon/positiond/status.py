@@ -1,5 +1,9 @@
 """How the daemon is doing: the writer's progress marker, the STATUS= line, ``status.json``.
 
+:class:`Reporter` is the thin adapter that publishes the daemon's health snapshot to systemd
+(``STATUS=``, ``WATCHDOG=1``) and to ``status.json``; the decisions are :class:`Progress` and
+:func:`status_line`, plain code without I/O.
+
 The watchdog must be fed only while the writer really makes progress: a SQLite call stuck on a
 lock or a dead disk has to get the daemon restarted, not kept alive by a timer that still runs.
 :class:`Progress` is that marker, a plain object driven by the caller's clock.
@@ -19,15 +23,34 @@ the writer is not stalled), ``counters``.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import importlib.metadata
 import json
+import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["STATUS_FILENAME", "Progress", "remove_status_file", "status_line", "write_status_file"]
+from positiond.notify import Notifier
+from positiond_client.paths import ensure_private_dir, runtime_dir
+
+__all__ = [
+    "STATUS_FILENAME",
+    "Progress",
+    "Reporter",
+    "remove_status_file",
+    "status_file_for",
+    "status_line",
+    "version",
+    "write_status_file",
+]
+
+log = logging.getLogger(__name__)
 
 STATUS_FILENAME = "status.json"
+Health = Callable[[], dict[str, Any]]
 
 
 class Progress:
@@ -101,3 +124,74 @@ def remove_status_file(path: Path) -> None:
     """A stopped daemon leaves no snapshot that could be mistaken for a live one."""
     with contextlib.suppress(FileNotFoundError):
         path.unlink()
+
+
+def status_file_for(sock_path: Path | None) -> Path | None:
+    """status.json goes beside the ipc socket; for tcp:// into the runtime directory."""
+    directory = sock_path.parent if sock_path is not None else runtime_dir()
+    try:
+        if sock_path is None:
+            ensure_private_dir(directory)
+    except OSError as exc:
+        log.warning("no status.json: %s", exc)
+        return None
+    return directory / STATUS_FILENAME
+
+
+def version() -> str:
+    try:
+        return importlib.metadata.version("positiond")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+class Reporter:
+    """Tells systemd (STATUS=, WATCHDOG=1) and status.json what ``health()`` says."""
+
+    def __init__(self, notifier: Notifier, path: Path | None, health: Health) -> None:
+        self.notifier, self.path, self.health = notifier, path, health
+
+    def publish(self, *, notify: bool = True) -> dict[str, Any]:
+        """Refresh status.json and (unless ``notify`` is False) the STATUS= line."""
+        health = self.health()
+        if notify:
+            self.notifier.status(status_line(health))
+        if self.path is not None:
+            try:
+                write_status_file(self.path, health)
+            except OSError as exc:
+                log.warning("cannot write %s: %s", self.path, exc)
+        return health
+
+    def remove(self) -> None:
+        if self.path is not None:
+            remove_status_file(self.path)
+
+    async def status_loop(self, interval: Callable[[], float]) -> None:
+        """Publish every ``interval()`` seconds (read each time: SIGHUP may change it)."""
+        while True:
+            await asyncio.sleep(interval())
+            self.publish()
+
+    async def watchdog_loop(self, progressing: Callable[[], bool]) -> None:
+        """WATCHDOG=1 every half watchdog timeout, only while ``progressing()``."""
+        interval = self.notifier.watchdog_interval
+        assert interval is not None
+        stuck = False
+        while True:
+            await asyncio.sleep(interval)
+            if progressing():
+                if stuck:
+                    log.warning("the writer makes progress again; watchdog pings resume")
+                    stuck = False
+                self.notifier.watchdog()
+            elif not stuck:
+                stuck = True
+                health = self.health()
+                log.error(
+                    "the writer has made no progress for %.1fs (%d message(s), %d update(s) "
+                    "pending): no more watchdog pings, systemd will restart the daemon",
+                    health["writer_stalled"],
+                    health["pending_ops"],
+                    health["pending_updates"],
+                )
