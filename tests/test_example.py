@@ -1,0 +1,115 @@
+"""examples/expiry_blast.py end to end: it dies by SIGKILL with two legs open, the daemon marks
+it CRASHED, and the next run finds, verifies, adopts and resumes both legs where they stopped."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from tests.helpers import DaemonProcess, rows, session_status, wait_for
+from tests.test_daemon import SEED_CRASH_QUERY
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "expiry_blast.py"
+# Seed 19: both legs open at tick 55, each one trail level up; resumed, CE stops at tick 60,
+# PE trails a level further and stops at tick 109.
+SEED, CRASH_AT = 19, 55
+RUNS = itertools.count()
+
+
+def run_example(daemon: DaemonProcess, state_dir: Path, *extra: str) -> tuple[int, list[Any]]:
+    """Run the example to its end (or its death); return its exit code and its JSON events."""
+    out = state_dir.parent / f"{state_dir.name}-{next(RUNS)}.out"
+    args = [sys.executable, str(EXAMPLE), "--endpoint", daemon.endpoint, "--json"]
+    args += ["--state-dir", str(state_dir), "--seed", str(SEED), "--tick-interval", "0.001"]
+    with open(out, "w") as stdout:
+        proc = subprocess.Popen([*args, *extra], stdout=stdout)
+    try:
+        wait_for(lambda: proc.poll() is not None, 30, "the example to end")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return proc.returncode, [json.loads(line) for line in out.read_text().splitlines()]
+
+
+def events(log: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [e for e in log if e["event"] == kind]
+
+
+def test_crashed_example_resumes_both_legs_where_they_stopped(
+    daemon: DaemonProcess, workdir: Path
+) -> None:
+    state = workdir / "broker"
+    code, first = run_example(daemon, state, "--crash-after", str(CRASH_AT))
+    assert code == -signal.SIGKILL, first
+    [crash] = events(first, "crash")
+    assert crash["tick"] == CRASH_AT and crash["count"] == 2
+    at_crash = {leg["leg"]: leg for leg in crash["legs"]}
+    assert {n: at_crash[n]["level"] for n in at_crash} == {"CE": 1, "PE": 1}
+    assert len(events(first, "entry")) == 2
+
+    # It died without a word: the crash is the daemon's verdict (ipc disconnect).
+    old = events(first, "session")[0]["session_id"]
+    wait_for(lambda: session_status(daemon.db, old) == "CRASHED", 5, "the session CRASHED")
+    [session] = rows(daemon.db, "SELECT * FROM strategy_sessions WHERE id = ?", (old,))
+    assert session["crash_source"] == "DISCONNECT"
+    assert session["crash_reason"].startswith("process exited")
+    saved = {r["leg_type"]: r for r in rows(daemon.db, SEED_CRASH_QUERY)}
+    assert sorted(saved) == ["CE", "PE"]
+    for name, leg in saved.items():
+        assert (leg["stop_price"], leg["last_trail_level"]) == (
+            at_crash[name]["stop"],
+            at_crash[name]["level"],
+        )
+        assert leg["crash_reason"] == session["crash_reason"]
+
+    code, second = run_example(daemon, state, "--crash-after", str(CRASH_AT))
+    assert code == 0, second
+    new = events(second, "session")[0]
+    assert new["crashed"] == 2 and new["session_id"] != old
+    found = {e["leg"]: e for e in events(second, "found")}
+    resumed = {e["leg"]: e for e in events(second, "resume")}
+    assert {n: (e["verdict"], e["action"]) for n, e in found.items()} == {
+        "CE": ("RESUME", "adopted"),
+        "PE": ("RESUME", "adopted"),
+    }
+    for name in ("CE", "PE"):
+        levels = {k: at_crash[name][k] for k in ("stop", "level", "highest")}
+        assert {k: found[name][k] for k in levels} == levels  # what positiond saved
+        assert {k: resumed[name][k] for k in levels} == levels  # what the monitor runs with
+        assert found[name]["session_id"] == old
+    assert events(second, "entry") == []  # adopted, not entered again
+    assert {e["leg"]: (e["tick"], e["reason"]) for e in events(second, "exit")} == {
+        "CE": (60, "STOP_HIT"),
+        "PE": (109, "STOP_HIT"),
+    }
+
+    legs = rows(daemon.db, "SELECT * FROM strategy_positions")
+    assert len(legs) == 2  # no duplicate entry
+    assert {(leg["status"], leg["session_id"], leg["was_crashed"]) for leg in legs} == {
+        ("CLOSED", new["session_id"], 1)
+    }
+    assert session_status(daemon.db, new["session_id"]) == "COMPLETED"
+    entries = rows(daemon.db, "SELECT * FROM position_events WHERE event_type = 'ENTRY'")
+    assert len(entries) == 2
+    assert len(rows(daemon.db, "SELECT * FROM position_events WHERE event_type = 'RECOVERY'")) == 2
+    book = events(second, "end")[0]["positionbook"]
+    assert [row["quantity"] for row in book] == ["0", "0"]
+
+    # Where it stopped, exactly: the same day without the crash ends with the same exits.
+    code, straight = run_example(daemon, workdir / "uninterrupted")
+    assert code == 0, straight
+    assert events(straight, "exit") == events(second, "exit")
+
+
+def test_example_does_not_trade_when_positiond_does_not_answer(workdir: Path) -> None:
+    absent = DaemonProcess(workdir)  # never started: nobody at its endpoint
+    code, log = run_example(absent, workdir / "broker")
+    assert code == 2
+    assert events(log, "error") and not events(log, "entry")
+    assert not (workdir / "broker" / "broker.json").exists()  # no order was placed
