@@ -302,7 +302,7 @@ def test_verify_judges_crashed_legs_and_apply_acts_on_safe_verdicts(
     assert code == 1  # the MISMATCH and the orphan still need a human
     assert data["actions"] == {
         "ce-1": RESUME_ACTION,
-        "pe-1": "closed (CLOSED_AT_BROKER)",
+        "pe-1": "closed",
         "bn-1": "flagged NEEDS_REVIEW",
         "orphans": "recorded 1 (0 already recorded)",
     }

@@ -39,7 +39,7 @@ from positiond_client.recovery import (
 
 __all__ = ["cmd_prune", "cmd_resolve", "cmd_verify"]
 
-RESUME_ACTION = "left CRASHED: the strategy's next run adopts it"
+RESUME_ACTION = "left CRASHED: its next run adopts it"
 ORPHAN_CHUNK = 200  # rows per orphans message, well under the protocol's size limit
 
 
@@ -94,7 +94,7 @@ def _apply_verdicts(ctl: Ctl, report: VerificationReport) -> tuple[Written | Non
         elif outcome.data.get("duplicate"):
             report.actions[key] = f"already {outcome.data.get('status')}"
         elif outcome.data.get("status") == "CLOSED":
-            report.actions[key] = "closed (CLOSED_AT_BROKER)"
+            report.actions[key] = "closed"
         else:
             report.actions[key] = "flagged NEEDS_REVIEW"
     if rows and "orphans" not in report.actions:
@@ -170,7 +170,11 @@ def _print_verify(
             markup=False,
         )
     if counts[RESUME]:
-        out.print(f"{counts[RESUME]} RESUME leg(s): {RESUME_ACTION}.", markup=False)
+        out.print(
+            f"{counts[RESUME]} RESUME leg(s) stay CRASHED: the strategy's next run adopts them "
+            "(or posctl resolve LEG --closed once you exit them by hand).",
+            markup=False,
+        )
 
 
 # ---- resolve, prune ------------------------------------------------------------------------
