@@ -293,7 +293,9 @@ def die(pm: PositionPersistenceManager, out: Transcript, tick: int, legs: list[L
 def run(args: argparse.Namespace) -> int:
     out = Transcript(args.json)
     broker = SimBroker(args.state_dir, Feed(args.seed))
-    pm = PositionPersistenceManager(STRATEGY, endpoint=args.endpoint)
+    # progress_deadline: a main loop that stops sending updates with legs open is STALLED.
+    deadline = max(5.0, 20 * args.tick_interval)
+    pm = PositionPersistenceManager(STRATEGY, endpoint=args.endpoint, progress_deadline=deadline)
     where = {"book": str(broker.path), "endpoint": pm.endpoint}
     out.say("start", strategy=STRATEGY, seed=args.seed, tick=broker.tick, ticks=args.ticks, **where)
     try:
@@ -347,8 +349,12 @@ def main(argv: list[str] | None = None) -> int:
     add("--seed", type=int, default=19, help="seed of the price feed (default: 19)")
     add("--crash-after", type=int, metavar="N", help="SIGKILL itself when the clock reaches tick N")
     add("--json", action="store_true", help="one JSON object per event instead of text")
+    add("--positionbook", action="store_true", help="print the broker's positionbook and exit")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.positionbook:  # what an operator saves for `posctl verify --positionbook FILE`
+        print(json.dumps(SimBroker(args.state_dir, Feed(args.seed)).positionbook(), indent=1))
+        return 0
     return run(args)
 
 

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from tests.helpers import DaemonProcess, rows, session_status, wait_for
+from tests.helpers import UNIT, DaemonProcess, rows, session_status, wait_for
 from tests.test_daemon import SEED_CRASH_QUERY
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "expiry_blast.py"
@@ -68,6 +68,15 @@ def test_crashed_example_resumes_both_legs_where_they_stopped(
         )
         assert leg["crash_reason"] == session["crash_reason"]
 
+    # The simulated broker still holds both legs, in OpenAlgo's positionbook format.
+    show = [sys.executable, str(EXAMPLE), "--state-dir", str(state), "--positionbook"]
+    book = json.loads(
+        subprocess.run(show, capture_output=True, check=True, timeout=30 * UNIT).stdout
+    )
+    assert book["status"] == "success"
+    assert [(r["symbol"][-2:], r["quantity"]) for r in book["data"]] == [("CE", "75"), ("PE", "75")]
+    assert all(isinstance(v, str) for r in book["data"] for v in r.values())
+
     code, second = run_example(daemon, state, "--crash-after", str(CRASH_AT))
     assert code == 0, second
     new = events(second, "session")[0]
@@ -98,8 +107,8 @@ def test_crashed_example_resumes_both_legs_where_they_stopped(
     entries = rows(daemon.db, "SELECT * FROM position_events WHERE event_type = 'ENTRY'")
     assert len(entries) == 2
     assert len(rows(daemon.db, "SELECT * FROM position_events WHERE event_type = 'RECOVERY'")) == 2
-    book = events(second, "end")[0]["positionbook"]
-    assert [row["quantity"] for row in book] == ["0", "0"]
+    closed = events(second, "end")[0]["positionbook"]
+    assert [row["quantity"] for row in closed] == ["0", "0"]  # closed rows stay, with "0"
 
     # Where it stopped, exactly: the same day without the crash ends with the same exits.
     code, straight = run_example(daemon, workdir / "uninterrupted")
