@@ -147,13 +147,13 @@ def _print_verify(
 ) -> None:  # fmt: skip
     out = ctl.out
     if data["verdicts"]:
-        out.print(render.verify_table(out, data["verdicts"], report.actions))
+        out.print(render.verify_table(out, data["verdicts"]))
     else:
         out.print("No crashed legs to verify.", markup=False)
     if data["orphans"]:
         out.print(render.orphans_table(out, data["orphans"]))
-        if "orphans" in report.actions:
-            out.print(f"orphans: {report.actions['orphans']}", markup=False)
+    if report.actions:
+        out.print(render.actions_table(out, report.actions))
     counts = {v: len(report.by_verdict(v)) for v in (RESUME, CLOSED_AT_BROKER, MISMATCH)}
     out.print(
         ", ".join(f"{n} {v}" for v, n in counts.items()) + f", {len(report.orphans)} orphan(s).",

@@ -23,6 +23,7 @@ from rich.table import Table
 from rich.text import Text
 
 __all__ = [
+    "actions_table",
     "console",
     "crashed_tables",
     "events_table",
@@ -267,24 +268,31 @@ def events_table(out: Console, leg: Row, events: Sequence[Row]) -> Table:
     return _table(out, _EVENTS, events, title)
 
 
-def verify_table(out: Console, verdicts: Sequence[Row], actions: Mapping[str, str]) -> Table:
-    cols = [
-        Col("leg", lambda v: _leg_name(v["leg"])),
-        Col("strategy", lambda v: _text(v["leg"]["strategy_name"]), drop=4),
-        Col("symbol", lambda v: _text(v["leg"]["symbol"], "bold")),
-        Col("exch/prod", lambda v: _text(f"{v['leg']['exchange']}/{v['leg']['product']}"),
-            drop=3),
-        Col("side", lambda v: _text(v["leg"]["side"])),
-        Col("qty", lambda v: _text(v["leg"]["quantity"]), right=True),
-        Col("broker", lambda v: _text(v["broker_quantity"]), right=True),
-        Col("positiond", lambda v: _text(v["known_quantity"]), right=True),
-        Col("verdict", lambda v: _text(v["verdict"], VERDICT_STYLE.get(v["verdict"], ""))),
-        Col("why", lambda v: _text(v["reason"]), wrap=True, drop=1),
-    ]  # fmt: skip
-    if actions:
-        done = Col("done", lambda v: _text(actions.get(v["leg"]["position_key"])), wrap=True)
-        cols.append(done)
-    return _table(out, cols, verdicts, "crashed legs against the broker's positionbook")
+_VERDICTS = [
+    Col("leg", lambda v: _leg_name(v["leg"])),
+    Col("strategy", lambda v: _text(v["leg"]["strategy_name"]), drop=6),
+    Col("symbol", lambda v: _text(v["leg"]["symbol"], "bold")),
+    Col("exch/prod", lambda v: _text(f"{v['leg']['exchange']}/{v['leg']['product']}"), drop=5),
+    Col("side", lambda v: _text(v["leg"]["side"]), drop=3),
+    Col("qty", lambda v: _text(v["leg"]["quantity"]), right=True, drop=2),
+    Col("broker", lambda v: _text(v["broker_quantity"]), right=True),
+    Col("positiond", lambda v: _text(v["known_quantity"]), right=True),
+    Col("verdict", lambda v: _text(v["verdict"], VERDICT_STYLE.get(v["verdict"], ""))),
+    Col("why", lambda v: _text(v["reason"]), wrap=True, drop=4),
+]
+
+
+def verify_table(out: Console, verdicts: Sequence[Row]) -> Table:
+    """One row per crashed leg: the broker's net and positiond's for its instrument, verdict."""
+    return _table(out, _VERDICTS, verdicts, "crashed legs against the broker's positionbook")
+
+
+def actions_table(out: Console, actions: Mapping[str, str]) -> Table:
+    """What ``verify --apply`` did, per leg (and for the orphans)."""
+    cols = [Col("leg", lambda r: _text(r["key"])), Col("done", lambda r: _text(r["done"]),
+                                                       wrap=True)]  # fmt: skip
+    rows = [{"key": k, "done": v} for k, v in actions.items()]
+    return _table(out, cols, rows, "applied")
 
 
 _ORPHANS = [
