@@ -141,6 +141,7 @@ TEXT = {
     "resume": "  resumed {leg} from tick {tick}: stop {stop:.2f}, level {level}, "
     "highest {highest:.2f}",
     "orphan": "broker position nobody explains: {symbol} quantity {quantity}",
+    "held": "{leg} {key} is {status} in session {session_id}: not entering again",
     "day": "nothing to resume: a new trading day",
     "entry": "tick {tick:3d}  {leg} entered {symbol} x{quantity} @ {price:.2f}, stop {stop:.2f}",
     "trail": "tick {tick:3d}  {leg} trail level {level}: stop {old_stop:.2f} -> {stop:.2f} "
@@ -243,8 +244,8 @@ def recover(
 ) -> tuple[list[LegMonitor], bool]:
     """Start the session, verify crashed legs with the broker, resume those still open there.
 
-    Returns the resumed monitors, and whether any leg had crashed at all (then the day's trade
-    was taken: entering again would double the position).
+    Returns the resumed monitors, and whether a fresh entry is safe: not if any leg had crashed
+    (the day's trade was taken) or another session holds legs of ours (another instance runs).
     """
     report = pm.start_session(recover=True, positionbook=broker)
     out.say("session", session_id=pm.session_id, crashed=len(report.verdicts))
@@ -271,7 +272,10 @@ def recover(
             out.say("resume", tick=broker.tick + 1, key=handle.key, **monitors[-1].levels())
     for orphan in report.orphans:
         out.say("orphan", symbol=orphan.symbol, quantity=orphan.broker_quantity)
-    return monitors, bool(report.verdicts)
+    held = [leg for leg in pm.get_open_positions(STRATEGY) if leg.session_id != pm.session_id]
+    for leg in held:
+        out.say("held", leg=leg.leg_type, key=leg.key, status=leg.status, session_id=leg.session_id)
+    return monitors, not report.verdicts and not held
 
 
 def die(pm: PositionPersistenceManager, out: Transcript, tick: int, legs: list[LegMonitor]) -> None:
@@ -299,13 +303,15 @@ def run(args: argparse.Namespace) -> int:
     where = {"book": str(broker.path), "endpoint": pm.endpoint}
     out.say("start", strategy=STRATEGY, seed=args.seed, tick=broker.tick, ticks=args.ticks, **where)
     try:
-        monitors, crashed_before = recover(pm, broker, out)
-    except UnavailableError as exc:  # never trade blind: no answer is not "nothing crashed"
+        monitors, may_enter = recover(pm, broker, out)
+    except (UnavailableError, ValueError) as exc:  # no answer, or a broker error: never guess
         out.say("error", error=str(exc))
+        if pm.session_id is not None:
+            pm.end_session()
         pm.close()
         return 2
     try:
-        if not monitors and not crashed_before:
+        if may_enter:
             if broker.tick > 0:
                 broker.new_day()
                 out.say("day")

@@ -21,20 +21,36 @@ SEED, CRASH_AT = 19, 55
 RUNS = itertools.count()
 
 
+class Example:
+    """``examples/expiry_blast.py --json`` as a subprocess; its events read from its output."""
+
+    def __init__(self, daemon: DaemonProcess, state_dir: Path, *extra: str) -> None:
+        self.out = state_dir.parent / f"{state_dir.name}-{next(RUNS)}.out"
+        args = [sys.executable, str(EXAMPLE), "--endpoint", daemon.endpoint, "--json"]
+        args += ["--state-dir", str(state_dir), "--seed", str(SEED), "--tick-interval", "0.001"]
+        with open(self.out, "w") as stdout:
+            self.proc = subprocess.Popen([*args, *extra], stdout=stdout)
+
+    def events(self) -> list[Any]:
+        lines = self.out.read_text().split("\n")[:-1]  # complete lines only: it may be writing
+        return [json.loads(line) for line in lines]
+
+    def finish(self) -> tuple[int, list[Any]]:
+        try:
+            wait_for(lambda: self.proc.poll() is not None, 30, "the example to end")
+        finally:
+            self.kill()
+        return self.proc.returncode, self.events()
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+
+
 def run_example(daemon: DaemonProcess, state_dir: Path, *extra: str) -> tuple[int, list[Any]]:
     """Run the example to its end (or its death); return its exit code and its JSON events."""
-    out = state_dir.parent / f"{state_dir.name}-{next(RUNS)}.out"
-    args = [sys.executable, str(EXAMPLE), "--endpoint", daemon.endpoint, "--json"]
-    args += ["--state-dir", str(state_dir), "--seed", str(SEED), "--tick-interval", "0.001"]
-    with open(out, "w") as stdout:
-        proc = subprocess.Popen([*args, *extra], stdout=stdout)
-    try:
-        wait_for(lambda: proc.poll() is not None, 30, "the example to end")
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    return proc.returncode, [json.loads(line) for line in out.read_text().splitlines()]
+    return Example(daemon, state_dir, *extra).finish()
 
 
 def events(log: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
@@ -122,3 +138,19 @@ def test_example_does_not_trade_when_positiond_does_not_answer(workdir: Path) ->
     assert code == 2
     assert events(log, "error") and not events(log, "entry")
     assert not (workdir / "broker" / "broker.json").exists()  # no order was placed
+
+
+def test_example_does_not_enter_while_another_session_holds_its_legs(
+    daemon: DaemonProcess, workdir: Path
+) -> None:
+    first = Example(daemon, workdir / "first", "--tick-interval", "0.2")
+    try:
+        wait_for(lambda: len(events(first.events(), "entry")) == 2, 10, "the first run's entries")
+        code, second = run_example(daemon, workdir / "second")
+    finally:
+        first.kill()
+    assert code == 0, second
+    assert events(second, "entry") == []
+    held = events(second, "held")
+    assert sorted((e["leg"], e["status"]) for e in held) == [("CE", "ACTIVE"), ("PE", "ACTIVE")]
+    assert {e["session_id"] for e in held} == {events(first.events(), "session")[0]["session_id"]}
