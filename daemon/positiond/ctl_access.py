@@ -12,7 +12,12 @@ with :func:`positiond_client.protocol.validate` either way. The daemon holds an 
   each waits for its ack (no answer in time: :data:`EXIT_NO_ANSWER`);
 - lock free: posctl takes the lock itself (a daemon starting meanwhile refuses to run instead of
   writing alongside), and applies the same ops the daemon would build, with the daemon's
-  :func:`positiond.store.apply_batch`, in one transaction. One code path for the SQL.
+  :func:`positiond.store.apply_batch`, in one transaction. One code path for the SQL;
+- no database we can see (or a lock we may not open: the daemon's user owns them): only the
+  daemon can write it, so the messages go to its socket too.
+
+A socket file nobody listens on (a daemon stopped or killed leaves it) is "not running" at once,
+not a wait for the timeout.
 """
 
 from __future__ import annotations
@@ -122,15 +127,20 @@ def lock_path(db: Path) -> Path:
 
 @contextlib.contextmanager
 def _daemon_lock(db: Path) -> Iterator[bool]:
-    """Try the daemon's lock: yields True while we hold it (no daemon), False if it is taken."""
+    """Try the daemon's lock: yields True while we hold it (no daemon), False if it is taken.
+
+    An operator who may not even open the lock (the daemon's user owns it, mode 0600) could not
+    write the database either: False, so the change goes to the daemon's socket.
+    """
     path = lock_path(db)
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     except PermissionError:
-        try:  # the daemon's user owns it: a read-only descriptor can still be locked
+        try:  # a read-only descriptor can be locked too
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError as exc:
-            raise CtlError(EXIT_UNREACHABLE, f"cannot open the lock {path}: {exc}") from None
+        except PermissionError:
+            yield False
+            return
     except OSError as exc:
         raise CtlError(EXIT_UNREACHABLE, f"cannot open the lock {path}: {exc}") from None
     try:
@@ -197,14 +207,25 @@ def _direct(db: Path, messages: list[dict[str, Any]], by: str) -> list[Outcome]:
     return [Outcome(r.ok, r.data, r.code, r.reason) for r in results]
 
 
-def _ask_daemon(endpoint: str, messages: list[dict[str, Any]], timeout: float) -> list[Outcome]:
+def _listening(path: Path) -> bool:
+    """Does anything accept connections on this unix socket? (A stopped daemon's file may stay.)"""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(1.0)
+        try:
+            probe.connect(str(path))
+        except (FileNotFoundError, ConnectionRefusedError):
+            return False
+        except OSError:
+            return True  # no permission to tell, a full backlog...: let ZeroMQ try
+    return True
+
+
+def _ask_daemon(
+    endpoint: str, messages: list[dict[str, Any]], timeout: float, why: str
+) -> list[Outcome]:
     sock_file = ipc_path(endpoint)
-    if sock_file is not None and not sock_file.exists():
-        raise CtlError(
-            EXIT_UNREACHABLE,
-            f"the database is locked by a running positiond, but there is no socket at "
-            f"{sock_file}: give its --endpoint",
-        )
+    if sock_file is not None and not _listening(sock_file):
+        raise CtlError(EXIT_UNREACHABLE, f"{why}, and no daemon listens on {endpoint}")
     outcomes = []
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
@@ -251,13 +272,15 @@ def write(
         except ProtocolError as exc:
             raise CtlError(EXIT_USAGE, exc.reason, exc.code) from None
         checked.append(msg)
-    if not db.is_file():
-        raise CtlError(EXIT_UNREACHABLE, f"no database at {db} (use --db or POSITIOND_DB)")
-    with _daemon_lock(db) as ours:
-        if ours:
-            direct_by = f"{by} (direct write: daemon not running)"
-            return Written("direct", direct_by, _direct(db, checked, direct_by))
-    return Written("daemon", by, _ask_daemon(endpoint, checked, timeout))
+    if db.is_file():
+        with _daemon_lock(db) as ours:
+            if ours:
+                direct_by = f"{by} (direct write: daemon not running)"
+                return Written("direct", direct_by, _direct(db, checked, direct_by))
+        why = f"the database lock {lock_path(db)} is held (by a running positiond?)"
+    else:  # not here, or not ours to see: only the daemon can write it
+        why = f"no database at {db} (use --db or POSITIOND_DB)"
+    return Written("daemon", by, _ask_daemon(endpoint, checked, timeout, why))
 
 
 def who() -> str:
