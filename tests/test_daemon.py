@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import zmq
+import zmq.auth
 
 from positiond_client import PositionPersistenceManager
 from positiond_client.protocol import encode
@@ -462,8 +463,36 @@ def test_client_without_daemon_never_raises_and_delivers_later(workdir: Path) ->
             daemon.stop()
 
 
-def test_tcp_endpoint_works_and_reports_its_port(workdir: Path) -> None:
-    daemon = DaemonProcess(workdir)
+def test_tcp_needs_curve_and_admits_only_known_client_keys(workdir: Path) -> None:
+    keys, allowed = workdir / "keys", workdir / "allowed"
+    keys.mkdir()
+    allowed.mkdir()
+    for name in ("server", "client", "stranger"):
+        zmq.auth.create_certificates(keys, name)
+    (allowed / "client.key").write_bytes((keys / "client.key").read_bytes())
+    refused = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "positiond",
+            "--db",
+            str(workdir / "x.db"),
+            "--endpoint",
+            "tcp://127.0.0.1:*",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert refused.returncode == 2 and "CURVE" in refused.stderr  # never served in clear
+
+    daemon = DaemonProcess(
+        workdir,
+        "--curve-secret-key",
+        str(keys / "server.key_secret"),
+        "--curve-clients",
+        str(allowed),
+    )
     daemon.endpoint = "tcp://127.0.0.1:*"
     daemon.args[daemon.args.index("--endpoint") + 1] = daemon.endpoint
     daemon.start()
@@ -471,12 +500,32 @@ def test_tcp_endpoint_works_and_reports_its_port(workdir: Path) -> None:
         line = next(x for x in daemon.output().splitlines() if "positiond ready" in x)
         endpoint = line.rsplit("endpoint ", 1)[1].strip()
         assert endpoint.startswith("tcp://127.0.0.1:") and not endpoint.endswith("*")
-        pm = PositionPersistenceManager("tcp_strategy", endpoint=endpoint, ack_timeout=5)
-        with pm.session():
-            leg = pm.save_position_entry(symbol="X", entry_price=1.0, quantity=1)
+        known = PositionPersistenceManager(
+            "tcp_strategy",
+            endpoint=endpoint,
+            ack_timeout=5,
+            curve_server_key=keys / "server.key",
+            curve_client_cert=keys / "client.key_secret",
+        )
+        with known.session():
+            leg = known.save_position_entry(symbol="X", entry_price=1.0, quantity=1)
             assert leg.position_id == 1
-        pm.close()
-        assert rows(daemon.db, "SELECT status FROM strategy_sessions")[0]["status"] == "COMPLETED"
+        known.close()
+        stranger = PositionPersistenceManager(
+            "intruder",
+            endpoint=endpoint,
+            ack_timeout=0.5,
+            curve_server_key=keys / "server.key",
+            curve_client_cert=keys / "stranger.key_secret",
+        )
+        assert stranger.start_session() is None  # the handshake is refused: nothing arrives
+        stranger.close(0)
+        sessions = rows(daemon.db, "SELECT strategy_name, status FROM strategy_sessions")
+        assert [(r["strategy_name"], r["status"]) for r in sessions] == [
+            ("tcp_strategy", "COMPLETED")
+        ]
+        with pytest.raises(ValueError, match="CURVE"):
+            PositionPersistenceManager("no_keys", endpoint=endpoint)
     finally:
         daemon.stop()
 

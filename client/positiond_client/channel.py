@@ -113,8 +113,10 @@ class Channel:
         heartbeat_interval: float = 0.5,
         resend_interval: float = 5.0,
         on_notice: Callable[[str, dict[str, Any]], None] | None = None,
+        curve: tuple[bytes, bytes, bytes] | None = None,
     ) -> None:
         self.endpoint = endpoint
+        self.curve = curve  # (server public, client public, client secret) for tcp://
         self.heartbeat_interval = heartbeat_interval
         self.resend_interval = resend_interval
         self.on_notice = on_notice
@@ -314,6 +316,8 @@ class Channel:
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.RECONNECT_IVL, 100)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+        if self.curve is not None:
+            sock.curve_serverkey, sock.curve_publickey, sock.curve_secretkey = self.curve
         monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
         sock.connect(self.endpoint)
         poller = zmq.Poller()

@@ -19,6 +19,8 @@ import weakref
 from collections.abc import Callable, Generator
 from typing import Any, TypeVar
 
+import zmq.auth
+
 from positiond_client.channel import Channel, Pending
 from positiond_client.errors import LegError, SessionError, UnavailableError
 from positiond_client.paths import default_endpoint
@@ -122,6 +124,32 @@ def _key_of(leg: CrashedLeg | Leg | str) -> str:
     raise LegError(f"not a leg handle: {leg!r}", "UNKNOWN_LEG")
 
 
+def _curve_keys(
+    endpoint: str,
+    server_key: str | os.PathLike[str] | None,
+    client_cert: str | os.PathLike[str] | None,
+) -> tuple[bytes, bytes, bytes] | None:
+    """tcp:// needs CURVE: the daemon's public certificate and this client's secret one.
+
+    Defaults: ``$POSITIOND_CURVE_SERVER_KEY`` and ``$POSITIOND_CURVE_CLIENT_CERT``.
+    """
+    if not endpoint.startswith("tcp://"):
+        return None
+    server_key = server_key or os.environ.get("POSITIOND_CURVE_SERVER_KEY")
+    client_cert = client_cert or os.environ.get("POSITIOND_CURVE_CLIENT_CERT")
+    if not server_key or not client_cert:
+        raise ValueError(
+            "a tcp:// endpoint needs CURVE keys: curve_server_key= (the daemon's .key file) and "
+            "curve_client_cert= (this client's .key_secret file), or POSITIOND_CURVE_SERVER_KEY "
+            "and POSITIOND_CURVE_CLIENT_CERT"
+        )
+    server_public, _ = zmq.auth.load_certificate(os.fspath(server_key))
+    client_public, client_secret = zmq.auth.load_certificate(os.fspath(client_cert))
+    if client_secret is None:
+        raise ValueError(f"{client_cert} holds no secret key (use the .key_secret file)")
+    return server_public, client_public, client_secret
+
+
 def _host() -> str:
     try:
         return socket.gethostname()[:255] or "unknown"
@@ -141,6 +169,8 @@ class Core:
         ack_timeout: float = 2.0,
         progress_deadline: float | None = None,
         on_notice: Callable[[str, dict[str, Any]], None] | None = None,
+        curve_server_key: str | os.PathLike[str] | None = None,
+        curve_client_cert: str | os.PathLike[str] | None = None,
     ) -> None:
         check_fields("start", {"strategy": strategy_name, "heartbeat_interval": heartbeat_interval})
         if progress_deadline is not None:
@@ -158,7 +188,10 @@ class Core:
         self._token: str | None = None
         self.progress_deadline = progress_deadline
         self._channel = Channel(
-            self.endpoint, heartbeat_interval=heartbeat_interval, on_notice=on_notice
+            self.endpoint,
+            heartbeat_interval=heartbeat_interval,
+            on_notice=on_notice,
+            curve=_curve_keys(self.endpoint, curve_server_key, curve_client_cert),
         )
         self._closed = False
         LIVE.add(self)

@@ -70,6 +70,10 @@ class Config:
     busy_timeout: float = 5.0
     # How often STATUS= and status.json are refreshed.
     status_interval: float = 5.0
+    # tcp:// only, and then required: the daemon's CURVE certificate (.key_secret) and the
+    # directory of the public certificates (*.key) of the clients it accepts.
+    curve_secret_key: Path | None = None
+    curve_clients: Path | None = None
 
     def __post_init__(self) -> None:
         if not (self.endpoint.startswith("ipc://") or self.endpoint.startswith("tcp://")):
@@ -93,6 +97,17 @@ class Config:
             )
         _within("busy_timeout", self.busy_timeout, 0.0, 3600)
         _within("status_interval", self.status_interval, 0.1, 3600)
+        if self.endpoint.startswith("tcp://"):
+            if self.curve_secret_key is None or self.curve_clients is None:
+                raise ConfigError(
+                    "endpoint",
+                    "tcp:// is only served with CURVE: set curve_secret_key and curve_clients "
+                    "(docs/SECURITY.md)",
+                )
+            if not self.curve_secret_key.is_file():
+                raise ConfigError("curve_secret_key", f"{self.curve_secret_key}: no such file")
+            if not self.curve_clients.is_dir():
+                raise ConfigError("curve_clients", f"{self.curve_clients}: no such directory")
 
 
 def _within(name: str, value: float, low: float, high: float) -> None:
@@ -209,6 +224,20 @@ SETTINGS: tuple[_Setting, ...] = (
         _NUMBER,
         "SECONDS",
         "refresh systemd's STATUS= line and status.json this often (default: {})",
+    ),
+    _Setting(
+        "curve_secret_key",
+        _path,
+        (),
+        "FILE",
+        "tcp:// only (required there): the daemon's CURVE certificate, a .key_secret file",
+    ),
+    _Setting(
+        "curve_clients",
+        _path,
+        (),
+        "DIR",
+        "tcp:// only (required there): directory of the allowed clients' public *.key files",
     ),
 )
 _BY_NAME = {s.name: s for s in SETTINGS}
@@ -377,6 +406,9 @@ def format_config(loaded: Loaded) -> str:
     body = []
     for s in SETTINGS:
         value = getattr(cfg, s.name)
+        if value is None:
+            body.append((f"# {s.name} (unset)", loaded.sources[s.name]))
+            continue
         if s.name == "socket_mode":
             text = f"0o{value:03o}"
         elif isinstance(value, Path):

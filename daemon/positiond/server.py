@@ -36,6 +36,7 @@ import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
 from positiond.config import RELOADABLE, Config, changed
+from positiond.curve import ServerCurve, secure_server
 from positiond.engine import Engine
 from positiond.notify import Notifier
 from positiond.status import Progress, Reporter, status_file_for, status_line, version
@@ -124,6 +125,7 @@ class Daemon:
     ) -> None:
         self.config = config
         self.listen_fd = listen_fd  # a listening socket from systemd (positiond.activation)
+        self._curve: ServerCurve | None = None
         self.notifier = Notifier() if notifier is None else notifier
         self.monotonic = monotonic
         self.engine = Engine(
@@ -187,6 +189,9 @@ class Daemon:
             # Socket activation: libzmq adopts systemd's listening socket (and will close it)
             # instead of unlinking the file and binding a new one; bind only names it.
             sock.setsockopt(zmq.USE_FD, self.listen_fd)
+        if cfg.curve_secret_key is not None and cfg.curve_clients is not None and not self.is_ipc:
+            # Config refuses tcp:// without these: a network port is never served in clear.
+            self._curve = secure_server(self.ctx, sock, cfg.curve_secret_key, cfg.curve_clients)
         sock.bind(cfg.endpoint)
         # tcp://host:* binds a free port: report the real one.
         self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
@@ -196,11 +201,7 @@ class Daemon:
             os.chmod(sock_path, cfg.socket_mode)
             self._check_group_access(sock_path)
         else:
-            log.warning(
-                "listening on %s without authentication: anyone who can reach it can write "
-                "sessions; prefer ipc:// on the same machine",
-                self.endpoint,
-            )
+            log.info("listening on %s with CURVE authentication", self.endpoint)
         self.sock = sock
         self._shadow = zmq.Socket.shadow(sock.underlying)
         loop = asyncio.get_running_loop()
@@ -273,6 +274,9 @@ class Daemon:
         if self.sock is not None:
             self.sock.close(linger=1000)
             self.sock = None
+        if self._curve is not None:
+            self._curve.stop()
+            self._curve = None
         if self.ctx is not None:
             self.ctx.term()
             self.ctx = None

@@ -1,0 +1,91 @@
+"""CURVE for tcp:// endpoints: the daemon proves who it is, clients prove they are allowed.
+
+On ipc:// the filesystem decides who may connect (socket and directory modes). A tcp:// port
+is reachable by anyone on the network, so positiond binds one only with CURVE: the daemon's
+secret certificate, and a directory of the public certificates of the clients it accepts
+(ZAP, through ``zmq.auth``). Certificates are the files ``zmq.auth.create_certificates`` (or
+``curve_keygen`` from libzmq) writes: ``NAME.key`` (public) and ``NAME.key_secret`` (both keys).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import zmq
+import zmq.asyncio
+import zmq.auth
+from zmq.auth.asyncio import AsyncioAuthenticator
+
+__all__ = ["CurveError", "ServerCurve", "load_secret", "secure_server"]
+
+log = logging.getLogger(__name__)
+
+
+class CurveError(ValueError):
+    """A certificate is missing or unusable."""
+
+
+def load_secret(path: Path) -> tuple[bytes, bytes]:
+    """(public, secret) from a ``.key_secret`` certificate file."""
+    try:
+        public, secret = zmq.auth.load_certificate(path)
+    except (OSError, ValueError) as exc:
+        raise CurveError(f"cannot read the CURVE certificate {path}: {exc}") from None
+    if secret is None:
+        raise CurveError(f"{path} holds no secret key (use the .key_secret file)")
+    return public, secret
+
+
+def load_public(path: Path) -> bytes:
+    """The public key from a ``.key`` (or ``.key_secret``) certificate file."""
+    try:
+        public: bytes = zmq.auth.load_certificate(path)[0]
+    except (OSError, ValueError) as exc:
+        raise CurveError(f"cannot read the CURVE certificate {path}: {exc}") from None
+    return public
+
+
+class ServerCurve:
+    """The daemon side: a ZAP authenticator that admits only the listed client keys."""
+
+    def __init__(self, server_secret: Path, clients_dir: Path) -> None:
+        self.public, self.secret = load_secret(server_secret)
+        if not clients_dir.is_dir() or not any(clients_dir.glob("*.key")):
+            raise CurveError(f"{clients_dir} holds no client public certificate (*.key)")
+        self.clients_dir = clients_dir
+        self._auth: AsyncioAuthenticator | None = None
+
+    def start(self, ctx: zmq.asyncio.Context) -> None:
+        """Run the authenticator on ``ctx`` (before any socket of it binds)."""
+        auth = AsyncioAuthenticator(ctx, log=logging.getLogger(__name__ + ".zap"))
+        auth.start()
+        auth.configure_curve(domain="*", location=str(self.clients_dir))
+        self._auth = auth
+        count = len(list(self.clients_dir.glob("*.key")))
+        log.info("CURVE on: %d allowed client key(s) from %s", count, self.clients_dir)
+
+    def secure(self, sock: zmq.Socket[Any]) -> None:
+        """Make ``sock`` a CURVE server (call before bind)."""
+        sock.curve_secretkey = self.secret
+        sock.curve_publickey = self.public
+        sock.curve_server = True
+
+    def stop(self) -> None:
+        if self._auth is not None:
+            self._auth.stop()
+            self._auth = None
+
+
+def secure_server(
+    ctx: zmq.asyncio.Context,
+    sock: zmq.Socket[Any],
+    server_secret: Path,
+    clients_dir: Path,
+) -> ServerCurve:
+    """Authenticator started on ``ctx``, ``sock`` a CURVE server; returns it for stop()."""
+    curve = ServerCurve(server_secret, clients_dir)
+    curve.start(ctx)
+    curve.secure(sock)
+    return curve
