@@ -132,11 +132,11 @@ class SimBroker:
 
 # What the transcript says, per event; ``--json`` prints the same fields as one object a line.
 TEXT = {
-    "start": "{strategy}: seed {seed}, market at tick {tick} of {ticks}; broker book {book}; "
-    "positiond at {endpoint}",
+    "start": "{strategy}: seed {seed}, market at tick {tick} of {ticks}\n"
+    "  broker book {book}, positiond at {endpoint}",
     "session": "session {session_id} started; crashed legs found: {crashed}",
-    "found": "found {leg} {key} of session {session_id} ({crash_reason}): entry {entry:.2f}, "
-    "stop {stop:.2f}, level {level:g}, highest {highest:.2f}\n"
+    "found": "found {leg} {key} of session {session_id} ({crash_reason})\n"
+    "  saved: entry {entry:.2f}, stop {stop:.2f}, level {level:g}, highest {highest:.2f}\n"
     "  verdict {verdict}: {reason} -> {action}",
     "resume": "  resumed {leg} from tick {tick}: stop {stop:.2f}, level {level}, "
     "highest {highest:.2f}",
@@ -149,7 +149,7 @@ TEXT = {
     "exit": "tick {tick:3d}  {leg} {reason}: sold x{quantity} @ {price:.2f} (stop {stop:.2f}, "
     "P&L {pnl:+.2f})",
     "crash": "tick {tick:3d}  CRASH (SIGKILL) with {count} leg(s) open; {summary}",
-    "end": "session {session_id} completed at tick {tick}; broker: {summary}",
+    "end": "session {session_id} completed at tick {tick}\n  broker: {summary}",
     "error": "not trading: {error}",
 }
 
