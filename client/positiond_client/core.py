@@ -302,6 +302,32 @@ class Core:
         pending.add_callback(filled)
         return leg, pending
 
+    def queue_position_update(
+        self,
+        leg: Leg | str,
+        *,
+        current_price: float | None = UNSET,
+        stop_price: float | None = UNSET,
+        highest_price: float | None = UNSET,
+        last_trail_level: float | None = UNSET,
+        state: dict[str, Any] | None = UNSET,
+    ) -> None:
+        """Queue the leg's newest values: never blocks, never waits (also in the asyncio twin).
+
+        The I/O thread sends them; the daemon coalesces them per leg and writes the newest every
+        flush interval. Bad values raise ``ProtocolError`` (a ``ValueError``) here.
+        """
+        self._update(
+            leg,
+            {
+                "current_price": current_price,
+                "stop_price": stop_price,
+                "highest_price": highest_price,
+                "last_trail_level": last_trail_level,
+                "state": state,
+            },
+        )
+
     def _update(self, leg: Leg | str, fields: dict[str, Any]) -> None:
         key = self._leg_key(leg)
         fields = {k: v for k, v in fields.items() if v is not UNSET}

@@ -188,28 +188,6 @@ class PositionPersistenceManager(Core):
         self._wait(pending, f"entry of {leg.key}")
         return leg
 
-    def queue_position_update(
-        self,
-        leg: Leg | str,
-        *,
-        current_price: float | None = UNSET,
-        stop_price: float | None = UNSET,
-        highest_price: float | None = UNSET,
-        last_trail_level: float | None = UNSET,
-        state: dict[str, Any] | None = UNSET,
-    ) -> None:
-        """Queue the leg's newest values (never blocks; the daemon coalesces and batches)."""
-        self._update(
-            leg,
-            {
-                "current_price": current_price,
-                "stop_price": stop_price,
-                "highest_price": highest_price,
-                "last_trail_level": last_trail_level,
-                "state": state,
-            },
-        )
-
     def save_position_exit(
         self, leg: Leg | str, exit_price: float | None = None, exit_reason: str = "EXIT"
     ) -> bool:
@@ -373,28 +351,6 @@ class AsyncPositionPersistenceManager(Core):
         )  # fmt: skip
         await self._wait(pending, f"entry of {leg.key}")
         return leg
-
-    def queue_position_update(
-        self,
-        leg: Leg | str,
-        *,
-        current_price: float | None = UNSET,
-        stop_price: float | None = UNSET,
-        highest_price: float | None = UNSET,
-        last_trail_level: float | None = UNSET,
-        state: dict[str, Any] | None = UNSET,
-    ) -> None:
-        """Queue the leg's newest values (a plain call: it never blocks)."""
-        self._update(
-            leg,
-            {
-                "current_price": current_price,
-                "stop_price": stop_price,
-                "highest_price": highest_price,
-                "last_trail_level": last_trail_level,
-                "state": state,
-            },
-        )
 
     async def save_position_exit(
         self, leg: Leg | str, exit_price: float | None = None, exit_reason: str = "EXIT"
