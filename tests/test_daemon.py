@@ -550,3 +550,24 @@ def test_a_main_loop_that_stops_updating_is_stalled_not_crashed(daemon: DaemonPr
         assert pm.end_session()
     finally:
         pm.close()
+
+
+def test_no_session_token_is_ever_stored_in_clear(daemon: DaemonProcess) -> None:
+    pm = PositionPersistenceManager("expiry_blast", endpoint=daemon.endpoint, ack_timeout=5)
+    try:
+        with pm.session():
+            leg = pm.save_position_entry(symbol="X", entry_price=10.0, quantity=1, stop_price=9.0)
+            pm.queue_position_update(leg, stop_price=9.5, last_trail_level=1)
+            assert pm.sync(5)
+            pm.save_position_exit(leg, exit_price=9.5, exit_reason="STOP_HIT")
+        token = pm._token
+        assert token
+    finally:
+        pm.close()
+    dump = "\n".join(
+        str(tuple(row))
+        for table in ("strategy_sessions", "strategy_positions", "position_events")
+        for row in rows(daemon.db, f"SELECT * FROM {table}")
+    )
+    assert "session_key" not in dump and len(dump) > 200  # the rows are there ...
+    assert token not in dump  # ... but the token is not: only its hash

@@ -272,7 +272,7 @@ class Engine:
                 "refused %s for leg %s from session %s (%s): the leg belongs to another session",
                 msg["type"], leg.key, writer.id, writer.strategy,
             )  # fmt: skip
-            message = {k: v for k, v in msg.items() if k not in ("v", "session")}
+            message = {k: v for k, v in msg.items() if k not in ("v", "session", "token")}
             self._ops.append(
                 FencedOp(None, None, writer.key, self._by(writer), leg.key, self.wall(), message)
             )
@@ -352,7 +352,7 @@ class Engine:
         fields = {
             name: value
             for name, value in msg.items()
-            if name not in ("v", "type", "session", "seq", "key", "time")
+            if name not in ("v", "type", "session", "token", "seq", "key", "time")
         }
         op = EntryOp(rid, msg["seq"], session.key, key, fields, msg.get("time", wall))
         if leg is None:
