@@ -10,7 +10,12 @@ from typing import Any
 import pytest
 import zmq
 
-from positiond_client import LegError, PositionPersistenceManager, UnavailableError
+from positiond_client import (
+    AsyncPositionPersistenceManager,
+    LegError,
+    PositionPersistenceManager,
+    UnavailableError,
+)
 from positiond_client.protocol import encode
 from tests.helpers import UNIT, DaemonProcess, rows, session_status, wait_for
 from tests.test_daemon import SEED_CRASH_QUERY, Strategy, decode_reply
@@ -259,3 +264,27 @@ def test_writes_for_an_adopted_leg_are_refused_and_recorded(
     payloads = sorted((json.loads(r["payload"]) for r in fenced), key=lambda p: p["type"])
     assert [p["type"] for p in payloads] == ["exit", "update"]
     assert payloads[0]["exit_reason"] == "STOP_HIT"  # the refused exit is kept for a human
+
+
+async def test_asyncio_twin_recovers_inside_its_session_helper(
+    daemon: DaemonProcess, strategies: list[Strategy]
+) -> None:
+    crash_a_strategy(daemon, strategies)
+    pm = AsyncPositionPersistenceManager("expiry_blast", endpoint=daemon.endpoint, ack_timeout=5)
+    book = positionbook((CE, "75"), (PE, "75"))
+    try:
+        preview = await pm.verify_with_broker(book)  # changes nothing
+        assert [v.verdict for v in preview.verdicts] == ["RESUME", "RESUME"]
+        async with pm.session(recover=True, positionbook=book):
+            assert pm.recovery is not None and pm.recovery.session_id == pm.session_id
+            assert pm.recovery.actions == {"ce-1": "adopted", "pe-1": "adopted"}
+            for leg in pm.recovery.adopted.values():
+                assert await pm.save_position_exit(leg, exit_price=1.0, exit_reason="EOD")
+        done = rows(
+            daemon.db,
+            "SELECT status FROM strategy_positions WHERE session_id = ?",
+            (pm.session_id,),
+        )
+        assert sorted(r["status"] for r in done) == ["CLOSED", "CLOSED"]
+    finally:
+        await pm.aclose()

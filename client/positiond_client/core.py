@@ -187,6 +187,8 @@ class Core:
         self.session_key: str | None = None
         self._token: str | None = None
         self.progress_deadline = progress_deadline
+        # The report of the last recover() / start_session(recover=True) / session(recover=True).
+        self.recovery: VerificationReport | None = None
         self._channel = Channel(
             self.endpoint,
             heartbeat_interval=heartbeat_interval,
@@ -452,11 +454,7 @@ class Core:
     def _recover_op(self, positionbook: Any) -> Step[VerificationReport]:
         """Verify this strategy's crashed legs; adopt RESUME, close CLOSED_AT_BROKER, flag the
         rest for review, record orphans. Each leg's outcome is in ``report.actions``."""
-        crashed = yield from self._crashed_op(None, False)
-        known = yield from self._open_op(None)
-        if hasattr(positionbook, "positionbook"):  # an OpenAlgo client
-            positionbook = positionbook.positionbook()
-        report = verify_positions(crashed, positionbook, known)
+        report = yield from self._verify_op(positionbook)
         for verdict in report.verdicts:
             key = verdict.leg.position_key
             try:
@@ -474,7 +472,16 @@ class Core:
                 log.error("recovery of %s: %s", key, exc)
         if report.orphans:
             yield from self._orphans_op(report.orphans)
+        report.session_id = self.session_id
+        self.recovery = report
         return report
+
+    def _verify_op(self, positionbook: Any) -> Step[VerificationReport]:
+        crashed = yield from self._crashed_op(None, False)
+        known = yield from self._open_op(None)
+        if hasattr(positionbook, "positionbook"):  # an OpenAlgo client
+            positionbook = positionbook.positionbook()
+        return verify_positions(crashed, positionbook, known)
 
     def close(self, timeout: float = 1.0) -> None:
         """Stop the I/O thread, giving unacknowledged messages ``timeout`` seconds first."""

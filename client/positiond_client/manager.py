@@ -21,7 +21,7 @@ from typing import Any, Literal, TypeVar, overload
 from positiond_client.channel import Pending
 from positiond_client.core import LIVE, UNSET, Core, Leg, Step
 from positiond_client.errors import PositiondError, UnavailableError
-from positiond_client.recovery import CrashedLeg, Orphan, VerificationReport, verify_positions
+from positiond_client.recovery import CrashedLeg, Orphan, VerificationReport
 
 __all__ = ["AsyncPositionPersistenceManager", "Leg", "PositionPersistenceManager"]
 
@@ -99,9 +99,7 @@ class PositionPersistenceManager(Core):
             return None if result is None else int(result["session_id"])
         if result is None:
             raise UnavailableError("cannot recover: positiond did not acknowledge the session")
-        report = self.recover(positionbook)
-        report.session_id = self.session_id
-        return report
+        return self.recover(positionbook)
 
     # ---- recovery ------------------------------------------------------------------------
 
@@ -121,9 +119,12 @@ class PositionPersistenceManager(Core):
         return self._drive(self._open_op(strategy_name))
 
     def verify_with_broker(self, broker: Any) -> VerificationReport:
-        """Verdicts for this strategy's crashed legs against ``broker.positionbook()``."""
-        crashed = self.get_crashed_positions()
-        return verify_positions(crashed, broker.positionbook(), self.get_open_positions())
+        """Verdicts for this strategy's crashed legs against ``broker.positionbook()``.
+
+        ``broker`` is an OpenAlgo client (or anything with ``positionbook()``), or a
+        positionbook response / list of rows itself. Nothing is changed: see :meth:`recover`.
+        """
+        return self._drive(self._verify_op(broker))
 
     def mark_position_recovered(self, leg: CrashedLeg | Leg | str) -> Leg:
         """Adopt a crashed leg into this session (ACTIVE, owned by us; RECOVERY event).
@@ -222,10 +223,19 @@ class PositionPersistenceManager(Core):
         return True
 
     @contextmanager
-    def session(self, session_key: str | None = None) -> Iterator[PositionPersistenceManager]:
-        """Start a session; ``handle_crash`` on an exception, ``end_session`` on a normal exit."""
+    def session(
+        self, session_key: str | None = None, *, recover: bool = False, positionbook: Any = None
+    ) -> Iterator[PositionPersistenceManager]:
+        """Start a session; ``handle_crash`` on an exception, ``end_session`` on a normal exit.
+
+        ``recover=True, positionbook=...`` runs :meth:`recover` first (inside the session, so
+        a failing verification is recorded as the session's crash); the report is
+        ``pm.recovery``.
+        """
         self.start_session(session_key)
         try:
+            if recover:
+                self.recover(positionbook)
             yield self
         except BaseException as exc:
             self.handle_crash(exc)
@@ -321,10 +331,34 @@ class AsyncPositionPersistenceManager(Core):
         """Verify this strategy's crashed legs and act on what is safe (see the sync twin)."""
         return await self._drive(self._recover_op(positionbook))
 
-    async def start_session(self, session_key: str | None = None) -> int | None:
-        """Open a session; return its id (None if the daemon did not answer in time)."""
+    @overload
+    async def start_session(
+        self, session_key: str | None = None, *, recover: Literal[False] = False
+    ) -> int | None: ...
+
+    @overload
+    async def start_session(
+        self, session_key: str | None = None, *, recover: Literal[True], positionbook: Any
+    ) -> VerificationReport: ...
+
+    async def start_session(
+        self, session_key: str | None = None, *, recover: bool = False, positionbook: Any = None
+    ) -> int | VerificationReport | None:
+        """Open a session; return its id, or with ``recover=True`` the recovery report."""
         result = await self._wait(self._start_pending(session_key), "session start")
-        return None if result is None else int(result["session_id"])
+        if not recover:
+            return None if result is None else int(result["session_id"])
+        if result is None:
+            raise UnavailableError("cannot recover: positiond did not acknowledge the session")
+        return await self.recover(positionbook)
+
+    async def verify_with_broker(self, broker: Any) -> VerificationReport:
+        """Verdicts for this strategy's crashed legs against the broker (changes nothing)."""
+        return await self._drive(self._verify_op(broker))
+
+    async def record_orphans(self, orphans: list[Orphan]) -> int:
+        """Record broker positions nobody explains; return how many new."""
+        return await self._drive(self._orphans_op(orphans))
 
     async def save_position_entry(
         self,
@@ -377,11 +411,13 @@ class AsyncPositionPersistenceManager(Core):
 
     @asynccontextmanager
     async def session(
-        self, session_key: str | None = None
+        self, session_key: str | None = None, *, recover: bool = False, positionbook: Any = None
     ) -> AsyncIterator[AsyncPositionPersistenceManager]:
-        """Start a session; ``handle_crash`` on an exception, ``end_session`` on a normal exit."""
+        """Start a session (and recover, see the sync twin); crash or end it on the way out."""
         await self.start_session(session_key)
         try:
+            if recover:
+                await self.recover(positionbook)
             yield self
         except BaseException as exc:
             await self.handle_crash(exc)
