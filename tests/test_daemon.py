@@ -434,6 +434,7 @@ def test_sigterm_flushes_pending_updates(workdir: Path) -> None:
         stored = rows(daemon.db, "SELECT stop_price FROM strategy_positions WHERE position_key='x'")
         assert stored[0]["stop_price"] == 9.5
         assert "positiond stopped" in daemon.output()
+        assert not daemon.sock.exists()  # no stale socket file left for clients to find
     finally:
         if daemon.proc is not None and daemon.proc.poll() is None:
             daemon.stop()

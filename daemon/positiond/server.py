@@ -126,6 +126,7 @@ class Daemon:
         self.config = config
         self.listen_fd = listen_fd  # a listening socket from systemd (positiond.activation)
         self._curve: ServerCurve | None = None
+        self._own_socket_file: Path | None = None
         self.notifier = Notifier() if notifier is None else notifier
         self.monotonic = monotonic
         self.engine = Engine(
@@ -133,8 +134,11 @@ class Daemon:
         )
         self.store: Store | None = None
         self.ctx: zmq.asyncio.Context | None = None
-        self.sock: zmq.asyncio.Socket | None = None
-        self._shadow: zmq.Socket[bytes] | None = None
+        # A plain (not asyncio) socket: the event loop watches its fd (see _on_readable).
+        self.sock: zmq.Socket[bytes] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._reader_fd: int | None = None
+        self._drain_queued = False
         self._tasks: list[asyncio.Task[None]] = []
         self._writer: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
@@ -181,7 +185,7 @@ class Daemon:
                 cfg.heartbeat_timeout,
             )
         self.ctx = zmq.asyncio.Context()
-        sock = self.ctx.socket(zmq.ROUTER)
+        sock: zmq.Socket[bytes] = zmq.Socket(self.ctx, zmq.ROUTER)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         sock.setsockopt(zmq.MAXMSGSIZE, cfg.max_message_bytes + 1024)
         sock.setsockopt(zmq.LINGER, 1000)
@@ -200,16 +204,16 @@ class Daemon:
         elif sock_path is not None:
             os.chmod(sock_path, cfg.socket_mode)
             self._check_group_access(sock_path)
+            self._own_socket_file = sock_path
         else:
             log.info("listening on %s with CURVE authentication", self.endpoint)
         self.sock = sock
-        self._shadow = zmq.Socket.shadow(sock.underlying)
-        loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
         self._writer = loop.create_task(self._write_loop(), name="positiond-writer")
-        self._tasks = [
-            loop.create_task(self._receive_loop(), name="positiond-receive"),
-            loop.create_task(self._tick_loop(), name="positiond-tick"),
-        ]
+        self._reader_fd = sock.fileno()
+        loop.add_reader(self._reader_fd, self._on_readable)
+        self._drain_soon()  # anything that queued before the fd was watched
+        self._tasks = [loop.create_task(self._tick_loop(), name="positiond-tick")]
         self._tasks.append(loop.create_task(self._monitor_loop(), name="positiond-monitor"))
         self.reporter.path = status_file_for(sock_path)
         self.started = self.monotonic()
@@ -261,6 +265,9 @@ class Daemon:
         if not self._stopping:
             self.notifier.stopping("stopping: writing what is pending")
         self._stopping = True
+        if self._reader_fd is not None and self._loop is not None:
+            self._loop.remove_reader(self._reader_fd)
+            self._reader_fd = None
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -274,6 +281,11 @@ class Daemon:
         if self.sock is not None:
             self.sock.close(linger=1000)
             self.sock = None
+        if self._own_socket_file is not None:
+            # libzmq leaves the file behind; nobody listens on it any more (the endpoint lock
+            # says it is ours). A socket from systemd belongs to the .socket unit: kept.
+            self._own_socket_file.unlink(missing_ok=True)
+            self._own_socket_file = None
         if self._curve is not None:
             self._curve.stop()
             self._curve = None
@@ -372,51 +384,71 @@ class Daemon:
 
     # ---- receive -------------------------------------------------------------------------
 
-    async def _receive_loop(self) -> None:
-        assert self.sock is not None and self._shadow is not None
-        asock, sync, engine = self.sock, self._shadow, self.engine
-        recv = sync.recv
-        peers = engine.peers
-        while True:
-            await asock.poll()  # default: wait for POLLIN without a timeout
-            now, wall = self.monotonic(), engine.wall()
-            for _ in range(DRAIN_MAX):
-                try:
-                    rid = recv(zmq.NOBLOCK)
-                except zmq.Again:
-                    break
-                if rid in peers:
-                    payload = recv()
-                else:
-                    frame = recv(copy=False)
-                    fd, uid, pid = _peer_credentials(frame)
-                    engine.add_peer(rid, fd, uid, pid)
-                    payload = frame.bytes
-                if sync.rcvmore:
-                    self._reject_frames(rid)
-                    continue
-                try:
-                    msg = decode(payload)
-                except ProtocolError as exc:
-                    self._bad(rid, exc)
-                    continue
-                try:
-                    reply = engine.receive(rid, msg, now, wall)
-                except Exception:  # a bug must not take the daemon down with it
-                    log.exception("internal error handling a %s message", msg.get("type"))
-                    reply = error_reply(
-                        "INTERNAL", "internal error; see the daemon log", msg.get("seq")
-                    )
-                if reply is not None:
-                    self.send(rid, reply)
-            if engine.pending_ops:
-                self._wake.set()
-            await asyncio.sleep(0)
+    def _on_readable(self) -> None:
+        """The ROUTER's fd fired: drain the socket, then let the writer take what is due.
+
+        A plain selector callback (``loop.add_reader``): no task, future or poller per wake-up.
+        libzmq's fd is edge-triggered, so the drain reads until EAGAIN; a drain cut short at
+        DRAIN_MAX goes on in the next loop iteration, after the writer and the ticker had a turn.
+        """
+        self._drain_queued = False
+        if self._drain():
+            self._drain_soon()
+        if self.engine.pending_ops:
+            self._wake.set()
+
+    def _drain_soon(self) -> None:
+        if not self._drain_queued and self._loop is not None:
+            self._drain_queued = True
+            self._loop.call_soon(self._on_readable)
+
+    def _recheck(self) -> None:
+        """After sending outside a drain: libzmq may have queued input without the fd firing
+        again (it only signals a change of state), so ask ZMQ_EVENTS."""
+        if self.sock is not None and int(self.sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
+            self._drain_soon()
+
+    def _drain(self) -> bool:
+        """Receive, decode and apply up to DRAIN_MAX messages; True if it stopped at the cap."""
+        assert self.sock is not None
+        sock, engine = self.sock, self.engine
+        recv, peers, receive, send = sock.recv, engine.peers, engine.receive, self.send
+        now, wall = self.monotonic(), engine.wall()
+        for _ in range(DRAIN_MAX):
+            try:
+                rid = recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return False
+            if rid in peers:
+                payload = recv()
+            else:
+                frame = recv(copy=False)
+                fd, uid, pid = _peer_credentials(frame)
+                engine.add_peer(rid, fd, uid, pid)
+                payload = frame.bytes
+            if sock.rcvmore:
+                self._reject_frames(rid)
+                continue
+            try:
+                msg = decode(payload)
+            except ProtocolError as exc:
+                self._bad(rid, exc)
+                continue
+            try:
+                reply = receive(rid, msg, now, wall)
+            except Exception:  # a bug must not take the daemon down with it
+                log.exception("internal error handling a %s message", msg.get("type"))
+                reply = error_reply(
+                    "INTERNAL", "internal error; see the daemon log", msg.get("seq")
+                )
+            if reply is not None:
+                send(rid, reply)
+        return True
 
     def _reject_frames(self, rid: bytes) -> None:
-        assert self._shadow is not None
-        while self._shadow.rcvmore:
-            self._shadow.recv()
+        assert self.sock is not None
+        while self.sock.rcvmore:
+            self.sock.recv()
         self._bad(rid, ProtocolError("a message must be exactly one frame", "BAD_FRAMES"))
 
     def _bad(self, rid: bytes, exc: ProtocolError) -> None:
@@ -426,10 +458,10 @@ class Daemon:
 
     def send(self, rid: bytes, payload: bytes) -> bool:
         """Send one reply without blocking; False if the peer is gone or its queue is full."""
-        if self._shadow is None:
+        if self.sock is None:
             return False
         try:
-            self._shadow.send_multipart([rid, payload], zmq.NOBLOCK)
+            self.sock.send_multipart([rid, payload], zmq.NOBLOCK)
         except zmq.ZMQError as exc:
             if exc.errno not in (errno.EHOSTUNREACH, errno.EAGAIN):
                 raise
@@ -495,8 +527,10 @@ class Daemon:
             self.healthy = True
         self.counters["batches"] += 1
         self.last_flush = time.time()
+        send = self.send
         for rid, payload in engine.committed(batch, results):
-            self.send(rid, payload)
+            send(rid, payload)
+        self._recheck()
         return True
 
     # ---- time ----------------------------------------------------------------------------
@@ -508,12 +542,17 @@ class Daemon:
             await asyncio.sleep(interval)
             if self.engine.tick(self.monotonic()):
                 self._wake.set()
+            self._recheck()  # cheap insurance against a missed edge of the fd
 
     # ---- process death -------------------------------------------------------------------
 
     async def _monitor_loop(self) -> None:
-        assert self.sock is not None
-        monitor = self.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        assert self.sock is not None and self.ctx is not None
+        # get_monitor_socket() of a plain socket would hand back a plain PAIR: make our own.
+        address = f"inproc://positiond-monitor-{id(self):x}"
+        self.sock.monitor(address, zmq.EVENT_DISCONNECTED)
+        monitor = self.ctx.socket(zmq.PAIR)
+        monitor.connect(address)
         try:
             while True:
                 event = parse_monitor_message(await monitor.recv_multipart())
@@ -529,10 +568,10 @@ class Daemon:
 
     def _probe(self, rid: bytes, attempt: int) -> None:
         """Is the peer still connected? A ROUTER_MANDATORY send fails for a gone one."""
-        if rid not in self.engine.peers or self._shadow is None:
+        if rid not in self.engine.peers or self.sock is None:
             return
         try:
-            self._shadow.send_multipart([rid, PING], zmq.NOBLOCK)
+            self.sock.send_multipart([rid, PING], zmq.NOBLOCK)
         except zmq.ZMQError as exc:
             if exc.errno == errno.EHOSTUNREACH:
                 if self.is_ipc:
@@ -545,6 +584,7 @@ class Daemon:
                 return
             if exc.errno != errno.EAGAIN:
                 raise
+        self._recheck()
         if attempt < len(PROBE_RETRIES):
             asyncio.get_running_loop().call_later(
                 PROBE_RETRIES[attempt], self._probe, rid, attempt + 1
