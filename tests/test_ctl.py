@@ -12,6 +12,7 @@ import fcntl
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -399,7 +400,7 @@ def test_prune_never_removes_live_crashed_or_review_data(
 def test_status_reads_the_running_daemons_snapshot(daemon: DaemonProcess) -> None:
     wait_for((daemon.workdir / "status.json").exists, 5, "status.json")
     code, data = ctl_json(daemon, "status")
-    assert (code, data["running"], data["healthy"]) == (0, True, True)
+    assert (code, data["running"], data["healthy"], data["source"]) == (0, True, True, "daemon")
     assert data["status"]["pid"] == daemon.proc.pid  # type: ignore[union-attr]
     assert "healthy" in ctl(daemon, "status").stdout
     # A snapshot saying the writer is stuck: attention needed.
@@ -485,3 +486,27 @@ def test_help_documents_every_command_and_the_exit_codes(workdir: Path) -> None:
     script = Path(sys.executable).with_name("posctl")  # the console script, when installed
     if script.exists():
         assert subprocess.run([script, "--help"], capture_output=True).returncode == 0
+
+
+def test_status_asks_the_daemon_and_sees_a_stuck_database_at_once(workdir: Path) -> None:
+    daemon = DaemonProcess(workdir, "--busy-timeout", "0.2", heartbeat_timeout=5.0).start()
+    pm = PositionPersistenceManager("s", endpoint=daemon.endpoint, ack_timeout=0.3)
+    holder = sqlite3.connect(daemon.db, isolation_level=None)
+    try:
+        pm.start_session()
+        holder.execute("BEGIN IMMEDIATE")  # an operator's write lock: every commit now fails
+        pm.save_position_entry(symbol="X", entry_price=1.0, quantity=1)  # not acked: kept
+
+        def unhealthy() -> bool:
+            code, data = ctl_json(daemon, "status")
+            return code == 1 and data["status"]["writes_ok"] is False
+
+        wait_for(unhealthy, 10, "posctl status to report failing writes")
+        holder.execute("ROLLBACK")
+        wait_for(lambda: ctl_json(daemon, "status")[0] == 0, 10, "healthy again")
+        assert pm.sync(5)
+        assert rows(daemon.db, "SELECT COUNT(*) AS n FROM strategy_positions")[0]["n"] == 1
+    finally:
+        holder.close()
+        pm.close()
+        daemon.stop()

@@ -143,7 +143,8 @@ _INSTRUMENT = _text(64)
 _SIGNED_QTY = _integer(-(10**12), 10**12)
 
 
-QUERIES: Final = frozenset({"crashed", "open"})
+# health: the daemon's own state, answered at once (also while its writer is stuck).
+QUERIES: Final = frozenset({"crashed", "open", "health"})
 # adopt: into the sending session; close: flat at the broker; review: needs a human;
 # requeue: a reviewed leg goes back to CRASHED, ready to be adopted.
 RESOLUTIONS: Final = frozenset({"adopt", "close", "review", "requeue"})
@@ -265,7 +266,7 @@ _SCHEMAS: dict[str, tuple[dict[str, Checker], frozenset[str]]] = {
     "end": ({**_DURABLE, "time": _TIME}, frozenset()),
     "sync": (dict(_DURABLE), frozenset()),
     "query": (
-        {**_DURABLE, "what": _one_of(QUERIES), "strategy": _text(100)},
+        {**_DURABLE, "what": _one_of(QUERIES), "strategy": _text(100), "by": _text(200)},
         frozenset({"what"}),
     ),
     "resolve": (

@@ -260,6 +260,17 @@ def _reply(sock: zmq.Socket[bytes], msg: dict[str, Any], endpoint: str, timeout:
         return Outcome(False, code=str(reply.get("code")), reason=str(reply.get("reason")))
 
 
+def ask_health(endpoint: str, timeout: float) -> dict[str, Any] | None:
+    """The daemon's live health snapshot over its socket; None if nobody answers in time."""
+    msg = {"v": PROTOCOL_VERSION, "type": "query", "seq": 1, "what": "health", "by": who()}
+    try:
+        (outcome,) = _ask_daemon(endpoint, [msg], timeout, "asking for health")
+    except CtlError:
+        return None
+    health = outcome.data.get("health") if outcome.ok else None
+    return health if isinstance(health, dict) else None
+
+
 def write(
     db: Path, endpoint: str, messages: list[dict[str, Any]], *, by: str, timeout: float
 ) -> Written:

@@ -28,6 +28,7 @@ from positiond.ctl_access import (
     EXIT_USAGE,
     Ctl,
     CtlError,
+    ask_health,
     open_readonly,
 )
 from positiond.ops import QueryOp
@@ -285,10 +286,24 @@ def _pid_alive(pid: Any) -> bool:
 
 
 def cmd_status(ctl: Ctl, args: argparse.Namespace) -> int:
-    """The running daemon's health from its status.json (beside its socket): live sessions,
-    open legs, pending writes, last flush, writer stalls. Exit 0 healthy, 1 unhealthy (or a
-    snapshot too old: hung), 3 not running or unreachable."""
+    """The running daemon's health, asked over its socket (answered even while its database
+    writes are stuck): live sessions, open legs, pending writes, last flush, writer stalls.
+    If the socket does not answer, its status.json (beside the socket) says whether the process
+    is alive. Exit 0 healthy, 1 unhealthy (or alive but not answering: hung), 3 not running or
+    unreachable."""
     path = status_file(ctl.endpoint)
+    live = ask_health(ctl.endpoint, ctl.timeout)
+    if live is not None:
+        healthy = bool(live.get("healthy"))
+        if ctl.json:
+            ctl.emit({"running": True, "healthy": healthy, "stale": False, "source": "daemon",
+                      "status_file": str(path), "status": live})  # fmt: skip
+        else:
+            verdict = "healthy" if healthy else "UNHEALTHY" + (
+                "" if live.get("writes_ok", True) else ": database writes failing"
+            )  # fmt: skip
+            ctl.out.print(render.status_table(ctl.out, live, verdict))
+        return EXIT_OK if healthy else EXIT_ATTENTION
     try:
         health = orjson.loads(path.read_bytes())
     except FileNotFoundError:
@@ -306,13 +321,15 @@ def cmd_status(ctl: Ctl, args: argparse.Namespace) -> int:
     limit = 3 * float(interval) + 2 if isinstance(interval, int | float) else 30.0
     age = time.time() - float(written) if isinstance(written, int | float) else None
     stale = age is None or age > limit
-    healthy = bool(health.get("healthy")) and not stale
+    # The process lives (its pid) but did not answer on its socket: not healthy, whatever the
+    # last snapshot said.
+    healthy = False
     if ctl.json:
         ctl.emit({"running": True, "healthy": healthy, "stale": stale,
                   "status_file": str(path), "status": health})  # fmt: skip
     else:
-        if healthy:
-            verdict = "healthy"
+        if not stale:
+            verdict = f"UNHEALTHY: no answer on {ctl.endpoint} (hung daemon?)"
         elif stale:
             verdict = "UNHEALTHY: " + (
                 "status.json has no time" if age is None else

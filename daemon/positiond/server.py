@@ -132,6 +132,7 @@ class Daemon:
         self.engine = Engine(
             config.heartbeat_timeout, config.flush_interval, monotonic=monotonic, wall=wall
         )
+        self.engine.health = self.health  # answers `query what=health` from memory
         self.store: Store | None = None
         self.ctx: zmq.asyncio.Context | None = None
         # A plain (not asyncio) socket: the event loop watches its fd (see _on_readable).
