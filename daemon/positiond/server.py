@@ -50,6 +50,9 @@ __all__ = ["AlreadyRunning", "Daemon"]
 log = logging.getLogger(__name__)
 
 PING = encode({"v": PROTOCOL_VERSION, "type": "ping"})
+# Plain ints: flags as enums cost a conversion per call on the hot path.
+NOBLOCK = int(zmq.NOBLOCK)
+MORE_NOBLOCK = int(zmq.SNDMORE | zmq.NOBLOCK)
 # Messages handled per wake-up before yielding to the writer and the ticker.
 DRAIN_MAX = 2000
 # After a disconnect event the ROUTER may still list the peer for a moment: probe again.
@@ -417,19 +420,19 @@ class Daemon:
         now, wall = self.monotonic(), engine.wall()
         for _ in range(DRAIN_MAX):
             try:
-                rid = recv(zmq.NOBLOCK)
+                rid = recv(NOBLOCK)
             except zmq.Again:
                 return False
-            if rid in peers:
-                payload = recv()
-            else:
-                frame = recv(copy=False)
+            # A Frame's ``more`` is a plain attribute; ``sock.rcvmore`` is a getsockopt through
+            # pyzmq's attribute machinery and cost more than decoding the message.
+            frame = recv(copy=False)
+            if rid not in peers:
                 fd, uid, pid = _peer_credentials(frame)
                 engine.add_peer(rid, fd, uid, pid)
-                payload = frame.bytes
-            if sock.rcvmore:
+            if frame.more:
                 self._reject_frames(rid)
                 continue
+            payload = frame.bytes
             try:
                 msg = decode(payload)
             except ProtocolError as exc:
@@ -462,7 +465,9 @@ class Daemon:
         if self.sock is None:
             return False
         try:
-            self.sock.send_multipart([rid, payload], zmq.NOBLOCK)
+            # ROUTER_MANDATORY: a gone or full peer fails the routing id, before any payload.
+            self.sock.send(rid, MORE_NOBLOCK)
+            self.sock.send(payload, NOBLOCK)
         except zmq.ZMQError as exc:
             if exc.errno not in (errno.EHOSTUNREACH, errno.EAGAIN):
                 raise
