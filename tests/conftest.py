@@ -9,6 +9,64 @@ import pytest
 
 from tests.helpers import DaemonProcess
 
+# `pytest --soak` runs the fault and fuzz tests long: every count the tests scale with
+# Soak.count() is multiplied by --soak-scale (kills of the daemon: 20 -> 2000 by default).
+SOAK_SCALE = 100.0
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("positiond")
+    group.addoption(
+        "--soak",
+        action="store_true",
+        help="run the fault and fuzz tests long (thousands of daemon kills, millions of "
+        "fuzzed messages); tests marked soak run only then",
+    )
+    group.addoption(
+        "--soak-scale",
+        type=float,
+        default=SOAK_SCALE,
+        metavar="FACTOR",
+        help=f"with --soak, multiply the tests' counts by this (default {SOAK_SCALE:g})",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "soak: a long-running test; runs only with --soak")
+    global SOAK
+    SOAK = Soak(bool(config.getoption("--soak")), config.getoption("--soak-scale"))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    soaking = config.getoption("--soak")
+    skip = pytest.mark.skip(reason="long-running: run with --soak")
+    for item in items:
+        if not soaking:
+            if item.get_closest_marker("soak") is not None:
+                item.add_marker(skip)
+        elif "soak" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.timeout(0))  # a soak run takes as long as it takes
+
+
+class Soak:
+    """How long to run: ``count(n)`` is ``n``, or ``n * --soak-scale`` under ``--soak``."""
+
+    def __init__(self, enabled: bool, scale: float) -> None:
+        self.enabled = enabled
+        self.scale = scale if enabled else 1.0
+
+    def count(self, default: int) -> int:
+        return max(1, round(default * self.scale))
+
+
+# The run's setting, for what is decided at import time (hypothesis' max_examples).
+SOAK = Soak(False, 1.0)
+
+
+@pytest.fixture(scope="session")
+def soak() -> Soak:
+    return SOAK
+
 
 @pytest.fixture
 def workdir() -> Iterator[Path]:
