@@ -12,13 +12,17 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from bench import crash, entry, update
-from bench.common import Row, Scenario, environment, markdown_table
+from bench import crash, entry, footprint, ingest, load, update
+from bench.common import environment
+from bench.report import Row, Scenario, markdown_table
 
 SCENARIOS: dict[str, Callable[[bool], Scenario]] = {
     "entry": entry.run,
     "update": update.run,
+    "ingest": ingest.run,
     "crash": crash.run,
+    "footprint": footprint.run,
+    "load": load.run,
 }
 
 
@@ -63,15 +67,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         notes += result.notes
         report["scenarios"][name] = {
             "seconds": took,
-            "rows": [
-                {
-                    "metric": r.metric,
-                    "positiond": r.positiond,
-                    "baseline": r.baseline,
-                    "ratio": r.ratio,
-                }
-                for r in result.rows
-            ],
+            "rows": [r.as_dict() for r in result.rows],
             "raw": result.raw,
             "notes": result.notes,
         }

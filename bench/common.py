@@ -1,13 +1,15 @@
-"""Shared bench machinery: a real daemon subprocess, percentiles, result rows, a markdown table.
+"""Shared bench machinery: a real daemon subprocess, worker processes, /proc readings.
 
 Nothing here sleeps blindly: every wait polls a condition against a deadline.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
-import math
 import os
+import select
 import shutil
 import signal
 import sqlite3
@@ -15,8 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
@@ -26,16 +27,14 @@ from positiond_client import PositionPersistenceManager
 __all__ = [
     "BenchError",
     "DaemonProcess",
-    "Row",
-    "Scenario",
-    "Stats",
+    "Worker",
+    "cpu_seconds",
     "environment",
     "kill_process",
-    "markdown_table",
-    "percentile",
     "poll_until",
     "read_only_db",
-    "stats",
+    "rss_bytes",
+    "start_workers",
     "tmp_workdir",
 ]
 
@@ -83,6 +82,10 @@ def kill_process(
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+    for pipe in (proc.stdin, proc.stdout, proc.stderr):
+        if pipe is not None:
+            with contextlib.suppress(OSError):
+                pipe.close()
 
 
 def read_only_db(db: Path) -> sqlite3.Connection:
@@ -101,6 +104,7 @@ class DaemonProcess:
         flush_interval: float | None = None,
         log_level: str = "INFO",
         ready_timeout: float = 15.0,
+        extra: Sequence[str] = (),
     ) -> None:
         self.workdir = tmp_workdir("pdb-")
         self.db = self.workdir / "positiond.db"
@@ -123,6 +127,7 @@ class DaemonProcess:
             self.args += ["--heartbeat-timeout", str(heartbeat_timeout)]
         if flush_interval is not None:
             self.args += ["--flush-interval", str(flush_interval)]
+        self.args += list(extra)
         self.proc: subprocess.Popen[bytes] | None = None
         self.startup_s: float | None = None
 
@@ -180,6 +185,16 @@ class DaemonProcess:
                 pm.close(0.2)
         self.startup_s = time.monotonic() - t0
 
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def status(self) -> dict[str, Any]:
+        """The daemon's status.json (refreshed every ``--status-interval``)."""
+        data: dict[str, Any] = json.loads((self.workdir / "status.json").read_text())
+        return data
+
     def manager(self, strategy: str, **kwargs: Any) -> PositionPersistenceManager:
         return PositionPersistenceManager(strategy_name=strategy, endpoint=self.endpoint, **kwargs)
 
@@ -206,141 +221,7 @@ class DaemonProcess:
         ]
 
 
-# ---- statistics --------------------------------------------------------------------------
-
-
-def percentile(sorted_values: Sequence[float], q: float) -> float:
-    """The q-th percentile (0..100) of already sorted values, linear interpolation."""
-    if not sorted_values:
-        return math.nan
-    if len(sorted_values) == 1:
-        return float(sorted_values[0])
-    pos = (len(sorted_values) - 1) * q / 100.0
-    lo = math.floor(pos)
-    hi = min(lo + 1, len(sorted_values) - 1)
-    frac = pos - lo
-    return float(sorted_values[lo]) + (float(sorted_values[hi]) - float(sorted_values[lo])) * frac
-
-
-@dataclass(frozen=True)
-class Stats:
-    n: int
-    p50: float
-    p99: float
-    p999: float
-    max: float
-    mean: float
-    min: float
-
-    def as_dict(self) -> dict[str, float]:
-        return {
-            "n": self.n,
-            "min": self.min,
-            "p50": self.p50,
-            "p99": self.p99,
-            "p99.9": self.p999,
-            "max": self.max,
-            "mean": self.mean,
-        }
-
-
-def stats(values: Iterable[float], scale: float = 1.0) -> Stats:
-    """Summary of ``values`` multiplied by ``scale`` (e.g. 1e-6 for ns -> ms)."""
-    data = sorted(v * scale for v in values)
-    if not data:
-        return Stats(0, math.nan, math.nan, math.nan, math.nan, math.nan, math.nan)
-    return Stats(
-        n=len(data),
-        p50=percentile(data, 50),
-        p99=percentile(data, 99),
-        p999=percentile(data, 99.9),
-        max=data[-1],
-        mean=sum(data) / len(data),
-        min=data[0],
-    )
-
-
-# ---- results -----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Row:
-    """One line of the result table; ``ratio`` is baseline / positiond (>1: positiond is faster)."""
-
-    scenario: str
-    metric: str
-    positiond: float | str | None
-    baseline: float | str | None = None
-
-    @property
-    def ratio(self) -> float | None:
-        p, b = self.positiond, self.baseline
-        if isinstance(p, int | float) and isinstance(b, int | float) and p > 0:
-            return float(b) / float(p)
-        return None
-
-
-@dataclass
-class Scenario:
-    """What one scenario hands back: table rows, raw figures for --json, remarks for the reader."""
-
-    name: str
-    rows: list[Row] = field(default_factory=list)
-    raw: dict[str, Any] = field(default_factory=dict)
-    notes: list[str] = field(default_factory=list)
-
-    def row(
-        self, metric: str, positiond: float | str | None, baseline: float | str | None = None
-    ) -> None:
-        self.rows.append(Row(self.name, metric, positiond, baseline))
-
-
-def _fmt(value: float | str | None) -> str:
-    if value is None:
-        return "—"
-    if isinstance(value, str):
-        return value
-    if math.isnan(value):
-        return "nan"
-    magnitude = abs(value)
-    if magnitude >= 100:
-        return f"{value:,.0f}"
-    if magnitude >= 10:
-        return f"{value:.1f}"
-    if magnitude >= 1:
-        return f"{value:.2f}"
-    return f"{value:.3f}"
-
-
-def markdown_table(rows: Sequence[Row]) -> str:
-    header = ["scenario", "metric", "positiond", "baseline", "ratio"]
-    body = [
-        [
-            r.scenario,
-            r.metric,
-            _fmt(r.positiond),
-            _fmt(r.baseline),
-            "—" if r.ratio is None else f"{r.ratio:.2f}x",
-        ]
-        for r in rows
-    ]
-    widths = [max(len(line[i]) for line in [header, *body]) for i in range(len(header))]
-
-    def render(cells: Sequence[str]) -> str:
-        padded = [
-            c.ljust(w) if i < 2 else c.rjust(w)
-            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
-        ]
-        return "| " + " | ".join(padded) + " |"
-
-    rule = (
-        "|"
-        + "|".join(
-            ("-" * (w + 2)) if i < 2 else ("-" * (w + 1) + ":") for i, w in enumerate(widths)
-        )
-        + "|"
-    )
-    return "\n".join([render(header), rule, *(render(line) for line in body)])
+# ---- environment ---------------------------------------------------------------------
 
 
 def environment() -> dict[str, Any]:
@@ -356,3 +237,108 @@ def environment() -> dict[str, Any]:
         "libzmq": zmq.zmq_version(),
         "pyzmq": zmq.__version__,
     }
+
+
+# ---- /proc -------------------------------------------------------------------------------
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident set size of a process (VmRSS)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise BenchError(f"no VmRSS for pid {pid}")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+# ---- worker processes --------------------------------------------------------------------
+
+
+class Worker:
+    """``python -m bench.workers MODE ...`` speaking a line protocol on stdin/stdout.
+
+    The worker prints ``READY {json}`` once set up, starts on ``GO {json}`` (times are
+    ``time.monotonic()`` values: one clock for every process on Linux), prints ``DONE {json}``
+    and exits when its stdin closes.
+    """
+
+    def __init__(self, workdir: Path, name: str, mode: str, *args: str) -> None:
+        self.name = name
+        self.errlog = workdir / f"{name}.log"
+        with open(self.errlog, "ab") as err:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "bench.workers", mode, *args],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=err,
+                cwd=Path(__file__).resolve().parent.parent,
+            )
+        self.ready: dict[str, Any] = {}
+
+    def _line(self, prefix: str, deadline: float) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise BenchError(f"worker {self.name} did not say {prefix} in time")
+            readable, _, _ = select.select([self.proc.stdout], [], [], remaining)
+            if not readable:
+                continue
+            line = self.proc.stdout.readline().decode(errors="replace").strip()
+            if line.startswith(prefix + " "):
+                data: dict[str, Any] = json.loads(line[len(prefix) + 1 :])
+                return data
+            if not line:
+                self.proc.wait(5)
+                raise BenchError(
+                    f"worker {self.name} exited ({self.proc.returncode}) before {prefix}: "
+                    + self.errlog.read_text(errors="replace")[-2000:]
+                )
+
+    def wait_ready(self, deadline: float) -> dict[str, Any]:
+        self.ready = self._line("READY", deadline)
+        return self.ready
+
+    def go(self, **params: Any) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(f"GO {json.dumps(params)}\n".encode())
+        self.proc.stdin.flush()
+
+    def result(self, deadline: float) -> dict[str, Any]:
+        return self._line("DONE", deadline)
+
+    def close(self) -> None:
+        if self.proc.stdin is not None and not self.proc.stdin.closed:
+            with contextlib.suppress(BrokenPipeError):
+                self.proc.stdin.close()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            kill_process(self.proc, signal.SIGKILL)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+
+
+def start_workers(
+    workdir: Path, specs: Sequence[tuple[str, str, Sequence[str]]], timeout: float = 60.0
+) -> list[Worker]:
+    """Start workers (name, mode, args) all at once and wait until every one is READY."""
+    workers: list[Worker] = []
+    try:
+        for name, mode, args in specs:
+            workers.append(Worker(workdir, name, mode, *args))
+        deadline = time.monotonic() + timeout
+        for worker in workers:
+            worker.wait_ready(deadline)
+    except BaseException:
+        for worker in workers:
+            kill_process(worker.proc, signal.SIGKILL)
+            worker.close()
+        raise
+    return workers

@@ -18,14 +18,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from bench.common import (
-    BenchError,
-    DaemonProcess,
-    Scenario,
-    kill_process,
-    read_only_db,
-    stats,
-)
+from bench.common import BenchError, DaemonProcess, kill_process, read_only_db
+from bench.report import Scenario, stats
 
 __all__ = ["run"]
 
@@ -179,7 +173,7 @@ def _stop_runs(reps: int, sc: Scenario) -> tuple[list[float], list[float]]:
 
 
 def run(quick: bool) -> Scenario:
-    reps = 3 if quick else 20
+    reps = 2 if quick else 20
     sc = Scenario("crash")
     kill = stats(_kill_runs(reps, sc))
     stop, revive = _stop_runs(reps, sc)

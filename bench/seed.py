@@ -1,9 +1,11 @@
-"""The baseline: the seed design's in-process persistence, written with the stdlib sqlite3.
+"""The seed design's in-process persistence, written with the stdlib sqlite3.
 
-The seed wrote from the strategy's own process (through SQLAlchemy, not installed here): one
-commit per entry (position row + event row), and updates appended to a list under a lock and
-flushed inline by the caller with one executemany UPDATE + commit. Same column names as
-positiond's schema, but no lookup tables or foreign keys, as in the seed.
+The seed wrote from the strategy's own process: one commit per entry (position row + event
+row), and updates appended to a list under a lock and flushed inline by the caller with one
+executemany UPDATE + commit. :mod:`bench.seed_orm` does it through SQLAlchemy, as the seed did;
+this module is the same SQL without the ORM: the fallback when SQLAlchemy is not installed
+(``wal=False``: SQLite's defaults, as the ORM baseline) and, tuned (``wal=True``: WAL +
+``synchronous=NORMAL``, like positiond), the fastest an in-process write can be.
 """
 
 from __future__ import annotations
@@ -13,9 +15,9 @@ import sqlite3
 import threading
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-__all__ = ["SeedStore"]
+__all__ = ["BaselineStore", "SeedStore", "orm_available", "seed_store"]
 
 _DDL = """
 CREATE TABLE IF NOT EXISTS strategy_sessions (
@@ -69,14 +71,15 @@ def _now() -> str:
 
 
 class SeedStore:
-    """In-process writer in the bench's own thread: WAL, synchronous=NORMAL."""
+    """In-process writer in the bench's own thread; ``wal``: WAL + synchronous=NORMAL."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, wal: bool = True) -> None:
         self.conn = sqlite3.connect(path)  # default isolation: implicit BEGIN before DML
-        mode = self.conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-        if str(mode).lower() != "wal":
-            raise RuntimeError(f"baseline database is not in WAL mode ({mode})")
-        self.conn.execute("PRAGMA synchronous = NORMAL")
+        if wal:
+            mode = self.conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                raise RuntimeError(f"baseline database is not in WAL mode ({mode})")
+            self.conn.execute("PRAGMA synchronous = NORMAL")
         self.conn.executescript(_DDL)
         cur = self.conn.execute(
             "INSERT INTO strategy_sessions (strategy_name, status, start_time, last_heartbeat) "
@@ -164,3 +167,42 @@ class SeedStore:
 
     def close(self) -> None:
         self.conn.close()
+
+
+class BaselineStore(Protocol):
+    def save_position_entry(
+        self,
+        key: str,
+        symbol: str,
+        leg_type: str | None,
+        entry_price: float,
+        stop_price: float | None,
+        quantity: int,
+    ) -> int: ...
+
+    def queue_position_update(
+        self, key: str, current_price: float, stop_price: float, highest_price: float
+    ) -> None: ...
+
+    def flush(self) -> int: ...
+
+    def read_leg(self, key: str) -> tuple[Any, ...] | None: ...
+
+    def close(self) -> None: ...
+
+
+def orm_available() -> bool:
+    try:
+        import sqlalchemy  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def seed_store(path: Path) -> tuple[BaselineStore, str]:
+    """The seed-style baseline and its label: the SQLAlchemy ORM, or the same SQL without it."""
+    if orm_available():
+        from bench.seed_orm import OrmSeedStore
+
+        return OrmSeedStore(path), "SQLAlchemy ORM"
+    return SeedStore(path, wal=False), "sqlite3 (SQLAlchemy not installed)"

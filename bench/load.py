@@ -1,0 +1,83 @@
+"""Scenario ``load``: durable entries and exits from many strategies while ingest runs.
+
+M trader processes (real strategies, ``PositionPersistenceManager``) enter and exit one leg
+after another, each call waiting for its ack (sent after the commit), while K ingest processes
+stream updates over L legs as fast as they can. Group commit should keep the acks' tail short:
+every commit carries whatever durable messages arrived while the previous one ran. Baseline:
+the same traders, same processes, with the ingest processes idle. Phases alternate.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from bench.common import DaemonProcess, Worker, start_workers
+from bench.report import Scenario, at_most, stats
+
+__all__ = ["run"]
+
+
+def _phase(traders: list[Worker], ingest: list[Worker], seconds: float) -> dict[str, Any]:
+    start = time.monotonic() + 0.2
+    end = start + seconds
+    for worker in [*traders, *ingest]:
+        worker.go(start=start, end=end)
+    results = [w.result(end + 60) for w in traders]
+    calls = sum(w.result(end + 60)["calls"] for w in ingest)
+    acks = [ns for r in results for ns in (*r["entry_ns"], *r["exit_ns"])]
+    s = stats(acks, 1e-6)
+    return {
+        "p50": s.p50,
+        "p99": s.p99,
+        "max": s.max,
+        "acks_per_s": len(acks) / seconds,
+        "failed": sum(r["failed"] for r in results),
+        "ingest_calls_per_s": calls / seconds,
+    }
+
+
+def run(quick: bool) -> Scenario:
+    if quick:
+        m, k, legs, runs, seconds = 2, 1, 10, 1, 0.5
+    else:
+        m, k, legs, runs, seconds = 8, 2, 100, 3, 3.0
+    sc = Scenario("load")
+    loaded: list[dict[str, Any]] = []
+    quiet: list[dict[str, Any]] = []
+    with DaemonProcess(log_level="WARNING") as daemon:
+        specs = [(f"trader-{i}", "trader", [daemon.endpoint]) for i in range(m)]
+        specs += [(f"ingest-{i}", "ingest-client", [daemon.endpoint, str(legs)]) for i in range(k)]
+        workers = start_workers(daemon.workdir, specs)
+        traders, ingest = workers[:m], workers[m:]
+        try:
+            for _ in range(runs):
+                loaded.append(_phase(traders, ingest, seconds))
+                quiet.append(_phase(traders, [], seconds))
+        finally:
+            for worker in workers:
+                worker.close()
+        warnings = daemon.warnings()
+
+    def col(runs: list[dict[str, Any]], key: str) -> list[float]:
+        return [float(r[key]) for r in runs]
+
+    label = f"{m} traders + {k}x{legs} ingest"
+    sc.row(f"ack p50 (ms), {label} vs traders alone", col(loaded, "p50"), col(quiet, "p50"))
+    sc.row("ack p99 (ms)", col(loaded, "p99"), col(quiet, "p99"), target=at_most(5, " ms"))
+    sc.row("ack max (ms)", col(loaded, "max"), col(quiet, "max"))
+    sc.row("durable acks /s (entries + exits)", col(loaded, "acks_per_s"),
+           col(quiet, "acks_per_s"), higher_is_better=True)  # fmt: skip
+    sc.row("ingest: update calls /s during the phase", col(loaded, "ingest_calls_per_s"))
+    failed = sum(r["failed"] for r in loaded + quiet)
+    if failed:
+        sc.notes.append(f"load: {failed} entries/exits were not acknowledged")
+    sc.raw.update(
+        traders=m, ingest_processes=k, legs=legs, seconds=seconds, loaded=loaded, quiet=quiet,
+        warnings=warnings,
+    )  # fmt: skip
+    sc.notes.append(
+        "load: ratio = baseline / positiond, baseline = the same traders with ingest idle; "
+        "an ack is one save_position_entry or save_position_exit round trip (after commit)"
+    )
+    return sc
