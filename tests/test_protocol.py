@@ -147,3 +147,21 @@ def test_check_fields_checks_only_what_is_given() -> None:
         check_fields("update", {"stop_price": float("nan")})
     with pytest.raises(ProtocolError, match="unknown field"):
         check_fields("update", {"stopprice": 1.0})
+
+
+def test_unhashable_enum_values_and_deep_state_are_field_errors() -> None:
+    for change in ({"side": ["BUY"]}, {"side": {"x": 1}}):
+        assert refused(ENTRY | change).code == "BAD_FIELD"
+    deep: dict[str, Any] = {}
+    inner = deep
+    for _ in range(40):
+        inner["a"] = inner = {}
+    assert "nests deeper" in refused(ENTRY | {"state": deep}).reason
+    assert decode(encode(ENTRY | {"state": {"a": {"b": [1, {"c": 2}]}}}))["state"]["a"]["b"][1]
+
+
+def test_the_size_limit_is_the_callers() -> None:
+    hb = encode({"v": 1, "type": "hb", "session": "s", "token": "a" * 32})
+    assert decode(hb, limit=len(hb))["type"] == "hb"
+    with pytest.raises(ProtocolError, match="exceeds"):
+        decode(hb, limit=len(hb) - 1)

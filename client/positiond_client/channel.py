@@ -329,45 +329,58 @@ class Channel:
         next_resend = time.monotonic() + self.resend_interval
         try:
             while not self._stop:
-                now = time.monotonic()
-                wait = next_resend - now
-                if self._session is not None and self._connected:
-                    wait = min(wait, self._last_send + self.heartbeat_interval - now)
-                events = dict(poller.poll(max(1, int(min(max(wait, 0.0), 1.0) * 1000) + 1)))
-                if self._rfd in events:
-                    os.read(self._rfd, 65536)
-                if monitor in events:
-                    self._on_monitor(monitor)
-                if sock in events:
-                    self._on_replies(sock)
-                self._pump(sock)
-                now = time.monotonic()
-                if now >= next_resend:
-                    next_resend = now + self.resend_interval
-                    self._resend_stale(sock, now)
-                if (
-                    self._session is not None
-                    and self._connected
-                    and now - self._last_send >= self.heartbeat_interval
-                ):
-                    self._send(
-                        sock,
-                        encode(
-                            {
-                                "v": PROTOCOL_VERSION,
-                                "type": "hb",
-                                "session": self._session,
-                                "token": self._token,
-                            }
-                        ),
-                    )
-        except Exception:
-            log.exception("positiond client I/O thread failed")
+                try:
+                    next_resend = self._step(sock, monitor, poller, next_resend)
+                except Exception:  # one bad iteration must not end the strategy's persistence
+                    log.exception("positiond client I/O thread: unexpected error, going on")
+                    time.sleep(0.01)  # not a hot loop if it repeats
         finally:
             sock.disable_monitor()
             monitor.close(linger=0)
             sock.close(linger=0)
             ctx.term()
+
+    def _step(
+        self,
+        sock: zmq.Socket[bytes],
+        monitor: zmq.Socket[bytes],
+        poller: zmq.Poller,
+        next_resend: float,
+    ) -> float:
+        """One round of the I/O thread: wait, read, send what is due; the next resend time."""
+        now = time.monotonic()
+        wait = next_resend - now
+        if self._session is not None and self._connected:
+            wait = min(wait, self._last_send + self.heartbeat_interval - now)
+        events = dict(poller.poll(max(1, int(min(max(wait, 0.0), 1.0) * 1000) + 1)))
+        if self._rfd in events:
+            os.read(self._rfd, 65536)
+        if monitor in events:
+            self._on_monitor(monitor)
+        if sock in events:
+            self._on_replies(sock)
+        self._pump(sock)
+        now = time.monotonic()
+        if now >= next_resend:
+            next_resend = now + self.resend_interval
+            self._resend_stale(sock, now)
+        if (
+            self._session is not None
+            and self._connected
+            and now - self._last_send >= self.heartbeat_interval
+        ):
+            self._send(
+                sock,
+                encode(
+                    {
+                        "v": PROTOCOL_VERSION,
+                        "type": "hb",
+                        "session": self._session,
+                        "token": self._token,
+                    }
+                ),
+            )
+        return next_resend
 
     def _send(self, sock: zmq.Socket[bytes], payload: bytes) -> bool:
         try:

@@ -128,15 +128,34 @@ def _integer(low: int, high: int) -> Checker:
 
 def _one_of(values: frozenset[str]) -> Checker:
     def check(value: Any) -> str | None:
-        if value not in values or type(value) is not str:
+        # The type first: a list or an object is unhashable, and ``in`` would raise.
+        if type(value) is not str or value not in values:
             return "must be one of " + ", ".join(sorted(values))
         return None
 
     return check
 
 
+# orjson writes at most 255 levels; a state must survive being stored and sent again.
+MAX_DEPTH: Final = 32
+
+
+def _too_deep(value: Any, depth: int) -> bool:
+    if depth > MAX_DEPTH:
+        return True
+    if type(value) is dict:
+        return any(_too_deep(v, depth + 1) for v in value.values())
+    if type(value) is list:
+        return any(_too_deep(v, depth + 1) for v in value)
+    return False
+
+
 def _object(value: Any) -> str | None:
-    return None if type(value) is dict else "must be a JSON object"
+    if type(value) is not dict:
+        return "must be a JSON object"
+    if _too_deep(value, 1):
+        return f"nests deeper than {MAX_DEPTH} levels"
+    return None
 
 
 _INSTRUMENT = _text(64)
@@ -346,12 +365,13 @@ def check_fields(kind: str, fields: Mapping[str, Any]) -> None:
             raise ProtocolError(f"{name} {problem}", "BAD_FIELD")
 
 
-def decode(raw: bytes) -> dict[str, Any]:
-    """Bytes off the wire -> a validated message dict (raises ProtocolError)."""
-    if len(raw) > MAX_MESSAGE_BYTES:
-        raise ProtocolError(
-            f"message of {len(raw)} bytes exceeds {MAX_MESSAGE_BYTES}", "BAD_MESSAGE"
-        )
+def decode(raw: bytes, limit: int = MAX_MESSAGE_BYTES) -> dict[str, Any]:
+    """Bytes off the wire -> a validated message dict (raises ProtocolError, nothing else).
+
+    ``limit``: the largest message accepted (the daemon's ``max_message_bytes``).
+    """
+    if len(raw) > limit:
+        raise ProtocolError(f"message of {len(raw)} bytes exceeds {limit}", "BAD_MESSAGE")
     try:
         msg = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:

@@ -418,6 +418,7 @@ class Daemon:
         sock, engine = self.sock, self.engine
         recv, peers, receive, send = sock.recv, engine.peers, engine.receive, self.send
         now, wall = self.monotonic(), engine.wall()
+        limit = self.config.max_message_bytes
         for _ in range(DRAIN_MAX):
             try:
                 rid = recv(NOBLOCK)
@@ -434,9 +435,13 @@ class Daemon:
                 continue
             payload = frame.bytes
             try:
-                msg = decode(payload)
+                msg = decode(payload, limit)
             except ProtocolError as exc:
                 self._bad(rid, exc)
+                continue
+            except Exception:  # the decoder's contract is ProtocolError; a bug must not kill us
+                log.exception("internal error decoding a message")
+                self._bad(rid, ProtocolError("message could not be decoded", "BAD_MESSAGE"))
                 continue
             try:
                 reply = receive(rid, msg, now, wall)
@@ -524,6 +529,13 @@ class Daemon:
             engine.requeue(batch)
             if self.healthy:
                 log.error("database write failed, will retry (nothing acked): %s", exc)
+            self.healthy = False
+            return False
+        except Exception:
+            # A bug (a value SQLite or orjson cannot take past validation): keep the batch,
+            # report unhealthy, retry with backoff — the writer task itself must never die.
+            engine.requeue(batch)
+            log.exception("writing a batch failed unexpectedly, will retry (nothing acked)")
             self.healthy = False
             return False
         finally:

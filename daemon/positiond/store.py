@@ -423,7 +423,14 @@ def _apply_op(cur: sqlite3.Cursor, op: Op, now: str) -> Result:
     cur.execute("SAVEPOINT op")
     try:
         result = _APPLY[type(op)](cur, op, now)
-    except (sqlite3.IntegrityError, sqlite3.InterfaceError, sqlite3.ProgrammingError) as exc:
+    except (
+        sqlite3.IntegrityError,
+        sqlite3.InterfaceError,
+        sqlite3.ProgrammingError,
+        TypeError,  # orjson cannot write a value
+        ValueError,
+        OverflowError,
+    ) as exc:
         # This op alone is bad (a constraint, a value SQLite cannot bind): drop it, keep the rest.
         cur.execute("ROLLBACK TO op")
         log.error("%s for %s refused by the database: %s", type(op).__name__, op.session_key, exc)
