@@ -17,7 +17,8 @@ the session, exit 0). Modes:
             ``go`` (the daemon is back), then until connected, then ``--min-updates`` more
             calls; then waits for ``stop``.
 ``latency`` a well-behaved strategy: entry round trips (entry + exit) in a loop, each timed,
-            until ``stop``; journals (wall time, seconds) of each entry.
+            until ``stop``; then syncs; journals (wall time, seconds) of each entry and how
+            many calls were not acknowledged within ack_timeout.
 
 A leg's values all derive from one counter ``n`` (0 at entry, +1 per update), so a stored leg
 tells which update it holds and whether its fields came from the same one.
@@ -276,19 +277,21 @@ def latency(args: argparse.Namespace, pm: PositionPersistenceManager, journal: J
     commands = Commands()
     pm.start_session(args.prefix + "session")
     samples: list[tuple[float, float]] = []  # (wall time, seconds) per entry round trip
-    failures = 0
+    late = 0  # calls not acknowledged within ack_timeout (kept and re-sent by the client)
     i = 0
     journal.write(op="ready")
     while not commands.stop.is_set():
         i += 1
         when, t0 = time.time(), time.perf_counter()
         leg = enter(pm, f"{args.prefix}{i}", 0)
-        if leg.position_id is None:
-            failures += 1
+        late += leg.position_id is None
         samples.append((when, time.perf_counter() - t0))
-        if not pm.save_position_exit(leg, exit_price=50.0):
-            failures += 1
-    journal.write(op="latency", samples=samples, failures=failures)
+        late += not pm.save_position_exit(leg, exit_price=50.0)
+    deadline = time.monotonic() + args.final_timeout
+    synced = False
+    while not synced and time.monotonic() < deadline:
+        synced = pm.sync(1.0)
+    journal.write(op="latency", samples=samples, late=late, entered=i, synced=synced)
     ended = pm.end_session()
     journal.write(op="end", ok=ended, session_id=pm.session_id)
     pm.close(2.0)
