@@ -491,7 +491,11 @@ class Daemon:
             if backoff:
                 await asyncio.sleep(backoff)
             stopping = self._stopping
-            ok = await self.write_once(flush_updates=stopping)
+            try:
+                ok = await self.write_once(flush_updates=stopping)
+            except Exception:  # a bug must not end every later write with this task
+                log.exception("internal error in the writer; retrying")
+                ok = False
             backoff = 0.0 if ok else min(max(backoff * 2, 0.05), 2.0)
             if not ok:
                 if stopping:
