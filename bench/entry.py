@@ -12,7 +12,7 @@ import shutil
 import time
 
 from bench.common import BenchError, DaemonProcess, read_only_db, tmp_workdir
-from bench.floor import daemon_rtts, floor_rtts, store_apply_ns
+from bench.floor import daemon_rtts, floor_rtts, store_apply_ns, threaded_rtts
 from bench.report import Scenario, Target, at_most, stats
 from bench.seed import BaselineStore, SeedStore, seed_store
 from positiond_client import Leg, PositionPersistenceManager
@@ -123,6 +123,7 @@ def run(quick: bool) -> Scenario:
                 record("seed", base)
                 record("tuned", _baseline_run(n, tuned=True)[0])
                 record("raw", daemon_rtts(daemon.endpoint, n))
+                record("threaded", threaded_rtts(daemon.endpoint, n))
             pm.end_session()
         finally:
             pm.close(1.0)
@@ -143,6 +144,7 @@ def run(quick: bool) -> Scenario:
     sc.row("entry p50 vs tuned in-process sqlite3 (WAL, NORMAL) (ms)", pd, per_run["tuned_p50"])
     sc.row("floor: bare client -> positiond p50 (ms)", per_run["raw_p50"])
     sc.row("floor: bare client -> positiond p99 (ms)", per_run["raw_p99"])
+    sc.row("prototype: minimal threaded client -> positiond p50 (ms)", per_run["threaded_p50"])
     sc.row("floor: bare client -> asyncio ROUTER echo p50 (ms)", per_run["echo_p50"])
     sc.row("floor: ... + 1 aiosqlite hop and commit p50 (ms)", per_run["commit_p50"])
     sc.row("floor: store apply_batch(1 entry) p50 (µs)", per_run["store_p50"])

@@ -142,7 +142,8 @@ def _positiond(k: int, legs: int, windows: int, width: float, bare: bool) -> dic
                 if time.monotonic() > deadline:
                     raise BenchError(
                         f"after {SETTLE:.0f}s only {_visible(conn):,.0f} of {expected:,.0f} "
-                        "updates are visible in the database"
+                        f"updates are visible in the database; daemon status {daemon.status()}"
+                        f", log tail:\n{daemon.output()[-3000:]}"
                     )
                 time.sleep(POLL)
             settle = time.monotonic() - end

@@ -10,19 +10,37 @@ the same traders, same processes, with the ingest processes idle. Phases alterna
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
-from bench.common import DaemonProcess, Worker, start_workers
+from bench.common import DaemonProcess, Worker, cpu_seconds, start_workers
 from bench.report import Scenario, at_most, stats
 
 __all__ = ["run"]
 
 
-def _phase(traders: list[Worker], ingest: list[Worker], seconds: float) -> dict[str, Any]:
+def _machine_busy() -> tuple[float, float]:
+    """(busy, total) CPU jiffies of the whole machine so far (/proc/stat)."""
+    fields = [float(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return sum(fields) - idle, sum(fields)
+
+
+def _phase(
+    daemon: DaemonProcess, traders: list[Worker], ingest: list[Worker], seconds: float
+) -> dict[str, Any]:
     start = time.monotonic() + 0.2
     end = start + seconds
     for worker in [*traders, *ingest]:
         worker.go(start=start, end=end)
+    while time.monotonic() < start:
+        time.sleep(0.005)
+    cpu0, (busy0, total0) = cpu_seconds(daemon.pid), _machine_busy()
+    batches0 = daemon.status()["counters"]["batches"]
+    while time.monotonic() < end:
+        time.sleep(0.005)
+    cpu1, (busy1, total1) = cpu_seconds(daemon.pid), _machine_busy()
+    batches1 = daemon.status()["counters"]["batches"]
     results = [w.result(end + 60) for w in traders]
     calls = sum(w.result(end + 60)["calls"] for w in ingest)
     acks = [ns for r in results for ns in (*r["entry_ns"], *r["exit_ns"])]
@@ -34,6 +52,10 @@ def _phase(traders: list[Worker], ingest: list[Worker], seconds: float) -> dict[
         "acks_per_s": len(acks) / seconds,
         "failed": sum(r["failed"] for r in results),
         "ingest_calls_per_s": calls / seconds,
+        "daemon_cpu_pct": (cpu1 - cpu0) / seconds * 100,
+        "machine_busy_pct": (busy1 - busy0) / max(total1 - total0, 1) * 100,
+        # Durable messages per commit: what group commit gathers (status lags <= 0.1 s).
+        "acks_per_commit": len(acks) / max(batches1 - batches0, 1),
     }
 
 
@@ -45,15 +67,16 @@ def run(quick: bool) -> Scenario:
     sc = Scenario("load")
     loaded: list[dict[str, Any]] = []
     quiet: list[dict[str, Any]] = []
-    with DaemonProcess(log_level="WARNING") as daemon:
+    extra = ["--status-interval", "0.1"]
+    with DaemonProcess(log_level="WARNING", extra=extra) as daemon:
         specs = [(f"trader-{i}", "trader", [daemon.endpoint]) for i in range(m)]
         specs += [(f"ingest-{i}", "ingest-client", [daemon.endpoint, str(legs)]) for i in range(k)]
         workers = start_workers(daemon.workdir, specs)
         traders, ingest = workers[:m], workers[m:]
         try:
             for _ in range(runs):
-                loaded.append(_phase(traders, ingest, seconds))
-                quiet.append(_phase(traders, [], seconds))
+                loaded.append(_phase(daemon, traders, ingest, seconds))
+                quiet.append(_phase(daemon, traders, [], seconds))
         finally:
             for worker in workers:
                 worker.close()
@@ -69,6 +92,12 @@ def run(quick: bool) -> Scenario:
     sc.row("durable acks /s (entries + exits)", col(loaded, "acks_per_s"),
            col(quiet, "acks_per_s"), higher_is_better=True)  # fmt: skip
     sc.row("ingest: update calls /s during the phase", col(loaded, "ingest_calls_per_s"))
+    sc.row("durable messages per commit (group commit)", col(loaded, "acks_per_commit"),
+           col(quiet, "acks_per_commit"))  # fmt: skip
+    sc.row("daemon CPU (% of one core)", col(loaded, "daemon_cpu_pct"),
+           col(quiet, "daemon_cpu_pct"))  # fmt: skip
+    sc.row("machine CPU busy (% of all cores)", col(loaded, "machine_busy_pct"),
+           col(quiet, "machine_busy_pct"))  # fmt: skip
     failed = sum(r["failed"] for r in loaded + quiet)
     if failed:
         sc.notes.append(f"load: {failed} entries/exits were not acknowledged")

@@ -12,6 +12,7 @@ compare all the same.
 from __future__ import annotations
 
 import shutil
+import threading
 import time
 from array import array
 
@@ -123,12 +124,43 @@ def _baseline_run(n: int) -> tuple[array[int], list[int], str]:
     return samples, [samples[i] for i in flushes], label
 
 
+def _floor_run(n: int, work: bool) -> array[int]:
+    """The machine's own noise: n timed calls of a function that does nothing (``work``:
+    what the client's call does minus waking its I/O thread: a dict update under a lock)."""
+    samples = array("q", bytes(8 * n))
+    lock = threading.Lock()
+    pending: dict[str, dict[str, float]] = {}
+
+    def nothing(key: str, current_price: float, stop_price: float, highest_price: float) -> None:
+        pass
+
+    def coalesce(key: str, current_price: float, stop_price: float, highest_price: float) -> None:
+        fields = {"current_price": current_price, "stop_price": stop_price,
+                  "highest_price": highest_price}  # fmt: skip
+        with lock:
+            old = pending.get(key)
+            if old is None:
+                pending[key] = fields
+            else:
+                old.update(fields)
+
+    call = coalesce if work else nothing
+    perf = time.perf_counter_ns
+    for i in range(n):
+        key = "CE" if i & 1 else "PE"
+        current, stop, high = _price(i)
+        t0 = perf()
+        call(key, current_price=current, stop_price=stop, highest_price=high)
+        samples[i] = perf() - t0
+    return samples
+
+
 def run(quick: bool) -> Scenario:
     runs, n, n_base = (2, 20_000, 5_000) if quick else (3, 1_000_000, 100_000)
     sc = Scenario("update")
     per_run: dict[str, list[float]] = {}
-    over = {"positiond": 0, "baseline": 0}
-    top: dict[str, list[float]] = {"positiond": [], "baseline": []}
+    over = {"positiond": 0, "baseline": 0, "empty": 0, "coalesce": 0}
+    top: dict[str, list[float]] = {name: [] for name in over}
     label = ""
 
     def record(name: str, samples: array[int]) -> None:
@@ -150,6 +182,8 @@ def run(quick: bool) -> Scenario:
                 per_run.setdefault("sync_ms", []).append(sync_ms)
                 base, flushes, label = _baseline_run(n_base)
                 record("baseline", base)
+                record("empty", _floor_run(n, work=False))
+                record("coalesce", _floor_run(n, work=True))
                 per_run.setdefault("flush_p50", []).append(stats(flushes, 1e-3).p50)
             pm.end_session()
         finally:
@@ -167,6 +201,10 @@ def run(quick: bool) -> Scenario:
            per_run["flush_p50"])  # fmt: skip
     sc.row("calls > 1 ms, all runs (count)", str(over["positiond"]), str(over["baseline"]))
     sc.row("sync() after 1 run's burst (ms)", per_run["sync_ms"])
+    sc.row("floor: empty function call, max (µs)", per_run["empty_max"])
+    sc.row("floor: empty function call, calls > 1 ms (count)", str(over["empty"]))
+    sc.row("floor: dict update under a lock, no I/O thread: p99 (µs)", per_run["coalesce_p99"])
+    sc.row("floor: dict update under a lock, no I/O thread: max (µs)", per_run["coalesce_max"])
     sc.raw.update(
         runs=runs, n=n, n_baseline=n_base, warmup=WARMUP, flush_every=FLUSH_EVERY,
         baseline=label, per_run=per_run, calls_over_1ms=over, top20_us=top,

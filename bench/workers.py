@@ -38,6 +38,8 @@ from bench.rawproto import RawClient, RawSession
 from positiond_client import Leg, PositionPersistenceManager
 
 HEARTBEAT = 0.5
+DRAIN_MAX = 2000  # the sink's drain, as the daemon's
+PIPELINE = 500  # durable messages in flight at once from one raw client
 # Check the clock every this many sends: often enough for a 1 ms-accurate end.
 CLOCK_EVERY = 256
 
@@ -191,7 +193,7 @@ def sink(endpoint: str) -> None:
                 break
         if not poll(5):
             continue
-        while True:
+        for _ in range(DRAIN_MAX):  # then look at the clock again
             try:
                 recv(zmq.NOBLOCK)  # routing id
             except zmq.Again:
@@ -245,17 +247,18 @@ def trader(endpoint: str) -> None:
 def sessions(endpoint: str, count: int, legs: int) -> None:
     client = RawClient(endpoint)
     mine = [RawSession(f"bench-idle-{i % 50}") for i in range(count)]
-    for s in mine:
-        client.send(orjson.dumps(s.start()))
-    # The sessions' answers share seq numbers: wait for a count of acks instead.
-    _collect_count(client, count, 60.0)
-    keys: list[tuple[RawSession, str]] = []
-    for s in mine:
-        for j in range(legs):
-            key = f"{s.key}-{j}"
-            keys.append((s, key))
+    keys = [(s, f"{s.key}-{j}") for s in mine for j in range(legs)]
+    # Pipelined, but never more answers in flight than the daemon's queue to us holds (SNDHWM
+    # 1000: beyond it replies are dropped, and this generator does not re-send).
+    for chunk in range(0, count, PIPELINE):
+        for s in mine[chunk : chunk + PIPELINE]:
+            client.send(orjson.dumps(s.start()))
+        # The sessions' answers share seq numbers: wait for a count of acks instead.
+        _collect_count(client, len(mine[chunk : chunk + PIPELINE]), 60.0)
+    for chunk in range(0, len(keys), PIPELINE):
+        for s, key in keys[chunk : chunk + PIPELINE]:
             client.send(orjson.dumps(s.entry(key)))
-    _collect_count(client, count * legs, 120.0)
+        _collect_count(client, len(keys[chunk : chunk + PIPELINE]), 60.0)
     _say("READY", {"sessions": count, "legs": count * legs})
     beats = [s.heartbeat() for s in mine]
     send = client.sock.send
@@ -284,9 +287,10 @@ def sessions(endpoint: str, count: int, legs: int) -> None:
                 client.drain()
                 next_beat = time.monotonic() + HEARTBEAT
         _say("DONE", {"sent": total, "seconds": time.monotonic() - t0})
-    for s in mine:
-        client.send(orjson.dumps(s.end()))
-    _collect_count(client, count, 60.0)
+    for chunk in range(0, count, PIPELINE):
+        for s in mine[chunk : chunk + PIPELINE]:
+            client.send(orjson.dumps(s.end()))
+        _collect_count(client, len(mine[chunk : chunk + PIPELINE]), 60.0)
     client.close()
 
 
