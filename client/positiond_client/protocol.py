@@ -182,8 +182,8 @@ def _orphan_rows(value: Any) -> str | None:
         for name in ("broker_quantity", "known_quantity"):
             if _SIGNED_QTY(row.get(name)) is not None:
                 return f"rows need an integer {name}"
-        if type(row.get("row", {})) is not dict:
-            return "row must be an object"
+        if _object(row.get("row", {})) is not None:
+            return "row must be an object nested at most 32 levels"
     return None
 
 
@@ -326,17 +326,25 @@ _REQUIRED: dict[str, frozenset[str]] = {
 }
 
 
+def _shown(value: Any) -> str:
+    """A refused value for an error text: short, and never a recursion through deep nesting."""
+    if type(value) in (str, int, float, bool) or value is None:
+        return repr(value)[:60]
+    return f"<{type(value).__name__}>"
+
+
 def validate(msg: Mapping[str, Any]) -> None:
     """Check a decoded message against its type's rules; raise ProtocolError naming the field."""
     kind = msg.get("type")
     if msg.get("v") != PROTOCOL_VERSION:
         raise ProtocolError(
-            f"protocol version {msg.get('v')!r} is not supported (this is {PROTOCOL_VERSION})",
+            f"protocol version {_shown(msg.get('v'))} is not supported "
+            f"(this is {PROTOCOL_VERSION})",
             "BAD_VERSION",
         )
     schema = _SCHEMAS.get(kind) if type(kind) is str else None
     if schema is None:
-        raise ProtocolError(f"unknown message type {kind!r}", "BAD_TYPE")
+        raise ProtocolError(f"unknown message type {_shown(kind)}", "BAD_TYPE")
     checkers = schema[0]
     assert type(kind) is str
     for name, value in msg.items():
