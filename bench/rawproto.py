@@ -52,6 +52,11 @@ class RawSession:
         msg.update(seq=self.next_seq(), key=key, exit_price=price, exit_reason="BENCH")
         return msg
 
+    def sync(self) -> dict[str, Any]:
+        msg = self._base("sync")
+        msg["seq"] = self.next_seq()
+        return msg
+
     def end(self) -> dict[str, Any]:
         msg = self._base("end")
         msg["seq"] = self.next_seq()

@@ -16,6 +16,7 @@ modes:
   trader ENDPOINT               a strategy entering and exiting one leg after another
   sessions ENDPOINT N LEGS      N raw-protocol sessions x LEGS legs, heartbeating every 0.5 s;
                                 each GO floods {"updates": M} update messages over their legs
+                                and says DONE once a sync after them is acknowledged
   floor MODE ENDPOINT DB        an asyncio ROUTER like the daemon's: MODE echo answers at once,
                                 commit answers after one aiosqlite hop committing a row
 """
@@ -29,6 +30,7 @@ import os
 import select
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -79,6 +81,25 @@ def _next_go() -> dict[str, Any] | None:
     while True:
         try:
             go = _command()
+        except EOFError:
+            return None
+        if go is not None:
+            return go
+
+
+def _beat(client: RawClient, beats: list[bytes]) -> None:
+    for beat in beats:
+        client.send(beat)
+    client.drain()
+
+
+def _heartbeat_until_go(beat: Callable[[], None] | None) -> dict[str, Any] | None:
+    """Wait for the next GO (None: stdin closed), calling ``beat`` every HEARTBEAT meanwhile."""
+    while True:
+        if beat is not None:
+            beat()
+        try:
+            go = _command(HEARTBEAT if beat is not None else None)
         except EOFError:
             return None
         if go is not None:
@@ -152,7 +173,10 @@ def ingest_raw(endpoint: str, legs: int, announce: bool) -> None:
             seqs.add(msg["seq"])
         client.collect(seqs, 60.0)
     _say("READY", {})
-    go = _wait_go()
+    beat = (lambda: _beat(client, [session.heartbeat()])) if announce else None
+    go = _heartbeat_until_go(beat)
+    if go is None:
+        raise SystemExit(0)
     send, encode = client.sock.send, session.update
     counts = [0] * legs
     _until(go["start"])
@@ -166,7 +190,7 @@ def ingest_raw(endpoint: str, legs: int, announce: bool) -> None:
         if sent % CLOCK_EVERY == 0 and clock() >= end:
             break
     _say("DONE", {"calls": sent, "final": dict(zip(keys, counts, strict=True))})
-    _wait_eof()
+    _heartbeat_until_go(beat)  # until stdin closes: the session must not look dead meanwhile
     if announce:
         client.call(session.end(), 30.0)
     client.close()
@@ -286,6 +310,8 @@ def sessions(endpoint: str, count: int, legs: int) -> None:
                     send(beat)
                 client.drain()
                 next_beat = time.monotonic() + HEARTBEAT
+        # A sync is answered once everything sent before it on this connection is stored.
+        client.call(mine[0].sync(), 120.0)
         _say("DONE", {"sent": total, "seconds": time.monotonic() - t0})
     for chunk in range(0, count, PIPELINE):
         for s in mine[chunk : chunk + PIPELINE]:
