@@ -158,8 +158,8 @@ def _positiond(k: int, legs: int, windows: int, width: float, bare: bool) -> dic
         if len(inside) >= 2 and inside[-1][0] > inside[0][0]:
             (ta, va), (tb, vb) = inside[0], inside[-1]
             rates.append((vb - va) / (tb - ta))
-        else:
-            rates.append(float("nan"))
+        else:  # fewer than two commits in the window (a starved daemon): the stored value's climb
+            rates.append((_sample_at(samples, b)[1] - _sample_at(samples, a)[1]) / (b - a))
         (ta, ma), (tb, mb) = _sample_at(counters, a), _sample_at(counters, b)
         wire.append((mb - ma) / (tb - ta) if tb > ta else float("nan"))
     return {
