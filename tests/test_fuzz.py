@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import sys
 import time
@@ -670,6 +671,19 @@ class Fuzzer:
         return got, time.monotonic() - t0
 
 
+def log_around(log: str, when: float, before: float = 1.0, after: float = 3.0) -> str:
+    """The daemon's log lines from ``before`` seconds before ``when`` to ``after`` after."""
+    lines = []
+    for line in log.splitlines():
+        try:
+            stamp = time.mktime(time.strptime(line[:19], "%Y-%m-%d %H:%M:%S"))
+        except ValueError:
+            continue
+        if when - before - 1 <= stamp <= when + after:
+            lines.append(line[:300])
+    return "\n".join(lines[-40:])
+
+
 def percentile(samples: list[float], q: float) -> float:  # (nearest rank)
     ordered = sorted(samples)
     return ordered[min(len(ordered) - 1, math.floor(len(ordered) * q))]
@@ -781,8 +795,12 @@ def test_daemon_under_fuzzed_messages_and_a_flood(
         f"peer too slow): {tally.sent + len(flood)} messages in all. A well-behaved strategy's "
         f"entry round trip: quiet {figures(quiet)}; during the fuzzing {figures(fuzz_window)}; "
         f"during the flood {figures(flood_window)}; calls acked after their 2 s ack_timeout: "
-        f"{result['late']} of {2 * result['entered']}"
+        f"{len(result['late'])} of {2 * result['entered']}; load average "
+        f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
     )
+    for when in result["late"][:3]:  # what the daemon was doing then
+        print(f"a call sent at {time.strftime('%H:%M:%S', time.localtime(when))} was late:")
+        print(log_around(daemon.output(), when))
     assert tally.sent >= 0.9 * examples * per_example
     # Every refused message was counted; every flood message answered, or its answer dropped
     # (and counted) because the flooding peer did not read fast enough.

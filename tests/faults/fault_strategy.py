@@ -277,16 +277,18 @@ def latency(args: argparse.Namespace, pm: PositionPersistenceManager, journal: J
     commands = Commands()
     pm.start_session(args.prefix + "session")
     samples: list[tuple[float, float]] = []  # (wall time, seconds) per entry round trip
-    late = 0  # calls not acknowledged within ack_timeout (kept and re-sent by the client)
+    late: list[float] = []  # when a call was not acked within ack_timeout (it is re-sent)
     i = 0
     journal.write(op="ready")
     while not commands.stop.is_set():
         i += 1
         when, t0 = time.time(), time.perf_counter()
         leg = enter(pm, f"{args.prefix}{i}", 0)
-        late += leg.position_id is None
         samples.append((when, time.perf_counter() - t0))
-        late += not pm.save_position_exit(leg, exit_price=50.0)
+        if leg.position_id is None:
+            late.append(when)
+        if not pm.save_position_exit(leg, exit_price=50.0):
+            late.append(time.time())
     deadline = time.monotonic() + args.final_timeout
     synced = False
     while not synced and time.monotonic() < deadline:
