@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 import traceback
@@ -74,8 +75,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     env = report["environment"]
     print(
         f"\npositiond bench{' (--quick)' if args.quick else ''}: Python {env['python']}, "
-        f"SQLite {env['sqlite']}, libzmq {env['libzmq']}, {env['cpus']} CPUs; "
-        "ratio = baseline / positiond\n"
+        f"SQLite {env['sqlite']}, libzmq {env['libzmq']}, {env['cpus']} CPUs, load average "
+        f"{env['loadavg'][0]:.1f} at start and {os.getloadavg()[0]:.1f} at end; ratio = "
+        "baseline / positiond (positiond / baseline for rates): above 1 positiond is ahead\n"
     )
     if rows:
         print(markdown_table(rows))

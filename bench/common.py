@@ -236,6 +236,7 @@ def environment() -> dict[str, Any]:
         "sqlite": sqlite3.sqlite_version,
         "libzmq": zmq.zmq_version(),
         "pyzmq": zmq.__version__,
+        "loadavg": os.getloadavg(),
     }
 
 
