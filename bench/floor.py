@@ -235,3 +235,134 @@ def _checkpoint_loop(db: Path, stop: threading.Event) -> None:
             conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
     finally:
         conn.close()
+
+
+def message_costs(n: int) -> dict[str, float]:
+    """CPU per update message (µs) of each step the daemon takes, in process, one at a time.
+
+    What the raw ceiling's sink does (zmq receive, ``orjson.loads``) against what the daemon
+    adds: the protocol's validation (``decode``) and the engine's rules (``Engine.receive``).
+    """
+    from positiond.engine import Engine
+    from positiond_client.protocol import decode
+
+    session = RawSession("bench-costs")
+    keys = [f"{session.key}-{j}" for j in range(10)]
+    payloads = [session.update(keys[i % 10], 100.0 + i * 0.05) for i in range(n)]
+    costs: dict[str, float] = {}
+    perf = time.perf_counter_ns
+
+    ctx = zmq.Context()
+    router, dealer = ctx.socket(zmq.ROUTER), ctx.socket(zmq.DEALER)
+    try:
+        router.rcvhwm = dealer.sndhwm = 0
+        router.bind("inproc://bench-costs")
+        dealer.connect("inproc://bench-costs")
+        for payload in payloads:
+            dealer.send(payload)
+        recv, noblock = router.recv, int(zmq.NOBLOCK)
+        recv(noblock)  # the first message also carries the connection's setup
+        router.recv(copy=False)
+        t0 = perf()
+        for _ in range(n - 1):
+            recv(noblock)
+            frame = recv(copy=False)
+            if frame.more:
+                raise AssertionError("one frame per message")
+            frame.bytes  # noqa: B018 -- the copy the daemon makes
+        costs["zmq receive (id + frame)"] = (perf() - t0) / (n - 1) / 1e3
+    finally:
+        router.close(linger=0)
+        dealer.close(linger=0)
+        ctx.term()
+
+    t0 = perf()
+    for payload in payloads:
+        orjson.loads(payload)
+    costs["orjson.loads"] = (perf() - t0) / n / 1e3
+
+    t0 = perf()
+    messages = [decode(payload) for payload in payloads]
+    costs["decode = loads + validate"] = (perf() - t0) / n / 1e3
+
+    fast = _MemoDecoder()
+    t0 = perf()
+    for payload in payloads:
+        fast.decode(payload)
+    costs["prototype: decode, identities memoized"] = (perf() - t0) / n / 1e3
+
+    engine = Engine(3.0, 1.0)
+    rid = b"\0costs"
+    engine.add_peer(rid, -1, None, None)
+    now, wall = time.monotonic(), time.time()
+    engine.receive(rid, decode(orjson.dumps(session.start())), now, wall)
+    for key in keys:
+        engine.receive(rid, decode(orjson.dumps(session.entry(key))), now, wall)
+    batch = engine.take_batch(now)
+    from positiond.ops import Result
+
+    engine.committed(batch, [Result(True, {"session_id": 1, "position_id": 1})] * len(batch.ops))
+    t0 = perf()
+    for msg in messages:
+        engine.receive(rid, msg, now, wall)
+    costs["Engine.receive (coalesce)"] = (perf() - t0) / n / 1e3
+    if engine.pending_updates != len(keys):
+        raise AssertionError(f"updates not taken: {engine.pending_updates} legs pending")
+    return costs
+
+
+class _MemoDecoder:
+    """Prototype of a protocol change (not made): ``update`` messages repeat the same session,
+    token and leg key strings thousands of times a second, and the regex checks of those strings
+    are most of ``decode``'s cost. Remember the (session, token, key) triples that passed
+    ``validate`` once (bounded), and for an update whose fields are all known check only its
+    numbers; anything else goes through ``decode`` as today. Same verdicts, same errors."""
+
+    LIMIT = 100_000
+
+    def __init__(self) -> None:
+        from positiond_client.protocol import MAX_PRICE, UPDATE_FIELDS, decode
+
+        self._decode = decode
+        self._max = MAX_PRICE
+        self._fields = frozenset({"v", "type", "session", "token", "key", *UPDATE_FIELDS})
+        self._prices = ("current_price", "stop_price", "highest_price")
+        self._seen: set[tuple[object, object, object]] = set()
+
+    def decode(self, payload: bytes) -> dict[str, Any]:
+        msg = orjson.loads(payload)
+        if (
+            type(msg) is dict
+            and msg.get("type") == "update"
+            and msg.get("v") == 1
+            and (msg.get("session"), msg.get("token"), msg.get("key")) in self._seen
+            and msg.keys() <= self._fields
+            and "state" not in msg
+            and self._numbers_ok(msg)
+        ):
+            return msg
+        checked = self._decode(payload)  # the full rules; raises ProtocolError
+        if checked.get("type") == "update" and len(self._seen) < self.LIMIT:
+            self._seen.add((checked.get("session"), checked.get("token"), checked.get("key")))
+        return checked
+
+    def _numbers_ok(self, msg: dict[str, Any]) -> bool:
+        changed = False
+        for name in self._prices:
+            if name in msg:
+                changed = True
+                value = msg[name]
+                if value is None:
+                    continue
+                kind = type(value)
+                if (kind is not float and kind is not int) or not 0.0 <= value <= self._max:
+                    return False  # NaN fails the comparison too
+        level = msg.get("last_trail_level")
+        if "last_trail_level" in msg:
+            changed = True
+            if level is not None and (
+                (type(level) is not float and type(level) is not int)
+                or not -self._max <= level <= self._max
+            ):
+                return False
+        return changed

@@ -11,7 +11,9 @@ ROUTER that polls, drains and orjson-decodes them, and stores nothing.
 
 The client coalesces a leg's updates while its I/O thread is busy, so positiond can make more
 updates visible than it receives messages: the wire rate (messages the daemon decoded, from its
-status.json counters) is reported beside it.
+status.json counters) is reported beside it. The floor rows split one update message's CPU
+cost in the daemon into its steps, measured in process: what the ceiling's sink pays (zmq
+receive, orjson.loads) and what positiond adds (validation, the engine).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from bench.common import (
     start_workers,
     tmp_workdir,
 )
+from bench.floor import message_costs
 from bench.report import Scenario, Target
 
 __all__ = ["run"]
@@ -192,8 +195,16 @@ def run(quick: bool) -> Scenario:
         sc.row(f"K={k} x L={legs}:   ... messages the daemon decoded /s", pd["wire"])
         sc.row(f"K={k} x L={legs}: bare-protocol senders, visible /s", bare["visible"],
                ceiling, higher_is_better=True, target=target)  # fmt: skip
+    cpu = [raw[f"{k}x{legs}"]["bare"]["cpu_us_per_msg"] for k, legs in configs]
+    sc.row("daemon CPU µs per update (bare senders, all configs)", cpu)
+    costs: dict[str, list[float]] = {}
+    for _ in range(windows):
+        for name, value in message_costs(5_000 if quick else 100_000).items():
+            costs.setdefault(name, []).append(value)
+    for name, values in costs.items():
+        sc.row(f"floor: CPU µs per update: {name}", values)
     sc.raw.update(
-        configs=raw, windows=windows, window_s=width, warmup_s=WARMUP,
+        message_costs_us=costs, configs=raw, windows=windows, window_s=width, warmup_s=WARMUP,
         flush_interval=FLUSH_INTERVAL,
     )  # fmt: skip
     sc.notes.append(
