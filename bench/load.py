@@ -4,7 +4,9 @@ M trader processes (real strategies, ``PositionPersistenceManager``) enter and e
 after another, each call waiting for its ack (sent after the commit), while K ingest processes
 stream updates over L legs as fast as they can. Group commit should keep the acks' tail short:
 every commit carries whatever durable messages arrived while the previous one ran. Baseline:
-the same traders, same processes, with the ingest processes idle. Phases alternate.
+the same traders, same processes, with the ingest processes idle. A third phase paces the
+traders (a pause between cycles, as real strategies trade) under the same ingest. Phases
+alternate.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from bench.report import Scenario, at_most, stats
 
 __all__ = ["run"]
 
+PAUSE = 0.05  # seconds between two entry/exit cycles of a paced trader
+
 
 def _machine_busy() -> tuple[float, float]:
     """(busy, total) CPU jiffies of the whole machine so far (/proc/stat)."""
@@ -27,11 +31,17 @@ def _machine_busy() -> tuple[float, float]:
 
 
 def _phase(
-    daemon: DaemonProcess, traders: list[Worker], ingest: list[Worker], seconds: float
+    daemon: DaemonProcess,
+    traders: list[Worker],
+    ingest: list[Worker],
+    seconds: float,
+    pause: float = 0.0,
 ) -> dict[str, Any]:
     start = time.monotonic() + 0.2
     end = start + seconds
-    for worker in [*traders, *ingest]:
+    for worker in traders:
+        worker.go(start=start, end=end, pause=pause)
+    for worker in ingest:
         worker.go(start=start, end=end)
     while time.monotonic() < start:
         time.sleep(0.005)
@@ -67,6 +77,8 @@ def run(quick: bool) -> Scenario:
     sc = Scenario("load")
     loaded: list[dict[str, Any]] = []
     quiet: list[dict[str, Any]] = []
+    paced: list[dict[str, Any]] = []
+    paced_quiet: list[dict[str, Any]] = []
     extra = ["--status-interval", "0.1"]
     with DaemonProcess(log_level="WARNING", extra=extra) as daemon:
         specs = [(f"trader-{i}", "trader", [daemon.endpoint]) for i in range(m)]
@@ -77,6 +89,8 @@ def run(quick: bool) -> Scenario:
             for _ in range(runs):
                 loaded.append(_phase(daemon, traders, ingest, seconds))
                 quiet.append(_phase(daemon, traders, [], seconds))
+                paced.append(_phase(daemon, traders, ingest, seconds, PAUSE))
+                paced_quiet.append(_phase(daemon, traders, [], seconds, PAUSE))
         finally:
             for worker in workers:
                 worker.close()
@@ -89,6 +103,11 @@ def run(quick: bool) -> Scenario:
     sc.row(f"ack p50 (ms), {label} vs traders alone", col(loaded, "p50"), col(quiet, "p50"))
     sc.row("ack p99 (ms)", col(loaded, "p99"), col(quiet, "p99"), target=at_most(5, " ms"))
     sc.row("ack max (ms)", col(loaded, "max"), col(quiet, "max"))
+    sc.row(f"ack p99 (ms), traders pausing {PAUSE * 1000:g} ms per cycle", col(paced, "p99"),
+           col(paced_quiet, "p99"), target=at_most(5, " ms"))  # fmt: skip
+    sc.row("  ... their ack p50 (ms)", col(paced, "p50"), col(paced_quiet, "p50"))
+    sc.row("  ... machine CPU busy (% of all cores)", col(paced, "machine_busy_pct"),
+           col(paced_quiet, "machine_busy_pct"))  # fmt: skip
     sc.row("durable acks /s (entries + exits)", col(loaded, "acks_per_s"),
            col(quiet, "acks_per_s"), higher_is_better=True)  # fmt: skip
     sc.row("ingest: update calls /s during the phase", col(loaded, "ingest_calls_per_s"))
@@ -98,11 +117,12 @@ def run(quick: bool) -> Scenario:
            col(quiet, "daemon_cpu_pct"))  # fmt: skip
     sc.row("machine CPU busy (% of all cores)", col(loaded, "machine_busy_pct"),
            col(quiet, "machine_busy_pct"))  # fmt: skip
-    failed = sum(r["failed"] for r in loaded + quiet)
+    failed = sum(r["failed"] for r in loaded + quiet + paced + paced_quiet)
     if failed:
         sc.notes.append(f"load: {failed} entries/exits were not acknowledged")
     sc.raw.update(
         traders=m, ingest_processes=k, legs=legs, seconds=seconds, loaded=loaded, quiet=quiet,
+        paced=paced, paced_quiet=paced_quiet,
         warnings=warnings,
     )  # fmt: skip
     sc.notes.append(

@@ -13,7 +13,8 @@ modes:
                                 raw ceiling), or with ``session`` to positiond, after a start
                                 and the legs' entries
   sink ENDPOINT                 a bare ROUTER: poll, drain, orjson-decode, count (no storage)
-  trader ENDPOINT               a strategy entering and exiting one leg after another
+  trader ENDPOINT               a strategy entering and exiting one leg after another (GO's
+                                "pause": seconds between two cycles)
   sessions ENDPOINT N LEGS      N raw-protocol sessions x LEGS legs, heartbeating every 0.5 s;
                                 each GO floods {"updates": M} update messages over their legs
                                 and says DONE once a sync after them is acknowledged
@@ -248,7 +249,10 @@ def trader(endpoint: str) -> None:
             exits: list[int] = []
             failed = 0
             _until(go["start"])
+            pause = float(go.get("pause", 0.0))  # seconds between two entry/exit cycles
             while time.monotonic() < go["end"]:
+                if pause:
+                    time.sleep(pause)
                 i += 1
                 t0 = perf()
                 leg = _enter(pm, f"NIFTY28NOV25{24000 + i % 500}PE", 100.0)
