@@ -205,7 +205,8 @@ class Channel:
                 self._updates.pop(msg["key"], None)
                 if final is not None:
                     msg.update(final)
-            if flush_updates:
+            if flush_updates and self._connected and self._announced:
+                # (Not connected: the re-announce sends every open leg's state before this.)
                 self._queue_updates_locked()
             pending = self._submit_locked(msg)
             wake = not self._wake_pending
@@ -240,8 +241,8 @@ class Channel:
                 self._updates[key] = fields
             else:
                 pending.update(fields)
-            if self._wake_pending:
-                return
+            if self._wake_pending or not self._connected:
+                return  # no daemon: the state waits in _legs/_updates, a reconnect sends it
             self._wake_pending = True
         self._wake()
 
