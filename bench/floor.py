@@ -37,8 +37,11 @@ __all__ = ["daemon_rtts", "floor_rtts", "store_apply_ns", "threaded_rtts"]
 CHECKPOINT_EVERY = 0.05
 
 
-def daemon_rtts(endpoint: str, n: int, warmup: int = 20) -> list[int]:
-    """Entry round trips (ns) of a bare blocking client against a running positiond."""
+def daemon_rtts(endpoint: str, n: int, warmup: int = 20, pause: float = 0.0) -> list[int]:
+    """Entry round trips (ns) of a bare blocking client against a running positiond.
+
+    ``pause``: seconds of sleep before each entry (an idle daemon, woken by every message).
+    """
     client = RawClient(endpoint)
     try:
         session = RawSession("bench-raw-entry")
@@ -47,6 +50,8 @@ def daemon_rtts(endpoint: str, n: int, warmup: int = 20) -> list[int]:
         perf = time.perf_counter_ns
         for i in range(warmup + n):
             msg = session.entry(f"{session.key}-{i}")
+            if pause:
+                time.sleep(pause)
             t0 = perf()
             client.call(msg)
             if i >= warmup:

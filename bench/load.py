@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import DaemonProcess, Worker, cpu_seconds, start_workers
+from bench.floor import daemon_rtts
 from bench.report import Scenario, at_most, stats
 
 __all__ = ["run"]
@@ -71,9 +72,9 @@ def _phase(
 
 def run(quick: bool) -> Scenario:
     if quick:
-        m, k, legs, runs, seconds = 2, 1, 10, 1, 0.5
+        m, k, legs, runs, seconds, idle_n = 2, 1, 10, 1, 0.5, 5
     else:
-        m, k, legs, runs, seconds = 8, 2, 100, 3, 3.0
+        m, k, legs, runs, seconds, idle_n = 8, 2, 100, 3, 3.0, 100
     sc = Scenario("load")
     loaded: list[dict[str, Any]] = []
     quiet: list[dict[str, Any]] = []
@@ -94,6 +95,7 @@ def run(quick: bool) -> Scenario:
         finally:
             for worker in workers:
                 worker.close()
+        idle = [stats(daemon_rtts(daemon.endpoint, idle_n, 5, PAUSE), 1e-6) for _ in range(runs)]
         warnings = daemon.warnings()
 
     def col(runs: list[dict[str, Any]], key: str) -> list[float]:
@@ -108,6 +110,9 @@ def run(quick: bool) -> Scenario:
     sc.row("  ... their ack p50 (ms)", col(paced, "p50"), col(paced_quiet, "p50"))
     sc.row("  ... machine CPU busy (% of all cores)", col(paced, "machine_busy_pct"),
            col(paced_quiet, "machine_busy_pct"))  # fmt: skip
+    sc.row(f"floor: one bare client, {PAUSE * 1000:g} ms pause per entry, nothing else: p50 (ms)",
+           [i.p50 for i in idle])  # fmt: skip
+    sc.row("floor: ... p99 (ms)", [i.p99 for i in idle])
     sc.row("durable acks /s (entries + exits)", col(loaded, "acks_per_s"),
            col(quiet, "acks_per_s"), higher_is_better=True)  # fmt: skip
     sc.row("ingest: update calls /s during the phase", col(loaded, "ingest_calls_per_s"))
