@@ -4,6 +4,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -85,3 +86,12 @@ def daemon(workdir: Path) -> Iterator[DaemonProcess]:
     finally:
         if proc.proc is not None and proc.proc.poll() is None:
             proc.stop()
+
+
+@pytest.fixture
+def strategies() -> Iterator[list[Any]]:
+    """Strategy subprocesses a test starts (tests.test_daemon.Strategy); killed at the end."""
+    started: list[Any] = []
+    yield started
+    for strategy in started:
+        strategy.close()

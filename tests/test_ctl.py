@@ -86,14 +86,6 @@ def events_of(daemon: DaemonProcess, key: str, kind: str) -> list[dict[str, Any]
 
 
 @pytest.fixture
-def strategies() -> Iterator[list[Strategy]]:
-    started: list[Strategy] = []
-    yield started
-    for strategy in started:
-        strategy.close()
-
-
-@pytest.fixture
 def managers() -> Iterator[list[PositionPersistenceManager]]:
     made: list[PositionPersistenceManager] = []
     yield made

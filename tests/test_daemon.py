@@ -10,7 +10,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -95,14 +94,6 @@ class Strategy:
         for stream in (self.proc.stdin, self.proc.stdout):
             if stream is not None:
                 stream.close()
-
-
-@pytest.fixture
-def strategies() -> Iterator[list[Strategy]]:
-    started: list[Strategy] = []
-    yield started
-    for strategy in started:
-        strategy.close()
 
 
 def test_kill_9_marks_crashed_and_seed_query_lists_open_legs(

@@ -42,14 +42,6 @@ def positionbook(*rows_: tuple[str, str]) -> dict[str, Any]:
 
 
 @pytest.fixture
-def strategies() -> Iterator[list[Strategy]]:
-    started: list[Strategy] = []
-    yield started
-    for strategy in started:
-        strategy.close()
-
-
-@pytest.fixture
 def manager(daemon: DaemonProcess) -> Iterator[PositionPersistenceManager]:
     pm = PositionPersistenceManager("expiry_blast", endpoint=daemon.endpoint, ack_timeout=5)
     yield pm
