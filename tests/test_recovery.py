@@ -26,6 +26,8 @@ def crashed(
     quantity: int = 75,
     strategy: str = "expiry_blast",
     product: str = "MIS",
+    status: str = "CRASHED",
+    session_status: str = "CRASHED",
 ) -> CrashedLeg:
     return CrashedLeg.from_row(
         {
@@ -46,7 +48,8 @@ def crashed(
             "highest_price": 100.0,
             "last_trail_level": 2.0,
             "state": {"atm": 24000},
-            "status": "CRASHED",
+            "status": status,
+            "session_status": session_status,
             "was_crashed": 1,
             "crash_timestamp": "2025-11-28T10:00:22.000Z",
             "crash_reason": "process exited (pid 7)",
@@ -163,3 +166,81 @@ def test_product_separates_instruments() -> None:
     report = verify_positions([crashed("ce", product="NRML")], book((CE, "-75")))
     assert verdicts(report) == {"ce": CLOSED_AT_BROKER}
     assert [(o.product, o.broker_quantity) for o in report.orphans] == [("MIS", -75)]
+
+
+# ---- issue 9 §1: a net is attributed only when nothing uncertain shares the instrument --------
+
+
+def test_yesterdays_reviewed_leg_on_the_same_contract_makes_todays_crash_a_mismatch() -> None:
+    """Reproduced: y-1 NEEDS_REVIEW, t-1 crashed, broker 75: t-1 was CLOSED_AT_BROKER."""
+    yesterday = crashed("y-1", side="BUY", status="NEEDS_REVIEW")
+    today = crashed("t-1", side="BUY")
+    report = verify_positions([today], book((CE, "75")), [yesterday, today])
+    assert verdicts(report) == {"t-1": MISMATCH}
+    verdict = report.verdicts[0]
+    assert "y-1" in verdict.reason and "NEEDS_REVIEW" in verdict.reason
+    assert [o["position_key"] for o in verdict.others] == ["y-1"]
+    assert report.orphans == []
+
+
+def test_two_strategies_crashed_on_one_contract_neither_is_attributed() -> None:
+    """Whichever recovers first used to get CLOSED_AT_BROKER, the second RESUME."""
+    mine = crashed("a-1", side="BUY", strategy="expiry_blast")
+    theirs = crashed("b-1", side="BUY", strategy="straddle")
+    first = verify_positions([mine], book((CE, "75")), [mine, theirs])
+    assert verdicts(first) == {"a-1": MISMATCH}
+    assert "b-1" in first.verdicts[0].reason and "straddle" in first.verdicts[0].reason
+    # After the first is flagged for review, the second is still not attributable.
+    flagged = crashed("a-1", side="BUY", status="NEEDS_REVIEW")
+    second = verify_positions([theirs], book((CE, "75")), [flagged, theirs])
+    assert verdicts(second) == {"b-1": MISMATCH}
+
+
+@pytest.mark.parametrize("session_status", ["STALLED", "COMPLETED", "CRASHED"])
+def test_an_active_leg_of_a_session_that_is_not_running_is_uncertain(session_status: str) -> None:
+    other = crashed("s-1", side="BUY", status="ACTIVE", session_status=session_status)
+    mine = crashed("c-1", side="BUY")
+    report = verify_positions([mine], book((CE, "75")), [other, mine])
+    assert verdicts(report) == {"c-1": MISMATCH}
+    assert f"ACTIVE in a {session_status} session" in report.verdicts[0].reason
+
+
+def test_a_live_leg_is_certain_so_a_same_sized_crashed_leg_is_attributed() -> None:
+    live = crashed("live", side="BUY", status="ACTIVE", session_status="RUNNING")
+    mine = crashed("c-1", side="BUY")
+    assert verdicts(verify_positions([mine], book((CE, "75")), [live, mine])) == {
+        "c-1": CLOSED_AT_BROKER
+    }
+    assert verdicts(verify_positions([mine], book((CE, "150")), [live, mine])) == {
+        "c-1": RESUME
+    }
+
+
+def test_a_leg_open_in_every_explanation_resumes_while_its_twins_are_reviewed() -> None:
+    """A 75 and B 75 (one of them open), C 50 open: broker 125 forces C, not A or B."""
+    a = crashed("a", side="BUY")
+    b = crashed("b", side="BUY", status="NEEDS_REVIEW")
+    c = crashed("c", side="BUY", quantity=50, strategy="straddle")
+    report = verify_positions([a, c], book((CE, "125")), [a, b, c])
+    assert verdicts(report) == {"a": MISMATCH, "c": RESUME}
+    assert report.verdicts[0].explanations == 2
+    flat = verify_positions([a, c], book((CE, "75")), [a, b, c])
+    assert verdicts(flat) == {"a": MISMATCH, "c": CLOSED_AT_BROKER}
+
+
+def test_a_crashed_leg_is_judged_uncertain_even_if_listed_as_live() -> None:
+    """The crashed list wins over a stale copy of the same key in the known legs."""
+    stale = crashed("c-1", side="BUY", status="ACTIVE", session_status="RUNNING")
+    mine = crashed("c-1", side="BUY")
+    assert verdicts(verify_positions([mine], book((CE, "0")), [stale])) == {
+        "c-1": CLOSED_AT_BROKER
+    }
+
+
+def test_a_reason_naming_many_legs_fits_what_the_daemon_stores() -> None:
+    others = [crashed(f"other-{i:02d}-{'x' * 30}", side="BUY", status="NEEDS_REVIEW")
+              for i in range(12)]  # fmt: skip
+    mine = crashed("c-1", side="BUY")
+    [verdict] = verify_positions([mine], book((CE, "75")), [*others, mine]).verdicts
+    assert verdict.verdict == MISMATCH and len(verdict.reason) > 500
+    assert len(verdict.stored_reason) == 500 and verdict.stored_reason.endswith("…")

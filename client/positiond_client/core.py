@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 import zmq.auth
 
 from positiond_client.channel import Channel, Pending
-from positiond_client.errors import LegError, SessionError, UnavailableError
+from positiond_client.errors import LegError, PositiondError, SessionError, UnavailableError
 from positiond_client.paths import default_endpoint
 from positiond_client.protocol import PROTOCOL_VERSION, check_fields, validate
 from positiond_client.recovery import (
@@ -422,6 +422,13 @@ class Core:
     def _open_op(self, strategy_name: str | None) -> Step[list[CrashedLeg]]:
         pending = self._request("query", what="open", strategy=strategy_name)
         result = self._answered(pending, (yield pending), "the open-legs query")
+        if result.get("truncated"):
+            # Verification nets every open leg on an instrument: a partial list could attribute
+            # a position to the wrong leg. Refuse rather than guess.
+            raise PositiondError(
+                f"more open legs than one answer holds ({len(result['legs'])}): verification "
+                "needs all of them; resolve or prune some and try again"
+            )
         return [CrashedLeg.from_row(row) for row in result["legs"]]
 
     def _adopt_op(self, leg: CrashedLeg | Leg | str) -> Step[Leg]:
@@ -462,10 +469,10 @@ class Core:
                     report.adopted[key] = yield from self._adopt_op(key)
                     report.actions[key] = "adopted"
                 elif verdict.verdict == CLOSED_AT_BROKER:
-                    done = yield from self._resolve_op(key, "close", reason=verdict.reason)
+                    done = yield from self._resolve_op(key, "close", reason=verdict.stored_reason)
                     report.actions[key] = "closed" if done else "close queued"
                 else:
-                    done = yield from self._resolve_op(key, "review", reason=verdict.reason)
+                    done = yield from self._resolve_op(key, "review", reason=verdict.stored_reason)
                     report.actions[key] = "flagged for review" if done else "review queued"
             except LegError as exc:  # someone else acted on it first: report, go on
                 report.actions[key] = f"not done: {exc}"

@@ -68,7 +68,7 @@ def _apply_verdicts(ctl: Ctl, report: VerificationReport) -> tuple[Written | Non
             continue
         action = "close" if verdict.verdict == CLOSED_AT_BROKER else "review"
         messages.append({"type": "resolve", "key": key, "action": action,
-                         "reason": verdict.reason[:500]})  # fmt: skip
+                         "reason": verdict.stored_reason})  # fmt: skip
         keys.append(key)
     rows = [o.to_dict() for o in report.orphans]
     for start in range(0, len(rows), ORPHAN_CHUNK):
@@ -110,6 +110,11 @@ def cmd_verify(ctl: Ctl, args: argparse.Namespace) -> int:
 
     The positionbook is the raw client.positionbook() response or its list of rows; it is
     compared per instrument with every ACTIVE, CRASHED and NEEDS_REVIEW leg of every strategy.
+    The book has no strategy tag, so a net is attributed to a leg only when it admits one
+    explanation: legs ACTIVE in a RUNNING session count as certainly there; CRASHED,
+    NEEDS_REVIEW and legs of STALLED or finished sessions are uncertain and judged together.
+    A leg open in every explanation is RESUME, in none CLOSED_AT_BROKER; otherwise MISMATCH,
+    with the other legs it cannot be told from named in the reason.
     --apply closes CLOSED_AT_BROKER legs, flags MISMATCH legs NEEDS_REVIEW with the reason and
     records the orphans; RESUME legs stay CRASHED for the strategy's next run to adopt. --json
     prints {"verdicts": [...], "orphans": [...]} (plus "actions" with --apply; its "orphans" key
@@ -122,9 +127,18 @@ def cmd_verify(ctl: Ctl, args: argparse.Namespace) -> int:
         crashed = [
             CrashedLeg.from_row(r) for r in query(conn, ctl.by, "crashed", args.strategy)["legs"]
         ]
-        known = [CrashedLeg.from_row(r) for r in query(conn, ctl.by, "open", None)["legs"]]
+        found = query(conn, ctl.by, "open", None)
     finally:
         conn.close()
+    if found["truncated"]:
+        # Verification nets every open leg on an instrument: a partial list could attribute a
+        # position to the wrong leg.
+        raise CtlError(
+            EXIT_REFUSED,
+            f"more open legs than one query returns ({len(found['legs'])}): verification needs "
+            "all of them; resolve or prune some first",
+        )
+    known = [CrashedLeg.from_row(r) for r in found["legs"]]
     try:
         report = verify_positions(crashed, book, known)
     except ValueError as exc:

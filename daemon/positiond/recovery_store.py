@@ -33,7 +33,7 @@ _LEG_COLUMNS = """
     p.position_id, p.position_key, p.session_id, s.strategy_name, p.symbol, p.exchange,
     p.product, p.leg_type, p.side, p.quantity, p.entry_price, p.entry_time, p.current_price,
     p.stop_price, p.highest_price, p.last_trail_level, p.state, p.status, p.was_crashed,
-    s.crash_timestamp, s.crash_reason, p.review_reason
+    s.crash_timestamp, s.crash_reason, p.review_reason, s.status AS session_status
 """
 
 
@@ -82,7 +82,7 @@ def query(cur: sqlite3.Cursor, op: QueryOp, now: str) -> Result:
 
 def _leg_row(cur: sqlite3.Cursor, key: str) -> sqlite3.Row | None:
     row: sqlite3.Row | None = cur.execute(
-        f"SELECT {_LEG_COLUMNS}, s.session_key, s.status AS session_status "
+        f"SELECT {_LEG_COLUMNS}, s.session_key "
         "FROM strategy_positions p JOIN strategy_sessions s ON s.id = p.session_id "
         "WHERE p.position_key = ?",
         (key,),
@@ -166,7 +166,9 @@ def _adopt(
     )
     audit |= {"from_session": leg["session_id"], "from_strategy": leg["strategy_name"]}
     _event(cur, pid, adopter["id"], "RECOVERY", now, audit)
-    data = _leg_dict(leg) | {"status": "ACTIVE", "session_id": adopter["id"]}
+    data = _leg_dict(leg) | {
+        "status": "ACTIVE", "session_id": adopter["id"], "session_status": adopter["status"]
+    }  # fmt: skip
     row = LegRow(op.key, op.session_key, leg["stop_price"], leg["last_trail_level"])
     return Result(
         True, {"position_id": pid, "status": "ACTIVE", "duplicate": False, "leg": data}, legs=[row]
