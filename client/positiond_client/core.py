@@ -435,11 +435,35 @@ class Core:
         key = _key_of(leg)
         self._base("resolve")  # adopting needs our session
         pending = self._request("resolve", key=key, action="adopt")
-        result = self._answered(pending, (yield pending), f"the adoption of {key}")
+        result = yield pending
+        if result is None:
+            # A write, unlike a read: the daemon may have it queued and still commit it. Keep
+            # it (re-sent until answered; adoption is idempotent), take the leg when a late ack
+            # says it is ours, and tell the caller the truth: the outcome is unknown.
+            pending.add_callback(self._adopted_late)
+            raise UnavailableError(
+                f"positiond at {self.endpoint} did not answer the adoption of {key} within "
+                f"{self.ack_timeout:g}s: outcome unknown, it may still be applied. Call "
+                "mark_position_recovered() again: if the leg is already yours it returns it"
+            )
         handle = Leg.from_saved(result["leg"])
         self._channel.open_leg(key, handle.snapshot())
         log.info("adopted leg %s (%s %s %d)", key, handle.symbol, handle.side, handle.quantity)
         return handle
+
+    def _adopted_late(self, pending: Pending) -> None:
+        key = pending.key
+        if pending.error is not None or pending.result is None or key is None:
+            log.error("positiond refused the adoption of %s: %s", key, pending.error)
+            return
+        if self._channel.is_open(key):
+            return  # a repeated call already took it
+        self._channel.open_leg(key, Leg.from_saved(pending.result["leg"]).snapshot())
+        log.warning(
+            "the adoption of %s was acknowledged late: the leg is ours and takes updates; "
+            "mark_position_recovered(%r) returns its handle",
+            key, key,
+        )  # fmt: skip
 
     def _resolve_op(self, leg: CrashedLeg | Leg | str, action: str, **fields: Any) -> Step[bool]:
         key = _key_of(leg)

@@ -90,8 +90,19 @@ def _leg_row(cur: sqlite3.Cursor, key: str) -> sqlite3.Row | None:
     return row
 
 
+def _stranded(leg: sqlite3.Row) -> bool:
+    """ACTIVE in a session that is over (ended with the leg open, or crashed): its owner can
+    never exit it, so it is resolved like a crashed leg."""
+    return bool(leg["status"] == "ACTIVE" and leg["session_status"] not in LIVE_SESSION_STATUSES)
+
+
 def resolve(cur: sqlite3.Cursor, op: ResolveOp, now: str) -> Result:
-    """Adopt, close, flag or requeue one leg that is not live in any session."""
+    """Adopt, close, flag or requeue one leg that is not live in any session.
+
+    A leg still ACTIVE in a session that is over (``end_session`` with legs open) is stranded:
+    it can be closed, flagged, requeued (CRASHED, for the strategy's next run to adopt) or
+    adopted, like a crashed leg.
+    """
     leg = _leg_row(cur, op.key)
     if leg is None:
         return Result.error("UNKNOWN_LEG", f"no leg {op.key!r}")
@@ -99,10 +110,11 @@ def resolve(cur: sqlite3.Cursor, op: ResolveOp, now: str) -> Result:
     audit = {"by": op.by, "reason": op.reason, "from_status": status}
     if op.action == "adopt":
         return _adopt(cur, op, leg, now, audit)
-    if status == "ACTIVE":
+    stranded = _stranded(leg)
+    if status == "ACTIVE" and not stranded:
         return Result.error(
             "BAD_STATE",
-            f"leg {op.key!r} is ACTIVE in session {leg['session_id']}: its owner exits it",
+            f"leg {op.key!r} is ACTIVE in live session {leg['session_id']}: its owner exits it",
         )
     if op.action == "close":
         if status == "CLOSED":
@@ -115,8 +127,10 @@ def resolve(cur: sqlite3.Cursor, op: ResolveOp, now: str) -> Result:
         audit |= {"exit_price": op.exit_price, "exit_reason": op.exit_reason}
         _event(cur, pid, leg["session_id"], "EXIT", iso(op.time), audit)
         return Result(True, {"position_id": pid, "status": "CLOSED", "duplicate": False})
-    if status not in ("CRASHED", "NEEDS_REVIEW"):
+    if status not in ("CRASHED", "NEEDS_REVIEW") and not stranded:
         return Result.error("BAD_STATE", f"leg {op.key!r} is {status}")
+    if stranded:
+        audit["session_status"] = leg["session_status"]
     if op.action == "review":
         cur.execute(
             "UPDATE strategy_positions SET status = 'NEEDS_REVIEW', review_reason = ?, "
@@ -153,9 +167,11 @@ def _adopt(
         return Result(
             True, {"position_id": pid, "status": "ACTIVE", "duplicate": True, "leg": data}
         )
-    if leg["status"] != "CRASHED":
+    if leg["status"] != "CRASHED" and not _stranded(leg):
         return Result.error(
-            "BAD_STATE", f"leg {op.key!r} is {leg['status']}: only a CRASHED leg can be adopted"
+            "BAD_STATE",
+            f"leg {op.key!r} is {leg['status']}: only a CRASHED leg, or one left open by a "
+            "session that is over, can be adopted",
         )
     if leg["session_status"] in LIVE_SESSION_STATUSES:
         return Result.error("FENCED", f"leg {op.key!r} belongs to live session {leg['session_id']}")
