@@ -305,7 +305,7 @@ _SCHEMAS: dict[str, tuple[dict[str, Checker], frozenset[str]]] = {
         frozenset({"rows"}),
     ),
     "prune": (
-        {**_DURABLE, "before": _TIME, "by": _text(200)},
+        {**_DURABLE, "before": _TIME, "limit": _integer(1, 10_000), "by": _text(200)},
         frozenset({"before"}),
     ),
     "hb": (dict(_COMMON), frozenset()),

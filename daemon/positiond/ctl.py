@@ -23,6 +23,7 @@ from positiond import ctl_render as render
 from positiond.ctl_access import EXIT_OK, Ctl, CtlError, who
 from positiond.ctl_change import cmd_prune, cmd_resolve, cmd_verify
 from positiond.ctl_read import cmd_crashed, cmd_events, cmd_positions, cmd_sessions, cmd_status
+from positiond.ops import PRUNE_CHUNK, PRUNE_MAX_CHUNK
 from positiond.schema import iso
 from positiond_client.paths import default_db_path, default_endpoint
 
@@ -56,6 +57,17 @@ def duration(text: str) -> float:
     if match is None:
         raise argparse.ArgumentTypeError(f"{text!r} is not a duration like 30d or 12h")
     return float(match[1]) * (86400 if match[2] == "d" else 3600)
+
+
+def chunk(text: str) -> int:
+    """A prune chunk size: 1 .. PRUNE_MAX_CHUNK sessions."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= PRUNE_MAX_CHUNK:
+        raise argparse.ArgumentTypeError(f"{text!r}: a number of sessions, 1..{PRUNE_MAX_CHUNK}")
+    return value
 
 
 def since(text: str) -> str:
@@ -189,6 +201,13 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         metavar="AGE",
         help="30d, 12h, 0d (everything finished)",
+    )
+    sub.add_argument(
+        "--chunk",
+        type=chunk,
+        default=PRUNE_CHUNK,
+        metavar="N",
+        help=f"sessions per transaction ({PRUNE_CHUNK}; at most {PRUNE_MAX_CHUNK})",
     )
     add("status", cmd_status)
     return parser

@@ -41,7 +41,7 @@ import zmq
 from rich.console import Console
 
 from positiond import store
-from positiond.ops import Batch, Op, OrphansOp, PruneOp, ResolveOp
+from positiond.ops import PRUNE_CHUNK, Batch, Op, OrphansOp, PruneOp, ResolveOp
 from positiond.schema import SCHEMA_VERSION, SchemaError
 from positiond_client.errors import ProtocolError
 from positiond_client.paths import ipc_path
@@ -184,7 +184,7 @@ def _op(msg: dict[str, Any], by: str, now: float) -> Op:
     if kind == "orphans":
         return OrphansOp(None, None, None, by, msg["rows"], now)
     if kind == "prune":
-        return PruneOp(None, None, None, by, msg["before"])
+        return PruneOp(None, None, None, by, msg["before"], msg.get("limit", PRUNE_CHUNK))
     raise ValueError(f"posctl does not write {kind!r} messages")
 
 

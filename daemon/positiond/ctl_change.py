@@ -249,17 +249,29 @@ def cmd_prune(ctl: Ctl, args: argparse.Namespace) -> int:
     events, and orphan records as old; report what went and the space freed in the file.
 
     Never touches a session that is live or has an ACTIVE, CRASHED or NEEDS_REVIEW leg (the
-    store enforces it, whichever way the prune runs).
+    store enforces it, whichever way the prune runs). Runs in chunks of --chunk sessions, each
+    its own short transaction, so a running daemon keeps acknowledging live strategies between
+    them; stopping posctl midway keeps what was pruned so far.
     """
     before = time.time() - args.older_than
-    written = ctl.write([{"type": "prune", "before": before}])
-    outcome = written.outcomes[0]
-    if not outcome.ok:
-        raise CtlError(EXIT_REFUSED, f"prune: {outcome.code}: {outcome.reason}", outcome.code)
+    total: dict[str, Any] = {}
+    chunks = 0
+    while True:
+        written = ctl.write([{"type": "prune", "before": before, "limit": args.chunk}])
+        outcome = written.outcomes[0]
+        if not outcome.ok:
+            raise CtlError(EXIT_REFUSED, f"prune: {outcome.code}: {outcome.reason}", outcome.code)
+        chunks += 1
+        for name in ("sessions", "positions", "events", "orphans", "freed_bytes"):
+            total[name] = total.get(name, 0) + int(outcome.data.get(name, 0))
+        total["by"] = outcome.data.get("by")
+        if not outcome.data.get("more"):
+            break
+    total["chunks"] = chunks
     if ctl.json:
         ctl.emit({"before": iso(before), "via": written.via, "by": written.by,
-                  "result": outcome.data})  # fmt: skip
+                  "result": total})  # fmt: skip
     else:
-        ctl.out.print(render.prune_table(ctl.out, outcome.data, iso(before)))
-        ctl.out.print(f"Pruned {ctl.via(written)}.", markup=False)
+        ctl.out.print(render.prune_table(ctl.out, total, iso(before)))
+        ctl.out.print(f"Pruned {ctl.via(written)} in {chunks} chunk(s).", markup=False)
     return EXIT_OK

@@ -19,6 +19,7 @@ from positiond.liveness import Liveness, Verdict
 from positiond.ops import (
     CLIENT,
     DISCONNECT,
+    PRUNE_CHUNK,
     Batch,
     CrashOp,
     EndOp,
@@ -478,7 +479,8 @@ class Engine:
         self, session: Session | None, rid: bytes, msg: dict[str, Any], wall: float
     ) -> bytes | None:
         by = self._by(session, msg.get("by"))
-        self._ops.append(PruneOp(rid, msg["seq"], msg.get("session"), by, msg["before"]))
+        limit = msg.get("limit", PRUNE_CHUNK)
+        self._ops.append(PruneOp(rid, msg["seq"], msg.get("session"), by, msg["before"], limit))
         return None
 
     _HANDLERS: ClassVar[dict[str, _Handler]] = {

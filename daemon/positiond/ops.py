@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = [
+    "PRUNE_CHUNK",
+    "PRUNE_MAX_CHUNK",
     "Batch",
     "CrashOp",
     "EndOp",
@@ -148,9 +150,16 @@ class OrphansOp(_Operator):
     time: float
 
 
+# Sessions a prune deletes per request, and its most: each request is one short transaction
+# in the writer's stream, so live acks wait for at most one chunk (prune more: ask again).
+PRUNE_CHUNK = 200
+PRUNE_MAX_CHUNK = 10_000
+
+
 @dataclass(slots=True)
 class PruneOp(_Operator):
     before: float
+    limit: int = PRUNE_CHUNK
 
 
 @dataclass(slots=True)

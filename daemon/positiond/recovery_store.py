@@ -236,17 +236,22 @@ _FINISHED = f"""
 
 
 def prune(cur: sqlite3.Cursor, op: PruneOp, now: str) -> Result:
-    """Delete finished sessions older than the cutoff with their legs and events.
+    """Delete up to ``op.limit`` finished sessions older than the cutoff with their legs and
+    events (and as many old orphan records); ``more`` says whether another call has work.
 
-    Never touches a session with an ACTIVE, CRASHED or NEEDS_REVIEW leg, nor one whose events
-    belong to a leg another session adopted.
+    Bounded so that one prune never holds the writer for long: a large history is pruned in
+    many short transactions, interleaved with live traffic. Never touches a session with an
+    ACTIVE, CRASHED or NEEDS_REVIEW leg, nor one whose events belong to a leg another session
+    adopted.
     """
     page_size = cur.execute("PRAGMA page_size").fetchone()[0]
     free_before = cur.execute("PRAGMA freelist_count").fetchone()[0]
     before = iso(op.before)
     cur.execute("CREATE TEMP TABLE IF NOT EXISTS prune_ids (id INTEGER PRIMARY KEY)")
     cur.execute("DELETE FROM prune_ids")
-    cur.execute(f"INSERT INTO prune_ids {_FINISHED}", {"before": before})
+    cur.execute(
+        f"INSERT INTO prune_ids {_FINISHED} LIMIT :limit", {"before": before, "limit": op.limit}
+    )
     events = cur.execute(
         "DELETE FROM position_events WHERE session_id IN (SELECT id FROM prune_ids) "
         "OR position_id IN (SELECT position_id FROM strategy_positions "
@@ -259,9 +264,18 @@ def prune(cur: sqlite3.Cursor, op: PruneOp, now: str) -> Result:
         "DELETE FROM strategy_sessions WHERE id IN (SELECT id FROM prune_ids)"
     ).rowcount
     orphan_rows = cur.execute(
-        "DELETE FROM broker_orphans WHERE detected_at < ?", (before,)
+        "DELETE FROM broker_orphans WHERE id IN "
+        "(SELECT id FROM broker_orphans WHERE detected_at < ? LIMIT ?)",
+        (before, op.limit),
     ).rowcount
     cur.execute("DELETE FROM prune_ids")
+    more = sessions == op.limit or orphan_rows == op.limit
+    if more:  # a full chunk: is anything left? (cheap: the first match ends the scan)
+        left = cur.execute(f"{_FINISHED} LIMIT 1", {"before": before}).fetchone()
+        left = left or cur.execute(
+            "SELECT 1 FROM broker_orphans WHERE detected_at < ? LIMIT 1", (before,)
+        ).fetchone()
+        more = left is not None
     free_after = cur.execute("PRAGMA freelist_count").fetchone()[0]
     return Result(
         True,
@@ -272,5 +286,6 @@ def prune(cur: sqlite3.Cursor, op: PruneOp, now: str) -> Result:
             "orphans": orphan_rows,
             "freed_bytes": max(0, free_after - free_before) * page_size,
             "by": op.by,
+            "more": more,
         },
     )
