@@ -100,7 +100,7 @@ def test_live_entries_are_acked_between_the_chunks_of_a_large_prune(workdir: Pat
             size,
             4 * size,
         )
-        assert result["chunks"] > size // 200  # 200 sessions a transaction
+        assert result["chunks"] >= size // 200  # 200 sessions a transaction
         during = [acked - sent for sent, acked in latencies if begin <= sent and acked <= end]
         assert len(during) >= 10, f"only {len(during)} entries during a {took:.1f}s prune"
         # One transaction for the whole prune made an entry wait for (nearly) all of it; in
