@@ -8,52 +8,18 @@ used to outlast the unit's watchdog and roll back at every retry).
 from __future__ import annotations
 
 import json
-import sqlite3
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
-from positiond.schema import iso, migrate
+from bench.prune import fill_history
 from positiond_client import PositionPersistenceManager
 from tests import conftest
 from tests.helpers import UNIT, DaemonProcess, rows
 
 CE = "NIFTY28NOV2524000CE"
-
-
-def fill_history(db: Path, sessions: int) -> None:
-    """``sessions`` finished sessions of a month ago, each with a closed leg and its events."""
-    old = iso(time.time() - 30 * 86400)
-    conn = sqlite3.connect(db, isolation_level=None)
-    try:
-        migrate(conn)
-        conn.execute("BEGIN")
-        conn.executemany(
-            "INSERT INTO strategy_sessions (id, session_key, strategy_name, status, start_time, "
-            "end_time) VALUES (?, ?, 'old_strategy', 'COMPLETED', ?, ?)",
-            ((i, f"old-{i}", old, old) for i in range(1, sessions + 1)),
-        )
-        conn.executemany(
-            "INSERT INTO strategy_positions (position_id, position_key, session_id, symbol, "
-            "exchange, product, side, quantity, entry_price, entry_time, status, exit_price, "
-            "exit_time, exit_reason, updated_at) VALUES (?, ?, ?, ?, 'NFO', 'MIS', 'BUY', 75, "
-            "100.0, ?, 'CLOSED', 101.0, ?, 'STOP_HIT', ?)",
-            ((i, f"old-leg-{i}", i, CE, old, old, old) for i in range(1, sessions + 1)),
-        )
-        conn.executemany(
-            "INSERT INTO position_events (position_id, session_id, event_type, event_time, "
-            "payload) VALUES (?, ?, ?, ?, '{}')",
-            (
-                (i if kind != "SESSION_START" else None, i, kind, old)
-                for i in range(1, sessions + 1)
-                for kind in ("SESSION_START", "ENTRY", "TRAIL_UPDATE", "EXIT")
-            ),
-        )
-        conn.execute("COMMIT")
-    finally:
-        conn.close()
 
 
 def prune(daemon: DaemonProcess, *args: str) -> tuple[subprocess.CompletedProcess[str], float]:
