@@ -374,13 +374,14 @@ class Engine:
         leg = self.legs.get(key)
         if leg is not None and leg.session_key != session.key:
             return self._leg_error(msg, leg, session)
-        if leg is not None:
-            del self.legs[key]
-            session.legs.discard(key)
         final = self._updates.pop(key, None)
         carried: dict[str, Any] = {name: msg[name] for name in UPDATE_FIELDS if name in msg}
         if carried:
             final = {**final, **carried} if final else carried
+        trail = self._final_trail({key: final} if final else {})
+        if leg is not None:
+            del self.legs[key]
+            session.legs.discard(key)
         self._ops.append(
             ExitOp(
                 rid,
@@ -391,6 +392,7 @@ class Engine:
                 msg["exit_reason"],
                 msg.get("time", wall),
                 final,
+                trail,
             )
         )
         return None
@@ -413,7 +415,7 @@ class Engine:
             token=msg.get("token"),
         )  # fmt: skip
         if session is not None:
-            op.final_updates = self._retire(session)
+            op.final_updates, op.trail_events = self._retire(session)
         self._ops.append(op)
         return None
 
@@ -422,7 +424,7 @@ class Engine:
     ) -> bytes | None:
         op = EndOp(rid, msg["seq"], msg["session"], msg.get("time", wall), token=msg.get("token"))
         if session is not None:
-            op.final_updates = self._retire(session)
+            op.final_updates, op.trail_events = self._retire(session)
         self._ops.append(op)
         return None
 
@@ -496,8 +498,12 @@ class Engine:
         "sync": _on_sync,
     }
 
-    def _retire(self, session: Session) -> dict[str, dict[str, Any]]:
-        """Forget a session and its legs in memory; return their pending updates."""
+    def _retire(self, session: Session) -> tuple[dict[str, dict[str, Any]], list[TrailEvent]]:
+        """Forget a session and its legs in memory; return their pending updates.
+
+        With them, the TRAIL_UPDATE events those last updates make, exactly as a flush would
+        have: the legs leave memory here, so no later flush can compare them any more.
+        """
         self.sessions.pop(session.key, None)
         self.liveness.forget(session.key)
         self._progress_watch.discard(session.key)
@@ -505,22 +511,25 @@ class Engine:
         if session.rid is not None and (peer := self.peers.get(session.rid)) is not None:
             peer.sessions.discard(session.key)
         finals = {}
-        for key in session.legs:
-            self.legs.pop(key, None)
+        for key in sorted(session.legs):  # one order every run
             pending = self._updates.pop(key, None)
             if pending is not None:
                 finals[key] = pending
-        return finals
+        trail = self._final_trail(finals)
+        for key in session.legs:
+            self.legs.pop(key, None)
+        return finals, trail
 
     def _declare_crashed(
         self, session: Session, source: str, reason: str, payload: dict[str, Any]
     ) -> None:
         log.warning("session %s (%s) crashed: %s", session.id, session.strategy, reason)
-        finals = self._retire(session)
+        finals, trail = self._retire(session)
         payload = {**payload, "legs": sorted(session.legs)}
         self._ops.append(
-            CrashOp(None, None, session.key, source, reason, self.wall(), payload, finals)
-        )
+            CrashOp(None, None, session.key, source, reason, self.wall(), payload, finals,
+                    trail_events=trail)
+        )  # fmt: skip
 
     # ---- time ----------------------------------------------------------------------------
 
@@ -602,6 +611,7 @@ class Engine:
         return batch
 
     def _trail_events(self, updates: dict[str, dict[str, Any]]) -> list[TrailEvent]:
+        """One event per leg whose stop or trail level these updates move (legs in memory)."""
         events = []
         for key, upd in updates.items():
             if "stop_price" not in upd and "last_trail_level" not in upd:
@@ -611,12 +621,17 @@ class Engine:
                 continue
             before = (leg.stop_price, leg.last_trail_level)
             after = (upd.get("stop_price", before[0]), upd.get("last_trail_level", before[1]))
-            if after != before:
-                leg.stop_price, leg.last_trail_level = after
+            leg.stop_price, leg.last_trail_level = after  # as sent: 2 stays an int
+            if after != before:  # 2 -> 2.0 is no move
                 events.append(
                     TrailEvent(key, leg.session_key, before, after, upd.get("current_price"))
                 )
         return events
+
+    def _final_trail(self, finals: dict[str, dict[str, Any]]) -> list[TrailEvent]:
+        """The events of legs' last updates, taken before the legs leave memory (exit, crash,
+        end): the same rule as a flush, so the audit trail does not end one move early."""
+        return self._trail_events(finals) if finals else []
 
     # ---- after commit --------------------------------------------------------------------
 

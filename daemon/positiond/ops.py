@@ -66,6 +66,17 @@ class _Operator:
     by: str  # who asked, for the audit trail
 
 
+@dataclass(frozen=True, slots=True)
+class TrailEvent:
+    """The stop or trail level of a leg moved between two flushes."""
+
+    key: str
+    session_key: str
+    before: tuple[float | None, float | None]  # (stop_price, last_trail_level)
+    after: tuple[float | None, float | None]
+    price: float | None
+
+
 @dataclass(slots=True)
 class StartOp(_Durable):
     strategy: str
@@ -93,6 +104,8 @@ class ExitOp(_Durable):
     exit_reason: str
     time: float
     final_update: dict[str, Any] | None = None  # the leg's pending coalesced update, if any
+    # The TRAIL_UPDATE that final update makes (as a flush would have), written before the EXIT.
+    trail_events: list[TrailEvent] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -103,6 +116,7 @@ class CrashOp(_Durable):
     payload: dict[str, Any] = field(default_factory=dict)
     final_updates: dict[str, dict[str, Any]] = field(default_factory=dict)
     token: str | None = None  # from the strategy; checked against the stored hash
+    trail_events: list[TrailEvent] = field(default_factory=list)  # made by the final updates
 
 
 @dataclass(slots=True)
@@ -110,6 +124,7 @@ class EndOp(_Durable):
     time: float
     final_updates: dict[str, dict[str, Any]] = field(default_factory=dict)
     token: str | None = None
+    trail_events: list[TrailEvent] = field(default_factory=list)  # made by the final updates
 
 
 @dataclass(slots=True)
@@ -176,17 +191,6 @@ Op = (
     | FencedOp
     | StallOp
 )
-
-
-@dataclass(frozen=True, slots=True)
-class TrailEvent:
-    """The stop or trail level of a leg moved between two flushes."""
-
-    key: str
-    session_key: str
-    before: tuple[float | None, float | None]  # (stop_price, last_trail_level)
-    after: tuple[float | None, float | None]
-    price: float | None
 
 
 @dataclass(slots=True)

@@ -42,6 +42,7 @@ from positiond.ops import (
     StallOp,
     StartOp,
     SyncOp,
+    TrailEvent,
     token_hash,
 )
 from positiond.schema import iso, migrate
@@ -78,8 +79,28 @@ SELECT position_id, session_id, ?, ?, ? FROM strategy_positions WHERE position_k
 """
 
 
+# A leg's last update, written by its exit or its session's crash or end, records its move only
+# where that update was written: an ACTIVE leg (the update statement skips the others).
+_FINAL_TRAIL_SQL = _LEG_EVENT_SQL + " AND status = 'ACTIVE'"
+
+
 def _json(value: Any) -> str:
     return orjson.dumps(value).decode()
+
+
+def _trail_row(event: TrailEvent, when: str) -> tuple[str, str, str, str]:
+    payload = {
+        "stop_price": [event.before[0], event.after[0]],
+        "last_trail_level": [event.before[1], event.after[1]],
+        "price": event.price,
+    }
+    return ("TRAIL_UPDATE", when, _json(payload), event.key)
+
+
+def _write_final_trail(cur: sqlite3.Cursor, events: list[TrailEvent], when: str) -> None:
+    """The TRAIL_UPDATE events of final updates, right after they are written."""
+    if events:
+        cur.executemany(_FINAL_TRAIL_SQL, [_trail_row(e, when) for e in events])
 
 
 def _update_row(key: str, upd: dict[str, Any], now: str) -> tuple[Any, ...]:
@@ -291,9 +312,10 @@ def _exit(cur: sqlite3.Cursor, op: ExitOp, now: str) -> Result:
     data = {"position_id": leg["position_id"], "status": "CLOSED"}
     if leg["status"] == "CLOSED":
         return Result(True, {**data, "duplicate": True})
+    exit_time = iso(op.time)
     if op.final_update:
         _write_updates(cur, {op.key: op.final_update}, now)
-    exit_time = iso(op.time)
+        _write_final_trail(cur, op.trail_events, exit_time)
     cur.execute(
         "UPDATE strategy_positions SET status = 'CLOSED', exit_price = ?, exit_time = ?, "
         "exit_reason = ?, updated_at = ? WHERE position_id = ?",
@@ -318,6 +340,7 @@ def _crash(cur: sqlite3.Cursor, op: CrashOp, now: str) -> Result:
         return refused
     sid, status = session["id"], session["status"]
     _write_updates(cur, op.final_updates, now)
+    _write_final_trail(cur, op.trail_events, iso(op.time))
     # The strategy's own report is final and beats an earlier verdict of the daemon's; the
     # daemon's verdicts never overwrite a COMPLETED session or the strategy's report.
     takes = status in LIVE_SESSION_STATUSES or (
@@ -357,6 +380,7 @@ def _end(cur: sqlite3.Cursor, op: EndOp, now: str) -> Result:
         return refused
     sid, status = session["id"], session["status"]
     _write_updates(cur, op.final_updates, now)
+    _write_final_trail(cur, op.trail_events, iso(op.time))
     # A strategy the daemon declared dead that says it is done was alive after all: its end
     # counts. Its legs keep their status (CRASHED legs still need recovery).
     live = status in LIVE_SESSION_STATUSES or (
@@ -448,24 +472,7 @@ def apply_batch(conn: sqlite3.Connection, batch: Batch) -> list[Result]:
         results = [_apply_op(cur, op, now) for op in batch.ops]
         _write_updates(cur, batch.updates, now)
         if batch.trail_events:
-            cur.executemany(
-                _LEG_EVENT_SQL,
-                [
-                    (
-                        "TRAIL_UPDATE",
-                        now,
-                        _json(
-                            {
-                                "stop_price": [e.before[0], e.after[0]],
-                                "last_trail_level": [e.before[1], e.after[1]],
-                                "price": e.price,
-                            }
-                        ),
-                        e.key,
-                    )
-                    for e in batch.trail_events
-                ],
-            )
+            cur.executemany(_LEG_EVENT_SQL, [_trail_row(e, now) for e in batch.trail_events])
         if batch.heartbeats:
             cur.executemany(
                 "UPDATE strategy_sessions SET last_heartbeat = ? "
