@@ -45,7 +45,7 @@ from positiond.ops import (
     TrailEvent,
     token_hash,
 )
-from positiond.schema import iso, migrate
+from positiond.schema import is_int, iso, migrate, trail_level_sql
 
 __all__ = ["Store"]
 
@@ -64,7 +64,8 @@ UPDATE strategy_positions SET
     highest_price    = CASE WHEN ?5 THEN ?6 ELSE highest_price END,
     last_trail_level = CASE WHEN ?7 THEN ?8 ELSE last_trail_level END,
     state            = CASE WHEN ?9 THEN ?10 ELSE state END,
-    updated_at       = ?11
+    updated_at       = ?11,
+    last_trail_level_is_int = CASE WHEN ?7 THEN ?13 ELSE last_trail_level_is_int END
 WHERE position_key = ?12 AND status = 'ACTIVE'
 """
 
@@ -114,7 +115,7 @@ def _update_row(key: str, upd: dict[str, Any], now: str) -> tuple[Any, ...]:
         row += (1, _json(upd["state"]))
     else:
         row += (0, None)
-    row += (now, key)
+    row += (now, key, is_int(upd.get("last_trail_level")))
     return tuple(row)
 
 
@@ -144,8 +145,8 @@ def _leg(cur: sqlite3.Cursor, key: str) -> sqlite3.Row | None:
 
 def _open_legs(cur: sqlite3.Cursor, session_id: int, session_key: str) -> list[LegRow]:
     rows = cur.execute(
-        "SELECT position_key, stop_price, last_trail_level FROM strategy_positions "
-        "WHERE session_id = ? AND status = 'ACTIVE'",
+        f"SELECT p.position_key, p.stop_price, {trail_level_sql('p')} "
+        "FROM strategy_positions p WHERE p.session_id = ? AND p.status = 'ACTIVE'",
         (session_id,),
     ).fetchall()
     return [LegRow(r[0], session_key, r[1], r[2]) for r in rows]
@@ -277,8 +278,8 @@ def _entry(cur: sqlite3.Cursor, op: EntryOp, now: str) -> Result:
     cur.execute(
         "INSERT INTO strategy_positions (position_key, session_id, symbol, exchange, product, "
         "leg_type, side, quantity, entry_price, entry_time, current_price, stop_price, "
-        "highest_price, last_trail_level, state, status, updated_at) "
-        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'ACTIVE', ?)",
+        "highest_price, last_trail_level, state, status, updated_at, last_trail_level_is_int) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'ACTIVE', ?, ?)",
         (
             op.key,
             session["id"],
@@ -296,6 +297,7 @@ def _entry(cur: sqlite3.Cursor, op: EntryOp, now: str) -> Result:
             f.get("last_trail_level"),
             _json(f.get("state", {})),
             now,
+            is_int(f.get("last_trail_level")),
         ),
     )
     position_id = cur.lastrowid
@@ -499,7 +501,7 @@ def load_live(conn: sqlite3.Connection) -> tuple[list[LiveSession], list[LegRow]
     legs = [
         LegRow(r[0], r[1], r[2], r[3])
         for r in conn.execute(
-            "SELECT p.position_key, s.session_key, p.stop_price, p.last_trail_level "
+            f"SELECT p.position_key, s.session_key, p.stop_price, {trail_level_sql('p')} "
             "FROM strategy_positions p JOIN strategy_sessions s ON s.id = p.session_id "
             "WHERE p.status = 'ACTIVE' AND s.status IN ('RUNNING', 'STALLED')"
         )
