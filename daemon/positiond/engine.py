@@ -665,6 +665,15 @@ class Engine:
         session.id = res.data["session_id"]
         session.confirmed = True
         session.token = res.data.get("token") or session.token
+        revived = res.data.get("revived")
+        if revived:
+            # As loud as the crash it takes back: whoever saw that one must see this one.
+            log.warning(
+                "session %s (%s) REVIVED: alive after all, RUNNING again with %d leg(s) ACTIVE "
+                "(it was declared crashed at %s: %s)",
+                session.id, session.strategy, len(revived.get("legs", ())),
+                revived.get("crash_timestamp"), revived.get("crash_reason"),
+            )  # fmt: skip
         for row in res.legs:
             if row.key not in self.legs:
                 self._add_leg(row, session)
