@@ -219,3 +219,125 @@ def test_the_stored_trail_ends_with_the_last_move(slow_flush: DaemonProcess, how
         "position_key = 'x'",
     )[0]  # fmt: skip
     assert (row["stop_price"], row["last_trail_level"]) == (9.5, 3)
+
+
+# ---- storage faults: a failed write is retried, and the trail stays one unbroken chain -------
+
+
+def test_a_failed_write_keeps_the_last_stop_of_a_leg_that_crashed_meanwhile() -> None:
+    engine, clock = _history([])
+    send(engine, clock, {"type": "update", "key": "ce", "stop_price": 95.0, "last_trail_level": 3})
+    failed = engine.take_batch(clock.now, flush_updates=True)  # the database is locked...
+    send(engine, clock, {"type": "update", "key": "ce", "current_price": 101.0})
+    engine.peer_gone(RID)  # ... and the strategy dies meanwhile
+    engine.requeue(failed)
+    retry = engine.take_batch(clock.now, flush_updates=True)
+    (crash,) = retry.ops
+    assert isinstance(crash, CrashOp)
+    final = crash.final_updates["ce"]
+    assert (final["stop_price"], final["last_trail_level"], final["current_price"]) == (
+        95.0, 3, 101.0,
+    )  # fmt: skip
+    assert [(e.before, e.after) for e in crash.trail_events] == [((90.0, None), (95.0, 3))]
+    assert retry.trail_events == []  # not after the CRASH
+
+
+def test_a_move_waiting_after_a_failed_write_goes_before_the_exit() -> None:
+    engine, clock = _history([])
+    send(engine, clock, {"type": "update", "key": "ce", "stop_price": 95.0})
+    engine.requeue(engine.take_batch(clock.now, flush_updates=True))  # failed: kept
+    send(engine, clock, {"type": "update", "key": "ce", "stop_price": 96.0})
+    send(engine, clock, {"type": "exit", "seq": 9, "key": "ce", "exit_reason": "STOP_HIT"})
+    batch = engine.take_batch(clock.now)
+    (exit_op,) = batch.ops
+    assert isinstance(exit_op, ExitOp) and exit_op.final_update is not None
+    assert exit_op.final_update["stop_price"] == 96.0
+    assert [(e.before, e.after) for e in exit_op.trail_events] == [
+        ((90.0, None), (95.0, None)), ((95.0, None), (96.0, None)),
+    ]  # fmt: skip
+    assert batch.trail_events == []
+
+
+_ACTION = st.one_of(
+    st.tuples(st.just("update"), st.sampled_from(["ce", "pe"]), _UPDATE),
+    st.tuples(st.just("flush"), st.none(), st.none()),
+    st.tuples(st.just("fail"), st.none(), st.none()),
+    st.tuples(st.just("exit"), st.sampled_from(["ce", "pe"]), _UPDATE),
+)
+
+
+def _commit(batch: Any, legs: dict[str, Any], trails: dict[str, list[TrailEvent]]) -> None:
+    """What the store writes, in its order: each op (final update, its moves, then closing),
+    then the batch's updates, then the batch's moves. ``legs``: open legs' (stop, level)."""
+
+    def write(key: str, upd: dict[str, Any]) -> None:
+        if key in legs:
+            stop, level = legs[key]
+            legs[key] = (upd.get("stop_price", stop), upd.get("last_trail_level", level))
+
+    for op in batch.ops:
+        if isinstance(op, ExitOp):
+            if op.final_update:
+                write(op.key, op.final_update)
+                trails[op.key] += [e for e in op.trail_events if op.key in legs]
+            legs.pop(op.key, None)
+        elif isinstance(op, CrashOp | EndOp):
+            for key, upd in op.final_updates.items():
+                write(key, upd)
+            for e in op.trail_events:
+                if e.key in legs:
+                    trails[e.key].append(e)
+            if isinstance(op, CrashOp):
+                legs.clear()
+    for key, upd in batch.updates.items():
+        write(key, upd)
+    for e in batch.trail_events:
+        trails[e.key].append(e)
+
+
+@settings(max_examples=SOAK.count(300), deadline=None, derandomize=True, database=None)
+@given(actions=st.lists(_ACTION, max_size=14), how=st.sampled_from(TERMINALS[2:]))
+def test_with_failed_writes_the_trail_is_one_chain_ending_at_the_last_stop_sent(
+    actions: list[tuple[str, Any, Any]], how: str
+) -> None:
+    engine, clock = _history([])
+    stored: dict[str, Any] = {"ce": (90.0, None), "pe": (80.0, None)}  # ACTIVE legs' levels
+    sent = dict(stored)  # (stop, level) as the strategy last sent them, leg by leg
+    is_open = {"ce", "pe"}
+    trails: dict[str, list[TrailEvent]] = {"ce": [], "pe": []}
+    for seq, (action, key, fields) in enumerate(actions, start=10):
+        if action in ("flush", "fail"):
+            batch = engine.take_batch(clock.now, flush_updates=True)
+            if action == "fail":
+                engine.requeue(batch)  # a storage fault: nothing written, all kept
+            else:
+                _commit(batch, stored, trails)
+            continue
+        if key not in is_open:
+            continue
+        if action == "update":
+            send(engine, clock, {"type": "update", "key": key, **fields})
+        else:
+            exit_msg = {"type": "exit", "seq": seq, "key": key, "exit_reason": "X", **fields}
+            send(engine, clock, exit_msg)
+            is_open.discard(key)
+        stop, level = sent[key]
+        sent[key] = (fields.get("stop_price", stop), fields.get("last_trail_level", level))
+    if is_open:  # the session ends one way or another
+        if how == "crash":
+            send(engine, clock, {"type": "crash", "seq": 99, "error_type": "E", "message": ""})
+        elif how == "end":
+            send(engine, clock, {"type": "end", "seq": 99})
+        elif how == "heartbeat":
+            clock.now += 3.5
+            engine.tick(clock.now)
+        else:
+            engine.peer_gone(RID)
+    for _ in range(3):  # then everything still pending is written (no more faults)
+        _commit(engine.take_batch(clock.now, flush_updates=True), stored, trails)
+    for key, entry_stop in (("ce", 90.0), ("pe", 80.0)):
+        chain, at = trails[key], (entry_stop, None)
+        for event in chain:  # each move starts where the last one ended, and moves
+            assert event.before == at and event.after != event.before, (key, chain)
+            at = event.after
+        assert at == sent[key], (key, chain, sent[key])  # ... and ends at the last stop sent

@@ -102,6 +102,18 @@ def _ack(seq: int | None, data: dict[str, Any]) -> bytes:
     return encode(msg)
 
 
+def _final_carrier(
+    ops: list[Op], key: str, session_key: str | None
+) -> ExitOp | CrashOp | EndOp | None:
+    """The op that took a leg out of memory: its exit, or its session's crash or end."""
+    for op in ops:
+        if isinstance(op, ExitOp) and op.key == key:
+            return op
+        if isinstance(op, CrashOp | EndOp) and op.session_key == session_key:
+            return op
+    return None
+
+
 def _clock_text(wall: float) -> str:
     return _time.strftime("%H:%M:%S", _time.localtime(wall)) + f".{int(wall * 10) % 10}"
 
@@ -378,7 +390,7 @@ class Engine:
         carried: dict[str, Any] = {name: msg[name] for name in UPDATE_FIELDS if name in msg}
         if carried:
             final = {**final, **carried} if final else carried
-        trail = self._final_trail({key: final} if final else {})
+        trail = self._final_trail({key: final} if final else {}, {key})
         if leg is not None:
             del self.legs[key]
             session.legs.discard(key)
@@ -515,7 +527,7 @@ class Engine:
             pending = self._updates.pop(key, None)
             if pending is not None:
                 finals[key] = pending
-        trail = self._final_trail(finals)
+        trail = self._final_trail(finals, session.legs)
         for key in session.legs:
             self.legs.pop(key, None)
         return finals, trail
@@ -628,10 +640,17 @@ class Engine:
                 )
         return events
 
-    def _final_trail(self, finals: dict[str, dict[str, Any]]) -> list[TrailEvent]:
+    def _final_trail(
+        self, finals: dict[str, dict[str, Any]], leaving: set[str]
+    ) -> list[TrailEvent]:
         """The events of legs' last updates, taken before the legs leave memory (exit, crash,
-        end): the same rule as a flush, so the audit trail does not end one move early."""
-        return self._trail_events(finals) if finals else []
+        end): the same rule as a flush, so the audit trail does not end one move early. Moves
+        still waiting from a failed write go first, so they too precede the EXIT or CRASH."""
+        waiting: list[TrailEvent] = []
+        if self._trail_backlog:
+            waiting = [e for e in self._trail_backlog if e.key in leaving]
+            self._trail_backlog = [e for e in self._trail_backlog if e.key not in leaving]
+        return waiting + (self._trail_events(finals) if finals else [])
 
     # ---- after commit --------------------------------------------------------------------
 
@@ -702,10 +721,18 @@ class Engine:
 
         Nothing in it was acknowledged. Updates received since it was taken are newer and win.
         """
-        self._ops = batch.ops + self._ops
+        since = self._ops
+        self._ops = batch.ops + since
+        carriers: dict[str, ExitOp | CrashOp | EndOp] = {}
         for key, upd in batch.updates.items():
             if key not in self.legs:
-                continue  # exited since: its exit carries its own final state
+                # It left memory since (its exit, its session's crash or end): the op that took
+                # its last update writes these older fields too, under its own newer ones.
+                carrier = _final_carrier(since, key, upd.get("session"))
+                if carrier is not None:
+                    carrier.carry(key, {n: upd[n] for n in UPDATE_FIELDS if n in upd})
+                    carriers[key] = carrier
+                continue
             newer = self._updates.get(key)
             if newer is not None:
                 for name in UPDATE_FIELDS:
@@ -714,4 +741,11 @@ class Engine:
             self._updates[key] = upd
         for key, wall in batch.heartbeats.items():
             self._heartbeats.setdefault(key, wall)
-        self._trail_backlog = batch.trail_events + self._trail_backlog
+        backlog = []
+        for event in reversed(batch.trail_events):  # reversed: each goes in front, order kept
+            carrier = carriers.get(event.key)
+            if carrier is None:
+                backlog.append(event)
+            else:
+                carrier.trail_events.insert(0, event)  # written before the leg's last move
+        self._trail_backlog = backlog[::-1] + self._trail_backlog

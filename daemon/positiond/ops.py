@@ -107,6 +107,10 @@ class ExitOp(_Durable):
     # The TRAIL_UPDATE that final update makes (as a flush would have), written before the EXIT.
     trail_events: list[TrailEvent] = field(default_factory=list)
 
+    def carry(self, key: str, older: dict[str, Any]) -> None:
+        """Take older update fields of the leg (from a write that failed) under its own."""
+        self.final_update = {**older, **(self.final_update or {})}
+
 
 @dataclass(slots=True)
 class CrashOp(_Durable):
@@ -118,6 +122,10 @@ class CrashOp(_Durable):
     token: str | None = None  # from the strategy; checked against the stored hash
     trail_events: list[TrailEvent] = field(default_factory=list)  # made by the final updates
 
+    def carry(self, key: str, older: dict[str, Any]) -> None:
+        """Take older update fields of a leg (from a write that failed) under its own."""
+        self.final_updates[key] = {**older, **self.final_updates.get(key, {})}
+
 
 @dataclass(slots=True)
 class EndOp(_Durable):
@@ -125,6 +133,10 @@ class EndOp(_Durable):
     final_updates: dict[str, dict[str, Any]] = field(default_factory=dict)
     token: str | None = None
     trail_events: list[TrailEvent] = field(default_factory=list)  # made by the final updates
+
+    def carry(self, key: str, older: dict[str, Any]) -> None:
+        """Take older update fields of a leg (from a write that failed) under its own."""
+        self.final_updates[key] = {**older, **self.final_updates.get(key, {})}
 
 
 @dataclass(slots=True)
