@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 
+from positiond.curve import load_public
 from positiond_client import (
     AsyncPositionPersistenceManager,
     PositionPersistenceManager,
@@ -76,7 +77,6 @@ def remote(workdir: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[DaemonPro
     daemon = DaemonProcess(workdir)
     # The guide leaves the database to the defaults (systemd's StateDirectory): here, a tmp file.
     monkeypatch.setenv("POSITIOND_DB", str(daemon.db))
-    monkeypatch.setenv("POSITIOND_LOG_LEVEL", "DEBUG")  # to see the refused handshake
     daemon.args = ["bash", "-c", "exec " + here(blocks["daemon-run"])]
     daemon.start()
     try:
@@ -155,7 +155,11 @@ def test_the_remote_guide_works_as_written(remote: DaemonProcess, workdir: Path)
     ran = _run_python(code, stranger, workdir)
     assert "entry stored as position None" in ran.stdout, (ran.stdout, ran.stderr)
     assert "not acknowledged by positiond" in ran.stderr
-    wait_for(lambda: "DENIED (CURVE)" in remote.output(), 5, "the refused handshake logged")
+    refused = load_public(other / "clients" / "algo-1.key").decode()
+    logged = f"CURVE: refused a client whose public key {refused} is not in {curve / 'clients'}"
+    wait_for(lambda: logged in remote.output(), 5, "the refused key in the log")
+    line = next(x for x in remote.output().splitlines() if logged in x)
+    assert "WARNING" in line and remote.output().count(logged) == 1  # once, not per retry
     assert len(rows(remote.db, "SELECT id FROM strategy_sessions")) == 2
 
     # And no keys at all: the client refuses a tcp:// endpoint by itself.
