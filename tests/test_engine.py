@@ -317,3 +317,29 @@ def test_a_revival_is_logged_as_loudly_as_the_crash(caplog: Any) -> None:
     send(engine, clock, {"type": "start", "seq": 6, "strategy": "expiry_blast"})
     engine.committed(engine.take_batch(clock.now), [Result(True, {"session_id": 1})])
     assert len([r for r in caplog.records if "REVIVED" in r.getMessage()]) == 1
+
+
+def test_a_crash_the_strategy_reports_is_logged_once_it_took(caplog: Any) -> None:
+    import logging
+
+    caplog.set_level(logging.INFO, logger="positiond.engine")
+    engine, clock = make()
+    started(engine, clock)
+    send(engine, clock, {"type": "crash", "seq": 2, "error_type": "KeyError", "message": "'x'"})
+    batch = engine.take_batch(clock.now)
+    assert not [r for r in caplog.records if "crashed" in r.getMessage()]  # not before commit
+    engine.committed(batch, [Result(True, {"session_id": 1, "status": "CRASHED", "legs": 2})])
+    (record,) = [r for r in caplog.records if "crashed" in r.getMessage()]
+    assert record.levelno == logging.WARNING
+    assert record.getMessage() == (
+        "session 1 (expiry_blast) crashed, reported by the strategy: KeyError: 'x' "
+        "(2 leg(s) CRASHED)"
+    )
+    # A repeat (re-sent after a reconnect) or a refusal adds nothing.
+    for result in (
+        Result(True, {"session_id": 1, "duplicate": True}),
+        Result.error("BAD_TOKEN", ""),
+    ):
+        send(engine, clock, {"type": "crash", "seq": 3, "error_type": "KeyError", "message": ""})
+        engine.committed(engine.take_batch(clock.now), [result])
+    assert len([r for r in caplog.records if "crashed" in r.getMessage()]) == 1

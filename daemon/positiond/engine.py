@@ -428,6 +428,7 @@ class Engine:
         )  # fmt: skip
         if session is not None:
             op.final_updates, op.trail_events = self._retire(session)
+            op.strategy = session.strategy
         self._ops.append(op)
         return None
 
@@ -664,6 +665,17 @@ class Engine:
                 self._entry_committed(op, res)
             elif isinstance(op, ResolveOp) and res.ok and res.legs:
                 self._adopted(res.legs)
+            elif (
+                isinstance(op, CrashOp) and op.source == CLIENT and res.ok
+                and not res.data.get("duplicate")
+            ):  # fmt: skip
+                # The daemon's own verdicts are logged when made; a strategy's report, once it
+                # took: every crash is in the daemon's log, and so is every revival.
+                log.warning(
+                    "session %s (%s) crashed, reported by the strategy: %s (%d leg(s) CRASHED)",
+                    res.data.get("session_id"), op.strategy or op.session_key, op.reason,
+                    res.data.get("legs", 0),
+                )  # fmt: skip
             if op.rid is None:
                 continue
             if res.ok:

@@ -121,6 +121,7 @@ class CrashOp(_Durable):
     final_updates: dict[str, dict[str, Any]] = field(default_factory=dict)
     token: str | None = None  # from the strategy; checked against the stored hash
     trail_events: list[TrailEvent] = field(default_factory=list)  # made by the final updates
+    strategy: str | None = None  # for the daemon's log
 
     def carry(self, key: str, older: dict[str, Any]) -> None:
         """Take older update fields of a leg (from a write that failed) under its own."""
