@@ -288,3 +288,29 @@ def test_bad_file_or_env_value_exits_2_before_binding(workdir: Path, how: str, f
     assert result.stderr.startswith(f"positiond: {field}: ")
     assert len(result.stderr.strip().splitlines()) == 1
     assert not (workdir / "p.db").exists() and not sock.exists()
+
+
+def test_version_prints_one_line_and_exits_0_whatever_the_settings(workdir: Path) -> None:
+    import positiond
+    from positiond.schema import SCHEMA_VERSION
+
+    bad = workdir / "bad.toml"
+    bad.write_text("heartbeat_timeout = [\n")  # not TOML: any reading of settings would fail
+    env = {**os.environ, "POSITIOND_CONFIG": str(bad), "POSITIOND_DB": str(workdir / "x/p.db")}
+    for command in (
+        [sys.executable, "-m", "positiond", "--version"],
+        [str(Path(sys.executable).with_name("positiond")), "--log-level", "NOPE", "--version"],
+    ):
+        ran = subprocess.run(command, capture_output=True, text=True, env=env, timeout=30)
+        assert ran.returncode == 0, ran.stderr
+        assert ran.stderr == ""
+        (line,) = ran.stdout.splitlines()
+        assert line.startswith(
+            f"positiond {positiond.__version__} (protocol 1, schema {SCHEMA_VERSION}; Python "
+        ), line
+        assert "libzmq " in line and "SQLite " in line
+    assert not (workdir / "x").exists()  # nothing opened or created
+    ran = subprocess.run(
+        [sys.executable, "-m", "positiond", "--help"], capture_output=True, text=True, timeout=30
+    )
+    assert "--version" in ran.stdout

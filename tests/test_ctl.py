@@ -502,3 +502,43 @@ def test_status_asks_the_daemon_and_sees_a_stuck_database_at_once(workdir: Path)
         holder.close()
         pm.close()
         daemon.stop()
+
+
+def test_the_crash_line_names_the_pid_once(
+    daemon: DaemonProcess, strategies: list[Strategy]
+) -> None:
+    kill_a_strategy(daemon, strategies)
+    code, data = ctl_json(daemon, "crashed")
+    (crash,) = data["crashes"]
+    pid, host = crash["client_pid"], crash["client_host"]
+    assert code == 1 and crash["crash_reason"] == f"process exited (pid {pid})"
+    (why,) = [line for line in ctl(daemon, "crashed").stdout.splitlines() if "why:" in line]
+    assert why.strip() == f"why: process exited (pid {pid})   (ran on {host})"
+
+
+def test_the_crash_line_keeps_a_pid_the_reason_does_not_say() -> None:
+    import io
+
+    from rich.console import Console
+
+    from positiond import ctl_render
+
+    def why(crash: dict[str, Any]) -> str:
+        out = Console(file=io.StringIO(), width=200)
+        leg = {"position_key": "k", "position_id": 1, "symbol": "X", "exchange": "NFO",
+               "product": "MIS", "leg_type": None, "side": "BUY", "quantity": 1,
+               "entry_time": None, "entry_price": 1.0, "stop_price": None, "current_price": None,
+               "highest_price": None, "last_trail_level": None}  # fmt: skip
+        base = {"strategy_name": "s", "session_id": 1, "crash_timestamp": None, "legs": [leg]}
+        for table in ctl_render.crashed_tables(out, [base | crash]):
+            out.print(table)
+        text = out.file.getvalue()  # type: ignore[attr-defined]
+        return next(line.strip() for line in text.splitlines() if "why:" in line)
+
+    # Another pid namespace (a container): the client's own pid is news, keep it.
+    exited = {"crash_reason": "process exited (pid 7)", "client_host": "vm", "client_pid": 4321}
+    assert why(exited) == "why: process exited (pid 7)   (ran on vm as pid 4321)"
+    silent = {"crash_reason": "missed heartbeats (last seen 15:30:19.8)", "client_host": "vm"}
+    assert why(silent | {"client_pid": 12}).endswith("(ran on vm as pid 12)")
+    assert why(silent | {"client_pid": None}).endswith("(ran on vm)")  # never "pid None"
+    assert why(silent | {"client_pid": 12, "crash_reason": "x (pid 123)"}).endswith("as pid 12)")

@@ -563,3 +563,23 @@ def test_no_session_token_is_ever_stored_in_clear(daemon: DaemonProcess) -> None
     )
     assert "session_key" not in dump and len(dump) > 200  # the rows are there ...
     assert token not in dump  # ... but the token is not: only its hash
+
+
+def test_the_daemon_logs_a_revival_like_the_crash(daemon: DaemonProcess) -> None:
+    with zmq.Context() as ctx, ctx.socket(zmq.DEALER) as raw:
+        raw.setsockopt(zmq.LINGER, 0)
+        raw.connect(daemon.endpoint)
+        base = {"v": 1, "session": "revive-1", "token": "ef" * 16}
+        raw.send(encode({**base, "type": "start", "seq": 1, "strategy": "s"}))
+        assert raw.poll(5000 * UNIT) and decode_reply(raw.recv())["seq"] == 1
+        # Silent past the 1 s heartbeat timeout (the connection stays up): declared crashed.
+        wait_for(lambda: "crashed: missed heartbeats" in daemon.output(), 5, "the verdict")
+        raw.send(encode({**base, "type": "start", "seq": 2, "strategy": "s"}))
+        assert raw.poll(5000 * UNIT)
+        ack = decode_reply(raw.recv())
+        assert ack["seq"] == 2 and ack["revived"]
+    wait_for(lambda: "REVIVED" in daemon.output(), 5, "the revival in the log")
+    (crash,) = [x for x in daemon.output().splitlines() if "crashed: missed heartbeats" in x]
+    (back,) = [x for x in daemon.output().splitlines() if "REVIVED" in x]
+    assert "WARNING" in crash and "WARNING" in back, (crash, back)
+    assert "session 1 (s) REVIVED: alive after all, RUNNING again with 0 leg(s) ACTIVE" in back

@@ -289,3 +289,57 @@ def test_progress_deadline_marks_a_session_stalled_then_running_again() -> None:
     send(engine, clock, {"type": "update", "key": "ce", "stop_price": 91.0})
     (progress,) = engine.take_batch(clock.now).ops
     assert isinstance(progress, StallOp) and not progress.stalled
+
+
+def test_a_revival_is_logged_as_loudly_as_the_crash(caplog: Any) -> None:
+    import logging
+
+    caplog.set_level(logging.INFO, logger="positiond.engine")
+    engine, clock = make(timeout=3.0)
+    started(engine, clock)
+    clock.now += 3.5
+    engine.tick(clock.now)
+    engine.take_batch(clock.now)  # the verdict
+    (crashed,) = [r for r in caplog.records if "crashed" in r.getMessage()]
+    send(engine, clock, {"type": "start", "seq": 5, "strategy": "expiry_blast"})
+    revived = {"crash_timestamp": "2026-11-28T10:00:00.000Z", "crash_reason": "missed heartbeats",
+               "legs": ["ce", "pe"]}  # fmt: skip
+    engine.committed(
+        engine.take_batch(clock.now), [Result(True, {"session_id": 1, "revived": revived})]
+    )
+    (back,) = [r for r in caplog.records if "REVIVED" in r.getMessage()]
+    assert back.levelno == crashed.levelno == logging.WARNING
+    assert back.getMessage() == (
+        "session 1 (expiry_blast) REVIVED: alive after all, RUNNING again with 2 leg(s) ACTIVE "
+        "(it was declared crashed at 2026-11-28T10:00:00.000Z: missed heartbeats)"
+    )
+    # A plain resume (a reconnect, a daemon restart) is no revival: nothing more is logged.
+    send(engine, clock, {"type": "start", "seq": 6, "strategy": "expiry_blast"})
+    engine.committed(engine.take_batch(clock.now), [Result(True, {"session_id": 1})])
+    assert len([r for r in caplog.records if "REVIVED" in r.getMessage()]) == 1
+
+
+def test_a_crash_the_strategy_reports_is_logged_once_it_took(caplog: Any) -> None:
+    import logging
+
+    caplog.set_level(logging.INFO, logger="positiond.engine")
+    engine, clock = make()
+    started(engine, clock)
+    send(engine, clock, {"type": "crash", "seq": 2, "error_type": "KeyError", "message": "'x'"})
+    batch = engine.take_batch(clock.now)
+    assert not [r for r in caplog.records if "crashed" in r.getMessage()]  # not before commit
+    engine.committed(batch, [Result(True, {"session_id": 1, "status": "CRASHED", "legs": 2})])
+    (record,) = [r for r in caplog.records if "crashed" in r.getMessage()]
+    assert record.levelno == logging.WARNING
+    assert record.getMessage() == (
+        "session 1 (expiry_blast) crashed, reported by the strategy: KeyError: 'x' "
+        "(2 leg(s) CRASHED)"
+    )
+    # A repeat (re-sent after a reconnect) or a refusal adds nothing.
+    for result in (
+        Result(True, {"session_id": 1, "duplicate": True}),
+        Result.error("BAD_TOKEN", ""),
+    ):
+        send(engine, clock, {"type": "crash", "seq": 3, "error_type": "KeyError", "message": ""})
+        engine.committed(engine.take_batch(clock.now), [result])
+    assert len([r for r in caplog.records if "crashed" in r.getMessage()]) == 1

@@ -13,15 +13,21 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
+import sqlite3
+import sys
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import zmq
+
+from positiond.schema import SCHEMA_VERSION
 from positiond.store import Synchronous
 from positiond_client.paths import default_db_path, default_endpoint
-from positiond_client.protocol import MAX_MESSAGE_BYTES
+from positiond_client.protocol import MAX_MESSAGE_BYTES, PROTOCOL_VERSION
 
 __all__ = [
     "DEFAULT_CONFIG_FILE",
@@ -253,6 +259,29 @@ def _show(name: str, value: object) -> str:
     return str(value)
 
 
+def version_text() -> str:
+    """``positiond 0.1.0 (protocol 1, schema 4; Python ..., pyzmq ..., libzmq ..., SQLite ...)``."""
+    from positiond import __version__  # here: the package imports this module first
+
+    return (
+        f"positiond {__version__} (protocol {PROTOCOL_VERSION}, schema {SCHEMA_VERSION}; "
+        f"Python {platform.python_version()}, pyzmq {zmq.pyzmq_version()}, "
+        f"libzmq {zmq.zmq_version()}, SQLite {sqlite3.sqlite_version})"
+    )
+
+
+class _VersionAction(argparse.Action):
+    """``--version``: one unwrapped line on stdout, exit 0 — before any setting is read."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
+        kwargs.update(nargs=0, default=argparse.SUPPRESS)
+        super().__init__(option_strings, argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: Any, **kwargs: Any) -> None:
+        sys.stdout.write(version_text() + "\n")
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     d = Config(db=Path("-"), endpoint="ipc://-")  # only for the defaults shown in --help
     parser = argparse.ArgumentParser(
@@ -270,6 +299,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--config",
         metavar="FILE",
         help=f"TOML config file [{CONFIG_ENV}] (default: {DEFAULT_CONFIG_FILE}, if it exists)",
+    )
+    parser.add_argument(
+        "--version",
+        action=_VersionAction,
+        help="print the version (and the protocol, schema and libraries it runs with), then exit",
     )
     parser.add_argument(
         "--print-config",

@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from datetime import datetime
 from pathlib import Path
 
+from positiond import ctl_keys
 from positiond import ctl_render as render
 from positiond.ctl_access import EXIT_OK, Ctl, CtlError, who
 from positiond.ctl_change import cmd_prune, cmd_resolve, cmd_verify
@@ -210,6 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"sessions per transaction ({PRUNE_CHUNK}; at most {PRUNE_MAX_CHUNK})",
     )
     add("status", cmd_status)
+    ctl_keys.add_arguments(add("keys", ctl_keys.cmd_keys))
     return parser
 
 

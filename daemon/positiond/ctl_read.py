@@ -32,6 +32,7 @@ from positiond.ctl_access import (
     open_readonly,
 )
 from positiond.ops import QueryOp
+from positiond.schema import trail_level_sql
 from positiond_client.paths import ipc_path, runtime_dir
 from positiond_client.recovery import CrashedLeg
 
@@ -177,10 +178,16 @@ def cmd_sessions(ctl: Ctl, args: argparse.Namespace) -> int:
 _POSITION_COLUMNS = """
     p.position_id, p.position_key, p.session_id, s.strategy_name, p.symbol, p.exchange,
     p.product, p.leg_type, p.side, p.quantity, p.entry_price, p.entry_time, p.current_price,
-    p.stop_price, p.highest_price, p.last_trail_level, p.state, p.status, p.was_crashed,
+    p.stop_price, p.highest_price, {trail_level}, p.state, p.status, p.was_crashed,
     p.exit_price, p.exit_time, p.exit_reason, p.review_reason, p.updated_at,
     s.status AS session_status, s.crash_timestamp, s.crash_reason
 """
+
+
+def _position_columns(conn: sqlite3.Connection) -> str:
+    """The columns for this database's schema: the trail level as the strategy sent it."""
+    version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+    return _POSITION_COLUMNS.format(trail_level=trail_level_sql("p", version))
 
 
 def leg_dict(row: sqlite3.Row) -> dict[str, Any]:
@@ -206,7 +213,7 @@ def cmd_positions(ctl: Ctl, args: argparse.Namespace) -> int:
             where.append("s.strategy_name = ?")
             params.append(args.strategy)
         found = conn.execute(
-            f"SELECT {_POSITION_COLUMNS} FROM strategy_positions p "
+            f"SELECT {_position_columns(conn)} FROM strategy_positions p "
             f"JOIN strategy_sessions s ON s.id = p.session_id WHERE {' AND '.join(where)} "
             "ORDER BY p.position_id DESC LIMIT ?",
             [*params, args.limit + 1],
@@ -229,7 +236,7 @@ def cmd_positions(ctl: Ctl, args: argparse.Namespace) -> int:
 def find_leg(conn: sqlite3.Connection, leg: str) -> sqlite3.Row | None:
     """A leg by its position key, or else by its numeric position id."""
     sql = (
-        f"SELECT {_POSITION_COLUMNS} FROM strategy_positions p "
+        f"SELECT {_position_columns(conn)} FROM strategy_positions p "
         "JOIN strategy_sessions s ON s.id = p.session_id WHERE "
     )
     row: sqlite3.Row | None = conn.execute(sql + "p.position_key = ?", (leg,)).fetchone()

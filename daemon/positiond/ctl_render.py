@@ -175,6 +175,14 @@ _CRASHED = [
 ]
 
 
+def _ran_on(host: str, pid: int | None, reason: str) -> str:
+    """Where the strategy ran; its pid only when the crash reason does not already say it
+    (``process exited (pid 4321)``: the same process, seen by the kernel)."""
+    if pid is None or f"(pid {pid})" in reason:
+        return f"ran on {host}"
+    return f"ran on {host} as pid {pid}"
+
+
 def crashed_tables(out: Console, crashes: Sequence[Row]) -> list[Table]:
     """One table per crash: when, why, and every leg with its levels for a manual exit."""
     tables = []
@@ -183,9 +191,10 @@ def crashed_tables(out: Console, crashes: Sequence[Row]) -> list[Table]:
             f"{crash['strategy_name']} — session {crash['session_id']} crashed "
             f"{local_time(crash['crash_timestamp'])}"
         )
-        caption = f"why: {crash['crash_reason'] or 'unknown'}"
+        reason = crash["crash_reason"] or "unknown"
+        caption = f"why: {reason}"
         if crash.get("client_host"):
-            caption += f"   (ran on {crash['client_host']} as pid {crash.get('client_pid')})"
+            caption += f"   ({_ran_on(crash['client_host'], crash.get('client_pid'), reason)})"
         tables.append(_table(out, _CRASHED, crash["legs"], title, caption))
     return tables
 

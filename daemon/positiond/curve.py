@@ -47,6 +47,32 @@ def load_public(path: Path) -> bytes:
     return public
 
 
+class _Admitted:
+    """ZAP's credentials provider: the public keys found in ``curve_clients`` at start.
+
+    A refused key is logged at WARNING, once per key (a refused client keeps reconnecting),
+    so an operator sees which host knocks with a key the daemon does not admit.
+    """
+
+    MAX_REMEMBERED = 1000
+
+    def __init__(self, clients_dir: Path) -> None:
+        self.clients_dir = clients_dir
+        self.keys = frozenset(zmq.auth.load_certificates(clients_dir))  # z85 public keys
+        self._refused: set[bytes] = set()
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        if key in self.keys:
+            return True
+        if key not in self._refused and len(self._refused) < self.MAX_REMEMBERED:
+            self._refused.add(key)
+            log.warning(
+                "CURVE: refused a client whose public key %s is not in %s",
+                key.decode(errors="replace"), self.clients_dir,
+            )  # fmt: skip
+        return False
+
+
 class ServerCurve:
     """The daemon side: a ZAP authenticator that admits only the listed client keys."""
 
@@ -61,10 +87,10 @@ class ServerCurve:
         """Run the authenticator on ``ctx`` (before any socket of it binds)."""
         auth = AsyncioAuthenticator(ctx, log=logging.getLogger(__name__ + ".zap"))
         auth.start()
-        auth.configure_curve(domain="*", location=str(self.clients_dir))
+        admitted = _Admitted(self.clients_dir)
+        auth.configure_curve_callback(domain="*", credentials_provider=admitted)
         self._auth = auth
-        count = len(list(self.clients_dir.glob("*.key")))
-        log.info("CURVE on: %d allowed client key(s) from %s", count, self.clients_dir)
+        log.info("CURVE on: %d allowed client key(s) from %s", len(admitted.keys), self.clients_dir)
 
     def secure(self, sock: zmq.Socket[Any]) -> None:
         """Make ``sock`` a CURVE server (call before bind)."""

@@ -103,6 +103,18 @@ def _ack(seq: int | None, data: dict[str, Any]) -> bytes:
     return encode(msg)
 
 
+def _final_carrier(
+    ops: list[Op], key: str, session_key: str | None
+) -> ExitOp | CrashOp | EndOp | None:
+    """The op that took a leg out of memory: its exit, or its session's crash or end."""
+    for op in ops:
+        if isinstance(op, ExitOp) and op.key == key:
+            return op
+        if isinstance(op, CrashOp | EndOp) and op.session_key == session_key:
+            return op
+    return None
+
+
 def _clock_text(wall: float) -> str:
     return _time.strftime("%H:%M:%S", _time.localtime(wall)) + f".{int(wall * 10) % 10}"
 
@@ -375,13 +387,14 @@ class Engine:
         leg = self.legs.get(key)
         if leg is not None and leg.session_key != session.key:
             return self._leg_error(msg, leg, session)
-        if leg is not None:
-            del self.legs[key]
-            session.legs.discard(key)
         final = self._updates.pop(key, None)
         carried: dict[str, Any] = {name: msg[name] for name in UPDATE_FIELDS if name in msg}
         if carried:
             final = {**final, **carried} if final else carried
+        trail = self._final_trail({key: final} if final else {}, {key})
+        if leg is not None:
+            del self.legs[key]
+            session.legs.discard(key)
         self._ops.append(
             ExitOp(
                 rid,
@@ -392,6 +405,7 @@ class Engine:
                 msg["exit_reason"],
                 msg.get("time", wall),
                 final,
+                trail,
             )
         )
         return None
@@ -414,7 +428,8 @@ class Engine:
             token=msg.get("token"),
         )  # fmt: skip
         if session is not None:
-            op.final_updates = self._retire(session)
+            op.final_updates, op.trail_events = self._retire(session)
+            op.strategy = session.strategy
         self._ops.append(op)
         return None
 
@@ -423,7 +438,7 @@ class Engine:
     ) -> bytes | None:
         op = EndOp(rid, msg["seq"], msg["session"], msg.get("time", wall), token=msg.get("token"))
         if session is not None:
-            op.final_updates = self._retire(session)
+            op.final_updates, op.trail_events = self._retire(session)
         self._ops.append(op)
         return None
 
@@ -498,8 +513,12 @@ class Engine:
         "sync": _on_sync,
     }
 
-    def _retire(self, session: Session) -> dict[str, dict[str, Any]]:
-        """Forget a session and its legs in memory; return their pending updates."""
+    def _retire(self, session: Session) -> tuple[dict[str, dict[str, Any]], list[TrailEvent]]:
+        """Forget a session and its legs in memory; return their pending updates.
+
+        With them, the TRAIL_UPDATE events those last updates make, exactly as a flush would
+        have: the legs leave memory here, so no later flush can compare them any more.
+        """
         self.sessions.pop(session.key, None)
         self.liveness.forget(session.key)
         self._progress_watch.discard(session.key)
@@ -507,22 +526,25 @@ class Engine:
         if session.rid is not None and (peer := self.peers.get(session.rid)) is not None:
             peer.sessions.discard(session.key)
         finals = {}
-        for key in session.legs:
-            self.legs.pop(key, None)
+        for key in sorted(session.legs):  # one order every run
             pending = self._updates.pop(key, None)
             if pending is not None:
                 finals[key] = pending
-        return finals
+        trail = self._final_trail(finals, session.legs)
+        for key in session.legs:
+            self.legs.pop(key, None)
+        return finals, trail
 
     def _declare_crashed(
         self, session: Session, source: str, reason: str, payload: dict[str, Any]
     ) -> None:
         log.warning("session %s (%s) crashed: %s", session.id, session.strategy, reason)
-        finals = self._retire(session)
+        finals, trail = self._retire(session)
         payload = {**payload, "legs": sorted(session.legs)}
         self._ops.append(
-            CrashOp(None, None, session.key, source, reason, self.wall(), payload, finals)
-        )
+            CrashOp(None, None, session.key, source, reason, self.wall(), payload, finals,
+                    trail_events=trail)
+        )  # fmt: skip
 
     # ---- time ----------------------------------------------------------------------------
 
@@ -604,6 +626,7 @@ class Engine:
         return batch
 
     def _trail_events(self, updates: dict[str, dict[str, Any]]) -> list[TrailEvent]:
+        """One event per leg whose stop or trail level these updates move (legs in memory)."""
         events = []
         for key, upd in updates.items():
             if "stop_price" not in upd and "last_trail_level" not in upd:
@@ -613,12 +636,24 @@ class Engine:
                 continue
             before = (leg.stop_price, leg.last_trail_level)
             after = (upd.get("stop_price", before[0]), upd.get("last_trail_level", before[1]))
-            if after != before:
-                leg.stop_price, leg.last_trail_level = after
+            leg.stop_price, leg.last_trail_level = after  # as sent: 2 stays an int
+            if after != before:  # 2 -> 2.0 is no move
                 events.append(
                     TrailEvent(key, leg.session_key, before, after, upd.get("current_price"))
                 )
         return events
+
+    def _final_trail(
+        self, finals: dict[str, dict[str, Any]], leaving: set[str]
+    ) -> list[TrailEvent]:
+        """The events of legs' last updates, taken before the legs leave memory (exit, crash,
+        end): the same rule as a flush, so the audit trail does not end one move early. Moves
+        still waiting from a failed write go first, so they too precede the EXIT or CRASH."""
+        waiting: list[TrailEvent] = []
+        if self._trail_backlog:
+            waiting = [e for e in self._trail_backlog if e.key in leaving]
+            self._trail_backlog = [e for e in self._trail_backlog if e.key not in leaving]
+        return waiting + (self._trail_events(finals) if finals else [])
 
     # ---- after commit --------------------------------------------------------------------
 
@@ -632,6 +667,17 @@ class Engine:
                 self._entry_committed(op, res)
             elif isinstance(op, ResolveOp) and res.ok and res.legs:
                 self._adopted(res.legs)
+            elif (
+                isinstance(op, CrashOp) and op.source == CLIENT and res.ok
+                and not res.data.get("duplicate")
+            ):  # fmt: skip
+                # The daemon's own verdicts are logged when made; a strategy's report, once it
+                # took: every crash is in the daemon's log, and so is every revival.
+                log.warning(
+                    "session %s (%s) crashed, reported by the strategy: %s (%d leg(s) CRASHED)",
+                    res.data.get("session_id"), op.strategy or op.session_key, op.reason,
+                    res.data.get("legs", 0),
+                )  # fmt: skip
             if op.rid is None:
                 continue
             if res.ok:
@@ -652,6 +698,15 @@ class Engine:
         session.id = res.data["session_id"]
         session.confirmed = True
         session.token = res.data.get("token") or session.token
+        revived = res.data.get("revived")
+        if revived:
+            # As loud as the crash it takes back: whoever saw that one must see this one.
+            log.warning(
+                "session %s (%s) REVIVED: alive after all, RUNNING again with %d leg(s) ACTIVE "
+                "(it was declared crashed at %s: %s)",
+                session.id, session.strategy, len(revived.get("legs", ())),
+                revived.get("crash_timestamp"), revived.get("crash_reason"),
+            )  # fmt: skip
         for row in res.legs:
             if row.key not in self.legs:
                 self._add_leg(row, session)
@@ -680,10 +735,18 @@ class Engine:
 
         Nothing in it was acknowledged. Updates received since it was taken are newer and win.
         """
-        self._ops = batch.ops + self._ops
+        since = self._ops
+        self._ops = batch.ops + since
+        carriers: dict[str, ExitOp | CrashOp | EndOp] = {}
         for key, upd in batch.updates.items():
             if key not in self.legs:
-                continue  # exited since: its exit carries its own final state
+                # It left memory since (its exit, its session's crash or end): the op that took
+                # its last update writes these older fields too, under its own newer ones.
+                carrier = _final_carrier(since, key, upd.get("session"))
+                if carrier is not None:
+                    carrier.carry(key, {n: upd[n] for n in UPDATE_FIELDS if n in upd})
+                    carriers[key] = carrier
+                continue
             newer = self._updates.get(key)
             if newer is not None:
                 for name in UPDATE_FIELDS:
@@ -692,4 +755,11 @@ class Engine:
             self._updates[key] = upd
         for key, wall in batch.heartbeats.items():
             self._heartbeats.setdefault(key, wall)
-        self._trail_backlog = batch.trail_events + self._trail_backlog
+        backlog = []
+        for event in reversed(batch.trail_events):  # reversed: each goes in front, order kept
+            carrier = carriers.get(event.key)
+            if carrier is None:
+                backlog.append(event)
+            else:
+                carrier.trail_events.insert(0, event)  # written before the leg's last move
+        self._trail_backlog = backlog[::-1] + self._trail_backlog

@@ -68,6 +68,17 @@ class _Operator:
     by: str  # who asked, for the audit trail
 
 
+@dataclass(frozen=True, slots=True)
+class TrailEvent:
+    """The stop or trail level of a leg moved between two flushes."""
+
+    key: str
+    session_key: str
+    before: tuple[float | None, float | None]  # (stop_price, last_trail_level)
+    after: tuple[float | None, float | None]
+    price: float | None
+
+
 @dataclass(slots=True)
 class StartOp(_Durable):
     strategy: str
@@ -95,6 +106,12 @@ class ExitOp(_Durable):
     exit_reason: str
     time: float
     final_update: dict[str, Any] | None = None  # the leg's pending coalesced update, if any
+    # The TRAIL_UPDATE that final update makes (as a flush would have), written before the EXIT.
+    trail_events: list[TrailEvent] = field(default_factory=list)
+
+    def carry(self, key: str, older: dict[str, Any]) -> None:
+        """Take older update fields of the leg (from a write that failed) under its own."""
+        self.final_update = {**older, **(self.final_update or {})}
 
 
 @dataclass(slots=True)
@@ -105,6 +122,12 @@ class CrashOp(_Durable):
     payload: dict[str, Any] = field(default_factory=dict)
     final_updates: dict[str, dict[str, Any]] = field(default_factory=dict)
     token: str | None = None  # from the strategy; checked against the stored hash
+    trail_events: list[TrailEvent] = field(default_factory=list)  # made by the final updates
+    strategy: str | None = None  # for the daemon's log
+
+    def carry(self, key: str, older: dict[str, Any]) -> None:
+        """Take older update fields of a leg (from a write that failed) under its own."""
+        self.final_updates[key] = {**older, **self.final_updates.get(key, {})}
 
 
 @dataclass(slots=True)
@@ -112,6 +135,11 @@ class EndOp(_Durable):
     time: float
     final_updates: dict[str, dict[str, Any]] = field(default_factory=dict)
     token: str | None = None
+    trail_events: list[TrailEvent] = field(default_factory=list)  # made by the final updates
+
+    def carry(self, key: str, older: dict[str, Any]) -> None:
+        """Take older update fields of a leg (from a write that failed) under its own."""
+        self.final_updates[key] = {**older, **self.final_updates.get(key, {})}
 
 
 @dataclass(slots=True)
@@ -185,17 +213,6 @@ Op = (
     | FencedOp
     | StallOp
 )
-
-
-@dataclass(frozen=True, slots=True)
-class TrailEvent:
-    """The stop or trail level of a leg moved between two flushes."""
-
-    key: str
-    session_key: str
-    before: tuple[float | None, float | None]  # (stop_price, last_trail_level)
-    after: tuple[float | None, float | None]
-    price: float | None
 
 
 @dataclass(slots=True)

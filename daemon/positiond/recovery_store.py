@@ -21,7 +21,7 @@ from positiond.ops import (
     ResolveOp,
     Result,
 )
-from positiond.schema import iso
+from positiond.schema import iso, trail_level_sql
 
 __all__ = ["LIVE_LEG_STATUSES", "fenced", "orphans", "prune", "query", "resolve"]
 
@@ -32,9 +32,15 @@ MAX_QUERY_ROWS = 10_000
 _LEG_COLUMNS = """
     p.position_id, p.position_key, p.session_id, s.strategy_name, p.symbol, p.exchange,
     p.product, p.leg_type, p.side, p.quantity, p.entry_price, p.entry_time, p.current_price,
-    p.stop_price, p.highest_price, p.last_trail_level, p.state, p.status, p.was_crashed,
+    p.stop_price, p.highest_price, {trail_level}, p.state, p.status, p.was_crashed,
     s.crash_timestamp, s.crash_reason, p.review_reason, s.status AS session_status
 """
+
+
+def _leg_columns(cur: sqlite3.Cursor) -> str:
+    """The leg columns for this database's schema (posctl also reads older ones, read-only)."""
+    version = int(cur.execute("PRAGMA user_version").fetchone()[0])
+    return _LEG_COLUMNS.format(trail_level=trail_level_sql("p", version))
 
 
 def _json(value: Any) -> str:
@@ -71,7 +77,7 @@ def query(cur: sqlite3.Cursor, op: QueryOp, now: str) -> Result:
         where += " AND s.strategy_name = ?"
         params.append(op.strategy)
     rows = cur.execute(
-        f"SELECT {_LEG_COLUMNS} FROM strategy_positions p "
+        f"SELECT {_leg_columns(cur)} FROM strategy_positions p "
         f"JOIN strategy_sessions s ON s.id = p.session_id WHERE {where} ORDER BY {order} "
         f"LIMIT {MAX_QUERY_ROWS + 1}",
         params,
@@ -82,7 +88,7 @@ def query(cur: sqlite3.Cursor, op: QueryOp, now: str) -> Result:
 
 def _leg_row(cur: sqlite3.Cursor, key: str) -> sqlite3.Row | None:
     row: sqlite3.Row | None = cur.execute(
-        f"SELECT {_LEG_COLUMNS}, s.session_key "
+        f"SELECT {_leg_columns(cur)}, s.session_key "
         "FROM strategy_positions p JOIN strategy_sessions s ON s.id = p.session_id "
         "WHERE p.position_key = ?",
         (key,),

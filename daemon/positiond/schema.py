@@ -14,7 +14,15 @@ from __future__ import annotations
 import sqlite3
 from datetime import UTC, datetime
 
-__all__ = ["SCHEMA_VERSION", "SchemaError", "iso", "migrate"]
+__all__ = [
+    "SCHEMA_VERSION",
+    "TYPED_TRAIL_VERSION",
+    "SchemaError",
+    "is_int",
+    "iso",
+    "migrate",
+    "trail_level_sql",
+]
 
 
 class SchemaError(RuntimeError):
@@ -131,9 +139,40 @@ ALTER TABLE strategy_sessions ADD COLUMN token_hash TEXT;
 ALTER TABLE strategy_sessions ADD COLUMN progress_deadline REAL;
 """
 
+# The trail level comes back as the strategy sent it. last_trail_level is REAL (the seed's
+# column, read by its queries as it is), and REAL affinity stores 12 as 12.0; changing its type
+# means rebuilding the table. So a flag beside it records that the value was sent as an integer
+# (NULL on rows written before version 4: read as stored).
+_V4 = """
+ALTER TABLE strategy_positions ADD COLUMN last_trail_level_is_int BOOLEAN;
+"""
+
 # Index i holds the script that takes the schema from version i to i + 1.
-_MIGRATIONS: list[str] = [_V1, _V2, _V3]
+_MIGRATIONS: list[str] = [_V1, _V2, _V3, _V4]
 SCHEMA_VERSION = len(_MIGRATIONS)
+
+
+TYPED_TRAIL_VERSION = 4  # the first schema that knows which trail levels were integers
+
+
+def is_int(value: object) -> bool | None:
+    """The flag stored beside a trail level: was it sent as an integer? (None: no value)"""
+    if value is None:
+        return None
+    return type(value) is int
+
+
+def trail_level_sql(alias: str, version: int = SCHEMA_VERSION) -> str:
+    """``last_trail_level`` in a SELECT, as the strategy sent it: 12 comes back 12, 2.5 and
+    12.0 as they were. ``version``: the database's schema (older ones have no flag)."""
+    column = f"{alias}.last_trail_level"
+    if version < TYPED_TRAIL_VERSION:
+        return f"{column} AS last_trail_level"
+    whole = f"CAST({column} AS INTEGER)"
+    return (
+        f"CASE WHEN {alias}.last_trail_level_is_int AND {column} = {whole} THEN {whole} "
+        f"ELSE {column} END AS last_trail_level"
+    )
 
 
 def migrate(conn: sqlite3.Connection) -> int:

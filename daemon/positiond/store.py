@@ -42,9 +42,10 @@ from positiond.ops import (
     StallOp,
     StartOp,
     SyncOp,
+    TrailEvent,
     token_hash,
 )
-from positiond.schema import iso, migrate
+from positiond.schema import is_int, iso, migrate, trail_level_sql
 
 __all__ = ["Store"]
 
@@ -63,7 +64,8 @@ UPDATE strategy_positions SET
     highest_price    = CASE WHEN ?5 THEN ?6 ELSE highest_price END,
     last_trail_level = CASE WHEN ?7 THEN ?8 ELSE last_trail_level END,
     state            = CASE WHEN ?9 THEN ?10 ELSE state END,
-    updated_at       = ?11
+    updated_at       = ?11,
+    last_trail_level_is_int = CASE WHEN ?7 THEN ?13 ELSE last_trail_level_is_int END
 WHERE position_key = ?12 AND status = 'ACTIVE'
 """
 
@@ -78,8 +80,28 @@ SELECT position_id, session_id, ?, ?, ? FROM strategy_positions WHERE position_k
 """
 
 
+# A leg's last update, written by its exit or its session's crash or end, records its move only
+# where that update was written: an ACTIVE leg (the update statement skips the others).
+_FINAL_TRAIL_SQL = _LEG_EVENT_SQL + " AND status = 'ACTIVE'"
+
+
 def _json(value: Any) -> str:
     return orjson.dumps(value).decode()
+
+
+def _trail_row(event: TrailEvent, when: str) -> tuple[str, str, str, str]:
+    payload = {
+        "stop_price": [event.before[0], event.after[0]],
+        "last_trail_level": [event.before[1], event.after[1]],
+        "price": event.price,
+    }
+    return ("TRAIL_UPDATE", when, _json(payload), event.key)
+
+
+def _write_final_trail(cur: sqlite3.Cursor, events: list[TrailEvent], when: str) -> None:
+    """The TRAIL_UPDATE events of final updates, right after they are written."""
+    if events:
+        cur.executemany(_FINAL_TRAIL_SQL, [_trail_row(e, when) for e in events])
 
 
 def _update_row(key: str, upd: dict[str, Any], now: str) -> tuple[Any, ...]:
@@ -93,7 +115,7 @@ def _update_row(key: str, upd: dict[str, Any], now: str) -> tuple[Any, ...]:
         row += (1, _json(upd["state"]))
     else:
         row += (0, None)
-    row += (now, key)
+    row += (now, key, is_int(upd.get("last_trail_level")))
     return tuple(row)
 
 
@@ -123,8 +145,8 @@ def _leg(cur: sqlite3.Cursor, key: str) -> sqlite3.Row | None:
 
 def _open_legs(cur: sqlite3.Cursor, session_id: int, session_key: str) -> list[LegRow]:
     rows = cur.execute(
-        "SELECT position_key, stop_price, last_trail_level FROM strategy_positions "
-        "WHERE session_id = ? AND status = 'ACTIVE'",
+        f"SELECT p.position_key, p.stop_price, {trail_level_sql('p')} "
+        "FROM strategy_positions p WHERE p.session_id = ? AND p.status = 'ACTIVE'",
         (session_id,),
     ).fetchall()
     return [LegRow(r[0], session_key, r[1], r[2]) for r in rows]
@@ -256,8 +278,8 @@ def _entry(cur: sqlite3.Cursor, op: EntryOp, now: str) -> Result:
     cur.execute(
         "INSERT INTO strategy_positions (position_key, session_id, symbol, exchange, product, "
         "leg_type, side, quantity, entry_price, entry_time, current_price, stop_price, "
-        "highest_price, last_trail_level, state, status, updated_at) "
-        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'ACTIVE', ?)",
+        "highest_price, last_trail_level, state, status, updated_at, last_trail_level_is_int) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'ACTIVE', ?, ?)",
         (
             op.key,
             session["id"],
@@ -275,6 +297,7 @@ def _entry(cur: sqlite3.Cursor, op: EntryOp, now: str) -> Result:
             f.get("last_trail_level"),
             _json(f.get("state", {})),
             now,
+            is_int(f.get("last_trail_level")),
         ),
     )
     position_id = cur.lastrowid
@@ -291,9 +314,10 @@ def _exit(cur: sqlite3.Cursor, op: ExitOp, now: str) -> Result:
     data = {"position_id": leg["position_id"], "status": "CLOSED"}
     if leg["status"] == "CLOSED":
         return Result(True, {**data, "duplicate": True})
+    exit_time = iso(op.time)
     if op.final_update:
         _write_updates(cur, {op.key: op.final_update}, now)
-    exit_time = iso(op.time)
+        _write_final_trail(cur, op.trail_events, exit_time)
     cur.execute(
         "UPDATE strategy_positions SET status = 'CLOSED', exit_price = ?, exit_time = ?, "
         "exit_reason = ?, updated_at = ? WHERE position_id = ?",
@@ -318,6 +342,7 @@ def _crash(cur: sqlite3.Cursor, op: CrashOp, now: str) -> Result:
         return refused
     sid, status = session["id"], session["status"]
     _write_updates(cur, op.final_updates, now)
+    _write_final_trail(cur, op.trail_events, iso(op.time))
     # The strategy's own report is final and beats an earlier verdict of the daemon's; the
     # daemon's verdicts never overwrite a COMPLETED session or the strategy's report.
     takes = status in LIVE_SESSION_STATUSES or (
@@ -357,6 +382,7 @@ def _end(cur: sqlite3.Cursor, op: EndOp, now: str) -> Result:
         return refused
     sid, status = session["id"], session["status"]
     _write_updates(cur, op.final_updates, now)
+    _write_final_trail(cur, op.trail_events, iso(op.time))
     # A strategy the daemon declared dead that says it is done was alive after all: its end
     # counts. Its legs keep their status (CRASHED legs still need recovery).
     live = status in LIVE_SESSION_STATUSES or (
@@ -448,24 +474,7 @@ def apply_batch(conn: sqlite3.Connection, batch: Batch) -> list[Result]:
         results = [_apply_op(cur, op, now) for op in batch.ops]
         _write_updates(cur, batch.updates, now)
         if batch.trail_events:
-            cur.executemany(
-                _LEG_EVENT_SQL,
-                [
-                    (
-                        "TRAIL_UPDATE",
-                        now,
-                        _json(
-                            {
-                                "stop_price": [e.before[0], e.after[0]],
-                                "last_trail_level": [e.before[1], e.after[1]],
-                                "price": e.price,
-                            }
-                        ),
-                        e.key,
-                    )
-                    for e in batch.trail_events
-                ],
-            )
+            cur.executemany(_LEG_EVENT_SQL, [_trail_row(e, now) for e in batch.trail_events])
         if batch.heartbeats:
             cur.executemany(
                 "UPDATE strategy_sessions SET last_heartbeat = ? "
@@ -492,7 +501,7 @@ def load_live(conn: sqlite3.Connection) -> tuple[list[LiveSession], list[LegRow]
     legs = [
         LegRow(r[0], r[1], r[2], r[3])
         for r in conn.execute(
-            "SELECT p.position_key, s.session_key, p.stop_price, p.last_trail_level "
+            f"SELECT p.position_key, s.session_key, p.stop_price, {trail_level_sql('p')} "
             "FROM strategy_positions p JOIN strategy_sessions s ON s.id = p.session_id "
             "WHERE p.status = 'ACTIVE' AND s.status IN ('RUNNING', 'STALLED')"
         )
