@@ -296,13 +296,15 @@ class Daemon:
         if self.ctx is not None:
             self.ctx.term()
             self.ctx = None
-        if self.store is not None:
-            await self.store.close()
-            self.store = None
-        self.reporter.remove()
-        for handle in self._locks:
-            handle.close()
-        self._locks = []
+        try:
+            if self.store is not None:
+                await self.store.close()
+                self.store = None
+        finally:
+            self.reporter.remove()
+            for handle in self._locks:
+                handle.close()
+            self._locks = []
         log.info("positiond stopped")
         self.notifier.close()
         self._stopped.set()

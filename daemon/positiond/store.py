@@ -552,9 +552,20 @@ class Store:
         return await self.call(load_live)
 
     async def close(self) -> None:
-        """Checkpoint the WAL and close the connection."""
+        """Checkpoint the WAL and close the connection.
+
+        A checkpoint that fails (a full disk) loses nothing: the WAL keeps every commit and the
+        next start checkpoints it. One line in the log, then the connection is closed anyway.
+        """
         try:
             await self.call(_checkpoint)
+        except sqlite3.Error as exc:
+            log.warning(
+                "could not checkpoint the WAL into %s at stop (%s); nothing is lost: the WAL "
+                "keeps every commit and the next start checkpoints it",
+                self.path,
+                exc,
+            )
         finally:
             await self._conn.close()
 
