@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import sqlite3
 import stat
 from collections.abc import AsyncIterator
@@ -12,6 +13,7 @@ from typing import Any
 import aiosqlite
 import pytest
 
+from positiond.dbfile import DatabaseLocked, lock_database, lock_file_for
 from positiond.ops import Batch, CrashOp, EndOp, EntryOp, ExitOp, Result, StartOp, SyncOp
 from positiond.schema import SCHEMA_VERSION, SchemaError
 from positiond.store import Store
@@ -220,3 +222,32 @@ async def test_only_the_token_holder_resumes_ends_or_crashes_a_session(store: St
     assert rows(store.path, "SELECT status FROM strategy_sessions")[0]["status"] == "RUNNING"
     (ok,) = await apply(store, start())
     assert ok.ok and ok.data["resumed"] is True
+
+
+# ---- the database file: its lock, its identity, its integrity ---------------------------------
+
+
+@pytest.mark.parametrize("how", ["symlink", "hard-link", "not-created-yet"])
+def test_the_lock_holds_the_file_whatever_name_reaches_it(workdir: Path, how: str) -> None:
+    db = workdir / "p.db"
+    other = workdir / "other.db"
+    if how == "not-created-yet":
+        other.symlink_to(db)  # dangling until the first lock creates the database
+        first = lock_database(other, create=True)
+        assert db.is_file() and stat.S_IMODE(db.stat().st_mode) == 0o600
+    else:
+        first = lock_database(db, create=True)
+        if how == "symlink":
+            other.symlink_to(db)
+        else:
+            os.link(db, other)  # another path, another lock file name: the inode is the same
+    try:
+        with pytest.raises(DatabaseLocked):
+            lock_database(other)
+        with pytest.raises(DatabaseLocked):
+            lock_database(db)
+        if how != "hard-link":
+            assert lock_file_for(other) == lock_file_for(db)
+    finally:
+        first.close()
+    lock_database(other).close()  # free again once released

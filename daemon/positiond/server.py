@@ -37,6 +37,7 @@ from zmq.utils.monitor import parse_monitor_message
 
 from positiond.config import RELOADABLE, Config, changed
 from positiond.curve import ServerCurve, secure_server
+from positiond.dbfile import DatabaseLock, DatabaseLocked, lock_database
 from positiond.engine import Engine
 from positiond.notify import Notifier
 from positiond.status import Progress, Reporter, status_file_for, status_line, version
@@ -150,6 +151,7 @@ class Daemon:
         self._stopped = asyncio.Event()
         self._stopping = False
         self._locks: list[IO[bytes]] = []
+        self._db_lock: DatabaseLock | None = None
         self._bad_log = _RateLimitedLog()
         self.is_ipc = config.endpoint.startswith("ipc://")
         self.endpoint = config.endpoint
@@ -167,8 +169,11 @@ class Daemon:
         """Lock, open and migrate the database, load live sessions, bind, start the tasks."""
         cfg = self.config
         db = Path(cfg.db)
-        db.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self._locks.append(_lock(db.with_name(db.name + ".lock"), f"database {db}"))
+        try:
+            # Locked by what the path leads to (symlinks, hard links): see positiond.dbfile.
+            self._db_lock = lock_database(db, create=True)
+        except DatabaseLocked:
+            raise AlreadyRunning(f"another positiond is already running on database {db}") from None
         sock_path = ipc_path(cfg.endpoint)
         if sock_path is not None:
             if sock_path.parent == runtime_dir():
@@ -302,6 +307,9 @@ class Daemon:
                 self.store = None
         finally:
             self.reporter.remove()
+            if self._db_lock is not None:
+                self._db_lock.close()  # only now: SQLite's connection is closed (positiond.dbfile)
+                self._db_lock = None
             for handle in self._locks:
                 handle.close()
             self._locks = []
