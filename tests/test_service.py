@@ -370,7 +370,7 @@ def test_service_unit_has_the_required_settings() -> None:
         "Type": "notify",
         "NotifyAccess": "main",
         "Restart": "on-failure",
-        "RestartPreventExitStatus": "2",
+        "RestartPreventExitStatus": "2 3",
         "User": "positiond",
         "Group": "positiond",
         "StateDirectory": "positiond",

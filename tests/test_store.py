@@ -13,7 +13,12 @@ from typing import Any
 import aiosqlite
 import pytest
 
-from positiond.dbfile import DatabaseLocked, lock_database, lock_file_for
+from positiond.dbfile import (
+    CorruptDatabase,
+    DatabaseLocked,
+    lock_database,
+    lock_file_for,
+)
 from positiond.ops import Batch, CrashOp, EndOp, EntryOp, ExitOp, Result, StartOp, SyncOp
 from positiond.schema import SCHEMA_VERSION, SchemaError
 from positiond.store import Store
@@ -251,3 +256,23 @@ def test_the_lock_holds_the_file_whatever_name_reaches_it(workdir: Path, how: st
     finally:
         first.close()
     lock_database(other).close()  # free again once released
+
+
+async def test_a_damaged_database_is_refused_at_open(workdir: Path) -> None:
+    db = workdir / "p.db"
+    db.write_bytes(b"not a database at all" * 1000)
+    with pytest.raises(CorruptDatabase, match=r"is damaged or not a database.*restore"):
+        await Store.open(db)
+
+
+async def test_the_integrity_check_at_open_is_bounded_in_time(
+    workdir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    db = workdir / "p.db"
+    opened = await Store.open(db)
+    await apply(opened, start(), *(entry(f"k{i}", state={"x": "y" * 2000}) for i in range(300)))
+    await opened.close()
+    # No time at all: the check stops at its first progress callback, and the open goes on.
+    reopened = await Store.open(db, check_seconds=1e-9)
+    await reopened.close()
+    assert "integrity check stopped" in caplog.text

@@ -1,4 +1,4 @@
-"""The database file itself: who may write it.
+"""The database file itself: who may write it, is it sound.
 
 **The lock.** One file can have several names: a symlink (to the file, or to a directory above
 it) and a hard link. A lock taken on ``<path as spelled>.lock`` let a second daemon run on the
@@ -16,16 +16,35 @@ this one function, so both follow the same rule.
 SQLite locks with ``fcntl`` (POSIX) locks, which Linux keeps apart from ``flock`` locks, but a
 process loses its POSIX locks on a file when it closes *any* descriptor of that file: the
 descriptor held here on the database must be closed only after SQLite's connection is.
+
+**Integrity.** A file that is not a database, or a damaged one, is refused at open with one line
+that says what to do (:func:`open_error`), after a time-bounded ``PRAGMA quick_check``.
 """
 
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
+import sqlite3
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["DatabaseLock", "DatabaseLocked", "lock_database", "lock_file_for"]
+__all__ = [
+    "CorruptDatabase",
+    "DatabaseLock",
+    "DatabaseLocked",
+    "StoreError",
+    "is_corruption",
+    "lock_database",
+    "lock_file_for",
+    "open_error",
+    "quick_check",
+    "restore_advice",
+]
+
+log = logging.getLogger(__name__)
 
 Identity = tuple[int, int]  # (st_dev, st_ino)
 
@@ -102,3 +121,67 @@ def lock_database(db: Path, *, create: bool = False) -> DatabaseLock:
         held.close()
         raise
     return held
+
+
+# ---- integrity --------------------------------------------------------------------------------
+
+_SQLITE_CORRUPT, _SQLITE_NOTADB = 11, 26
+
+
+class StoreError(RuntimeError):
+    """The database cannot be opened or used; the message says why and what to do."""
+
+
+class CorruptDatabase(StoreError):
+    """The file is not a database, or SQLite found it damaged (SQLITE_NOTADB, SQLITE_CORRUPT)."""
+
+
+def is_corruption(exc: BaseException) -> bool:
+    """SQLITE_CORRUPT or SQLITE_NOTADB (or a failed quick_check): retrying cannot help."""
+    if isinstance(exc, CorruptDatabase):
+        return True
+    code = getattr(exc, "sqlite_errorcode", None)
+    return isinstance(code, int) and code & 0xFF in (_SQLITE_CORRUPT, _SQLITE_NOTADB)
+
+
+def restore_advice(path: Path) -> str:
+    """What an operator does with a damaged database (one clause, for a log line)."""
+    return (
+        f"stop positiond, move {path} and its -wal and -shm files aside, and restore the latest "
+        "backup (docs/DEPLOY.md, 'Back up the database')"
+    )
+
+
+def open_error(path: Path, exc: BaseException) -> StoreError:
+    """The one-line error for a database that could not be opened."""
+    if is_corruption(exc):
+        return CorruptDatabase(
+            f"the database {path} is damaged or not a database ({exc}): {restore_advice(path)}"
+        )
+    return StoreError(f"cannot open the database {path}: {exc}")
+
+
+def quick_check(conn: sqlite3.Connection, seconds: float) -> None:
+    """``PRAGMA quick_check``; raise :class:`CorruptDatabase` on a finding.
+
+    Abandoned with a warning after ``seconds`` (a large database from a cold disk): what was not
+    checked is still checked as it is read, and damage found then stops the writes
+    (:func:`is_corruption`).
+    """
+    deadline = time.monotonic() + seconds
+    conn.set_progress_handler(lambda: time.monotonic() > deadline, 10_000)
+    try:
+        found = [str(row[0]) for row in conn.execute("PRAGMA quick_check(10)")]
+    except sqlite3.OperationalError as exc:
+        if "interrupted" not in str(exc):
+            raise
+        log.warning(
+            "integrity check stopped after %.0fs (a large database): the rest is checked as it is "
+            "used",
+            seconds,
+        )
+        return
+    finally:
+        conn.set_progress_handler(None, 0)
+    if found != ["ok"]:
+        raise CorruptDatabase("quick_check: " + "; ".join(" ".join(f.split()) for f in found))

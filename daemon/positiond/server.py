@@ -37,7 +37,13 @@ from zmq.utils.monitor import parse_monitor_message
 
 from positiond.config import RELOADABLE, Config, changed
 from positiond.curve import ServerCurve, secure_server
-from positiond.dbfile import DatabaseLock, DatabaseLocked, lock_database
+from positiond.dbfile import (
+    DatabaseLock,
+    DatabaseLocked,
+    is_corruption,
+    lock_database,
+    restore_advice,
+)
 from positiond.engine import Engine
 from positiond.notify import Notifier
 from positiond.status import Progress, Reporter, status_file_for, status_line, version
@@ -152,6 +158,9 @@ class Daemon:
         self._stopping = False
         self._locks: list[IO[bytes]] = []
         self._db_lock: DatabaseLock | None = None
+        # Set for good when the database can no longer be written safely (damage found):
+        # nothing is written or acknowledged any more.
+        self.storage_fault: str | None = None
         self._bad_log = _RateLimitedLog()
         self.is_ipc = config.endpoint.startswith("ipc://")
         self.endpoint = config.endpoint
@@ -349,6 +358,10 @@ class Daemon:
         """Did the writer commit or have nothing to do within :attr:`stall_limit`?"""
         now = self.monotonic()
         engine = self.engine
+        if self.storage_fault is not None:
+            # Stopped on purpose, not stuck, and a restart would not repair the file: no watchdog
+            # kill; the health says UNHEALTHY and what to do (storage_failed).
+            return True
         if not engine.pending_ops and not engine.batch_due(now):
             self.progress.idle(now)
         return self.progress.stalled_for(now) < self.stall_limit
@@ -378,7 +391,8 @@ class Daemon:
             "last_flush_age": None if self.last_flush is None else round(wall - self.last_flush, 3),
             "writer_stalled": round(self.progress.stalled_for(now), 3),
             "writes_ok": self.healthy,
-            "healthy": self.healthy and progressing,
+            "storage_fault": self.storage_fault,
+            "healthy": self.healthy and progressing and self.storage_fault is None,
             "counters": dict(self.counters),
         }
 
@@ -508,6 +522,15 @@ class Daemon:
                 ok = False
             backoff = 0.0 if ok else min(max(backoff * 2, 0.05), 2.0)
             if not ok:
+                if stopping and self.storage_fault is not None:
+                    log.error(
+                        "stopping with %d durable message(s) and %d leg update(s) not written "
+                        "(none was acknowledged): %s",
+                        self.engine.pending_ops,
+                        self.engine.pending_updates,
+                        self.storage_fault,
+                    )
+                    return
                 if stopping:
                     give_up = give_up or time.monotonic() + SHUTDOWN_WRITE_TIMEOUT
                     if time.monotonic() > give_up:
@@ -530,6 +553,8 @@ class Daemon:
         """Commit what is due and send its replies; False (batch kept) on a storage fault."""
         assert self.store is not None
         engine = self.engine
+        if self.storage_fault is not None:
+            return False  # nothing more goes into a damaged file
         batch = engine.take_batch(self.monotonic(), flush_updates=flush_updates)
         if not batch:
             self.progress.idle(self.monotonic())
@@ -541,6 +566,12 @@ class Daemon:
             committed = True
         except (sqlite3.Error, OSError) as exc:
             engine.requeue(batch)
+            if isinstance(exc, sqlite3.Error) and is_corruption(exc):
+                self.storage_failed(
+                    f"the database {self.store.path} is damaged ({exc}); "
+                    f"{restore_advice(self.store.path)}"
+                )
+                return False
             if self.healthy:
                 log.error("database write failed, will retry (nothing acked): %s", exc)
             self.healthy = False
@@ -564,6 +595,21 @@ class Daemon:
             send(rid, payload)
         self._recheck()
         return True
+
+    # ---- storage faults ------------------------------------------------------------------
+
+    def storage_failed(self, message: str) -> None:
+        """Stop writing and acknowledging for good; say so loudly, in the log and the health."""
+        if self.storage_fault is not None:
+            return
+        self.storage_fault = message
+        self.healthy = False
+        log.critical(
+            "STORAGE FAILED, nothing is written or acknowledged any more (clients keep their "
+            "messages and re-send them to the next daemon): %s",
+            message,
+        )
+        self.reporter.publish()
 
     # ---- time ----------------------------------------------------------------------------
 

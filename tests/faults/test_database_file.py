@@ -4,23 +4,29 @@ Real daemon processes on real files:
 
 - a second daemon reaching the same database through a symlink or a hard link is refused, and
   the live session of the first goes on (it used to start and crash it: "did not return after
-  daemon restart"); posctl's direct write sees the daemon's lock through any name too.
+  daemon restart"); posctl's direct write sees the daemon's lock through any name too;
+- a garbage, truncated or damaged file is refused at start with one line and exit code 3, and
+  damage met at runtime stops the writes with the same advice instead of a silent retry loop.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import subprocess
 from pathlib import Path
 
 import pytest
 
+from positiond.schema import migrate
 from positiond_client import PositionPersistenceManager
 from tests.faults.support import start
-from tests.helpers import UNIT, DaemonProcess, session_status
+from tests.faults.test_storage import status
+from tests.helpers import UNIT, DaemonProcess, rows, session_status, wait_for
 from tests.test_ctl import posctl
 
+ACK_TIMEOUT = 0.3
 FAST = ("--flush-interval", "0.05", "--status-interval", "0.1")
 
 
@@ -106,3 +112,103 @@ def test_a_symlink_to_a_database_not_created_yet(workdir: Path) -> None:
         assert done.returncode == 1 and "already running on database" in done.stderr, done.stderr
     finally:
         assert first.stop() == 0, first.output()
+
+
+# ---- broken files ---------------------------------------------------------------------------
+
+
+def positiond_db(path: Path, legs: int = 300) -> None:
+    """A real positiond database with one finished session and ``legs`` closed legs."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        conn.execute("PRAGMA journal_mode = WAL")
+        migrate(conn)
+        conn.execute("BEGIN")
+        conn.execute(
+            "INSERT INTO strategy_sessions (session_key, strategy_name, status, start_time) "
+            "VALUES ('s', 'old', 'COMPLETED', '2025-11-28T10:00:00.000Z')"
+        )
+        conn.executemany(
+            "INSERT INTO strategy_positions (position_key, session_id, symbol, exchange, "
+            "product, side, quantity, entry_price, entry_time, status, updated_at, state) "
+            "VALUES (?, 1, 'NIFTY', 'NFO', 'MIS', 'BUY', 75, 100, '2025-11-28T10:00:00.000Z', "
+            "'CLOSED', '2025-11-28T10:00:00.000Z', ?)",
+            [(f"k{i}", json.dumps({"note": "x" * 500})) for i in range(legs)],
+        )
+        conn.execute("COMMIT")
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    finally:
+        conn.close()
+
+
+def page_of(db: Path, table: str) -> int:
+    """The root page of ``table`` (a b-tree page every check and every write reads)."""
+    return int(rows(db, "SELECT rootpage FROM sqlite_schema WHERE name = ?", (table,))[0][0])
+
+
+def smash_page(db: Path, page: int) -> None:
+    size = int(rows(db, "PRAGMA page_size")[0][0])
+    with open(db, "r+b") as f:
+        f.seek((page - 1) * size)
+        f.write(bytes(range(256)) * (size // 256))
+
+
+def garbage(db: Path) -> None:
+    db.write_bytes(os.urandom(64 * 1024))
+
+
+def truncated(db: Path) -> None:
+    positiond_db(db)
+    os.truncate(db, db.stat().st_size // 2)
+
+
+def truncated_header(db: Path) -> None:
+    positiond_db(db)
+    os.truncate(db, 50)
+
+
+def damaged_page(db: Path) -> None:
+    positiond_db(db)
+    smash_page(db, page_of(db, "strategy_positions"))
+
+
+@pytest.mark.parametrize("damage", [garbage, truncated, truncated_header, damaged_page])
+def test_a_broken_database_is_refused_at_start_with_one_line(workdir: Path, damage: object) -> None:
+    db = workdir / "positiond.db"
+    damage(db)  # type: ignore[operator]
+    daemon = daemon_on(workdir, db)
+    done = run_to_exit(daemon)
+    assert done.returncode == 3, done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+    (line,) = [x for x in done.stderr.splitlines() if "ERROR" in x]
+    assert f"the database {db} is damaged or not a database" in line, line
+    assert "restore the latest backup" in line and "DEPLOY.md" in line, line
+    assert "positiond ready" not in done.stderr
+    assert not (workdir / "status.json").exists()
+
+
+def test_damage_found_at_runtime_stops_the_writes_and_says_what_to_do(workdir: Path) -> None:
+    db = workdir / "positiond.db"
+    positiond_db(db)
+    daemon = start(daemon_on(workdir, db))
+    pm = PositionPersistenceManager("damaged", endpoint=daemon.endpoint, ack_timeout=ACK_TIMEOUT)
+    try:
+        wait_for(lambda: status(daemon).get("healthy") is True, 5, "a healthy status.json")
+        smash_page(db, page_of(db, "strategy_sessions"))
+        # Another connection's commit: the daemon drops its page cache and reads the file again.
+        other = sqlite3.connect(db, isolation_level=None)
+        other.execute("CREATE TABLE scratch (x)")
+        other.close()
+        assert pm.start_session() is None  # needs the damaged page: not acknowledged
+        wait_for(lambda: status(daemon).get("storage_fault"), 10, "a storage fault")
+        fault = status(daemon)["storage_fault"]
+        assert "is damaged" in fault and "restore the latest backup" in fault, fault
+        assert status(daemon)["healthy"] is False
+        wait_for(lambda: "STORAGE FAILED" in daemon.output(), 5, "the log line")
+        assert daemon.output().count("STORAGE FAILED") == 1  # said once, not every retry
+    finally:
+        pm.close()
+        code = daemon.stop()
+    # Stopped with nothing written since: 3, like a damaged database at start (no restart).
+    assert code == 3, daemon.output()
+    assert "Traceback" not in daemon.output()
