@@ -16,6 +16,8 @@ import pytest
 from positiond.dbfile import (
     CorruptDatabase,
     DatabaseLocked,
+    DatabaseLost,
+    FileWatch,
     lock_database,
     lock_file_for,
 )
@@ -256,6 +258,27 @@ def test_the_lock_holds_the_file_whatever_name_reaches_it(workdir: Path, how: st
     finally:
         first.close()
     lock_database(other).close()  # free again once released
+
+
+async def test_a_commit_into_a_deleted_database_is_never_reported_written(workdir: Path) -> None:
+    db = workdir / "p.db"
+    held = lock_database(db, create=True)
+    store = await Store.open(db, watch=FileWatch(db, held.fd))
+    try:
+        await apply(store, start())
+        wal = db.with_name(db.name + "-wal")
+        assert store.watch is not None and store.watch.check() is None
+        wal.unlink()
+        with pytest.raises(DatabaseLost) as lost:
+            await apply(store, entry("ce"))  # committed into the unlinked WAL: not "written"
+        assert lost.value.lost.file == "wal"
+        assert "checkpointed" in await store.save(lost.value.lost)
+        db.unlink()
+        found = store.watch.check()
+        assert found is not None and found.file == "db"
+    finally:
+        await store.close()
+        held.close()
 
 
 async def test_a_damaged_database_is_refused_at_open(workdir: Path) -> None:

@@ -1,4 +1,4 @@
-"""The database file itself: who may write it, is it sound.
+"""The database file itself: who may write it, whether it is still the database, is it sound.
 
 **The lock.** One file can have several names: a symlink (to the file, or to a directory above
 it) and a hard link. A lock taken on ``<path as spelled>.lock`` let a second daemon run on the
@@ -16,6 +16,11 @@ this one function, so both follow the same rule.
 SQLite locks with ``fcntl`` (POSIX) locks, which Linux keeps apart from ``flock`` locks, but a
 process loses its POSIX locks on a file when it closes *any* descriptor of that file: the
 descriptor held here on the database must be closed only after SQLite's connection is.
+
+**The watch.** :class:`FileWatch` says whether the files SQLite has open are still the ones at
+the database's paths. A database unlinked or replaced while open keeps taking writes into a file
+nobody will find again; a WAL unlinked keeps them until the process ends. Checked after every
+commit (before its acks) and on a timer; each check is three ``stat`` calls and one ``fstat``.
 
 **Integrity.** A file that is not a database, or a damaged one, is refused at open with one line
 that says what to do (:func:`open_error`), after a time-bounded ``PRAGMA quick_check``.
@@ -35,7 +40,11 @@ __all__ = [
     "CorruptDatabase",
     "DatabaseLock",
     "DatabaseLocked",
+    "DatabaseLost",
+    "FileWatch",
+    "Lost",
     "StoreError",
+    "backup",
     "is_corruption",
     "lock_database",
     "lock_file_for",
@@ -123,6 +132,62 @@ def lock_database(db: Path, *, create: bool = False) -> DatabaseLock:
     return held
 
 
+def _identity(path: Path) -> Identity | None:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+@dataclass(frozen=True)
+class Lost:
+    """A file SQLite writes is no longer at its path: ``file`` is "db", "wal" or "shm"."""
+
+    file: str
+    message: str
+
+
+class FileWatch:
+    """Are the database, its ``-wal`` and its ``-shm`` still the files SQLite has open?
+
+    ``fd`` is a descriptor of the database (the lock's); :meth:`arm` records the WAL and
+    shared-memory files once SQLite has opened them.
+    """
+
+    def __init__(self, path: Path, fd: int) -> None:
+        self.path = path
+        self.fd = fd
+        real = path.resolve()  # SQLite names the WAL and -shm after the resolved path
+        self.wal = real.with_name(real.name + "-wal")
+        self.shm = real.with_name(real.name + "-shm")
+        st = os.fstat(fd)
+        self.db_identity: Identity = (st.st_dev, st.st_ino)
+        self.wal_identity: Identity | None = None
+        self.shm_identity: Identity | None = None
+
+    def arm(self) -> None:
+        """Record the WAL and -shm files (call after the connection has opened them)."""
+        self.wal_identity = _identity(self.wal)
+        self.shm_identity = _identity(self.shm)
+
+    def check(self) -> Lost | None:
+        """None while every file is in place; else which one is gone and what happened."""
+        if os.fstat(self.fd).st_nlink == 0:
+            return Lost("db", f"the database {self.path} was deleted while positiond had it open")
+        if _identity(self.path) != self.db_identity:
+            return Lost("db", f"the database {self.path} was deleted, moved or replaced while open")
+        for which, name, path, known in (
+            ("wal", "WAL", self.wal, self.wal_identity),
+            ("shm", "shared-memory file", self.shm, self.shm_identity),
+        ):
+            if known is not None and _identity(path) != known:
+                return Lost(
+                    which, f"the database's {name} {path} was deleted or replaced while open"
+                )
+        return None
+
+
 # ---- integrity --------------------------------------------------------------------------------
 
 _SQLITE_CORRUPT, _SQLITE_NOTADB = 11, 26
@@ -134,6 +199,18 @@ class StoreError(RuntimeError):
 
 class CorruptDatabase(StoreError):
     """The file is not a database, or SQLite found it damaged (SQLITE_NOTADB, SQLITE_CORRUPT)."""
+
+
+class DatabaseLost(StoreError):
+    """A file SQLite writes is no longer at its path (:meth:`FileWatch.check`).
+
+    Raised after a batch's commit and before its acks: what it wrote went into a file nobody
+    will find again, so nothing in it may be acknowledged.
+    """
+
+    def __init__(self, lost: Lost) -> None:
+        super().__init__(lost.message)
+        self.lost = lost
 
 
 def is_corruption(exc: BaseException) -> bool:
@@ -185,3 +262,16 @@ def quick_check(conn: sqlite3.Connection, seconds: float) -> None:
         conn.set_progress_handler(None, 0)
     if found != ["ok"]:
         raise CorruptDatabase("quick_check: " + "; ".join(" ".join(f.split()) for f in found))
+
+
+def backup(conn: sqlite3.Connection, target: Path) -> None:
+    """Copy the database ``conn`` reads to a new file ``target`` (0600; never overwrites)."""
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    os.close(fd)
+    dst = sqlite3.connect(target)
+    try:
+        conn.backup(dst)
+        # One self-contained file (no -wal beside it) to move into place; WAL again once opened.
+        dst.execute("PRAGMA journal_mode = DELETE")
+    finally:
+        dst.close()

@@ -40,6 +40,9 @@ from positiond.curve import ServerCurve, secure_server
 from positiond.dbfile import (
     DatabaseLock,
     DatabaseLocked,
+    DatabaseLost,
+    FileWatch,
+    Lost,
     is_corruption,
     lock_database,
     restore_advice,
@@ -71,6 +74,9 @@ EXTEND_STEP = 1.0
 EXTEND_BY = 3 * EXTEND_STEP
 # Without a systemd watchdog, health() calls a writer stalled for this long unhealthy.
 STALL_LIMIT = 30.0
+# How often an idle daemon checks that its database files are still in place (every commit
+# checks too, before its acks).
+WATCH_INTERVAL = 1.0
 
 
 class AlreadyRunning(RuntimeError):
@@ -158,8 +164,8 @@ class Daemon:
         self._stopping = False
         self._locks: list[IO[bytes]] = []
         self._db_lock: DatabaseLock | None = None
-        # Set for good when the database can no longer be written safely (damage found):
-        # nothing is written or acknowledged any more.
+        # Set for good when the database can no longer be written safely (its file deleted or
+        # replaced, damage found): nothing is written or acknowledged any more.
         self.storage_fault: str | None = None
         self._bad_log = _RateLimitedLog()
         self.is_ipc = config.endpoint.startswith("ipc://")
@@ -193,7 +199,10 @@ class Daemon:
             # would silently steal the endpoint from the first.
             lock = sock_path.with_name(sock_path.name + ".lock")
             self._locks.append(_lock(lock, f"endpoint {cfg.endpoint}"))
-        self.store = await Store.open(db, cfg.synchronous, busy_timeout=cfg.busy_timeout)
+        watch = FileWatch(db, self._db_lock.fd)
+        self.store = await Store.open(
+            db, cfg.synchronous, busy_timeout=cfg.busy_timeout, watch=watch
+        )
         sessions, legs = await self.store.load_live()
         self.engine.load(sessions, legs)
         if sessions:
@@ -233,6 +242,7 @@ class Daemon:
         self._drain_soon()  # anything that queued before the fd was watched
         self._tasks = [loop.create_task(self._tick_loop(), name="positiond-tick")]
         self._tasks.append(loop.create_task(self._monitor_loop(), name="positiond-monitor"))
+        self._tasks.append(loop.create_task(self._watch_loop(), name="positiond-watch"))
         self.reporter.path = status_file_for(sock_path)
         self.started = self.monotonic()
         self.progress = Progress(self.started)
@@ -359,8 +369,8 @@ class Daemon:
         now = self.monotonic()
         engine = self.engine
         if self.storage_fault is not None:
-            # Stopped on purpose, not stuck, and a restart would not repair the file: no watchdog
-            # kill; the health says UNHEALTHY and what to do (storage_failed).
+            # Stopped on purpose, not stuck, and a restart would not bring the data back nor repair
+            # the file: no watchdog kill; the health says UNHEALTHY and what to do.
             return True
         if not engine.pending_ops and not engine.batch_due(now):
             self.progress.idle(now)
@@ -554,7 +564,7 @@ class Daemon:
         assert self.store is not None
         engine = self.engine
         if self.storage_fault is not None:
-            return False  # nothing more goes into a damaged file
+            return False  # nothing more goes into a file that may not be the database
         batch = engine.take_batch(self.monotonic(), flush_updates=flush_updates)
         if not batch:
             self.progress.idle(self.monotonic())
@@ -564,6 +574,10 @@ class Daemon:
         try:
             results = await self.store.apply(batch)
             committed = True
+        except DatabaseLost as exc:
+            engine.requeue(batch)  # committed into a lost file: not one ack for it
+            self.storage_lost(exc.lost)
+            return False
         except (sqlite3.Error, OSError) as exc:
             engine.requeue(batch)
             if isinstance(exc, sqlite3.Error) and is_corruption(exc):
@@ -610,6 +624,47 @@ class Daemon:
             message,
         )
         self.reporter.publish()
+
+    def storage_lost(self, lost: Lost) -> None:
+        """A database file was deleted or replaced: stop, then save what the connection holds."""
+        if self.storage_fault is not None:
+            return
+        if lost.file == "db":
+            todo = "stop positiond, put the rescued copy named below in its place, start it"
+        else:
+            todo = "restart positiond once the line below says the WAL was checkpointed"
+        self.storage_failed(f"{lost.message}; {todo}")
+        if self._loop is not None and self.store is not None:
+            self._loop.create_task(self._save(self.store, lost), name="positiond-save")
+
+    async def _save(self, store: Store, lost: Lost) -> None:
+        try:
+            where = await store.save(lost)
+        except (sqlite3.Error, OSError) as exc:
+            log.critical(
+                "could not save what the open database holds (%s); while this process runs its "
+                "files are still readable under /proc/%d/fd",
+                exc,
+                os.getpid(),
+            )
+            return
+        log.critical("nothing acknowledged is lost: %s", where)
+        self.storage_fault = f"{self.storage_fault}; {where}"
+        self.reporter.publish()
+
+    async def _watch_loop(self) -> None:
+        """Between commits, too: an idle daemon must not report healthy on a deleted database."""
+        while True:
+            await asyncio.sleep(WATCH_INTERVAL)
+            store = self.store
+            if store is None or store.watch is None or self.storage_fault is not None:
+                continue
+            try:
+                lost = store.watch.check()
+            except OSError as exc:
+                lost = Lost("db", f"cannot check the database file: {exc}")
+            if lost is not None:
+                self.storage_lost(lost)
 
     # ---- time ----------------------------------------------------------------------------
 

@@ -13,6 +13,7 @@ import hmac
 import logging
 import os
 import sqlite3
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -21,7 +22,16 @@ import aiosqlite
 import orjson
 
 from positiond import recovery_store
-from positiond.dbfile import CorruptDatabase, StoreError, open_error, quick_check
+from positiond.dbfile import (
+    CorruptDatabase,
+    DatabaseLost,
+    FileWatch,
+    Lost,
+    StoreError,
+    backup,
+    open_error,
+    quick_check,
+)
 from positiond.ops import (
     CLIENT,
     LIVE_SESSION_STATUSES,
@@ -515,9 +525,10 @@ def prepare_file(path: Path) -> None:
 class Store:
     """The daemon's single writer connection. Open with :meth:`open`, close with :meth:`close`."""
 
-    def __init__(self, conn: aiosqlite.Connection, path: Path) -> None:
+    def __init__(self, conn: aiosqlite.Connection, path: Path, watch: FileWatch | None) -> None:
         self._conn = conn
         self.path = path
+        self.watch = watch
 
     @classmethod
     async def open(
@@ -526,13 +537,15 @@ class Store:
         synchronous: Synchronous = "NORMAL",
         busy_timeout: float = 5.0,
         *,
+        watch: FileWatch | None = None,
         check_seconds: float = INTEGRITY_CHECK_SECONDS,
     ) -> Store:
         """Open (creating and migrating as needed) the database at ``path``.
 
         ``busy_timeout``: how long a write waits for another connection's lock before the
-        batch fails (and is retried later, unacknowledged). A file that is not a database or
-        fails ``PRAGMA quick_check`` (given at most ``check_seconds``) raises
+        batch fails (and is retried later, unacknowledged). ``watch``: checked after every
+        commit, before the batch counts as written (:class:`DatabaseLost`). A file that is not
+        a database or fails ``PRAGMA quick_check`` (given at most ``check_seconds``) raises
         :class:`CorruptDatabase`; any other failure to open it, :class:`StoreError`.
         """
         prepare_file(path)
@@ -540,7 +553,7 @@ class Store:
             conn = await aiosqlite.connect(path, isolation_level=None)
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open the database {path}: {exc}") from None
-        store = cls(conn, path)
+        store = cls(conn, path, watch)
         try:
             await store.call(_setup, synchronous, int(busy_timeout * 1000), check_seconds)
         except (sqlite3.Error, CorruptDatabase) as exc:
@@ -549,6 +562,8 @@ class Store:
         except BaseException:
             await conn.close()
             raise
+        if watch is not None:
+            watch.arm()
         return store
 
     async def call(self, fn: Callable[..., T], *args: Any) -> T:
@@ -562,12 +577,29 @@ class Store:
         return result
 
     async def apply(self, batch: Batch) -> list[Result]:
-        """Commit a batch; one :class:`Result` per durable op. Raises on storage faults."""
-        return await self.call(apply_batch, batch)
+        """Commit a batch; one :class:`Result` per durable op. Raises on storage faults, and
+        :class:`DatabaseLost` when the files written are no longer the database's."""
+        return await self.call(_apply_watched, batch, self.watch)
 
     async def load_live(self) -> tuple[list[LiveSession], list[LegRow]]:
         """RUNNING sessions and their ACTIVE legs."""
         return await self.call(load_live)
+
+    async def save(self, lost: Lost) -> str:
+        """Keep what the open connection still holds after ``lost``; say where it went.
+
+        A WAL or -shm file gone: checkpoint the WAL into the database file, which is still in
+        place. The database file gone: copy the whole database (SQLite's online backup, read
+        through the open connection) to ``<db>.rescued-<time>`` beside the path.
+        """
+        if lost.file != "db":
+            busy = await self.call(_checkpoint)
+            if busy:
+                raise sqlite3.OperationalError("the checkpoint was blocked by a reader")
+            return f"the WAL was checkpointed into {self.path}"
+        target = self.path.with_name(f"{self.path.name}.rescued-{time.strftime('%Y%m%dT%H%M%S')}")
+        await self.call(backup, target)
+        return f"a copy of the database as this daemon still sees it is in {target}"
 
     async def close(self) -> None:
         """Checkpoint the WAL and close the connection.
@@ -588,6 +620,13 @@ class Store:
             await self._conn.close()
 
 
+def _apply_watched(conn: sqlite3.Connection, batch: Batch, watch: FileWatch | None) -> list[Result]:
+    results = apply_batch(conn, batch)
+    if watch is not None and (lost := watch.check()) is not None:
+        raise DatabaseLost(lost)
+    return results
+
+
 def _setup(
     conn: sqlite3.Connection, synchronous: Synchronous, busy_ms: int, check_seconds: float = 0.0
 ) -> None:
@@ -605,5 +644,7 @@ def _setup(
     migrate(conn)
 
 
-def _checkpoint(conn: sqlite3.Connection) -> None:
-    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+def _checkpoint(conn: sqlite3.Connection) -> bool:
+    """Copy the whole WAL into the database and empty it; True if a reader kept it busy."""
+    busy = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+    return bool(busy)

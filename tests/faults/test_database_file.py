@@ -5,6 +5,9 @@ Real daemon processes on real files:
 - a second daemon reaching the same database through a symlink or a hard link is refused, and
   the live session of the first goes on (it used to start and crash it: "did not return after
   daemon restart"); posctl's direct write sees the daemon's lock through any name too;
+- the database, its WAL or its -shm file deleted or replaced while the daemon runs: nothing is
+  acknowledged any more, the daemon says so (log, status.json) and keeps what was acknowledged
+  (the WAL checkpointed into the database, or a rescued copy of a deleted database);
 - a garbage, truncated or damaged file is refused at start with one line and exit code 3, and
   damage met at runtime stops the writes with the same advice instead of a silent retry loop.
 """
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sqlite3
 import subprocess
 from pathlib import Path
@@ -21,7 +25,7 @@ import pytest
 
 from positiond.schema import migrate
 from positiond_client import PositionPersistenceManager
-from tests.faults.support import start
+from tests.faults.support import integrity_ok, legs_by_key, start
 from tests.faults.test_storage import status
 from tests.helpers import UNIT, DaemonProcess, rows, session_status, wait_for
 from tests.test_ctl import posctl
@@ -112,6 +116,79 @@ def test_a_symlink_to_a_database_not_created_yet(workdir: Path) -> None:
         assert done.returncode == 1 and "already running on database" in done.stderr, done.stderr
     finally:
         assert first.stop() == 0, first.output()
+
+
+# ---- files deleted or replaced under a running daemon ---------------------------------------
+
+
+def replace_with_copy(path: Path) -> None:
+    copy = path.with_name(path.name + ".copy")
+    shutil.copyfile(path, copy)
+    os.replace(copy, path)  # same content, another file: writes to the old one are lost
+
+
+FAULT = {"": "the database {db} was", "-wal": "WAL {db}-wal", "-shm": "shared-memory file"}
+
+
+@pytest.mark.parametrize(
+    ("suffix", "how"),
+    [("", "deleted"), ("", "renamed"), ("", "replaced"), ("-wal", "deleted"), ("-shm", "deleted")],
+    ids=["db-deleted", "db-renamed", "db-replaced", "wal-deleted", "shm-deleted"],
+)
+def test_a_database_file_gone_under_the_daemon_stops_the_acks(
+    workdir: Path, suffix: str, how: str
+) -> None:
+    daemon = start(daemon_on(workdir, workdir / "positiond.db"))
+    target = daemon.db.with_name(daemon.db.name + suffix)
+    pm = PositionPersistenceManager("gone", endpoint=daemon.endpoint, ack_timeout=ACK_TIMEOUT)
+    try:
+        assert pm.start_session() is not None
+        acked = [f"before-{i}" for i in range(5)]
+        assert all(entry(pm, key) is not None for key in acked)
+        assert pm.sync(5)
+        assert target.exists()
+        if how == "deleted":
+            target.unlink()
+        elif how == "renamed":
+            target.rename(workdir / "moved.db")
+        else:
+            replace_with_copy(target)
+
+        # The next write is not acknowledged (it went to a file nobody will read again).
+        assert entry(pm, "after") is None
+        assert pm.sync(ACK_TIMEOUT) is False
+        wait_for(lambda: status(daemon).get("healthy") is False, 5, "status.json: unhealthy")
+        fault = status(daemon)["storage_fault"]
+        assert FAULT[suffix].format(db=daemon.db) in fault, fault
+        assert "STORAGE FAILED" in daemon.output()
+        health = posctl(daemon.db, daemon.endpoint, "status")
+        assert health.returncode == 1, health.stdout + health.stderr
+        if suffix == "":
+            wait_for(lambda: "nothing acknowledged is lost" in daemon.output(), 10, "the rescue")
+            (rescued,) = workdir.glob("positiond.db.rescued-*")
+            # Every acked leg (and maybe the unacked one: its client re-sends it anyway).
+            assert set(acked) <= set(legs_by_key(rescued)) <= {*acked, "after"}
+            integrity_ok(rescued)
+        else:
+            wait_for(lambda: "was checkpointed" in daemon.output(), 10, "the checkpoint")
+        assert entry(pm, "still-after") is None  # for good, not once
+    finally:
+        pm.close()
+    # What the issue saw: after a SIGKILL and a restart every acked leg was gone.
+    daemon.kill()
+    if suffix == "":  # the operator puts the rescued copy in place, as the log says
+        (rescued,) = workdir.glob("positiond.db.rescued-*")
+        for extra in ("-wal", "-shm"):
+            daemon.db.with_name(daemon.db.name + extra).unlink(missing_ok=True)
+        os.replace(rescued, daemon.db)
+    daemon.start()
+    try:
+        stored = legs_by_key(daemon.db)
+        assert set(acked) <= set(stored), sorted(stored)
+        assert all(stored[key]["entries"] == 1 for key in acked)
+    finally:
+        assert daemon.stop() == 0, daemon.output()
+    integrity_ok(daemon.db)
 
 
 # ---- broken files ---------------------------------------------------------------------------
