@@ -43,8 +43,10 @@ from positiond.dbfile import (
     DatabaseLost,
     FileWatch,
     Lost,
+    StoreError,
     is_corruption,
     lock_database,
+    open_error,
     restore_advice,
 )
 from positiond.engine import Engine
@@ -189,6 +191,8 @@ class Daemon:
             self._db_lock = lock_database(db, create=True)
         except DatabaseLocked:
             raise AlreadyRunning(f"another positiond is already running on database {db}") from None
+        except OSError as exc:  # a directory we may not create, a full or read-only disk
+            raise StoreError(f"cannot create or lock the database {db}: {exc}") from None
         sock_path = ipc_path(cfg.endpoint)
         if sock_path is not None:
             if sock_path.parent == runtime_dir():
@@ -203,7 +207,12 @@ class Daemon:
         self.store = await Store.open(
             db, cfg.synchronous, busy_timeout=cfg.busy_timeout, watch=watch
         )
-        sessions, legs = await self.store.load_live()
+        try:
+            sessions, legs = await self.store.load_live()
+        except sqlite3.Error as exc:  # damage the bounded quick_check did not reach
+            await self.store.close()
+            self.store = None
+            raise open_error(db, exc) from None
         self.engine.load(sessions, legs)
         if sessions:
             log.info(

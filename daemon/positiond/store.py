@@ -548,10 +548,10 @@ class Store:
         a database or fails ``PRAGMA quick_check`` (given at most ``check_seconds``) raises
         :class:`CorruptDatabase`; any other failure to open it, :class:`StoreError`.
         """
-        prepare_file(path)
         try:
+            prepare_file(path)
             conn = await aiosqlite.connect(path, isolation_level=None)
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, OSError) as exc:
             raise StoreError(f"cannot open the database {path}: {exc}") from None
         store = cls(conn, path, watch)
         try:

@@ -289,3 +289,13 @@ def test_damage_found_at_runtime_stops_the_writes_and_says_what_to_do(workdir: P
     # Stopped with nothing written since: 3, like a damaged database at start (no restart).
     assert code == 3, daemon.output()
     assert "Traceback" not in daemon.output()
+
+
+def test_a_database_that_cannot_be_created_is_one_line_and_exit_1(workdir: Path) -> None:
+    (workdir / "a-file").write_text("not a directory")
+    db = workdir / "a-file" / "positiond.db"
+    done = run_to_exit(daemon_on(workdir, db))
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+    (line,) = [x for x in done.stderr.splitlines() if "ERROR" in x]
+    assert f"cannot create or lock the database {db}" in line, line
