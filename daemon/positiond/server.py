@@ -639,9 +639,9 @@ class Daemon:
         if self.storage_fault is not None:
             return
         if lost.file == "db":
-            todo = "stop positiond, put the rescued copy named below in its place, start it"
+            todo = "positiond saves a copy: stop positiond, put the copy in its place, start it"
         else:
-            todo = "restart positiond once the line below says the WAL was checkpointed"
+            todo = "positiond checkpoints the WAL into the database: then restart it"
         self.storage_failed(f"{lost.message}; {todo}")
         if self._loop is not None and self.store is not None:
             self._loop.create_task(self._save(self.store, lost), name="positiond-save")

@@ -163,6 +163,9 @@ def test_a_database_file_gone_under_the_daemon_stops_the_acks(
         assert "STORAGE FAILED" in daemon.output()
         health = posctl(daemon.db, daemon.endpoint, "status")
         assert health.returncode == 1, health.stdout + health.stderr
+        said = " ".join(health.stdout.split())
+        assert "UNHEALTHY: the database" in said, said
+        assert FAULT[suffix].format(db=daemon.db) in said, said
         if suffix == "":
             wait_for(lambda: "nothing acknowledged is lost" in daemon.output(), 10, "the rescue")
             (rescued,) = workdir.glob("positiond.db.rescued-*")
