@@ -25,7 +25,7 @@ import pytest
 
 from positiond.schema import migrate
 from positiond_client import PositionPersistenceManager
-from tests.faults.support import integrity_ok, legs_by_key, start
+from tests.faults.support import integrity_ok, legs_by_key, reap, start
 from tests.faults.test_storage import status
 from tests.helpers import UNIT, DaemonProcess, rows, session_status, wait_for
 from tests.test_ctl import posctl
@@ -177,20 +177,21 @@ def test_a_database_file_gone_under_the_daemon_stops_the_acks(
         assert entry(pm, "still-after") is None  # for good, not once
     finally:
         pm.close()
-    # What the issue saw: after a SIGKILL and a restart every acked leg was gone.
-    daemon.kill()
+        # What the issue saw: after a SIGKILL and a restart every acked leg was gone.
+        reap(daemon)
     if suffix == "":  # the operator puts the rescued copy in place, as the log says
         (rescued,) = workdir.glob("positiond.db.rescued-*")
         for extra in ("-wal", "-shm"):
             daemon.db.with_name(daemon.db.name + extra).unlink(missing_ok=True)
         os.replace(rescued, daemon.db)
-    daemon.start()
+    start(daemon)
     try:
         stored = legs_by_key(daemon.db)
         assert set(acked) <= set(stored), sorted(stored)
         assert all(stored[key]["entries"] == 1 for key in acked)
     finally:
-        assert daemon.stop() == 0, daemon.output()
+        code = daemon.stop()
+    assert code == 0, daemon.output()
     integrity_ok(daemon.db)
 
 
