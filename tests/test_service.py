@@ -370,7 +370,7 @@ def test_service_unit_has_the_required_settings() -> None:
         "Type": "notify",
         "NotifyAccess": "main",
         "Restart": "on-failure",
-        "RestartPreventExitStatus": "2",
+        "RestartPreventExitStatus": "2 3",
         "User": "positiond",
         "Group": "positiond",
         "StateDirectory": "positiond",
@@ -527,3 +527,5 @@ def test_status_line_is_one_line_and_says_when_unhealthy() -> None:
     )
     assert "last flush never" in sick and "UNHEALTHY" in sick and "writes failing" in sick
     assert "\n" not in sick
+    lost = status_line(health | {"healthy": False, "storage_fault": "the database x was deleted"})
+    assert lost.endswith("; UNHEALTHY: the database x was deleted") and "\n" not in lost

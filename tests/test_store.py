@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import sqlite3
 import stat
 from collections.abc import AsyncIterator
@@ -12,6 +13,14 @@ from typing import Any
 import aiosqlite
 import pytest
 
+from positiond.dbfile import (
+    CorruptDatabase,
+    DatabaseLocked,
+    DatabaseLost,
+    FileWatch,
+    lock_database,
+    lock_file_for,
+)
 from positiond.ops import Batch, CrashOp, EndOp, EntryOp, ExitOp, Result, StartOp, SyncOp
 from positiond.schema import SCHEMA_VERSION, SchemaError
 from positiond.store import Store
@@ -220,3 +229,73 @@ async def test_only_the_token_holder_resumes_ends_or_crashes_a_session(store: St
     assert rows(store.path, "SELECT status FROM strategy_sessions")[0]["status"] == "RUNNING"
     (ok,) = await apply(store, start())
     assert ok.ok and ok.data["resumed"] is True
+
+
+# ---- the database file: its lock, its identity, its integrity ---------------------------------
+
+
+@pytest.mark.parametrize("how", ["symlink", "hard-link", "not-created-yet"])
+def test_the_lock_holds_the_file_whatever_name_reaches_it(workdir: Path, how: str) -> None:
+    db = workdir / "p.db"
+    other = workdir / "other.db"
+    if how == "not-created-yet":
+        other.symlink_to(db)  # dangling until the first lock creates the database
+        first = lock_database(other, create=True)
+        assert db.is_file() and stat.S_IMODE(db.stat().st_mode) == 0o600
+    else:
+        first = lock_database(db, create=True)
+        if how == "symlink":
+            other.symlink_to(db)
+        else:
+            os.link(db, other)  # another path, another lock file name: the inode is the same
+    try:
+        with pytest.raises(DatabaseLocked):
+            lock_database(other)
+        with pytest.raises(DatabaseLocked):
+            lock_database(db)
+        if how != "hard-link":
+            assert lock_file_for(other) == lock_file_for(db)
+    finally:
+        first.close()
+    lock_database(other).close()  # free again once released
+
+
+async def test_a_commit_into_a_deleted_database_is_never_reported_written(workdir: Path) -> None:
+    db = workdir / "p.db"
+    held = lock_database(db, create=True)
+    store = await Store.open(db, watch=FileWatch(db, held.fd))
+    try:
+        await apply(store, start())
+        wal = db.with_name(db.name + "-wal")
+        assert store.watch is not None and store.watch.check() is None
+        wal.unlink()
+        with pytest.raises(DatabaseLost) as lost:
+            await apply(store, entry("ce"))  # committed into the unlinked WAL: not "written"
+        assert lost.value.lost.file == "wal"
+        assert "checkpointed" in await store.save(lost.value.lost)
+        db.unlink()
+        found = store.watch.check()
+        assert found is not None and found.file == "db"
+    finally:
+        await store.close()
+        held.close()
+
+
+async def test_a_damaged_database_is_refused_at_open(workdir: Path) -> None:
+    db = workdir / "p.db"
+    db.write_bytes(b"not a database at all" * 1000)
+    with pytest.raises(CorruptDatabase, match=r"is damaged or not a database.*restore"):
+        await Store.open(db)
+
+
+async def test_the_integrity_check_at_open_is_bounded_in_time(
+    workdir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    db = workdir / "p.db"
+    opened = await Store.open(db)
+    await apply(opened, start(), *(entry(f"k{i}", state={"x": "y" * 2000}) for i in range(300)))
+    await opened.close()
+    # No time at all: the check stops at its first progress callback, and the open goes on.
+    reopened = await Store.open(db, check_seconds=1e-9)
+    await reopened.close()
+    assert "integrity check stopped" in caplog.text

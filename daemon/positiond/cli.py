@@ -1,9 +1,12 @@
 """``positiond`` command line: settings, logging, signals; runs the daemon until told to stop.
 
 Exit codes: 0 after a graceful stop (SIGTERM/SIGINT), 1 when the daemon cannot run (another
-instance holds the database or endpoint, a database from a newer version), 2 for an invalid
-setting or an unusable socket from systemd — found before anything is opened or bound. The
-systemd unit does not restart on 2 (``RestartPreventExitStatus=2``): a restart cannot fix it.
+instance holds the database or endpoint, a database from a newer version, a database it cannot
+open), 2 for an invalid setting or an unusable socket from systemd — found before anything is
+opened or bound, 3 for a database file that is damaged or not a database (restore the backup),
+or a stop after the daemon stopped writing for good (its database deleted, replaced or damaged).
+The systemd unit restarts on neither 2 nor 3 (``RestartPreventExitStatus=2 3``): a restart
+cannot fix them. Each failure is one line in the log, without a traceback.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from collections.abc import Mapping, Sequence
 
 from positiond.activation import ActivationError, Inherited, inherited_socket, matches
 from positiond.config import Config, ConfigError, Loaded, format_config, load
+from positiond.dbfile import CorruptDatabase, StoreError
 from positiond.logs import set_level, setup_logging
 from positiond.schema import SchemaError
 from positiond.server import AlreadyRunning, Daemon
@@ -26,7 +30,7 @@ __all__ = ["async_main", "main"]
 
 log = logging.getLogger("positiond")
 
-EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
+EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_DATABASE = 0, 1, 2, 3
 
 
 class _Reloader:
@@ -87,9 +91,15 @@ async def async_main(
         log.info("socket activation: listening socket %s from systemd", inherited.path)
     try:
         await daemon.run()
-    except (AlreadyRunning, SchemaError) as exc:
+    except CorruptDatabase as exc:
+        log.error("%s", exc)
+        return EXIT_DATABASE
+    except (AlreadyRunning, SchemaError, StoreError) as exc:
         log.error("%s", exc)
         return EXIT_FAILED
+    if daemon.storage_fault is not None:
+        log.error("stopped after a storage fault: %s", daemon.storage_fault)
+        return EXIT_DATABASE
     return EXIT_OK
 
 

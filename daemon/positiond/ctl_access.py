@@ -5,8 +5,8 @@ Reads open ``file:<db>?mode=ro`` in one read transaction (one consistent snapsho
 never block the daemon's writer), so they work whether or not the daemon runs.
 
 Changes are protocol messages (``resolve``, ``orphans``, ``prune``: the sessionless ones), checked
-with :func:`positiond_client.protocol.validate` either way. The daemon holds an flock on
-``<db>.lock`` while it runs:
+with :func:`positiond_client.protocol.validate` either way. The daemon holds the database's lock
+(:func:`positiond.dbfile.lock_database`, on the file whatever path names it) while it runs:
 
 - lock held: the daemon runs and is the only writer, so the messages go to it over ZeroMQ and
   each waits for its ack (no answer in time: :data:`EXIT_NO_ANSWER`);
@@ -23,7 +23,6 @@ not a wait for the timeout.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import getpass
 import os
 import socket
@@ -41,6 +40,7 @@ import zmq
 from rich.console import Console
 
 from positiond import store
+from positiond.dbfile import DatabaseLocked, lock_database, lock_file_for
 from positiond.ops import PRUNE_CHUNK, Batch, Op, OrphansOp, PruneOp, ResolveOp
 from positiond.schema import SCHEMA_VERSION, SchemaError
 from positiond_client.errors import ProtocolError
@@ -121,37 +121,30 @@ def open_readonly(db: Path) -> sqlite3.Connection:
 
 
 def lock_path(db: Path) -> Path:
-    """The file the daemon holds an flock on while it runs (see positiond.server)."""
-    return db.with_name(db.name + ".lock")
+    """The lock file of the database ``db`` leads to (:func:`positiond.dbfile.lock_database`)."""
+    return lock_file_for(db)
 
 
 @contextlib.contextmanager
 def _daemon_lock(db: Path) -> Iterator[bool]:
     """Try the daemon's lock: yields True while we hold it (no daemon), False if it is taken.
 
-    An operator who may not even open the lock (the daemon's user owns it, mode 0600) could not
-    write the database either: False, so the change goes to the daemon's socket.
+    The same lock the daemon takes, by the same rule (:func:`positiond.dbfile.lock_database`:
+    what the path leads to, whatever symlink or hard link spells it). An operator who may not
+    even open it (the daemon's user owns it, mode 0600) could not write the database either:
+    False, so the change goes to the daemon's socket.
     """
-    path = lock_path(db)
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    except PermissionError:
-        try:  # a read-only descriptor can be locked too
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except PermissionError:
-            yield False
-            return
+        held = lock_database(db)
+    except (DatabaseLocked, PermissionError):
+        yield False
+        return
     except OSError as exc:
-        raise CtlError(EXIT_UNREACHABLE, f"cannot open the lock {path}: {exc}") from None
+        raise CtlError(EXIT_UNREACHABLE, f"cannot lock {db}: {exc}") from None
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield False
-            return
-        yield True  # closing the descriptor releases the lock
+        yield True
     finally:
-        os.close(fd)
+        held.close()  # after _direct closed its connection: see positiond.dbfile
 
 
 @dataclass(frozen=True)

@@ -307,6 +307,7 @@ def cmd_status(ctl: Ctl, args: argparse.Namespace) -> int:
                       "status_file": str(path), "status": live})  # fmt: skip
         else:
             verdict = "healthy" if healthy else "UNHEALTHY" + (
+                f": {live['storage_fault']}" if live.get("storage_fault") else
                 "" if live.get("writes_ok", True) else ": database writes failing"
             )  # fmt: skip
             ctl.out.print(render.status_table(ctl.out, live, verdict))

@@ -37,6 +37,18 @@ from zmq.utils.monitor import parse_monitor_message
 
 from positiond.config import RELOADABLE, Config, changed
 from positiond.curve import ServerCurve, secure_server
+from positiond.dbfile import (
+    DatabaseLock,
+    DatabaseLocked,
+    DatabaseLost,
+    FileWatch,
+    Lost,
+    StoreError,
+    is_corruption,
+    lock_database,
+    open_error,
+    restore_advice,
+)
 from positiond.engine import Engine
 from positiond.notify import Notifier
 from positiond.status import Progress, Reporter, status_file_for, status_line, version
@@ -64,6 +76,9 @@ EXTEND_STEP = 1.0
 EXTEND_BY = 3 * EXTEND_STEP
 # Without a systemd watchdog, health() calls a writer stalled for this long unhealthy.
 STALL_LIMIT = 30.0
+# How often an idle daemon checks that its database files are still in place (every commit
+# checks too, before its acks).
+WATCH_INTERVAL = 1.0
 
 
 class AlreadyRunning(RuntimeError):
@@ -150,6 +165,10 @@ class Daemon:
         self._stopped = asyncio.Event()
         self._stopping = False
         self._locks: list[IO[bytes]] = []
+        self._db_lock: DatabaseLock | None = None
+        # Set for good when the database can no longer be written safely (its file deleted or
+        # replaced, damage found): nothing is written or acknowledged any more.
+        self.storage_fault: str | None = None
         self._bad_log = _RateLimitedLog()
         self.is_ipc = config.endpoint.startswith("ipc://")
         self.endpoint = config.endpoint
@@ -167,8 +186,13 @@ class Daemon:
         """Lock, open and migrate the database, load live sessions, bind, start the tasks."""
         cfg = self.config
         db = Path(cfg.db)
-        db.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self._locks.append(_lock(db.with_name(db.name + ".lock"), f"database {db}"))
+        try:
+            # Locked by what the path leads to (symlinks, hard links): see positiond.dbfile.
+            self._db_lock = lock_database(db, create=True)
+        except DatabaseLocked:
+            raise AlreadyRunning(f"another positiond is already running on database {db}") from None
+        except OSError as exc:  # a directory we may not create, a full or read-only disk
+            raise StoreError(f"cannot create or lock the database {db}: {exc}") from None
         sock_path = ipc_path(cfg.endpoint)
         if sock_path is not None:
             if sock_path.parent == runtime_dir():
@@ -179,8 +203,16 @@ class Daemon:
             # would silently steal the endpoint from the first.
             lock = sock_path.with_name(sock_path.name + ".lock")
             self._locks.append(_lock(lock, f"endpoint {cfg.endpoint}"))
-        self.store = await Store.open(db, cfg.synchronous, busy_timeout=cfg.busy_timeout)
-        sessions, legs = await self.store.load_live()
+        watch = FileWatch(db, self._db_lock.fd)
+        self.store = await Store.open(
+            db, cfg.synchronous, busy_timeout=cfg.busy_timeout, watch=watch
+        )
+        try:
+            sessions, legs = await self.store.load_live()
+        except sqlite3.Error as exc:  # damage the bounded quick_check did not reach
+            await self.store.close()
+            self.store = None
+            raise open_error(db, exc) from None
         self.engine.load(sessions, legs)
         if sessions:
             log.info(
@@ -219,6 +251,7 @@ class Daemon:
         self._drain_soon()  # anything that queued before the fd was watched
         self._tasks = [loop.create_task(self._tick_loop(), name="positiond-tick")]
         self._tasks.append(loop.create_task(self._monitor_loop(), name="positiond-monitor"))
+        self._tasks.append(loop.create_task(self._watch_loop(), name="positiond-watch"))
         self.reporter.path = status_file_for(sock_path)
         self.started = self.monotonic()
         self.progress = Progress(self.started)
@@ -296,13 +329,18 @@ class Daemon:
         if self.ctx is not None:
             self.ctx.term()
             self.ctx = None
-        if self.store is not None:
-            await self.store.close()
-            self.store = None
-        self.reporter.remove()
-        for handle in self._locks:
-            handle.close()
-        self._locks = []
+        try:
+            if self.store is not None:
+                await self.store.close()
+                self.store = None
+        finally:
+            self.reporter.remove()
+            if self._db_lock is not None:
+                self._db_lock.close()  # only now: SQLite's connection is closed (positiond.dbfile)
+                self._db_lock = None
+            for handle in self._locks:
+                handle.close()
+            self._locks = []
         log.info("positiond stopped")
         self.notifier.close()
         self._stopped.set()
@@ -339,6 +377,10 @@ class Daemon:
         """Did the writer commit or have nothing to do within :attr:`stall_limit`?"""
         now = self.monotonic()
         engine = self.engine
+        if self.storage_fault is not None:
+            # Stopped on purpose, not stuck, and a restart would not bring the data back nor repair
+            # the file: no watchdog kill; the health says UNHEALTHY and what to do.
+            return True
         if not engine.pending_ops and not engine.batch_due(now):
             self.progress.idle(now)
         return self.progress.stalled_for(now) < self.stall_limit
@@ -368,7 +410,8 @@ class Daemon:
             "last_flush_age": None if self.last_flush is None else round(wall - self.last_flush, 3),
             "writer_stalled": round(self.progress.stalled_for(now), 3),
             "writes_ok": self.healthy,
-            "healthy": self.healthy and progressing,
+            "storage_fault": self.storage_fault,
+            "healthy": self.healthy and progressing and self.storage_fault is None,
             "counters": dict(self.counters),
         }
 
@@ -498,6 +541,15 @@ class Daemon:
                 ok = False
             backoff = 0.0 if ok else min(max(backoff * 2, 0.05), 2.0)
             if not ok:
+                if stopping and self.storage_fault is not None:
+                    log.error(
+                        "stopping with %d durable message(s) and %d leg update(s) not written "
+                        "(none was acknowledged): %s",
+                        self.engine.pending_ops,
+                        self.engine.pending_updates,
+                        self.storage_fault,
+                    )
+                    return
                 if stopping:
                     give_up = give_up or time.monotonic() + SHUTDOWN_WRITE_TIMEOUT
                     if time.monotonic() > give_up:
@@ -520,6 +572,8 @@ class Daemon:
         """Commit what is due and send its replies; False (batch kept) on a storage fault."""
         assert self.store is not None
         engine = self.engine
+        if self.storage_fault is not None:
+            return False  # nothing more goes into a file that may not be the database
         batch = engine.take_batch(self.monotonic(), flush_updates=flush_updates)
         if not batch:
             self.progress.idle(self.monotonic())
@@ -529,8 +583,18 @@ class Daemon:
         try:
             results = await self.store.apply(batch)
             committed = True
+        except DatabaseLost as exc:
+            engine.requeue(batch)  # committed into a lost file: not one ack for it
+            self.storage_lost(exc.lost)
+            return False
         except (sqlite3.Error, OSError) as exc:
             engine.requeue(batch)
+            if isinstance(exc, sqlite3.Error) and is_corruption(exc):
+                self.storage_failed(
+                    f"the database {self.store.path} is damaged ({exc}); "
+                    f"{restore_advice(self.store.path)}"
+                )
+                return False
             if self.healthy:
                 log.error("database write failed, will retry (nothing acked): %s", exc)
             self.healthy = False
@@ -554,6 +618,62 @@ class Daemon:
             send(rid, payload)
         self._recheck()
         return True
+
+    # ---- storage faults ------------------------------------------------------------------
+
+    def storage_failed(self, message: str) -> None:
+        """Stop writing and acknowledging for good; say so loudly, in the log and the health."""
+        if self.storage_fault is not None:
+            return
+        self.storage_fault = message
+        self.healthy = False
+        log.critical(
+            "STORAGE FAILED, nothing is written or acknowledged any more (clients keep their "
+            "messages and re-send them to the next daemon): %s",
+            message,
+        )
+        self.reporter.publish()
+
+    def storage_lost(self, lost: Lost) -> None:
+        """A database file was deleted or replaced: stop, then save what the connection holds."""
+        if self.storage_fault is not None:
+            return
+        if lost.file == "db":
+            todo = "positiond saves a copy: stop positiond, put the copy in its place, start it"
+        else:
+            todo = "positiond checkpoints the WAL into the database: then restart it"
+        self.storage_failed(f"{lost.message}; {todo}")
+        if self._loop is not None and self.store is not None:
+            self._loop.create_task(self._save(self.store, lost), name="positiond-save")
+
+    async def _save(self, store: Store, lost: Lost) -> None:
+        try:
+            where = await store.save(lost)
+        except (sqlite3.Error, OSError) as exc:
+            log.critical(
+                "could not save what the open database holds (%s); while this process runs its "
+                "files are still readable under /proc/%d/fd",
+                exc,
+                os.getpid(),
+            )
+            return
+        log.critical("nothing acknowledged is lost: %s", where)
+        self.storage_fault = f"{self.storage_fault}; {where}"
+        self.reporter.publish()
+
+    async def _watch_loop(self) -> None:
+        """Between commits, too: an idle daemon must not report healthy on a deleted database."""
+        while True:
+            await asyncio.sleep(WATCH_INTERVAL)
+            store = self.store
+            if store is None or store.watch is None or self.storage_fault is not None:
+                continue
+            try:
+                lost = store.watch.check()
+            except OSError as exc:
+                lost = Lost("db", f"cannot check the database file: {exc}")
+            if lost is not None:
+                self.storage_lost(lost)
 
     # ---- time ----------------------------------------------------------------------------
 

@@ -17,8 +17,10 @@ a few of these belongs to a dead or hung daemon), ``uptime`` (seconds), ``endpoi
 ``db_size`` (bytes, database plus WAL), ``sessions`` (live), ``legs`` (open), ``pending_ops``
 (durable messages not committed yet), ``pending_updates`` (coalesced leg updates not written yet),
 ``last_flush_age`` (seconds since the last commit, null before the first), ``writer_stalled``
-(seconds since the writer last committed or had nothing to do), ``healthy`` (writes succeed and
-the writer is not stalled), ``counters``.
+(seconds since the writer last committed or had nothing to do), ``storage_fault`` (null, or why
+nothing is written or acknowledged any more: the database file was deleted or replaced, or is
+damaged; it says what to do), ``healthy`` (writes succeed, the writer is not stalled, no storage
+fault), ``counters``.
 """
 
 from __future__ import annotations
@@ -102,7 +104,10 @@ def status_line(health: dict[str, Any]) -> str:
         f"{health['pending_ops'] + health['pending_updates']} pending, "
         f"last flush {_ago(health['last_flush_age'])}"
     )
-    if not health["healthy"]:
+    fault = health.get("storage_fault")
+    if fault:
+        line += f"; UNHEALTHY: {fault}"
+    elif not health["healthy"]:
         line += f"; UNHEALTHY: writer stalled {health['writer_stalled']:.1f}s"
         if not health["writes_ok"]:
             line += ", database writes failing"

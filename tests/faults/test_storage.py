@@ -221,3 +221,41 @@ def test_read_only_database_files(workdir: Path) -> None:
             chattr("-i", *files)  # or the workdir cannot be removed
         reap(daemon)
     assert os.access(daemon.db, os.W_OK)
+
+
+def test_a_graceful_stop_on_a_full_disk_exits_cleanly_and_keeps_everything(workdir: Path) -> None:
+    # The final checkpoint copies the WAL into the database file, which needs room the disk no
+    # longer has. It used to end in a traceback, exit 1 and a status.json left behind.
+    with tiny_filesystem(workdir, "4m") as fs:
+        daemon = start_daemon(workdir, db=fs / "positiond.db")
+        pm = PositionPersistenceManager("full", endpoint=daemon.endpoint, ack_timeout=2.0)
+        filler: list[Path] = []
+        try:
+            assert pm.start_session() is not None
+            keys = [f"big-{i}" for i in range(6)]
+            for key in keys:
+                leg = pm.save_position_entry(
+                    symbol="NIFTY", entry_price=100.0, stop_price=90.0, quantity=75,
+                    position_key=key, state=BIG_STATE,
+                )  # fmt: skip
+                assert leg.position_id is not None
+            assert pm.sync(5)
+            wait_for(lambda: (daemon.workdir / "status.json").exists(), 5, "status.json")
+            filler.append(fill(fs))
+            code = daemon.stop()
+            output = daemon.output()
+            assert code == 0, output
+            assert "Traceback" not in output, output
+            (line,) = [x for x in output.splitlines() if "could not checkpoint" in x]
+            assert "database or disk is full" in line and "nothing is lost" in line, line
+            assert "positiond stopped" in output
+            assert not (daemon.workdir / "status.json").exists()
+        finally:
+            pm.close()
+            reap(daemon)
+            for f in filler:
+                f.unlink(missing_ok=True)
+        stored = legs_by_key(daemon.db)
+        assert set(keys) <= set(stored)
+        assert all(stored[key]["entries"] == 1 for key in keys)
+        integrity_ok(daemon.db)
