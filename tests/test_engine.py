@@ -7,7 +7,17 @@ from typing import Any
 import orjson
 
 from positiond.engine import Engine
-from positiond.ops import CrashOp, EntryOp, ExitOp, LegRow, Result, StallOp, StartOp, token_hash
+from positiond.ops import (
+    CrashOp,
+    EntryOp,
+    ExitOp,
+    LegRow,
+    LiveSession,
+    Result,
+    StallOp,
+    StartOp,
+    token_hash,
+)
 
 
 class Clock:
@@ -157,7 +167,10 @@ def test_own_crash_report_retires_the_session_so_a_later_disconnect_adds_nothing
 
 def test_restart_verdict_for_sessions_that_do_not_return() -> None:
     engine, clock = make(timeout=2.0)
-    sessions = [("s1", 1, "expiry_blast", token_hash(TOKEN), None), ("s2", 2, "other", None, None)]
+    sessions = [
+        LiveSession("s1", 1, "expiry_blast", token_hash(TOKEN), None),
+        LiveSession("s2", 2, "other", None, None),
+    ]
     engine.load(sessions, [LegRow("ce", "s1", 90.0, 1.0)])
     hb = {"v": 1, "session": "s1", "token": TOKEN, "type": "hb"}
     engine.receive(RID, hb, clock.now + 1, clock.now + 1)
@@ -264,7 +277,7 @@ def test_a_wrong_or_missing_token_is_refused_and_is_no_heartbeat() -> None:
 
 def test_a_loaded_session_proves_itself_with_the_token_whose_hash_is_stored() -> None:
     engine, clock = make()
-    engine.load([("s1", 1, "expiry_blast", token_hash(TOKEN), None)], [])
+    engine.load([LiveSession("s1", 1, "expiry_blast", token_hash(TOKEN), None)], [])
     bad = engine.receive(RID, {"v": 1, "session": "s1", "token": "1" * 32, "type": "hb"}, 0, 0)
     assert bad is not None and orjson.loads(bad)["code"] == "BAD_TOKEN"
     assert send(engine, clock, {"type": "hb"}) is None
@@ -286,6 +299,15 @@ def test_progress_deadline_marks_a_session_stalled_then_running_again() -> None:
     send(engine, clock, {"type": "hb"})
     engine.tick(clock.now)
     assert engine.take_batch(clock.now).ops == []  # reported once
+    send(engine, clock, {"type": "update", "key": "ce", "stop_price": 91.0})
+    (progress,) = engine.take_batch(clock.now).ops
+    assert isinstance(progress, StallOp) and not progress.stalled
+
+
+def test_a_session_stalled_before_a_restart_runs_again_at_its_next_update() -> None:
+    engine, clock = make(timeout=3.0)
+    stalled = LiveSession("s1", 1, "s", token_hash(TOKEN), 5.0, "STALLED")
+    engine.load([stalled], [LegRow("ce", "s1", 90.0, 1.0)])
     send(engine, clock, {"type": "update", "key": "ce", "stop_price": 91.0})
     (progress,) = engine.take_batch(clock.now).ops
     assert isinstance(progress, StallOp) and not progress.stalled

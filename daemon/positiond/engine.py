@@ -143,12 +143,17 @@ class Engine:
     def load(self, sessions: Iterable[LiveSession], legs: Iterable[LegRow]) -> None:
         """Adopt what the database says was live when the daemon last stopped.
 
-        Each RUNNING session gets one heartbeat timeout to come back from now on.
+        Each RUNNING session gets one heartbeat timeout to come back from now on; a STALLED one
+        is still stalled until its next update.
         """
         now = self.monotonic()
-        for key, sid, strategy, hashed, deadline in sessions:
-            session = Session(key, strategy, id=sid, confirmed=True, token_hash=hashed)
-            self._watch_progress(session, deadline, now)
+        for live in sessions:
+            key = live.key
+            session = Session(
+                key, live.strategy, id=live.id, confirmed=True, token_hash=live.token_hash
+            )
+            session.stalled = live.status == "STALLED"
+            self._watch_progress(session, live.progress_deadline, now)
             self.sessions[key] = session
             self.liveness.expect_return(key, now)
         for row in legs:
