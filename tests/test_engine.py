@@ -360,3 +360,22 @@ def test_a_session_stalled_before_a_restart_runs_again_at_its_next_update() -> N
     send(engine, clock, {"type": "update", "key": "ce", "stop_price": 91.0})
     (progress,) = engine.take_batch(clock.now).ops
     assert isinstance(progress, StallOp) and not progress.stalled
+
+
+def test_a_session_heartbeating_too_seldom_for_the_timeout_is_given_two_heartbeats() -> None:
+    engine, clock = make(timeout=3.0)
+    send(engine, clock, {"type": "start", "seq": 1, "strategy": "s", "heartbeat_interval": 2.5})
+    ((_, ack),) = engine.committed(engine.take_batch(clock.now), [Result(True, {"session_id": 1})])
+    assert orjson.loads(ack)["heartbeat_timeout"] == 5.0
+    run(engine, clock, 4.9)
+    assert engine.take_batch(clock.now).ops == []
+    run(engine, clock, 0.2)
+    (crash,) = engine.take_batch(clock.now).ops
+    assert isinstance(crash, CrashOp) and crash.payload["timeout"] == 5.0
+    # Announced often enough: the daemon's own timeout.
+    send(engine, clock, {"type": "start", "seq": 2, "strategy": "s", "heartbeat_interval": 0.5})
+    ((_, ack),) = engine.committed(engine.take_batch(clock.now), [Result(True, {"session_id": 1})])
+    assert orjson.loads(ack)["heartbeat_timeout"] == 3.0
+    # After a restart, the interval stored with the session counts the same way.
+    engine.load([LiveSession("s2", 2, "s", None, None, "RUNNING", 2.5)], [])
+    assert engine.liveness.timeout_for("s2") == 5.0

@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from positiond.engine import Engine
-from positiond.liveness import MAX_STEP, DaemonClock, Liveness, Verdict
+from positiond.liveness import MAX_STEP, MIN_HEARTBEATS, DaemonClock, Liveness, Verdict
 from positiond.ops import CrashOp, Result, StallOp
 from tests import conftest
 
@@ -51,6 +51,24 @@ def test_session_loaded_after_restart_expires_with_its_own_verdict() -> None:
     assert [(d.session_key, d.verdict) for d in live.expired(13.5)] == [
         ("back", Verdict.MISSED_HEARTBEATS)
     ]
+
+
+def test_a_session_with_a_slow_heartbeat_gets_two_of_its_intervals() -> None:
+    live = Liveness(1.0)
+    live.seen("slow", 0.0)
+    live.seen("fast", 0.0)
+    live.announce("slow", 2.0)
+    live.announce("fast", 0.25)  # the timeout already spans four of its heartbeats
+    assert (live.timeout_for("slow"), live.timeout_for("fast")) == (4.0, 1.0)
+    assert live.next_deadline() == 1.0
+    assert [d.session_key for d in live.expired(1.5)] == ["fast"]
+    assert live.expired(3.9) == []
+    (dead,) = live.expired(4.1)
+    assert (dead.session_key, dead.timeout) == ("slow", 4.0)
+    live.seen("again", 0.0)
+    live.announce("again", 2.0)
+    live.announce("again", None)  # re-announced without an interval: the timeout rules
+    assert live.timeout_for("again") == 1.0
 
 
 def test_forget_stops_watching_and_bad_timeout_is_refused() -> None:
@@ -179,10 +197,10 @@ def _iterate(
 
 @st.composite
 def _plans(draw: st.DrawFn) -> dict[str, Any]:
-    timeout = draw(st.floats(1.0, 5.0))
+    timeout = draw(st.floats(MIN_HEARTBEATS * 0.5, 5.0))
     clients = []
     for n in range(draw(st.integers(1, 4))):
-        interval = draw(st.floats(0.05, timeout / 2))
+        interval = draw(st.floats(0.05, 1.5 * timeout))
         deadline = draw(st.none() | st.floats(max(1.0, 2 * interval), 3 * timeout + 2))
         fate = draw(st.sampled_from(["healthy", "healthy", "hung", "killed"]))
         clients.append((interval, deadline, fate, draw(st.floats(0.0, 20.0)), n))
@@ -238,7 +256,7 @@ def test_a_daemon_pause_never_produces_a_verdict_and_real_deaths_are_still_found
         _commit(engine, sim)
         c.last_read = 0.0
         clients.append(c)
-    engine_timeouts = {c.key: engine.liveness.timeout for c in clients}
+    engine_timeouts = {c.key: engine.liveness.timeout_for(c.key) for c in clients}
     # Long enough at the end for every real death to be found.
     segments = [*plan["segments"], ("run", max(engine_timeouts.values()) + 1.0, 0.05)]
     blind = False

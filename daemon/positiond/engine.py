@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from positiond.liveness import DaemonClock, Liveness, Verdict
+from positiond.liveness import MIN_HEARTBEATS, DaemonClock, Liveness, Verdict
 from positiond.ops import (
     CLIENT,
     DISCONNECT,
@@ -168,6 +168,7 @@ class Engine:
             self._watch_progress(session, live.progress_deadline, now)
             self.sessions[key] = session
             self.liveness.expect_return(key, now)
+            self.liveness.announce(key, live.heartbeat_interval)
         for row in legs:
             owner = self.sessions.get(row.session_key)
             if owner is not None:
@@ -331,14 +332,18 @@ class Engine:
                 msg, "BAD_FIELD", f"session {key!r} belongs to strategy {session.strategy!r}"
             )
         interval = msg.get("heartbeat_interval")
-        if interval is not None and interval * 2 > self.liveness.timeout:
+        # A timeout shorter than a few of its heartbeats would declare it dead between two of
+        # them: such a session is given MIN_HEARTBEATS intervals instead (the ack says so).
+        self.liveness.announce(key, interval)
+        if interval is not None and interval * MIN_HEARTBEATS > self.liveness.timeout:
             log.warning(
-                "session %s (%s) heartbeats every %.2fs but the timeout is %.2fs: "
-                "it will be declared crashed whenever one heartbeat is late",
+                "session %s (%s) heartbeats every %gs, too seldom for the %gs heartbeat timeout: "
+                "it is given %gs instead",
                 key,
                 msg["strategy"],
                 interval,
                 self.liveness.timeout,
+                self.liveness.timeout_for(key),
             )
         peer = self.peers.get(rid)
         self._ops.append(
@@ -564,7 +569,7 @@ class Engine:
                 session,
                 dead.verdict.value,
                 reason,
-                {"last_seen": last_wall, "timeout": self.liveness.timeout},
+                {"last_seen": last_wall, "timeout": dead.timeout},
             )
         for key in self._progress_watch:
             session = self.sessions[key]
@@ -675,6 +680,7 @@ class Engine:
         session.id = res.data["session_id"]
         session.confirmed = True
         session.token = res.data.get("token") or session.token
+        res.data["heartbeat_timeout"] = self.liveness.timeout_for(session.key)
         for row in res.legs:
             if row.key not in self.legs:
                 self._add_leg(row, session)

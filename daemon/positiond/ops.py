@@ -48,6 +48,7 @@ class LiveSession(NamedTuple):
     token_hash: str | None
     progress_deadline: float | None
     status: str = "RUNNING"  # RUNNING or STALLED
+    heartbeat_interval: float | None = None  # as the client announced it
 
 
 def token_hash(token: str) -> str:

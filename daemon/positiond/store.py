@@ -485,8 +485,8 @@ def load_live(conn: sqlite3.Connection) -> tuple[list[LiveSession], list[LegRow]
     sessions = [
         LiveSession(*r)
         for r in conn.execute(
-            "SELECT session_key, id, strategy_name, token_hash, progress_deadline, status "
-            "FROM strategy_sessions WHERE status IN ('RUNNING', 'STALLED')"
+            "SELECT session_key, id, strategy_name, token_hash, progress_deadline, status, "
+            "heartbeat_interval FROM strategy_sessions WHERE status IN ('RUNNING', 'STALLED')"
         )
     ]
     legs = [
