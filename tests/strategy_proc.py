@@ -3,13 +3,19 @@
 It prints one JSON line (session id, leg keys) once its state is durably stored, then behaves
 as MODE says. Modes: ``hold`` (keep running, idle), ``busy SECONDS`` (burn CPU in pure Python,
 then end the session), ``raise`` (crash inside ``with pm.session()``), ``updates`` (keep
-sending updates; the newest stop is printed after every sync).
+sending updates; the newest stop is printed after every sync), ``stream HZ`` (send an update HZ
+times a second, like a strategy's main loop, and answer ``sync`` lines on stdin).
+In ``updates`` and ``stream`` modes every notice from the daemon (REVIVED, FENCED) is printed.
+``$STRATEGY_KEY_PREFIX`` prefixes the position keys (several strategies on one daemon).
 """
 
 from __future__ import annotations
 
 import json
+import os
+import queue
 import sys
+import threading
 import time
 
 from positiond_client import PositiondError, PositionPersistenceManager
@@ -17,8 +23,10 @@ from positiond_client import PositiondError, PositionPersistenceManager
 
 def main() -> None:
     endpoint, mode = sys.argv[1], sys.argv[2]
+    prefix = os.environ.get("STRATEGY_KEY_PREFIX", "")
+
     def notice(code: str, info: dict[str, object]) -> None:
-        if mode == "updates":  # the fencing test waits for these
+        if mode in ("updates", "stream"):  # the fencing and pause tests look for these
             print(json.dumps({"notice": code, "key": info.get("key")}), flush=True)
 
     pm = PositionPersistenceManager(
@@ -45,7 +53,7 @@ def main() -> None:
         entry_price=100.0,
         stop_price=90.0,
         quantity=75,
-        position_key="ce-1",
+        position_key=prefix + "ce-1",
     )
     pe = pm.save_position_entry(
         symbol="NIFTY28NOV2524000PE",
@@ -53,7 +61,7 @@ def main() -> None:
         entry_price=80.0,
         stop_price=72.0,
         quantity=75,
-        position_key="pe-1",
+        position_key=prefix + "pe-1",
     )
     closed = pm.save_position_entry(
         symbol="NIFTY28NOV2523900CE",
@@ -61,7 +69,7 @@ def main() -> None:
         entry_price=50.0,
         stop_price=45.0,
         quantity=75,
-        position_key="ce-closed",
+        position_key=prefix + "ce-closed",
     )
     pm.queue_position_update(
         ce, current_price=112.0, highest_price=112.0, stop_price=104.0, last_trail_level=2
@@ -87,6 +95,30 @@ def main() -> None:
             n += sum(i * i for i in range(1000))  # pure-Python work holding the GIL
         pm.end_session()
         print("DONE", flush=True)
+    elif mode == "stream":
+        period = 1.0 / float(sys.argv[3])
+        commands: queue.Queue[str] = queue.Queue()
+        threading.Thread(
+            target=lambda: [commands.put(line.strip()) for line in sys.stdin], daemon=True
+        ).start()
+        stop, sent = 104.0, 0
+        next_at = time.monotonic()
+        while True:
+            try:
+                command = commands.get(timeout=max(0.0, next_at - time.monotonic()))
+            except queue.Empty:
+                stop += 0.25
+                pm.queue_position_update(ce, current_price=stop + 8, stop_price=stop)
+                sent += 1
+                next_at += period
+                continue
+            if command == "sync":
+                try:
+                    synced = pm.sync(5.0)
+                except PositiondError as exc:
+                    print(json.dumps({"error": exc.code}), flush=True)
+                else:
+                    print(json.dumps({"synced": synced, "sent": sent}), flush=True)
     elif mode == "updates":
         stop = 104.0
         for line in sys.stdin:  # one command per line

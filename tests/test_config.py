@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 import subprocess
 import sys
@@ -10,7 +11,17 @@ from pathlib import Path
 
 import pytest
 
-from positiond.config import Config, ConfigError, format_config, from_args, load
+from positiond.config import (
+    CLIENT_HEARTBEAT_INTERVAL,
+    MIN_HEARTBEAT_TIMEOUT,
+    Config,
+    ConfigError,
+    format_config,
+    from_args,
+    load,
+)
+from positiond_client import PositionPersistenceManager
+from positiond_client.channel import Channel
 from positiond_client.paths import default_db_path, default_endpoint, ensure_private_dir
 from tests.helpers import DaemonProcess, wait_for
 
@@ -77,6 +88,29 @@ def test_bad_value_exits_2_before_binding(workdir: Path) -> None:
     assert result.returncode == 2
     assert "heartbeat_timeout" in result.stderr
     assert not (workdir / "p.db").exists()
+
+
+def test_a_heartbeat_timeout_shorter_than_two_client_heartbeats_is_refused(workdir: Path) -> None:
+    # 3.0 -> 0.4 used to be accepted, then every strategy flapped CRASHED / REVIVED.
+    assert CLIENT_HEARTBEAT_INTERVAL == 0.5 and MIN_HEARTBEAT_TIMEOUT == 1.0
+    assert from_args(["--heartbeat-timeout", "1"], {}, default_file=None).heartbeat_timeout == 1.0
+    for bad in ("0.99", "0.4", "nan"):
+        with pytest.raises(ConfigError, match=r"heartbeat_timeout: .* heartbeat every 0\.5s"):
+            from_args(["--heartbeat-timeout", bad], {}, default_file=None)
+    result = subprocess.run(
+        [sys.executable, "-m", "positiond", "--db", str(workdir / "p.db"),
+         "--endpoint", f"ipc://{workdir}/pd.sock", "--heartbeat-timeout", "0.4"],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert "heartbeat_timeout: 0.4 must be within [1, 3600]" in result.stderr
+    assert not (workdir / "p.db").exists()
+
+
+def test_the_minimum_timeout_follows_the_clients_default_heartbeat() -> None:
+    for cls in (PositionPersistenceManager, Channel):
+        default = inspect.signature(cls).parameters["heartbeat_interval"].default
+        assert default == CLIENT_HEARTBEAT_INTERVAL, cls
 
 
 def test_help_shows_every_flag_and_default() -> None:

@@ -7,7 +7,20 @@ from typing import Any
 import orjson
 
 from positiond.engine import Engine
-from positiond.ops import CrashOp, EntryOp, ExitOp, LegRow, Result, StallOp, StartOp, token_hash
+from positiond.liveness import MAX_STEP
+from positiond.ops import (
+    CrashOp,
+    EntryOp,
+    ExitOp,
+    LegRow,
+    LiveSession,
+    Result,
+    StallOp,
+    StartOp,
+    token_hash,
+)
+
+TICK = 0.05  # the daemon's tick interval
 
 
 class Clock:
@@ -16,6 +29,19 @@ class Clock:
 
     def __call__(self) -> float:
         return self.now
+
+
+def run(engine: Engine, clock: Clock, seconds: float) -> bool:
+    """Let the daemon run for ``seconds``, ticking as it does; True if any tick wanted a batch.
+
+    (One jump of the clock would be a gap in the daemon's own progress, which ages no one.)
+    """
+    due = False
+    end = clock.now + seconds
+    while clock.now < end - 1e-9:
+        clock.now = min(clock.now + TICK, end)
+        due = engine.tick(clock.now) or due
+    return due
 
 
 RID = b"peer-1"
@@ -119,10 +145,8 @@ def test_silent_session_is_crashed_with_its_pending_updates_written_first() -> N
     enter(engine, clock, "ce", 2)
     engine.take_batch(clock.now)
     send(engine, clock, {"type": "update", "key": "ce", "stop_price": 97.5, "last_trail_level": 3})
-    clock.now += 2.9
-    assert not engine.tick(clock.now)
-    clock.now += 0.2
-    assert engine.tick(clock.now)
+    assert not run(engine, clock, 2.9)
+    assert run(engine, clock, 0.2)
     batch = engine.take_batch(clock.now)
     (crash,) = batch.ops
     assert isinstance(crash, CrashOp)
@@ -157,12 +181,14 @@ def test_own_crash_report_retires_the_session_so_a_later_disconnect_adds_nothing
 
 def test_restart_verdict_for_sessions_that_do_not_return() -> None:
     engine, clock = make(timeout=2.0)
-    sessions = [("s1", 1, "expiry_blast", token_hash(TOKEN), None), ("s2", 2, "other", None, None)]
+    sessions = [
+        LiveSession("s1", 1, "expiry_blast", token_hash(TOKEN), None),
+        LiveSession("s2", 2, "other", None, None),
+    ]
     engine.load(sessions, [LegRow("ce", "s1", 90.0, 1.0)])
-    hb = {"v": 1, "session": "s1", "token": TOKEN, "type": "hb"}
-    engine.receive(RID, hb, clock.now + 1, clock.now + 1)
-    clock.now += 2.5
-    engine.tick(clock.now)
+    run(engine, clock, 1.0)
+    send(engine, clock, {"type": "hb"})
+    run(engine, clock, 1.5)
     (crash,) = engine.take_batch(clock.now).ops
     assert isinstance(crash, CrashOp)
     assert (crash.session_key, crash.source) == ("s2", "RESTART")
@@ -254,17 +280,16 @@ def test_a_wrong_or_missing_token_is_refused_and_is_no_heartbeat() -> None:
         msg: dict[str, Any] = {"v": 1, "session": "s1", "type": "hb"}
         if token:
             msg["token"] = token
-        clock.now += 1.0
+        run(engine, clock, 1.0)
         reply = engine.receive(b"intruder", msg, clock.now, clock.now)
         assert reply is not None and orjson.loads(reply)["code"] == "BAD_TOKEN"
-    clock.now += 1.1  # 3.1 s since the owner's last message: the intruder kept nothing alive
-    engine.tick(clock.now)
+    run(engine, clock, 1.1)  # 3.1 s since the owner's last message: the intruder kept nothing alive
     assert [type(op) for op in engine.take_batch(clock.now).ops] == [CrashOp]
 
 
 def test_a_loaded_session_proves_itself_with_the_token_whose_hash_is_stored() -> None:
     engine, clock = make()
-    engine.load([("s1", 1, "expiry_blast", token_hash(TOKEN), None)], [])
+    engine.load([LiveSession("s1", 1, "expiry_blast", token_hash(TOKEN), None)], [])
     bad = engine.receive(RID, {"v": 1, "session": "s1", "token": "1" * 32, "type": "hb"}, 0, 0)
     assert bad is not None and orjson.loads(bad)["code"] == "BAD_TOKEN"
     assert send(engine, clock, {"type": "hb"}) is None
@@ -277,14 +302,14 @@ def test_progress_deadline_marks_a_session_stalled_then_running_again() -> None:
     enter(engine, clock, "ce", 2)
     engine.take_batch(clock.now)
     for _ in range(6):  # heartbeats keep it alive, but no update comes: the main loop is stuck
-        clock.now += 1.0
+        run(engine, clock, 1.0)
         send(engine, clock, {"type": "hb"})
-        engine.tick(clock.now)
     (stall,) = engine.take_batch(clock.now).ops
     assert isinstance(stall, StallOp) and stall.stalled and stall.payload["legs"] == ["ce"]
-    clock.now += 10.0
-    send(engine, clock, {"type": "hb"})
-    engine.tick(clock.now)
+    assert stall.payload["last_progress"] == 1.7e9 + 1000.0
+    for _ in range(10):
+        run(engine, clock, 1.0)
+        send(engine, clock, {"type": "hb"})
     assert engine.take_batch(clock.now).ops == []  # reported once
     send(engine, clock, {"type": "update", "key": "ce", "stop_price": 91.0})
     (progress,) = engine.take_batch(clock.now).ops
@@ -297,8 +322,7 @@ def test_a_revival_is_logged_as_loudly_as_the_crash(caplog: Any) -> None:
     caplog.set_level(logging.INFO, logger="positiond.engine")
     engine, clock = make(timeout=3.0)
     started(engine, clock)
-    clock.now += 3.5
-    engine.tick(clock.now)
+    run(engine, clock, 3.5)  # silent for longer than the timeout, the daemon running
     engine.take_batch(clock.now)  # the verdict
     (crashed,) = [r for r in caplog.records if "crashed" in r.getMessage()]
     send(engine, clock, {"type": "start", "seq": 5, "strategy": "expiry_blast"})
@@ -343,3 +367,68 @@ def test_a_crash_the_strategy_reports_is_logged_once_it_took(caplog: Any) -> Non
         send(engine, clock, {"type": "crash", "seq": 3, "error_type": "KeyError", "message": ""})
         engine.committed(engine.take_batch(clock.now), [result])
     assert len([r for r in caplog.records if "crashed" in r.getMessage()]) == 1
+
+
+def test_a_daemon_pause_or_clock_jump_ages_no_one() -> None:
+    engine, clock = make(timeout=1.0)
+    send(engine, clock, {"type": "start", "seq": 1, "strategy": "s", "progress_deadline": 1.0})
+    engine.committed(engine.take_batch(clock.now), [Result(True, {"session_id": 1})])
+    enter(engine, clock, "ce", 2)
+    engine.take_batch(clock.now)
+    for pause in (1.1, 30.0, 3600.0):  # SIGSTOP of the daemon, a VM suspended, a stepped clock
+        run(engine, clock, 0.45)
+        clock.now += pause
+        # The tick may run before the queued messages are read: it must decide nothing.
+        engine.tick(clock.now)
+        assert engine.take_batch(clock.now).ops == []
+        send(engine, clock, {"type": "update", "key": "ce", "stop_price": 91.0})
+        run(engine, clock, 0.3)
+        assert engine.take_batch(clock.now).ops == []
+    assert "s1" in engine.sessions and engine.clock.gaps == 3
+
+
+def test_a_session_silent_since_before_a_pause_is_still_declared_dead() -> None:
+    engine, clock = make(timeout=1.0)
+    started(engine, clock)
+    run(engine, clock, 0.3)
+    send(engine, clock, {"type": "hb"})  # its last word
+    last_wall = clock.now  # send() passes the test clock as the wall clock too
+    run(engine, clock, 0.2)
+    clock.now += 60.0  # the daemon was stopped; the strategy hung meanwhile
+    resumed = clock.now
+    engine.tick(clock.now)
+    while "s1" in engine.sessions:
+        run(engine, clock, TICK)
+    # 0.8 s of its timeout were left, the gap counts MAX_STEP: dead within one tick of that.
+    assert clock.now - resumed <= 0.8 - MAX_STEP + TICK + 1e-6
+    (crash,) = engine.take_batch(clock.now).ops
+    assert isinstance(crash, CrashOp) and crash.source == "HEARTBEAT"
+    assert crash.payload["last_seen"] == last_wall  # the real time, not shifted by the pause
+
+
+def test_a_session_stalled_before_a_restart_runs_again_at_its_next_update() -> None:
+    engine, clock = make(timeout=3.0)
+    stalled = LiveSession("s1", 1, "s", token_hash(TOKEN), 5.0, "STALLED")
+    engine.load([stalled], [LegRow("ce", "s1", 90.0, 1.0)])
+    send(engine, clock, {"type": "update", "key": "ce", "stop_price": 91.0})
+    (progress,) = engine.take_batch(clock.now).ops
+    assert isinstance(progress, StallOp) and not progress.stalled
+
+
+def test_a_session_heartbeating_too_seldom_for_the_timeout_is_given_two_heartbeats() -> None:
+    engine, clock = make(timeout=3.0)
+    send(engine, clock, {"type": "start", "seq": 1, "strategy": "s", "heartbeat_interval": 2.5})
+    ((_, ack),) = engine.committed(engine.take_batch(clock.now), [Result(True, {"session_id": 1})])
+    assert orjson.loads(ack)["heartbeat_timeout"] == 5.0
+    run(engine, clock, 4.9)
+    assert engine.take_batch(clock.now).ops == []
+    run(engine, clock, 0.2)
+    (crash,) = engine.take_batch(clock.now).ops
+    assert isinstance(crash, CrashOp) and crash.payload["timeout"] == 5.0
+    # Announced often enough: the daemon's own timeout.
+    send(engine, clock, {"type": "start", "seq": 2, "strategy": "s", "heartbeat_interval": 0.5})
+    ((_, ack),) = engine.committed(engine.take_batch(clock.now), [Result(True, {"session_id": 1})])
+    assert orjson.loads(ack)["heartbeat_timeout"] == 3.0
+    # After a restart, the interval stored with the session counts the same way.
+    engine.load([LiveSession("s2", 2, "s", None, None, "RUNNING", 2.5)], [])
+    assert engine.liveness.timeout_for("s2") == 5.0

@@ -14,6 +14,7 @@ import socket
 import stat
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -262,12 +263,12 @@ def test_sighup_applies_the_safe_settings_and_names_the_rest(
         assert "heartbeat_timeout" in proc.output().rsplit("reload", 1)[1]
 
         _write_config(
-            config, workdir, heartbeat_timeout=0.5, db=str(workdir / "moved.db"), log_level="DEBUG"
+            config, workdir, heartbeat_timeout=1.0, db=str(workdir / "moved.db"), log_level="DEBUG"
         )
         proc.proc.send_signal(signal.SIGHUP)
         wait_for(lambda: "not applied" in proc.output(), 5, "the reload")
         out = proc.output()
-        assert "reload: heartbeat_timeout 600.0 -> 0.5" in out
+        assert "reload: heartbeat_timeout 600.0 -> 1.0" in out
         assert "reload: log_level INFO -> DEBUG" in out
         assert re.search(r"not applied .*: db \(running .*positiond\.db", out), out
         # The new heartbeat timeout is in force: this silent (but connected) session dies now,
@@ -275,6 +276,37 @@ def test_sighup_applies_the_safe_settings_and_names_the_rest(
         wait_for(lambda: session_status(workdir / "positiond.db", sid) == "CRASHED", 5, "crash")
     assert proc.stop() == 0
     assert not (workdir / "moved.db").exists()
+
+
+def test_sighup_refuses_a_heartbeat_timeout_the_clients_cannot_meet(
+    workdir: Path, procs: list[Proc]
+) -> None:
+    config = workdir / "positiond.toml"
+    _write_config(config, workdir, heartbeat_timeout=3.0)
+    proc = Proc(
+        [sys.executable, "-m", "positiond", "--config", str(config)], workdir / "log", _env()
+    )
+    procs.append(proc)
+    proc.wait_ready()
+    pm = PositionPersistenceManager("hb", endpoint=f"ipc://{workdir}/pd.sock", ack_timeout=5)
+    try:
+        sid = pm.start_session()  # heartbeats every 0.5 s
+        _write_config(config, workdir, heartbeat_timeout=0.4)
+        proc.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: "keeping the current settings" in proc.output(), 5, "the refusal")
+        refusal = proc.output().rsplit("reload", 1)[1]
+        assert "heartbeat_timeout: 0.4 must be within [1, 3600]" in refusal
+        assert "heartbeat every 0.5s" in refusal
+        # Still 3 s: the session is not declared dead between two of its heartbeats.
+        deadline = time.monotonic() + 2.0 * UNIT
+        while time.monotonic() < deadline:
+            assert pm.sync(1)
+        assert session_status(workdir / "positiond.db", sid) == "RUNNING"
+        assert "crashed" not in proc.output()
+        assert pm.end_session()
+    finally:
+        pm.close()
+    assert proc.stop() == 0
 
 
 # ---- status.json, STATUS=, socket mode ----------------------------------------------------

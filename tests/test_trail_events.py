@@ -25,7 +25,7 @@ from positiond_client.protocol import encode
 from tests.conftest import SOAK
 from tests.helpers import UNIT, DaemonProcess, rows, wait_for
 from tests.test_daemon import decode_reply
-from tests.test_engine import RID, enter, make, send, started
+from tests.test_engine import RID, enter, make, run, send, started
 
 # ---- the engine: the same rule as a flush ---------------------------------------------------
 
@@ -65,8 +65,7 @@ def _terminal(engine: Engine, clock: Any, how: str, carried: dict[str, Any]) -> 
     elif how == "end":
         send(engine, clock, {"type": "end", "seq": 9})
     elif how == "heartbeat":
-        clock.now += 3.5
-        engine.tick(clock.now)
+        run(engine, clock, 3.5)  # silent past the timeout, the daemon running
     else:
         engine.peer_gone(RID)
     (op,) = engine.take_batch(clock.now).ops
@@ -329,8 +328,7 @@ def test_with_failed_writes_the_trail_is_one_chain_ending_at_the_last_stop_sent(
         elif how == "end":
             send(engine, clock, {"type": "end", "seq": 99})
         elif how == "heartbeat":
-            clock.now += 3.5
-            engine.tick(clock.now)
+            run(engine, clock, 3.5)
         else:
             engine.peer_gone(RID)
     for _ in range(3):  # then everything still pending is written (no more faults)

@@ -24,13 +24,16 @@ from typing import Any
 
 import zmq
 
+from positiond.liveness import MIN_HEARTBEATS
 from positiond.schema import SCHEMA_VERSION
 from positiond.store import Synchronous
 from positiond_client.paths import default_db_path, default_endpoint
 from positiond_client.protocol import MAX_MESSAGE_BYTES, PROTOCOL_VERSION
 
 __all__ = [
+    "CLIENT_HEARTBEAT_INTERVAL",
     "DEFAULT_CONFIG_FILE",
+    "MIN_HEARTBEAT_TIMEOUT",
     "RELOADABLE",
     "Config",
     "ConfigError",
@@ -46,6 +49,10 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 SYNCHRONOUS = ("NORMAL", "FULL")
 DEFAULT_CONFIG_FILE = Path("/etc/positiond/positiond.toml")
 CONFIG_ENV = "POSITIOND_CONFIG"
+# The reference client heartbeats this often unless told otherwise (positiond_client).
+CLIENT_HEARTBEAT_INTERVAL = 0.5
+# A shorter timeout would declare every such client dead between two of its heartbeats.
+MIN_HEARTBEAT_TIMEOUT = MIN_HEARTBEATS * CLIENT_HEARTBEAT_INTERVAL
 # What SIGHUP can change in a running daemon; everything else needs a restart.
 RELOADABLE = frozenset({"log_level", "heartbeat_timeout", "flush_interval", "status_interval"})
 
@@ -86,7 +93,13 @@ class Config:
             raise ConfigError("endpoint", f"{self.endpoint!r} must start with ipc:// or tcp://")
         if self.endpoint.startswith("ipc://") and len(self.endpoint) - 6 > 107:
             raise ConfigError("endpoint", "ipc paths are limited to 107 characters")
-        _within("heartbeat_timeout", self.heartbeat_timeout, 0.05, 3600)
+        if not MIN_HEARTBEAT_TIMEOUT <= self.heartbeat_timeout <= 3600:  # also refuses NaN
+            raise ConfigError(
+                "heartbeat_timeout",
+                f"{self.heartbeat_timeout!r} must be within [{MIN_HEARTBEAT_TIMEOUT:g}, 3600]: "
+                f"clients heartbeat every {CLIENT_HEARTBEAT_INTERVAL:g}s, and a timeout shorter "
+                f"than {MIN_HEARTBEATS:g} of their heartbeats declares live strategies CRASHED",
+            )
         _within("flush_interval", self.flush_interval, 0.001, 3600)
         if self.log_level not in LOG_LEVELS:
             raise ConfigError("log_level", f"must be one of {', '.join(LOG_LEVELS)}")
@@ -185,7 +198,9 @@ SETTINGS: tuple[_Setting, ...] = (
         _float,
         _NUMBER,
         "SECONDS",
-        "declare a silent session CRASHED after this long (default: {})",
+        "declare a silent session CRASHED after this long, counting only time the daemon "
+        f"runs; at least {MIN_HEARTBEAT_TIMEOUT:g} ({MIN_HEARTBEATS:g} heartbeats of a client) "
+        "(default: {})",
     ),
     _Setting(
         "flush_interval",

@@ -3,6 +3,10 @@
 Plain Python with an injected clock and no I/O. The server feeds it decoded messages and peer
 events and carries out what it returns: replies to send now, a :class:`~positiond.ops.Batch` for
 the store, and replies to send once that batch has committed.
+
+Every ``now`` handed in is monotonic time; liveness and progress deadlines are judged on the
+daemon's observed time (:class:`~positiond.liveness.DaemonClock`), so a gap in the daemon's
+own progress (stopped, suspended, starved) never turns into a verdict.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from positiond.liveness import Liveness, Verdict
+from positiond.liveness import MIN_HEARTBEATS, DaemonClock, Liveness, Verdict
 from positiond.ops import (
     CLIENT,
     DISCONNECT,
@@ -60,8 +64,9 @@ class Session:
     token: str | None = None  # every message must carry it
     token_hash: str | None = None  # loaded from the database until the token is seen again
     progress_deadline: float | None = None
-    last_progress: float = 0.0  # monotonic time of its last entry/update/exit
+    last_progress: float = 0.0  # observed time of its last entry/update/exit
     stalled: bool = False
+    last_wall: float = 0.0  # wall time of its latest message (for the crash reason)
 
     def authentic(self, token: object) -> bool:
         """Does the message's token prove it comes from the session's own client?"""
@@ -122,7 +127,8 @@ def _clock_text(wall: float) -> str:
 class Engine:
     """In-memory model of live sessions and open legs, and the rules applied to each message.
 
-    ``monotonic`` drives liveness, ``wall`` stamps what is stored; both are injectable.
+    ``monotonic`` drives liveness (through the observed :attr:`clock`), ``wall`` stamps what is
+    stored; both are injectable.
     """
 
     def __init__(
@@ -134,6 +140,7 @@ class Engine:
         wall: Callable[[], float] = _time.time,
     ) -> None:
         self.liveness = Liveness(heartbeat_timeout)
+        self.clock = DaemonClock(monotonic())
         self.flush_interval = flush_interval
         self.monotonic = monotonic
         self.wall = wall
@@ -156,14 +163,25 @@ class Engine:
     def load(self, sessions: Iterable[LiveSession], legs: Iterable[LegRow]) -> None:
         """Adopt what the database says was live when the daemon last stopped.
 
-        Each RUNNING session gets one heartbeat timeout to come back from now on.
+        Each RUNNING session gets one heartbeat timeout to come back from now on; a STALLED one
+        is still stalled until its next update.
         """
-        now = self.monotonic()
-        for key, sid, strategy, hashed, deadline in sessions:
-            session = Session(key, strategy, id=sid, confirmed=True, token_hash=hashed)
-            self._watch_progress(session, deadline, now)
+        # Observation starts here: opening the database before was no gap in the daemon's
+        # progress, and nothing was watched yet.
+        self.clock = DaemonClock(self.monotonic())
+        now = self.clock.now()
+        wall = self.wall()
+        for live in sessions:
+            key = live.key
+            session = Session(
+                key, live.strategy, id=live.id, confirmed=True, token_hash=live.token_hash
+            )
+            session.stalled = live.status == "STALLED"
+            session.last_wall = wall
+            self._watch_progress(session, live.progress_deadline, now)
             self.sessions[key] = session
             self.liveness.expect_return(key, now)
+            self.liveness.announce(key, live.heartbeat_interval)
         for row in legs:
             owner = self.sessions.get(row.session_key)
             if owner is not None:
@@ -222,8 +240,10 @@ class Engine:
                 return self._error(
                     msg, "BAD_TOKEN", f"session {key!r} belongs to another client (wrong token)"
                 )
+            now = self.clock.observe(now)
             self.liveness.seen(key, now)
             self._heartbeats[key] = wall
+            session.last_wall = wall
             if session.rid != rid:
                 self._attach(session, rid)
             if kind == "update":
@@ -311,27 +331,32 @@ class Engine:
         self, session: Session | None, rid: bytes, msg: dict[str, Any], wall: float
     ) -> bytes | None:
         key = msg["session"]
-        now = self.monotonic()
+        now = self.clock.observe(self.monotonic())
         if session is None:
             # A token offered is checked against the stored hash when the start commits; a new
             # session gets a fresh one, sent back in the ack.
             session = Session(key, msg["strategy"], token=msg.get("token") or secrets.token_hex(16))
             self.sessions[key] = session
             self.liveness.seen(key, now)
+            session.last_wall = wall
             self._attach(session, rid)
         elif session.strategy != msg["strategy"]:
             return self._error(
                 msg, "BAD_FIELD", f"session {key!r} belongs to strategy {session.strategy!r}"
             )
         interval = msg.get("heartbeat_interval")
-        if interval is not None and interval * 2 > self.liveness.timeout:
+        # A timeout shorter than a few of its heartbeats would declare it dead between two of
+        # them: such a session is given MIN_HEARTBEATS intervals instead (the ack says so).
+        self.liveness.announce(key, interval)
+        if interval is not None and interval * MIN_HEARTBEATS > self.liveness.timeout:
             log.warning(
-                "session %s (%s) heartbeats every %.2fs but the timeout is %.2fs: "
-                "it will be declared crashed whenever one heartbeat is late",
+                "session %s (%s) heartbeats every %gs, too seldom for the %gs heartbeat timeout: "
+                "it is given %gs instead",
                 key,
                 msg["strategy"],
                 interval,
                 self.liveness.timeout,
+                self.liveness.timeout_for(key),
             )
         peer = self.peers.get(rid)
         self._ops.append(
@@ -549,12 +574,17 @@ class Engine:
     # ---- time ----------------------------------------------------------------------------
 
     def tick(self, now: float) -> bool:
-        """Declare expired sessions crashed; True when a batch is due (ops, or flush time)."""
+        """Declare expired sessions crashed; True when a batch is due (ops, or flush time).
+
+        ``now`` is monotonic; the deadlines are judged on the daemon's observed time.
+        """
+        raw = now
+        now = self.clock.observe(raw)
         for dead in self.liveness.expired(now):
             session = self.sessions.get(dead.session_key)
             if session is None:
                 continue
-            last_wall = self.wall() - (now - dead.last_seen)
+            last_wall = session.last_wall
             if dead.verdict is Verdict.NOT_RETURNED:
                 reason = "did not return after daemon restart"
             else:
@@ -563,7 +593,7 @@ class Engine:
                 session,
                 dead.verdict.value,
                 reason,
-                {"last_seen": last_wall, "timeout": self.liveness.timeout},
+                {"last_seen": last_wall, "timeout": dead.timeout},
             )
         for key in self._progress_watch:
             session = self.sessions[key]
@@ -575,7 +605,7 @@ class Engine:
                 and now - session.last_progress > deadline
             ):
                 session.stalled = True
-                last = self.wall() - (now - session.last_progress)
+                last = self.wall() - (raw - self.clock.raw(session.last_progress))
                 log.warning(
                     "session %s (%s) STALLED: no update for %.1fs with %d leg(s) open",
                     session.id, session.strategy, now - session.last_progress, len(session.legs),
@@ -707,6 +737,7 @@ class Engine:
                 session.id, session.strategy, len(revived.get("legs", ())),
                 revived.get("crash_timestamp"), revived.get("crash_reason"),
             )  # fmt: skip
+        res.data["heartbeat_timeout"] = self.liveness.timeout_for(session.key)
         for row in res.legs:
             if row.key not in self.legs:
                 self._add_leg(row, session)

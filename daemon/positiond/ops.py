@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 __all__ = [
     "PRUNE_CHUNK",
@@ -20,6 +20,7 @@ __all__ = [
     "ExitOp",
     "FencedOp",
     "LegRow",
+    "LiveSession",
     "Op",
     "OrphansOp",
     "PruneOp",
@@ -38,8 +39,18 @@ HEARTBEAT = "HEARTBEAT"  # missed heartbeats: the strategy may come back (REVIVE
 DISCONNECT = "DISCONNECT"  # its ipc connection dropped: the process exited
 RESTART = "RESTART"  # did not return after a daemon restart
 REVIVABLE = frozenset({HEARTBEAT, DISCONNECT, RESTART})
-# What the daemon loads at start for each live session: key, id, strategy, token hash, deadline.
-LiveSession = tuple[str, int, str, str | None, float | None]
+
+
+class LiveSession(NamedTuple):
+    """What the daemon loads at start for each session that was live when it last stopped."""
+
+    key: str
+    id: int
+    strategy: str
+    token_hash: str | None
+    progress_deadline: float | None
+    status: str = "RUNNING"  # RUNNING or STALLED
+    heartbeat_interval: float | None = None  # as the client announced it
 
 
 def token_hash(token: str) -> str:

@@ -6,7 +6,8 @@ Five tasks share the event loop:
   (pyzmq's one-await-per-message path is four times slower, and a cancelled ``recv`` can lose a
   message), decode, hand each message to the :class:`~positiond.engine.Engine`;
 - write: takes a batch from the engine, commits it in one call, then sends the acks;
-- tick: drives liveness verdicts and the flush interval;
+- tick: drives liveness verdicts (on the engine's observed clock, after reading what is
+  queued) and the flush interval;
 - monitor: turns a dropped ipc connection into "process exited" within milliseconds;
 - status: tells systemd how the daemon is doing (``STATUS=``, ``WATCHDOG=1`` while the writer
   makes progress, see :mod:`positiond.status`) and refreshes ``status.json``.
@@ -682,9 +683,16 @@ class Daemon:
             cfg = self.config  # SIGHUP may have changed it
             interval = max(0.005, min(0.05, cfg.flush_interval / 4, cfg.heartbeat_timeout / 10))
             await asyncio.sleep(interval)
+            # Judge only after reading what is queued: after a gap in the daemon's own progress
+            # (stopped, suspended, starved) the strategies' heartbeats wait in the socket.
+            self._read_queued()
             if self.engine.tick(self.monotonic()):
                 self._wake.set()
             self._recheck()  # cheap insurance against a missed edge of the fd
+
+    def _read_queued(self) -> None:
+        if self.sock is not None and int(self.sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
+            self._on_readable()
 
     # ---- process death -------------------------------------------------------------------
 

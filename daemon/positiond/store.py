@@ -507,10 +507,10 @@ def apply_batch(conn: sqlite3.Connection, batch: Batch) -> list[Result]:
 def load_live(conn: sqlite3.Connection) -> tuple[list[LiveSession], list[LegRow]]:
     """RUNNING/STALLED sessions and their ACTIVE legs, as the daemon found them at start."""
     sessions = [
-        (r[0], r[1], r[2], r[3], r[4])
+        LiveSession(*r)
         for r in conn.execute(
-            "SELECT session_key, id, strategy_name, token_hash, progress_deadline "
-            "FROM strategy_sessions WHERE status IN ('RUNNING', 'STALLED')"
+            "SELECT session_key, id, strategy_name, token_hash, progress_deadline, status, "
+            "heartbeat_interval FROM strategy_sessions WHERE status IN ('RUNNING', 'STALLED')"
         )
     ]
     legs = [
