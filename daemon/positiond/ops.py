@@ -19,6 +19,7 @@ __all__ = [
     "FencedOp",
     "LegRow",
     "Op",
+    "OrphanResolveOp",
     "OrphansOp",
     "PruneOp",
     "QueryOp",
@@ -149,6 +150,18 @@ class OrphansOp(_Operator):
 
 
 @dataclass(slots=True)
+class OrphanResolveOp(_Operator):
+    """An operator's decision about one recorded orphan (broker_orphans.id)."""
+
+    orphan_id: int
+    action: str  # acknowledge, adopt, close
+    time: float
+    reason: str
+    strategy: str | None = None  # adopt: who takes it over
+    adopt_session: int | None = None  # adopt: that strategy's session, if one is named
+
+
+@dataclass(slots=True)
 class PruneOp(_Operator):
     before: float
 
@@ -172,6 +185,7 @@ Op = (
     | QueryOp
     | ResolveOp
     | OrphansOp
+    | OrphanResolveOp
     | PruneOp
     | FencedOp
     | StallOp

@@ -131,8 +131,19 @@ ALTER TABLE strategy_sessions ADD COLUMN token_hash TEXT;
 ALTER TABLE strategy_sessions ADD COLUMN progress_deadline REAL;
 """
 
+# Orphans an operator resolved: ACKNOWLEDGED (known, leave it), ADOPTED (a named strategy took
+# it over), CLOSED (squared off at the broker), with when, who, why. Only additions.
+_V4 = """
+INSERT INTO position_statuses VALUES ('ACKNOWLEDGED'), ('ADOPTED');
+ALTER TABLE broker_orphans ADD COLUMN resolved_at TEXT;
+ALTER TABLE broker_orphans ADD COLUMN resolved_by TEXT;
+ALTER TABLE broker_orphans ADD COLUMN resolution_reason TEXT;
+ALTER TABLE broker_orphans ADD COLUMN adopted_by TEXT;      -- 'expiry_blast' or '... (session 42)'
+CREATE INDEX broker_orphans_status ON broker_orphans(status);
+"""
+
 # Index i holds the script that takes the schema from version i to i + 1.
-_MIGRATIONS: list[str] = [_V1, _V2, _V3]
+_MIGRATIONS: list[str] = [_V1, _V2, _V3, _V4]
 SCHEMA_VERSION = len(_MIGRATIONS)
 
 
