@@ -81,8 +81,12 @@ Table = Callable[[Console], list[RenderableType]]
 CRASH = {"strategy_name": "expiry_blast_weekly", "session_id": 4321,
          "crash_timestamp": "2025-11-28T04:10:22.123Z", "crash_reason": "process exited",
          "client_host": "trading-box-01", "client_pid": 4321, "legs": LEGS}  # fmt: skip
-VERDICT = {"verdict": "MISMATCH", "broker_quantity": -937, "known_quantity": -1875,
-           "reason": "broker net -937, positiond knows -1875 (-1875 in crashed legs): review"}
+VERDICT = {
+    "verdict": "MISMATCH",
+    "broker_quantity": -937,
+    "known_quantity": -1875,
+    "reason": "broker net -937, positiond knows -1875 (-1875 in crashed legs): review",
+}
 ORPHAN = {"id": 1077, "symbol": "FINNIFTY28NOV2523500PE", "exchange": "NFO", "product": "NRML",
           "broker_quantity": -40125, "known_quantity": 0, "status": "ORPHANED",
           "detected_at": "2025-11-28T04:20:00.000Z", "detected_by": "posctl alice@trading-box-01",
@@ -93,31 +97,38 @@ SESSION = {"id": 4321, "strategy_name": "expiry_blast_weekly", "status": "CRASHE
            "crash_timestamp": "2025-11-28T04:10:22.123Z", "crash_reason": "missed heartbeats",
            "open_legs": 0, "crashed_legs": 1875, "all_legs": 99999,
            "client_host": "trading-box-01", "client_pid": 123456}  # fmt: skip
-EVENT = {"id": 98765, "event_time": "2025-11-28T04:00:22.123Z", "event_type": "TRAIL_UPDATE",
-         "session_id": 4321, "payload": {"stop_price": [300.5, 344.3], "price": 1234567.5}}
+EVENT = {
+    "id": 98765,
+    "event_time": "2025-11-28T04:00:22.123Z",
+    "event_type": "TRAIL_UPDATE",
+    "session_id": 4321,
+    "payload": {"stop_price": [300.5, 344.3], "price": 1234567.5},
+}
 
+
+def attention(c: Console) -> list[RenderableType]:
+    review = leg(5, SYMBOLS[0], status="NEEDS_REVIEW", review_reason=VERDICT["reason"])
+    stranded = leg(6, SYMBOLS[1], status="ACTIVE", session_status="COMPLETED")
+    data = {"crashes": [CRASH], "needs_review": [review], "open_in_finished": [stranded],
+            "orphans": [ORPHAN]}  # fmt: skip
+    return render.attention_tables(c, data)
+
+
+def positions(c: Console) -> list[RenderableType]:
+    closed = leg(3, SYMBOLS[0], status="CLOSED", exit_reason="CLOSED_AT_BROKER")
+    return [render.positions_table(c, [*LEGS, closed])]
+
+
+# table -> (what to render, the numbers that must appear whole, at least how many times each)
 CASES: dict[str, tuple[Table, list[str], int]] = {
     "crashed": (lambda c: render.crashed_tables(c, [CRASH]), NUMBERS, 2),
-    "attention": (
-        lambda c: render.attention_tables(c, {
-            "crashes": [CRASH],
-            "needs_review": [leg(5, SYMBOLS[0], status="NEEDS_REVIEW",
-                                 review_reason=VERDICT["reason"])],
-            "open_in_finished": [leg(6, SYMBOLS[1], status="ACTIVE",
-                                     session_status="COMPLETED")],
-            "orphans": [ORPHAN],
-        }),  # fmt: skip
-        ["1875", "344.30", "2.5", "-40125", "#1077"],
-        1,
+    "attention": (attention, ["1875", "344.30", "2.5", "-40125", "#1077"], 1),
+    "positions": (positions, NUMBERS, 3),
+    "sessions": (
+        lambda c: [render.sessions_table(c, [SESSION] * 2)],
+        ["4321", "0/1875/99999", "123456"],
+        2,
     ),
-    "positions": (
-        lambda c: [render.positions_table(c, [*LEGS, leg(3, SYMBOLS[0], status="CLOSED",
-                   exit_reason="CLOSED_AT_BROKER")])],  # fmt: skip
-        NUMBERS,
-        3,
-    ),
-    "sessions": (lambda c: [render.sessions_table(c, [SESSION] * 2)], ["4321", "0/1875/99999",
-                 "123456"], 2),  # fmt: skip
     "events": (lambda c: [render.events_table(c, LEGS[0], [EVENT] * 2)], ["98765", "4321"], 2),
     "verify": (
         lambda c: [render.verify_table(c, [VERDICT | {"leg": x} for x in LEGS])],

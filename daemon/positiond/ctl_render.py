@@ -204,23 +204,26 @@ def _blocks(
     if caption:
         parts.append(Text(caption))
     room = max(width - INDENT, 20)
+    wrapper = Console(width=room)
     for row in cells:
         head = row[0].copy()
         head.stylize("bold")
         parts.append(head)
+        lines: list[Text] = []
         line = Text()
         for col, cell in zip(cols[1:], row[1:], strict=True):
             pair = Text.assemble((col.name, "dim"), " ", cell)
-            pair.no_wrap = False
             if line.plain and len(line) + 2 + len(pair) > room:
-                parts.append(Text(" " * INDENT) + line)
+                lines.append(line)
                 line = Text()
             if line.plain:
                 line.append("  ")
             line.append_text(pair)
         if line.plain:
+            lines.append(line)
+        for full in lines:
             # A pair longer than the line (a long reason) wraps at spaces under the indent.
-            for piece in line.wrap(Console(width=room), room, overflow="fold"):
+            for piece in full.wrap(wrapper, room, overflow="fold"):
                 parts.append(Text(" " * INDENT) + piece)
     return Group(*parts)
 
@@ -323,7 +326,7 @@ _STRANDED = [
 
 REVIEW_TITLE = "needs review — flagged for a human (posctl resolve LEG --closed | --resume)"
 STRANDED_TITLE = "open in a finished session — its owner can never exit it"
-ORPHANS_TITLE = "unresolved orphans — broker positions no leg explains (posctl resolve-orphan ID)"
+ORPHANS_TITLE = "unresolved orphans — broker positions no leg explains (posctl resolve-orphan)"
 
 
 def attention_tables(out: Console, data: Row) -> list[RenderableType]:
@@ -479,8 +482,7 @@ def _resolution(o: Row) -> Text:
 
 
 _ORPHAN_RECORDS = [
-    Col("id", lambda o: _text(f"#{o['id']}"), "num"),
-    Col("symbol", lambda o: _text(o["symbol"], "bold")),
+    Col("orphan", lambda o: Text(f"#{o['id']} {o['symbol']}"), "wrap"),
     Col("exch prod", lambda o: _text(f"{o['exchange']} {o['product']}"), "wrap"),
     Col("broker", lambda o: _text(o["broker_quantity"]), "num"),
     Col("positiond", lambda o: _text(o["known_quantity"]), "num"),
