@@ -4,33 +4,28 @@ Only presentation lives here; what is shown comes from the commands. Every data 
 in :class:`rich.text.Text`, so a symbol or a crash reason holding ``[...]`` is printed as it is,
 never read as markup.
 
-A table never truncates a value. Each column is a number (right-aligned, never wrapped), a short
-text (never wrapped either: symbols, statuses), free text that wraps at spaces (reasons, times)
-or an identifier that may fold anywhere (position keys, shown after the leg's ``#id``). The
-widths are computed here, not left to rich (whose last resort cuts every column evenly): numbers
-and short texts get their full width, free text and identifiers share what is left down to a
-floor. When even that does not fit the terminal, the table folds into one block per record
-(``label value`` pairs that wrap between pairs, never inside a number). ``--json`` has
-everything, always.
+Each table is a list of columns (:class:`positiond.ctl_layout.Col`: a number, a short text, free
+text or an identifier); :func:`positiond.ctl_layout.layout` fits them to the terminal without
+ever cutting a value, or folds the rows into blocks. Legs are named ``#id key``: the short id
+first (posctl takes it wherever it asks for a LEG). ``--json`` has everything, always.
 """
 
 from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any
 
 import orjson
-from rich import box
 from rich.console import Console, Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
+from positiond.ctl_layout import Col, Row, layout
+
 __all__ = [
-    "Col",
     "actions_table",
     "attention_tables",
     "console",
@@ -42,7 +37,6 @@ __all__ = [
     "positions_table",
     "price",
     "prune_table",
-    "render_rows",
     "resolve_table",
     "sessions_table",
     "status_table",
@@ -60,15 +54,6 @@ STATUS_STYLE = {
 }
 # Piped into a file or a pager, 80 columns would fold every table into blocks.
 PIPE_WIDTH = 160
-# Free text keeps at least this many columns (or its longest word, if longer) in a table.
-WRAP_FLOOR = 12
-# An identifier (a position key) folds anywhere, down to this many columns.
-FOLD_FLOOR = 14
-# A block's continuation lines are indented by this much.
-INDENT = 4
-
-Row = Mapping[str, Any]
-Kind = Literal["num", "text", "wrap", "fold"]
 
 
 def console(stderr: bool = False) -> Console:
@@ -111,141 +96,6 @@ def _text(value: Any, style: str = "") -> Text:
 
 def _status(value: str) -> Text:
     return Text(value, style=STATUS_STYLE.get(value, ""))
-
-
-@dataclass(frozen=True)
-class Col:
-    """One column: its header, how a row shows in it, and how it may be laid out."""
-
-    name: str
-    cell: Callable[[Row], Text]
-    kind: Kind = "text"  # num: right-aligned, whole; text: whole; wrap: at spaces; fold: anywhere
-
-
-def _longest_word(text: Text) -> int:
-    return max((len(w) for w in text.plain.split()), default=0)
-
-
-def _widths(cols: Sequence[Col], cells: list[list[Text]], room: int) -> list[int] | None:
-    """Content width of each column so the table fits ``room``; None when it cannot."""
-    natural = [
-        max([len(col.name), *(max((len(line) for line in c[i].plain.splitlines()), default=0)
-                              for c in cells)])
-        for i, col in enumerate(cols)
-    ]  # fmt: skip
-    floor = list(natural)
-    for i, col in enumerate(cols):
-        # A header wraps like free text: its longest word is what it needs.
-        header = max((len(w) for w in col.name.split()), default=0)
-        if col.kind == "wrap":
-            longest = max([_longest_word(c[i]) for c in cells] + [header])
-            floor[i] = min(natural[i], max(WRAP_FLOOR, longest))
-        elif col.kind == "fold":
-            floor[i] = min(natural[i], max(FOLD_FLOOR, header))
-    if sum(floor) > room:
-        return None
-    widths = list(floor)
-    spare = room - sum(widths)
-    # Give the spare room to the flexible columns, the narrowest first, up to their natural width.
-    while spare > 0:
-        short = [i for i in range(len(cols)) if widths[i] < natural[i]]
-        if not short:
-            break
-        narrowest = min(widths[i] for i in short)
-        for i in short:
-            if widths[i] == narrowest and spare > 0:
-                widths[i] += 1
-                spare -= 1
-    return widths
-
-
-def _overhead(n: int) -> int:
-    """Columns a table of n columns spends on padding and separators (see _build)."""
-    return 2 * n - 1 if n else 0
-
-
-def _build(
-    cols: Sequence[Col], cells: list[list[Text]], widths: Sequence[int], title: str | None,
-    caption: str | None,
-) -> Table:  # fmt: skip
-    table = Table(
-        title=Text(title, style="bold") if title else None,
-        caption=Text(caption) if caption else None,
-        title_justify="left",
-        caption_justify="left",
-        header_style="bold",
-        box=box.SIMPLE_HEAD,
-        show_edge=False,
-        pad_edge=False,
-        padding=(0, 1),
-        collapse_padding=True,
-    )
-    justify: Literal["left", "right"]
-    for col, width in zip(cols, widths, strict=True):
-        justify = "right" if col.kind == "num" else "left"
-        table.add_column(
-            col.name, justify=justify, width=width, no_wrap=col.kind in ("num", "text"),
-            overflow="fold",
-        )  # fmt: skip
-    for row in cells:
-        table.add_row(*row)
-    return table
-
-
-def _blocks(
-    cols: Sequence[Col], cells: list[list[Text]], width: int, title: str | None,
-    caption: str | None,
-) -> Group:  # fmt: skip
-    """One block per record: the first column on its own line, then ``label value`` pairs packed
-    onto indented lines; a line breaks between pairs, so no number is ever split."""
-    parts: list[RenderableType] = []
-    if title:
-        parts.append(Text(title, style="bold"))
-    if caption:
-        parts.append(Text(caption))
-    room = max(width - INDENT, 20)
-    wrapper = Console(width=room)
-    for row in cells:
-        head = row[0].copy()
-        head.stylize("bold")
-        parts.append(head)
-        lines: list[Text] = []
-        line = Text()
-        for col, cell in zip(cols[1:], row[1:], strict=True):
-            pair = Text.assemble((col.name, "dim"), " ", cell)
-            if line.plain and len(line) + 2 + len(pair) > room:
-                lines.append(line)
-                line = Text()
-            if line.plain:
-                line.append("  ")
-            line.append_text(pair)
-        if line.plain:
-            lines.append(line)
-        for full in lines:
-            # A pair longer than the line (a long reason) wraps at spaces under the indent.
-            for piece in full.wrap(wrapper, room, overflow="fold"):
-                parts.append(Text(" " * INDENT) + piece)
-    return Group(*parts)
-
-
-def _table(
-    out: Console, cols: Sequence[Col], rows: Sequence[Row], title: str | None = None,
-    caption: str | None = None,
-) -> RenderableType:  # fmt: skip
-    """The rows as a table that fits the console, or as blocks when no table can."""
-    cells = [[col.cell(row) for col in cols] for row in rows]
-    widths = _widths(cols, cells, out.width - _overhead(len(cols)))
-    if widths is None:
-        return _blocks(cols, cells, out.width, title, caption)
-    return _build(cols, cells, widths, title, caption)
-
-
-def render_rows(
-    out: Console, cols: Sequence[Col], rows: Sequence[Row], title: str | None = None,
-    caption: str | None = None,
-) -> RenderableType:  # fmt: skip
-    """Public form of the layout for other posctl modules' own columns."""
-    return _table(out, cols, rows, title, caption)
 
 
 def _leg_name(leg: Row) -> Text:
@@ -294,7 +144,7 @@ def _crash_title(crash: Row) -> tuple[str, str]:
 
 def crashed_tables(out: Console, crashes: Sequence[Row]) -> list[RenderableType]:
     """One table per crash: when, why, and every leg with its levels for a manual exit."""
-    return [_table(out, _CRASHED, c["legs"], *_crash_title(c)) for c in crashes]
+    return [layout(out, _CRASHED, c["legs"], *_crash_title(c)) for c in crashes]
 
 
 _REVIEW = [
@@ -333,9 +183,9 @@ def attention_tables(out: Console, data: Row) -> list[RenderableType]:
     """Everything that needs a human, in groups: crashes, reviews, stranded legs, orphans."""
     shown = crashed_tables(out, data["crashes"])
     if data["needs_review"]:
-        shown.append(_table(out, _REVIEW, data["needs_review"], REVIEW_TITLE))
+        shown.append(layout(out, _REVIEW, data["needs_review"], REVIEW_TITLE))
     if data["open_in_finished"]:
-        shown.append(_table(out, _STRANDED, data["open_in_finished"], STRANDED_TITLE))
+        shown.append(layout(out, _STRANDED, data["open_in_finished"], STRANDED_TITLE))
     if data["orphans"]:
         shown.append(orphan_records_table(out, data["orphans"], ORPHANS_TITLE))
     return shown
@@ -357,7 +207,7 @@ _SESSIONS = [
 
 
 def sessions_table(out: Console, sessions: Sequence[Row]) -> RenderableType:
-    return _table(out, _SESSIONS, sessions)
+    return layout(out, _SESSIONS, sessions)
 
 
 def exit_note(leg: Row) -> str:
@@ -387,7 +237,7 @@ _POSITIONS = [
 
 
 def positions_table(out: Console, legs: Sequence[Row]) -> RenderableType:
-    return _table(out, _POSITIONS, legs)
+    return layout(out, _POSITIONS, legs)
 
 
 def _details(kind: str, payload: Any) -> str:
@@ -428,7 +278,7 @@ def events_table(out: Console, leg: Row, events: Sequence[Row]) -> RenderableTyp
     )
     if leg.get("exit_reason"):
         title += f" ({exit_note(leg)})"
-    return _table(out, _EVENTS, events, title)
+    return layout(out, _EVENTS, events, title)
 
 
 _VERDICTS = [
@@ -447,7 +297,7 @@ _VERDICTS = [
 
 def verify_table(out: Console, verdicts: Sequence[Row]) -> RenderableType:
     """One row per crashed leg: the broker's net and positiond's for its instrument, verdict."""
-    return _table(out, _VERDICTS, verdicts, "crashed legs against the broker's positionbook")
+    return layout(out, _VERDICTS, verdicts, "crashed legs against the broker's positionbook")
 
 
 def actions_table(out: Console, actions: Mapping[str, str]) -> RenderableType:
@@ -455,7 +305,7 @@ def actions_table(out: Console, actions: Mapping[str, str]) -> RenderableType:
     cols = [Col("leg", lambda r: _text(r["key"]), "fold"),
             Col("done", lambda r: _text(r["done"]), "wrap")]  # fmt: skip
     rows = [{"key": k, "done": v} for k, v in actions.items()]
-    return _table(out, cols, rows, "applied")
+    return layout(out, cols, rows, "applied")
 
 
 _ORPHANS = [
@@ -470,7 +320,7 @@ _ORPHANS = [
 def orphans_table(out: Console, orphans: Sequence[Row]) -> RenderableType:
     """The orphans a verification found (not yet recorded: no id)."""
     title = "orphans: broker positions no leg positiond knows explains"
-    return _table(out, _ORPHANS, orphans, title)
+    return layout(out, _ORPHANS, orphans, title)
 
 
 def _resolution(o: Row) -> Text:
@@ -496,13 +346,13 @@ def orphan_records_table(
     out: Console, orphans: Sequence[Row], title: str = "orphans"
 ) -> RenderableType:
     """Recorded orphans (broker_orphans rows) with their id, resolution and who decided."""
-    return _table(out, _ORPHAN_RECORDS, orphans, title)
+    return layout(out, _ORPHAN_RECORDS, orphans, title)
 
 
 def resolve_table(out: Console, legs: Sequence[Row], title: str) -> RenderableType:
     """The legs a bulk resolve is about to change (or changed)."""
     cols = [c for c in _POSITIONS if c.name not in ("highest", "last", "entry")]
-    return _table(out, cols, legs, title)
+    return layout(out, cols, legs, title)
 
 
 def _size(n: int) -> str:
@@ -520,7 +370,7 @@ def _pairs(out: Console, pairs: Iterable[tuple[str, Any]], title: str) -> Group:
     """A heading over a two-column table of names and values."""
     rows = [{"k": k, "v": v} for k, v in pairs]
     cols = [Col("", lambda r: _text(r["k"])), Col("", lambda r: _text(r["v"]), "wrap")]
-    table = _table(out, cols, rows)
+    table = layout(out, cols, rows)
     if isinstance(table, Table):
         table.show_header = False
     return Group(Text(title, style="bold"), table)
