@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from positiond.config import ConfigError
-from positiond.ctl_access import who
+from positiond.ctl_access import CtlError, open_readonly, who
 from positiond.ctl_locate import locate
 from positiond.schema import migrate
 from positiond_client import PositionPersistenceManager
@@ -338,3 +338,23 @@ def test_posctl_reads_the_services_database_not_a_stray_one_in_home(
     assert run.returncode == 0 and str(stray) in run.stdout.splitlines()[0]
     bad = posctl_env("--config", str(workdir / "missing.toml"), "crashed", env=env)
     assert bad.returncode == 2 and "missing.toml" in bad.stderr
+
+
+def test_a_service_directory_this_user_cannot_read_is_named_not_skipped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """StateDirectoryMode=0700: an operator who is not root or positiond cannot read it. posctl
+    must say so, not fall back to a database of its own. (Permissions are simulated: the tests
+    may run as root, for whom every directory is readable.)"""
+    state = tmp_path / "var-lib"
+    state.mkdir()
+    empty_db(tmp_path / "xdg" / "positiond" / "positiond.db")  # the stray one
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, m: Path(p) != state and real_access(p, m))
+    env = {"XDG_STATE_HOME": str(tmp_path / "xdg"), "POSCTL_SYSTEM_STATE_DIR": str(state),
+           "POSCTL_SYSTEM_CONFIG": str(tmp_path / "none.toml")}  # fmt: skip
+    found = locate(None, None, None, env)
+    assert found.db == state / "positiond.db" and "not readable by this user" in found.db_source
+    with pytest.raises(CtlError) as refused:
+        open_readonly(found.db)
+    assert refused.value.exit_code == 3 and "not readable by this user" in refused.value.message

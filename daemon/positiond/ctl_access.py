@@ -92,6 +92,13 @@ def _uri(db: Path, mode: str) -> str:
 def open_readonly(db: Path) -> sqlite3.Connection:
     """A read-only connection inside one read transaction; CtlError(3) when it cannot be read."""
     if not db.is_file():
+        parent = db.parent
+        if parent.is_dir() and not os.access(parent, os.R_OK | os.X_OK):
+            raise CtlError(
+                EXIT_UNREACHABLE,
+                f"cannot read {db}: {parent} is not readable by this user "
+                "(run posctl as root or as the daemon's user, or use --db)",
+            )
         raise CtlError(EXIT_UNREACHABLE, f"no database at {db} (use --db or POSITIOND_DB)")
     try:
         conn = sqlite3.connect(_uri(db, "ro"), uri=True, timeout=5, isolation_level=None)
