@@ -23,9 +23,11 @@ from rich.text import Text
 __all__ = ["Col", "Kind", "Row", "layout"]
 
 # Free text keeps at least this many columns (or its longest word, if longer) in a table.
-WRAP_FLOOR = 12
+WRAP_FLOOR = 10
 # An identifier (a position key) folds anywhere, down to this many columns.
-FOLD_FLOOR = 14
+FOLD_FLOOR = 10
+# A table row may wrap a cell over at most this many lines (roughly); else blocks.
+MAX_LINES = 3
 # A block's continuation lines are indented by this much.
 INDENT = 4
 
@@ -76,6 +78,12 @@ def _widths(cols: Sequence[Col], cells: list[list[Text]], room: int) -> list[int
             if widths[i] == narrowest and spare > 0:
                 widths[i] += 1
                 spare -= 1
+    # A row several lines tall is harder to read than a block: wrap, but not too much.
+    for i in range(len(cols)):
+        if widths[i] < natural[i] and any(
+            -(-len(c[i].plain) // widths[i]) > MAX_LINES for c in cells
+        ):
+            return None
     return widths
 
 

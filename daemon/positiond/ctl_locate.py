@@ -98,7 +98,7 @@ def locate(
             db_source += ", not readable by this user: run posctl as root or positiond"
     else:
         db_path = default_db_path({k: v for k, v in env.items() if k != "POSITIOND_DB"})
-        db_source = "this user's default; no service state directory at " + str(state)
+        db_source = f"this user's default: no {state}"
     if endpoint is not None:
         ep, ep_source = endpoint, "--endpoint"
     elif (source := layer("endpoint")) is not None:
