@@ -168,7 +168,7 @@ def test_orphans_are_listed_and_resolved_with_who_and_why(
         assert daemon.stop() == 0
     via = "daemon" if daemon_running else "direct"
 
-    fin, bn = str(ids[FIN]), str(ids[BN])
+    fin, bn = f"#{ids[FIN]}", str(ids[BN])  # as the table shows it, or plain
     code, data = ctl_json(daemon, "resolve-orphan", fin, "--acknowledge", "--note", "my hedge")
     assert (code, data["via"], data["result"]["status"]) == (0, via, "ACKNOWLEDGED")
     record = orphan(daemon, ids[FIN])

@@ -83,6 +83,14 @@ def since(text: str) -> str:
     return iso(when.astimezone().timestamp())  # a naive time is local time
 
 
+def record_id(text: str) -> int:
+    """``12`` or ``#12`` (as the tables show it) -> 12."""
+    digits = text[1:] if text.startswith("#") else text
+    if not digits.isdigit() or int(digits) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an id like 12 or #12")
+    return int(digits)
+
+
 # ---- command line --------------------------------------------------------------------------
 
 Command = Callable[[Ctl, argparse.Namespace], int]
@@ -218,7 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--all", action="store_true", help="also the resolved ones")
     sub.add_argument("--limit", type=int, default=200, help="at most the newest N (200)")
     sub = add("resolve-orphan", cmd_resolve_orphan)
-    sub.add_argument("orphan_id", type=int, metavar="ID", help="the orphan's id (posctl orphans)")
+    sub.add_argument(
+        "orphan_id", type=record_id, metavar="ID", help="its id: 12 or #12 (posctl orphans)"
+    )
     decision = sub.add_mutually_exclusive_group(required=True)
     decision.add_argument(
         "--acknowledge", action="store_true", help="known and intended: stop reporting it"
