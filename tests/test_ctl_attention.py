@@ -250,8 +250,8 @@ def test_version() -> None:
 @pytest.mark.parametrize(
     ("args", "expected"),
     [(("sessions",), 0), (("--json", "positions"), 0), (("crashed",), 1),
-     (("--json", "crashed"), 1)],
-    ids=["sessions", "positions-json", "crashed", "crashed-json"],
+     (("--json", "crashed"), 1), (("--help",), 0)],
+    ids=["sessions", "positions-json", "crashed", "crashed-json", "help"],
 )  # fmt: skip
 def test_a_closed_pipe_keeps_the_exit_code_and_prints_no_traceback(
     daemon: DaemonProcess, strategies: list[Strategy], args: tuple[str, ...], expected: int

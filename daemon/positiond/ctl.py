@@ -298,11 +298,10 @@ class PipeSafe(io.TextIOBase):
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run posctl; return its exit code."""
-    args = build_parser().parse_args(argv)
     real_stdout = sys.stdout
-    sys.stdout = PipeSafe(real_stdout)
+    sys.stdout = PipeSafe(real_stdout)  # --help and --version print too
     try:
-        return _run(args)
+        return _run(build_parser().parse_args(argv))
     finally:
         sys.stdout.flush()
         sys.stdout = real_stdout
