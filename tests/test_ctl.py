@@ -158,7 +158,9 @@ def test_crashed_lists_each_crash_with_its_legs_and_levels(
     assert (code, data["count"], len(data["crashes"])) == (1, 2, 1)
     code, data = ctl_json(daemon, "crashed", "--strategy", "no_such_strategy")
     assert (code, data["count"]) == (0, 0)
-    assert ctl(daemon, "crashed", "--strategy", "no_such_strategy").stdout.startswith("No crashed")
+    quiet = ctl(daemon, "crashed", "--strategy", "no_such_strategy").stdout.splitlines()
+    assert quiet[0] == f"database: {daemon.db} (--db)"  # always says which database it read
+    assert quiet[1].startswith("Nothing needs attention for strategy 'no_such_strategy'")
     code, data = ctl_json(daemon, "crashed", "--since", "1h")
     assert (code, data["count"]) == (1, 3)
     code, data = ctl_json(daemon, "crashed", "--since", "2999-01-01")
@@ -468,8 +470,8 @@ def test_help_documents_every_command_and_the_exit_codes(workdir: Path) -> None:
     for text in ("exit codes:", "0  done", "1  attention", "2  usage", "3  database",
                  "4  the daemon runs but did not answer", "5  refused"):  # fmt: skip
         assert text in top.stdout, text
-    commands = ("crashed", "sessions", "positions", "events", "verify", "resolve", "prune",
-                "status")  # fmt: skip
+    commands = ("crashed", "attention", "sessions", "positions", "events", "verify", "resolve",
+                "orphans", "resolve-orphan", "prune", "status")  # fmt: skip
     for command in commands:
         assert command in top.stdout
         sub = posctl(db, endpoint, command, "--help")

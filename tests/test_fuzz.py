@@ -68,14 +68,14 @@ FUZZ = settings(
 SESSIONS = ["fz-a", "fz-b", "fz-c"]
 TOKENS = {key: f"{i:032x}" for i, key in enumerate(SESSIONS, 1)}
 LEG_KEYS = ["fz-leg-0", "fz-leg-1", "fz-leg-2", "fz-leg-3"]
-SESSIONLESS = ("query", "resolve", "orphans", "prune")
+SESSIONLESS = ("query", "resolve", "orphans", "resolve_orphan", "prune")
 # Every field name any message type knows (docs/PROTOCOL.md §4), for "a known field, wrong value".
 FIELDS = sorted(
     {"v", "type", "session", "token", "seq", "strategy", "host", "pid", "heartbeat_interval",
      "progress_deadline", "time", "key", "symbol", "exchange", "product", "leg_type", "side",
      "quantity", "entry_price", "stop_price", "highest_price", "last_trail_level", "state",
      "current_price", "exit_price", "exit_reason", "error_type", "message", "traceback", "what",
-     "action", "reason", "by", "rows", "before"}
+     "action", "reason", "by", "rows", "before", "id", "adopt_session"}
 )  # fmt: skip
 NUMBER_FIELDS = ["entry_price", "quantity", "stop_price", "seq", "v", "time", "pid", "before"]
 # Raw tokens that are not JSON numbers (NaN/inf as some encoders write them) or overflow.
@@ -254,6 +254,10 @@ def valid_message(c: Chooser) -> dict[str, Any]:
     elif kind == "orphans":
         msg["rows"] = [{"symbol": "X", "exchange": "NFO", "product": "MIS",
                         "broker_quantity": c.integer(-5, 5), "known_quantity": 0}]  # fmt: skip
+    elif kind == "resolve_orphan":
+        msg.update(id=c.integer(1, 3), action=c.choice(["acknowledge", "adopt", "close"]),
+                   reason=c.choice(["why", "manual hedge", "x"]))  # fmt: skip
+        maybe(strategy=lambda: "fuzz", adopt_session=lambda: c.integer(1, 3))
     elif kind == "prune":
         msg["before"] = when()
     return msg

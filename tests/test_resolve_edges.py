@@ -176,3 +176,11 @@ def test_a_read_without_an_answer_still_says_nothing_was_decided(workdir: Path) 
             pm.get_crashed_positions()
     finally:
         pm.close(0)
+
+
+def test_bulk_resolve_takes_stranded_legs_too(daemon: DaemonProcess) -> None:
+    ended_with_a_leg_open(daemon, "s-1")
+    crashed_leg(daemon, "c-1")
+    run = ctl(daemon, "resolve", "--all", "--strategy", "expiry_blast", "--closed", "--yes")
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert leg_of(daemon, "s-1")["status"] == leg_of(daemon, "c-1")["status"] == "CLOSED"

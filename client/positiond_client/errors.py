@@ -42,6 +42,7 @@ CODES: dict[str, str] = {
     "KEY_CONFLICT": "the position key already belongs to another session's leg",
     "FENCED": "the leg now belongs to another session",
     "BAD_STATE": "the leg's status does not allow this (e.g. adopting a leg that is not CRASHED)",
+    "UNKNOWN_ORPHAN": "no recorded orphan with this id exists",
     "STORAGE": "the daemon could not write to its database; nothing was committed",
     "INTERNAL": "an unexpected error in the daemon",
     # Raised by the client only, never sent: a read could not be answered.
@@ -115,6 +116,7 @@ _CLASS_BY_CODE: dict[str, type[PositiondError]] = {
     "KEY_CONFLICT": LegError,
     "FENCED": LegError,
     "BAD_STATE": LegError,
+    "UNKNOWN_ORPHAN": LegError,
     "STORAGE": StorageError,
 }
 

@@ -20,6 +20,7 @@ type         acked    purpose
 ``query``    yes      read crashed legs, or every open leg (recovery); ``session`` optional
 ``resolve``  yes      adopt / close / flag / requeue a crashed leg; ``session`` optional
 ``orphans``  yes      record broker positions nobody can explain; ``session`` optional
+``resolve_orphan`` yes  acknowledge / adopt / close one recorded orphan; ``session`` optional
 ``prune``    yes      delete finished sessions older than a cutoff; ``session`` optional
 ===========  =======  =================================================================
 
@@ -44,6 +45,7 @@ from positiond_client.errors import ProtocolError
 __all__ = [
     "DURABLE_TYPES",
     "MAX_MESSAGE_BYTES",
+    "ORPHAN_ACTIONS",
     "PROTOCOL_VERSION",
     "QUERIES",
     "RESOLUTIONS",
@@ -168,6 +170,8 @@ QUERIES: Final = frozenset({"crashed", "open", "health"})
 # requeue: a reviewed leg goes back to CRASHED, ready to be adopted.
 RESOLUTIONS: Final = frozenset({"adopt", "close", "review", "requeue"})
 MAX_ORPHAN_ROWS: Final = 1000
+# acknowledge: known, leave it; adopt: a named strategy takes it over; close: squared off.
+ORPHAN_ACTIONS: Final = frozenset({"acknowledge", "adopt", "close"})
 
 
 def _orphan_rows(value: Any) -> str | None:
@@ -304,6 +308,18 @@ _SCHEMAS: dict[str, tuple[dict[str, Checker], frozenset[str]]] = {
         {**_DURABLE, "rows": _orphan_rows, "by": _text(200)},
         frozenset({"rows"}),
     ),
+    "resolve_orphan": (
+        {
+            **_DURABLE,
+            "id": _integer(1, 2**63 - 1),
+            "action": _one_of(ORPHAN_ACTIONS),
+            "reason": _text(500),
+            "strategy": _text(100),
+            "adopt_session": _integer(1, 2**63 - 1),
+            "by": _text(200),
+        },
+        frozenset({"id", "action", "reason"}),
+    ),
     "prune": (
         {**_DURABLE, "before": _TIME, "limit": _integer(1, 10_000), "by": _text(200)},
         frozenset({"before"}),
@@ -313,10 +329,11 @@ _SCHEMAS: dict[str, tuple[dict[str, Checker], frozenset[str]]] = {
 TYPES: Final = frozenset(_SCHEMAS)
 # Answered with an ack (after commit) or an error; they carry ``seq``.
 DURABLE_TYPES: Final = frozenset(
-    {"start", "entry", "exit", "crash", "end", "sync", "query", "resolve", "orphans", "prune"}
-)
+    {"start", "entry", "exit", "crash", "end", "sync", "query", "resolve", "orphans",
+     "resolve_orphan", "prune"}
+)  # fmt: skip
 # Operator and recovery messages may come from a tool that has no session (posctl).
-SESSIONLESS_TYPES: Final = frozenset({"query", "resolve", "orphans", "prune"})
+SESSIONLESS_TYPES: Final = frozenset({"query", "resolve", "orphans", "resolve_orphan", "prune"})
 _REQUIRED: dict[str, frozenset[str]] = {
     name: required
     | {"v", "type"}

@@ -11,39 +11,50 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import io
 import os
 import re
 import sys
 import time
 from collections.abc import Callable, Sequence
 from datetime import datetime
+from importlib import metadata
 from pathlib import Path
+from typing import Any
 
-from positiond import ctl_keys
+from positiond import __version__, ctl_keys
 from positiond import ctl_render as render
-from positiond.ctl_access import EXIT_OK, Ctl, CtlError, who
+from positiond.config import ConfigError
+from positiond.ctl_access import EXIT_USAGE, Ctl, CtlError, who
 from positiond.ctl_change import cmd_prune, cmd_resolve, cmd_verify
+from positiond.ctl_locate import locate
+from positiond.ctl_orphans import cmd_orphans, cmd_resolve_orphan
 from positiond.ctl_read import cmd_crashed, cmd_events, cmd_positions, cmd_sessions, cmd_status
 from positiond.ops import PRUNE_CHUNK, PRUNE_MAX_CHUNK
 from positiond.schema import iso
-from positiond_client.paths import default_db_path, default_endpoint
 
 __all__ = ["main"]
 
 EPILOG = """\
 exit codes:
   0  done: nothing crashed, nothing needs attention
-  1  attention needed: crashed legs (crashed), a MISMATCH or an orphan (verify),
-     an unhealthy daemon (status)
-  2  usage: bad arguments, an unreadable positionbook file
+  1  attention needed: crashed or NEEDS_REVIEW legs, legs open in a finished session,
+     unresolved orphans (crashed, orphans), a MISMATCH or an orphan (verify), an unhealthy
+     daemon (status); a bulk resolve not confirmed
+  2  usage: bad arguments, an unreadable positionbook file, an invalid config file
   3  database missing or unreadable; daemon not running or unreachable
   4  the daemon runs but did not answer in time (--timeout)
-  5  refused: unknown leg, a status that does not allow it, a leg its live session owns
+  5  refused: unknown leg or orphan, a status that does not allow it, a leg its live
+     session owns
 
 Reads open the database read-only and work whether or not the daemon runs. Changes go through
 the daemon when it runs, and are written directly (holding the daemon's lock, so none can start
-meanwhile) when it does not. Defaults: --db from POSITIOND_DB, else the daemon's default
-database; --endpoint from POSITIOND_ENDPOINT, else the daemon's default socket.
+meanwhile) when it does not. Which database: --db, else POSITIOND_DB, else db in the daemon's
+config file (--config, POSITIOND_CONFIG, else /etc/positiond/positiond.toml), else the
+service's /var/lib/positiond when it exists, else this user's default; the endpoint likewise
+(the service's /run/positiond socket with its database). Human output starts with the database
+it read and why that one. Output piped into a closed pipe (posctl ... | head) ends quietly with
+the exit code the command had.
 """
 
 DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*([dh])")
@@ -84,6 +95,14 @@ def since(text: str) -> str:
     return iso(when.astimezone().timestamp())  # a naive time is local time
 
 
+def record_id(text: str) -> int:
+    """``12`` or ``#12`` (as the tables show it) -> 12."""
+    digits = text[1:] if text.startswith("#") else text
+    if not digits.isdigit() or int(digits) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an id like 12 or #12")
+    return int(digits)
+
+
 # ---- command line --------------------------------------------------------------------------
 
 Command = Callable[[Ctl, argparse.Namespace], int]
@@ -105,17 +124,31 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
+        "--version", action="version", version=version(), help="print the version and exit"
+    )
+    parser.add_argument(
         "--db",
         type=Path,
         metavar="PATH",
         default=None,
-        help="the database (default: POSITIOND_DB, else the daemon's default)",
+        help="the database (default: POSITIOND_DB, else db in the config file, else the "
+        "service's /var/lib/positiond/positiond.db if that directory exists, else the "
+        "daemon's default for this user)",
     )
     parser.add_argument(
         "--endpoint",
         default=None,
         metavar="E",
-        help="the daemon's endpoint (default: POSITIOND_ENDPOINT, else the daemon's default)",
+        help="the daemon's endpoint (default: POSITIOND_ENDPOINT, else endpoint in the config "
+        "file, else the service's socket with the service's database, else the daemon's "
+        "default)",
+    )
+    parser.add_argument(
+        "--config",
+        default=None,
+        metavar="FILE",
+        help="the daemon's config file to take db and endpoint from (default: "
+        "POSITIOND_CONFIG, else /etc/positiond/positiond.toml if it exists)",
     )
     parser.add_argument(
         "--timeout",
@@ -132,10 +165,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def add(name: str, fn: Command) -> argparse.ArgumentParser:
+    def add(name: str, fn: Command, aliases: Sequence[str] = ()) -> argparse.ArgumentParser:
         summary, doc = _doc(fn)
         sub = commands.add_parser(
             name,
+            aliases=list(aliases),
             help=summary,
             description=doc,
             parents=[common],
@@ -145,8 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
         sub.set_defaults(func=fn)
         return sub
 
-    sub = add("crashed", cmd_crashed)
-    sub.add_argument("--strategy", help="only this strategy's crashes")
+    sub = add("crashed", cmd_crashed, aliases=["attention"])
+    sub.add_argument("--strategy", help="only this strategy's legs (orphans are not shown)")
     sub.add_argument(
         "--since",
         type=since,
@@ -182,7 +216,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--strategy", help="verify only this strategy's crashed legs")
     sub.add_argument("--apply", action="store_true", help="act on the safe verdicts")
     sub = add("resolve", cmd_resolve)
-    sub.add_argument("leg", metavar="LEG", help="position key or position id")
+    sub.add_argument("leg", metavar="LEG", nargs="?", help="position key or position id (#12)")
+    sub.add_argument(
+        "--all", action="store_true", help="every leg the decision applies to (see above)"
+    )
+    sub.add_argument("--strategy", metavar="S", help="with --all: only this strategy's legs")
+    sub.add_argument("--yes", action="store_true", help="with --all: do not ask for confirmation")
     decision = sub.add_mutually_exclusive_group(required=True)
     decision.add_argument(
         "--closed", action="store_true", help="flat at the broker: CLOSED, exit reason MANUAL_EXIT"
@@ -195,6 +234,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub.add_argument("--exit-price", type=float, metavar="P", help="with --closed")
     sub.add_argument("--note", help="why (kept in the leg's audit trail)")
+    sub = add("orphans", cmd_orphans)
+    sub.add_argument("--all", action="store_true", help="also the resolved ones")
+    sub.add_argument("--limit", type=int, default=200, help="at most the newest N (200)")
+    sub = add("resolve-orphan", cmd_resolve_orphan)
+    sub.add_argument(
+        "orphan_id", type=record_id, metavar="ID", help="its id: 12 or #12 (posctl orphans)"
+    )
+    decision = sub.add_mutually_exclusive_group(required=True)
+    decision.add_argument(
+        "--acknowledge", action="store_true", help="known and intended: stop reporting it"
+    )
+    decision.add_argument("--adopt", metavar="STRATEGY", help="this strategy takes it over")
+    decision.add_argument("--closed", action="store_true", help="squared off at the broker")
+    sub.add_argument("--session", type=int, metavar="ID", help="with --adopt: that session")
+    sub.add_argument("--note", required=True, metavar="WHY", help="why (kept with who decided)")
     sub = add("prune", cmd_prune)
     sub.add_argument(
         "--older-than",
@@ -215,17 +269,81 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def version() -> str:
+    """``positiond X.Y.Z``: the installed package's version (the module's when not installed)."""
+    try:
+        return f"positiond {metadata.version('positiond')}"
+    except metadata.PackageNotFoundError:
+        return f"positiond {__version__}"
+
+
+class PipeSafe(io.TextIOBase):
+    """stdout that survives its reader going away (``posctl ... | head``): the first
+    BrokenPipeError points the descriptor at /dev/null, and the command runs on to its exit code.
+    """
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+        self.broken = False
+
+    def _closed_pipe(self) -> None:
+        self.broken = True
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, self._stream.fileno())  # later flushes (at exit too) go nowhere
+        os.close(devnull)
+
+    def write(self, text: str) -> int:
+        try:
+            return int(self._stream.write(text))
+        except BrokenPipeError:
+            self._closed_pipe()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            self._closed_pipe()
+
+    def isatty(self) -> bool:
+        return bool(self._stream.isatty())
+
+    def fileno(self) -> int:
+        return int(self._stream.fileno())
+
+    @property
+    def encoding(self) -> str:  # type: ignore[override]
+        return str(self._stream.encoding)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run posctl; return its exit code."""
-    args = build_parser().parse_args(argv)
+    real_stdout = sys.stdout
+    sys.stdout = PipeSafe(real_stdout)  # --help and --version print too
+    try:
+        return _run(build_parser().parse_args(argv))
+    finally:
+        sys.stdout.flush()
+        sys.stdout = real_stdout
+
+
+def _run(args: argparse.Namespace) -> int:
+    try:
+        located = locate(args.db, args.endpoint, args.config)
+    except ConfigError as exc:
+        print(f"posctl: config {exc}", file=sys.stderr)
+        return EXIT_USAGE
     ctl = Ctl(
-        db=args.db if args.db is not None else default_db_path(),
-        endpoint=args.endpoint or default_endpoint(),
+        db=located.db,
+        endpoint=located.endpoint,
         json=args.json,
         timeout=args.timeout,
         out=render.console(),
         by=who(),
+        db_source=located.db_source,
     )
+    if not ctl.json and args.func is not cmd_status:
+        ctl.out.print(located.header(), markup=False, highlight=False)
     try:
         code: int = args.func(ctl, args)
     except CtlError as exc:
@@ -235,10 +353,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         print(f"posctl: {exc.message}", file=sys.stderr)
         return exc.exit_code
-    except BrokenPipeError:  # `posctl ... | head`
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return EXIT_OK
-    sys.stdout.flush()
     return code
 
 

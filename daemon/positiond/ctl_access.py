@@ -4,9 +4,10 @@ and a locked direct write when it does not.
 Reads open ``file:<db>?mode=ro`` in one read transaction (one consistent snapshot, WAL readers
 never block the daemon's writer), so they work whether or not the daemon runs.
 
-Changes are protocol messages (``resolve``, ``orphans``, ``prune``: the sessionless ones), checked
-with :func:`positiond_client.protocol.validate` either way. The daemon holds the database's lock
-(:func:`positiond.dbfile.lock_database`, on the file whatever path names it) while it runs:
+Changes are protocol messages (``resolve``, ``orphans``, ``resolve_orphan``, ``prune``: the
+sessionless ones), checked with :func:`positiond_client.protocol.validate` either way. The daemon
+holds the database's lock (:func:`positiond.dbfile.lock_database`, on the file whatever path
+names it) while it runs:
 
 - lock held: the daemon runs and is the only writer, so the messages go to it over ZeroMQ and
   each waits for its ack (no answer in time: :data:`EXIT_NO_ANSWER`);
@@ -41,7 +42,7 @@ from rich.console import Console
 
 from positiond import store
 from positiond.dbfile import DatabaseLocked, lock_database, lock_file_for
-from positiond.ops import PRUNE_CHUNK, Batch, Op, OrphansOp, PruneOp, ResolveOp
+from positiond.ops import PRUNE_CHUNK, Batch, Op, OrphanResolveOp, OrphansOp, PruneOp, ResolveOp
 from positiond.schema import SCHEMA_VERSION, SchemaError
 from positiond_client.errors import ProtocolError
 from positiond_client.paths import ipc_path
@@ -92,6 +93,13 @@ def _uri(db: Path, mode: str) -> str:
 def open_readonly(db: Path) -> sqlite3.Connection:
     """A read-only connection inside one read transaction; CtlError(3) when it cannot be read."""
     if not db.is_file():
+        parent = db.parent
+        if parent.is_dir() and not os.access(parent, os.R_OK | os.X_OK):
+            raise CtlError(
+                EXIT_UNREACHABLE,
+                f"cannot read {db}: {parent} is not readable by this user "
+                "(run posctl as root or as the daemon's user, or use --db)",
+            )
         raise CtlError(EXIT_UNREACHABLE, f"no database at {db} (use --db or POSITIOND_DB)")
     try:
         conn = sqlite3.connect(_uri(db, "ro"), uri=True, timeout=5, isolation_level=None)
@@ -176,6 +184,13 @@ def _op(msg: dict[str, Any], by: str, now: float) -> Op:
         )  # fmt: skip
     if kind == "orphans":
         return OrphansOp(None, None, None, by, msg["rows"], now)
+    if kind == "resolve_orphan":
+        if msg["action"] == "adopt" and "strategy" not in msg:  # as the engine refuses it
+            raise CtlError(EXIT_USAGE, "resolve_orphan: adopt needs strategy", "BAD_FIELD")
+        return OrphanResolveOp(
+            None, None, None, by, msg["id"], msg["action"], now, msg["reason"],
+            msg.get("strategy"), msg.get("adopt_session"),
+        )  # fmt: skip
     if kind == "prune":
         return PruneOp(None, None, None, by, msg["before"], msg.get("limit", PRUNE_CHUNK))
     raise ValueError(f"posctl does not write {kind!r} messages")
@@ -306,6 +321,7 @@ class Ctl:
     timeout: float
     out: Console
     by: str
+    db_source: str = ""  # why this database (positiond.ctl_locate), for messages
 
     def emit(self, data: Any) -> None:
         """Print ``data`` as indented JSON on stdout (``--json``)."""

@@ -1,4 +1,4 @@
-"""posctl's commands that change data: verify (with --apply), resolve, prune.
+"""posctl's commands that change data: verify (with --apply), resolve (one leg or --all), prune.
 
 Each builds sessionless protocol messages and hands them to :meth:`positiond.ctl_access.Ctl.write`,
 which sends them to the running daemon or applies them directly with the daemon's own store code.
@@ -26,7 +26,7 @@ from positiond.ctl_access import (
     Written,
     open_readonly,
 )
-from positiond.ctl_read import find_leg, query
+from positiond.ctl_read import find_leg, leg_dict, position_columns, query
 from positiond.schema import iso
 from positiond_client.recovery import (
     CLOSED_AT_BROKER,
@@ -207,17 +207,7 @@ def _key_of(ctl: Ctl, leg: str) -> str:
     return leg if row is None else str(row["position_key"])
 
 
-def cmd_resolve(ctl: Ctl, args: argparse.Namespace) -> int:
-    """Decide one crashed or reviewed leg by hand (LEG: its position key or position id).
-
-    --closed: it is flat at the broker (you exited it): CLOSED with exit reason MANUAL_EXIT
-    (--exit-price optional). --review REASON: NEEDS_REVIEW, nobody adopts it until requeued.
-    --resume: a reviewed leg goes back to CRASHED, for its strategy's next run to adopt.
-    A leg ACTIVE in a live session is refused (exit 5): its owner exits it.
-    """
-    if args.exit_price is not None and not args.closed:
-        raise CtlError(EXIT_USAGE, "--exit-price goes with --closed")
-    key = _key_of(ctl, args.leg)
+def _resolve_message(args: argparse.Namespace, key: str) -> dict[str, Any]:
     msg: dict[str, Any] = {"type": "resolve", "key": key}
     if args.closed:
         msg |= {"action": "close", "exit_reason": "MANUAL_EXIT"}
@@ -230,6 +220,111 @@ def cmd_resolve(ctl: Ctl, args: argparse.Namespace) -> int:
     reason = args.review if args.review is not None else args.note
     if reason:
         msg["reason"] = reason
+    return msg
+
+
+# Bulk resolve: which legs each decision applies to. A stranded leg (ACTIVE in a session that is
+# over: its owner can never exit it) is resolved like a crashed one.
+BULK_FROM = {"close": ("CRASHED", "NEEDS_REVIEW"), "review": ("CRASHED",),
+             "requeue": ("NEEDS_REVIEW",)}  # fmt: skip
+STRANDED_SQL = "(p.status = 'ACTIVE' AND s.status IN ('COMPLETED', 'CRASHED'))"
+BULK_VERB = {"close": "Close (CLOSED, MANUAL_EXIT)", "review": "Flag NEEDS_REVIEW",
+             "requeue": "Requeue (back to CRASHED)"}  # fmt: skip
+
+
+def _confirm(question: str) -> bool:
+    """Ask on stderr, read the answer from stdin; anything but y/yes (or no answer) is no."""
+    print(f"{question} [y/N] ", end="", file=sys.stderr, flush=True)
+    answer = sys.stdin.readline()
+    return answer.strip().lower() in ("y", "yes")
+
+
+def _resolve_all(ctl: Ctl, args: argparse.Namespace) -> int:
+    """resolve --all [--strategy S]: one decision for every leg it applies to, confirmed."""
+    if args.exit_price is not None:
+        raise CtlError(EXIT_USAGE, "--exit-price is one leg's fill: not with --all")
+    action = _resolve_message(args, "-")["action"]
+    statuses = BULK_FROM[action]
+    conn = open_readonly(ctl.db)
+    try:
+        sql = (
+            f"SELECT {position_columns(conn)} FROM strategy_positions p JOIN strategy_sessions s "
+            f"ON s.id = p.session_id WHERE (p.status IN ({', '.join('?' * len(statuses))}) "
+            f"OR {STRANDED_SQL})"
+        )
+        params: list[Any] = list(statuses)
+        if args.strategy:
+            sql += " AND s.strategy_name = ?"
+            params.append(args.strategy)
+        legs = [leg_dict(r) for r in conn.execute(sql + " ORDER BY p.position_id", params)]
+    finally:
+        conn.close()
+    scope = f" of strategy {args.strategy!r}" if args.strategy else " of every strategy"
+    if not legs:
+        if ctl.json:
+            ctl.emit({"action": action, "legs": [], "results": {}})
+        else:
+            ctl.out.print(
+                f"No {' or '.join(statuses)} or stranded legs{scope}: nothing to do.",
+                markup=False,
+            )
+        return EXIT_OK
+    if not ctl.json:
+        ctl.out.print(render.resolve_table(ctl.out, legs, f"{len(legs)} leg(s){scope}"))
+    question = (
+        f"{BULK_VERB[action]}: {len(legs)} {' / '.join(statuses)} or stranded leg(s){scope}?"
+    )
+    if not args.yes and not _confirm(question):
+        print("Nothing changed.", file=sys.stderr)
+        return EXIT_ATTENTION
+    written = ctl.write([_resolve_message(args, str(leg["position_key"])) for leg in legs])
+    results: dict[str, str] = {}
+    refused = False
+    for leg, outcome in zip(legs, written.outcomes, strict=True):
+        name = f"#{leg['position_id']} {leg['position_key']}"
+        if not outcome.ok:
+            refused = True
+            results[name] = f"refused: {outcome.code}: {outcome.reason}"
+        elif outcome.data.get("duplicate"):
+            results[name] = f"already {outcome.data.get('status')}"
+        else:
+            results[name] = str(outcome.data.get("status"))
+    if ctl.json:
+        ctl.emit({"action": action, "via": written.via, "by": written.by,
+                  "legs": [leg["position_key"] for leg in legs], "results": results})  # fmt: skip
+    else:
+        ctl.out.print(render.actions_table(ctl.out, results))
+        ctl.out.print(f"Applied {ctl.via(written)}.", markup=False)
+    return EXIT_REFUSED if refused else EXIT_OK
+
+
+def cmd_resolve(ctl: Ctl, args: argparse.Namespace) -> int:
+    """Decide a crashed or reviewed leg by hand (LEG: its position key or #id / id), or all of
+    them at once (--all, with --strategy S to keep to one strategy).
+
+    --closed: it is flat at the broker (you exited it): CLOSED with exit reason MANUAL_EXIT
+    (--exit-price optional, one leg only). --review REASON: NEEDS_REVIEW, nobody adopts it until
+    requeued. --resume: a reviewed leg goes back to CRASHED, for its strategy's next run to
+    adopt. A leg left ACTIVE by a session that is over (ended with the leg open: stranded) takes
+    each of these like a crashed leg. A leg ACTIVE in a live session is refused (exit 5): its
+    owner exits it.
+
+    --all applies the decision to every leg it fits (--closed: CRASHED and NEEDS_REVIEW legs;
+    --review: CRASHED; --resume: NEEDS_REVIEW), lists them and asks for confirmation on stdin
+    unless --yes (no answer is no: exit 1, nothing changed). Exit 5 if any leg was refused.
+    """
+    if args.exit_price is not None and not args.closed:
+        raise CtlError(EXIT_USAGE, "--exit-price goes with --closed")
+    if args.all:
+        if args.leg is not None:
+            raise CtlError(EXIT_USAGE, "give LEG or --all, not both")
+        return _resolve_all(ctl, args)
+    if args.leg is None:
+        raise CtlError(EXIT_USAGE, "give LEG, or --all (with --strategy S) for every leg")
+    if args.strategy is not None or args.yes:
+        raise CtlError(EXIT_USAGE, "--strategy and --yes go with --all")
+    key = _key_of(ctl, args.leg)
+    msg = _resolve_message(args, key)
     written = ctl.write([msg])
     outcome = written.outcomes[0]
     if not outcome.ok:

@@ -1,4 +1,5 @@
-"""posctl's read commands: crashed, sessions, positions, events, status.
+"""posctl's read commands: crashed (everything that needs attention), sessions, positions,
+events, status.
 
 Each opens the database read-only in one snapshot (:func:`positiond.ctl_access.open_readonly`);
 crashed legs and open legs come from the daemon's own query (:func:`positiond.recovery_store.query`,
@@ -31,6 +32,7 @@ from positiond.ctl_access import (
     ask_health,
     open_readonly,
 )
+from positiond.ctl_orphans import orphan_records
 from positiond.ops import QueryOp
 from positiond.schema import trail_level_sql
 from positiond_client.paths import ipc_path, runtime_dir
@@ -43,6 +45,8 @@ __all__ = [
     "cmd_sessions",
     "cmd_status",
     "find_leg",
+    "leg_dict",
+    "position_columns",
     "query",
     "status_file",
 ]
@@ -79,15 +83,44 @@ def query(conn: sqlite3.Connection, by: str, what: str, strategy: str | None) ->
     return result.data
 
 
-def cmd_crashed(ctl: Ctl, args: argparse.Namespace) -> int:
-    """Crashed legs grouped by crash: when, why, and each leg's symbol, side, quantity, entry,
-    stop, highest price and trail level (what a manual exit needs).
+FINISHED_SESSION_STATUSES = ("COMPLETED", "CRASHED")
 
-    The seed's crash identification (status CRASHED and was_crashed), newest crash first. Exit 0
-    when there is none, 1 when there are crashed legs.
+
+def _legs_where(
+    conn: sqlite3.Connection, where: str, strategy: str | None, params: Sequence[Any] = ()
+) -> list[dict[str, Any]]:
+    sql = (
+        f"SELECT {position_columns(conn)} FROM strategy_positions p "
+        f"JOIN strategy_sessions s ON s.id = p.session_id WHERE {where}"
+    )
+    values = list(params)
+    if strategy is not None:
+        sql += " AND s.strategy_name = ?"
+        values.append(strategy)
+    return [leg_dict(r) for r in conn.execute(sql + " ORDER BY p.position_id", values)]
+
+
+def cmd_crashed(ctl: Ctl, args: argparse.Namespace) -> int:
+    """Everything that needs a human, grouped, with why: crashed legs by crash (when, why, each
+    leg's symbol, side, quantity, entry, stop, highest, trail: what a manual exit needs), legs
+    flagged NEEDS_REVIEW (with the reason), legs still ACTIVE in a session that is over
+    (COMPLETED or CRASHED: its owner can never exit them), and unresolved orphans (broker
+    positions no leg explains; not shown with --strategy: they belong to no strategy).
+
+    Crashed legs are the seed's crash identification (status CRASHED and was_crashed), newest
+    crash first; --since filters crashes only (the other groups wait for a human whatever their
+    age). Exit 0 when nothing needs attention, 1 while anything does: a cron check can alert on
+    it. --json: {"crashes", "count" (crashed legs), "needs_review", "open_in_finished",
+    "orphans", "attention" (the total)}.
     """
     conn = open_readonly(ctl.db)
     try:
+        review = _legs_where(conn, "p.status = 'NEEDS_REVIEW'", args.strategy)
+        stranded = _legs_where(
+            conn, f"p.status = 'ACTIVE' AND {_in('s.status', FINISHED_SESSION_STATUSES)}",
+            args.strategy, FINISHED_SESSION_STATUSES,
+        )  # fmt: skip
+        orphans = [] if args.strategy else orphan_records(conn, unresolved=True)
         found = query(conn, ctl.by, "crashed", args.strategy)
         legs = [
             leg for leg in found["legs"]
@@ -116,23 +149,51 @@ def cmd_crashed(ctl: Ctl, args: argparse.Namespace) -> int:
                 )
     finally:
         conn.close()
+    data = {
+        "crashes": list(crashes.values()),
+        "count": len(legs),
+        "truncated": found["truncated"],
+        "needs_review": review,
+        "open_in_finished": stranded,
+        "orphans": orphans,
+        "attention": len(legs) + len(review) + len(stranded) + len(orphans),
+    }
     if ctl.json:
-        ctl.emit({"crashes": list(crashes.values()), "count": len(legs),
-                  "truncated": found["truncated"]})  # fmt: skip
-    elif not legs:
-        scope = f" for strategy {args.strategy!r}" if args.strategy else ""
-        ctl.out.print(f"No crashed legs{scope}.", markup=False)
+        ctl.emit(data)
     else:
-        for table in render.crashed_tables(ctl.out, list(crashes.values())):
-            ctl.out.print(table)
-            ctl.out.print()
+        _print_attention(ctl, data, args.strategy)
+    return EXIT_ATTENTION if data["attention"] else EXIT_OK
+
+
+def _print_attention(ctl: Ctl, data: dict[str, Any], strategy: str | None) -> None:
+    scope = f" for strategy {strategy!r}" if strategy else ""
+    if not data["attention"]:
         ctl.out.print(
-            f"{len(legs)} crashed leg(s) in {len(crashes)} crash(es).\n"
-            "Check them against the broker: posctl verify --positionbook FILE.json\n"
-            "or decide each by hand: posctl resolve LEG --closed | --review REASON | --resume",
+            f"Nothing needs attention{scope}: no crashed legs, none flagged for review, no open "
+            "leg in a finished session" + ("." if strategy else ", no unresolved orphan."),
             markup=False,
         )
-    return EXIT_ATTENTION if legs else EXIT_OK
+        return
+    for table in render.attention_tables(ctl.out, data):
+        ctl.out.print(table)
+        ctl.out.print()
+    counts = [
+        (data["count"], f"{data['count']} crashed leg(s) in {len(data['crashes'])} crash(es)"),
+        (len(data["needs_review"]), f"{len(data['needs_review'])} leg(s) flagged NEEDS_REVIEW"),
+        (len(data["open_in_finished"]),
+         f"{len(data['open_in_finished'])} leg(s) open in a finished session"),
+        (len(data["orphans"]), f"{len(data['orphans'])} unresolved orphan(s)"),
+    ]  # fmt: skip
+    hints = [f"Needs attention{scope}: " + ", ".join(text for n, text in counts if n) + "."]
+    if data["count"]:
+        hints.append("Check crashed legs against the broker: posctl verify --positionbook FILE")
+    if data["count"] or data["needs_review"]:
+        hints.append("Decide by hand: posctl resolve LEG --closed | --review WHY | --resume")
+        hints.append("  (a whole strategy: posctl resolve --strategy S --all --closed ...)")
+    if data["orphans"]:
+        hints.append("Orphans: posctl resolve-orphan ID --acknowledge|--adopt S|--closed "
+                     "--note WHY")  # fmt: skip
+    ctl.out.print("\n".join(hints), markup=False)
 
 
 def cmd_sessions(ctl: Ctl, args: argparse.Namespace) -> int:
@@ -184,7 +245,7 @@ _POSITION_COLUMNS = """
 """
 
 
-def _position_columns(conn: sqlite3.Connection) -> str:
+def position_columns(conn: sqlite3.Connection) -> str:
     """The columns for this database's schema: the trail level as the strategy sent it."""
     version = int(conn.execute("PRAGMA user_version").fetchone()[0])
     return _POSITION_COLUMNS.format(trail_level=trail_level_sql("p", version))
@@ -213,7 +274,7 @@ def cmd_positions(ctl: Ctl, args: argparse.Namespace) -> int:
             where.append("s.strategy_name = ?")
             params.append(args.strategy)
         found = conn.execute(
-            f"SELECT {_position_columns(conn)} FROM strategy_positions p "
+            f"SELECT {position_columns(conn)} FROM strategy_positions p "
             f"JOIN strategy_sessions s ON s.id = p.session_id WHERE {' AND '.join(where)} "
             "ORDER BY p.position_id DESC LIMIT ?",
             [*params, args.limit + 1],
@@ -234,14 +295,15 @@ def cmd_positions(ctl: Ctl, args: argparse.Namespace) -> int:
 
 
 def find_leg(conn: sqlite3.Connection, leg: str) -> sqlite3.Row | None:
-    """A leg by its position key, or else by its numeric position id."""
+    """A leg by its position key, or else by its position id (``12`` or ``#12``)."""
     sql = (
-        f"SELECT {_position_columns(conn)} FROM strategy_positions p "
+        f"SELECT {position_columns(conn)} FROM strategy_positions p "
         "JOIN strategy_sessions s ON s.id = p.session_id WHERE "
     )
     row: sqlite3.Row | None = conn.execute(sql + "p.position_key = ?", (leg,)).fetchone()
-    if row is None and leg.isdigit():
-        row = conn.execute(sql + "p.position_id = ?", (int(leg),)).fetchone()
+    number = leg[1:] if leg.startswith("#") else leg
+    if row is None and number.isdigit():
+        row = conn.execute(sql + "p.position_id = ?", (int(number),)).fetchone()
     return row
 
 

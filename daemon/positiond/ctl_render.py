@@ -1,37 +1,43 @@
-"""posctl's human output: rich tables, times in local time with their zone.
+"""posctl's human output: tables that fit the terminal, times in local time with their zone.
 
 Only presentation lives here; what is shown comes from the commands. Every data value is wrapped
 in :class:`rich.text.Text`, so a symbol or a crash reason holding ``[...]`` is printed as it is,
-never read as markup. Each table is described by its columns; on a narrow terminal the optional
-ones are left out (least useful first) rather than folding symbols and prices over several
-lines — ``--json`` always has everything.
+never read as markup.
+
+Each table is a list of columns (:class:`positiond.ctl_layout.Col`: a number, a short text, free
+text or an identifier); :func:`positiond.ctl_layout.layout` fits them to the terminal without
+ever cutting a value, or folds the rows into blocks. Legs are named ``#id key``: the short id
+first (posctl takes it wherever it asks for a LEG). ``--json`` has everything, always.
 """
 
 from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any
 
 import orjson
-from rich.console import Console, Group
-from rich.measure import Measurement
+from rich.console import Console, Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
+from positiond.ctl_layout import Col, Row, layout
+
 __all__ = [
     "actions_table",
+    "attention_tables",
     "console",
     "crashed_tables",
     "events_table",
     "local_time",
+    "orphan_records_table",
     "orphans_table",
     "positions_table",
     "price",
     "prune_table",
+    "resolve_table",
     "sessions_table",
     "status_table",
     "verify_table",
@@ -44,13 +50,10 @@ STATUS_STYLE = {
     "ACTIVE": "green",
     "RUNNING": "green",
     "STALLED": "yellow",
+    "ORPHANED": "bold red",
 }
-# Piped into a file or a pager, 80 columns would leave out half of every table.
+# Piped into a file or a pager, 80 columns would fold every table into blocks.
 PIPE_WIDTH = 160
-# Free-text columns (reasons, details) need at least this much room to be worth showing.
-WRAP_WIDTH = 24
-
-Row = Mapping[str, Any]
 
 
 def console(stderr: bool = False) -> Console:
@@ -95,83 +98,36 @@ def _status(value: str) -> Text:
     return Text(value, style=STATUS_STYLE.get(value, ""))
 
 
-@dataclass(frozen=True)
-class Col:
-    """One column: header, how a row shows in it, and when it may be left out."""
-
-    name: str
-    cell: Callable[[Row], Text]
-    right: bool = False
-    drop: int = 0  # 0: always shown; otherwise left out on a narrow terminal, highest first
-    wrap: bool = False  # free text that may fold over lines (reasons, details)
-
-
-def _table(
-    out: Console, cols: Sequence[Col], rows: Sequence[Row], title: str | None = None,
-    caption: str | None = None,
-) -> Table:  # fmt: skip
-    """Build the table with as many optional columns as the console's width allows."""
-    shown = list(cols)
-    while True:
-        droppable = [c for c in shown if c.drop]
-        # Free text counts at WRAP_WIDTH when deciding: it folds into whatever room is left.
-        if not droppable or _natural_width(out, _build(shown, rows, WRAP_WIDTH)) <= out.width:
-            return _build(shown, rows, None, title, caption)
-        shown.remove(max(droppable, key=lambda c: c.drop))
-
-
-def _build(
-    cols: Sequence[Col], rows: Sequence[Row], wrap_width: int | None, title: str | None = None,
-    caption: str | None = None,
-) -> Table:  # fmt: skip
-    table = Table(
-        title=Text(title, style="bold") if title else None,
-        caption=Text(caption) if caption else None,
-        title_justify="left",
-        caption_justify="left",
-        header_style="bold",
-    )
-    justify: Literal["left", "right"]
-    for col in cols:
-        justify = "right" if col.right else "left"
-        table.add_column(
-            col.name, justify=justify, no_wrap=not col.wrap, overflow="fold",
-            max_width=wrap_width if col.wrap else None,
-        )  # fmt: skip
-    for row in rows:
-        table.add_row(*(col.cell(row) for col in cols))
-    return table
-
-
-def _natural_width(out: Console, table: Table) -> int:
-    """How wide the table would be with room to spare (console.measure caps it at the width)."""
-    return Measurement.get(out, out.options.update_width(100_000), table).maximum
-
-
 def _leg_name(leg: Row) -> Text:
-    return Text(f"{leg['position_key']} (#{leg['position_id']})")
+    """``#12 key``: the short id first (posctl takes it wherever a LEG is asked), then the key."""
+    return Text(f"#{leg['position_id']} {leg['position_key']}")
 
 
-def _levels(entry: int, highest: int, last: int) -> list[Col]:
-    """Entry, stop, highest, trail, last price; stop and trail are never left out."""
+def _levels() -> list[Col]:
+    """Entry, stop, highest, trail, last price."""
     return [
-        Col("entry", lambda r: _text(price(r["entry_price"])), right=True, drop=entry),
-        Col("stop", lambda r: _text(price(r["stop_price"]), "bold"), right=True),
-        Col("highest", lambda r: _text(price(r["highest_price"])), right=True, drop=highest),
-        Col("trail", lambda r: _text(level(r["last_trail_level"])), right=True),
-        Col("last", lambda r: _text(price(r["current_price"])), right=True, drop=last),
+        Col("entry", lambda r: _text(price(r["entry_price"])), "num"),
+        Col("stop", lambda r: _text(price(r["stop_price"]), "bold"), "num"),
+        Col("highest", lambda r: _text(price(r["highest_price"])), "num"),
+        Col("trail", lambda r: _text(level(r["last_trail_level"])), "num"),
+        Col("last", lambda r: _text(price(r["current_price"])), "num"),
     ]
 
 
+def _instrument(r: Row) -> Text:
+    """``SYMBOL NFO MIS CE``: wraps under the symbol on a narrow terminal."""
+    text = Text(str(r["symbol"]), style="bold")
+    text.append("".join(f" {p}" for p in (r["exchange"], r["product"], r["leg_type"]) if p))
+    return text
+
+
 _CRASHED = [
-    Col("leg", _leg_name),
-    Col("symbol", lambda r: _text(r["symbol"], "bold")),
-    Col("exch/prod", lambda r: _text(f"{r['exchange']}/{r['product']}"), drop=4),
-    Col("type", lambda r: _text(r["leg_type"]), drop=3),
+    Col("leg", _leg_name, "fold"),
+    Col("instrument", _instrument, "wrap"),
     Col("side", lambda r: _text(r["side"])),
-    Col("qty", lambda r: _text(r["quantity"]), right=True),
-    Col("entered", lambda r: _text(local_time(r["entry_time"])), drop=6),
-    *_levels(entry=0, highest=2, last=5),
+    Col("qty", lambda r: _text(r["quantity"]), "num"),
+    *_levels(),
+    Col("entered", lambda r: _text(local_time(r["entry_time"])), "wrap"),
 ]
 
 
@@ -183,61 +139,117 @@ def _ran_on(host: str, pid: int | None, reason: str) -> str:
     return f"ran on {host} as pid {pid}"
 
 
-def crashed_tables(out: Console, crashes: Sequence[Row]) -> list[Table]:
+def _crash_title(crash: Row) -> tuple[str, str]:
+    title = (
+        f"{crash['strategy_name']} — session {crash['session_id']} crashed "
+        f"{local_time(crash['crash_timestamp'])}"
+    )
+    reason = crash["crash_reason"] or "unknown"
+    caption = f"why: {reason}"
+    if crash.get("client_host"):
+        caption += f"   ({_ran_on(crash['client_host'], crash.get('client_pid'), reason)})"
+    return title, caption
+
+
+def crashed_tables(out: Console, crashes: Sequence[Row]) -> list[RenderableType]:
     """One table per crash: when, why, and every leg with its levels for a manual exit."""
-    tables = []
-    for crash in crashes:
-        title = (
-            f"{crash['strategy_name']} — session {crash['session_id']} crashed "
-            f"{local_time(crash['crash_timestamp'])}"
-        )
-        reason = crash["crash_reason"] or "unknown"
-        caption = f"why: {reason}"
-        if crash.get("client_host"):
-            caption += f"   ({_ran_on(crash['client_host'], crash.get('client_pid'), reason)})"
-        tables.append(_table(out, _CRASHED, crash["legs"], title, caption))
-    return tables
+    return [layout(out, _CRASHED, c["legs"], *_crash_title(c)) for c in crashes]
 
 
-_SESSIONS = [
-    Col("id", lambda s: _text(s["id"]), right=True),
-    Col("strategy", lambda s: _text(s["strategy_name"], "bold")),
-    Col("status", lambda s: _status(s["status"])),
-    Col("started", lambda s: _text(local_time(s["start_time"])), drop=3),
-    Col("ended / crashed", lambda s: _text(local_time(s["crash_timestamp"] or s["end_time"]))),
-    Col("legs open/crashed/all",
-        lambda s: _text(f"{s['open_legs']}/{s['crashed_legs']}/{s['all_legs']}")),
-    Col("host, pid", lambda s: _text(", ".join(
-        str(p) for p in (s["client_host"], s["client_pid"]) if p is not None)), drop=2),
-    Col("crash reason", lambda s: _text(s["crash_reason"]), wrap=True, drop=1),
+_REVIEW = [
+    Col("leg", _leg_name, "fold"),
+    Col("strategy (session)", lambda r: _text(f"{r['strategy_name']} ({r['session_id']})"),
+        "wrap"),
+    Col("symbol", lambda r: _text(r["symbol"], "bold")),
+    Col("side", lambda r: _text(r["side"])),
+    Col("qty", lambda r: _text(r["quantity"]), "num"),
+    Col("stop", lambda r: _text(price(r["stop_price"]), "bold"), "num"),
+    Col("trail", lambda r: _text(level(r["last_trail_level"])), "num"),
+    Col("why", lambda r: _text(r["review_reason"]), "wrap"),
+]  # fmt: skip
+
+_STRANDED = [
+    Col("leg", _leg_name, "fold"),
+    Col("strategy (session)",
+        lambda r: _text(f"{r['strategy_name']} ({r['session_id']}, {r['session_status']})"),
+        "wrap"),
+    Col("symbol", lambda r: _text(r["symbol"], "bold")),
+    Col("side", lambda r: _text(r["side"])),
+    Col("qty", lambda r: _text(r["quantity"]), "num"),
+    Col("entry", lambda r: _text(price(r["entry_price"])), "num"),
+    Col("stop", lambda r: _text(price(r["stop_price"]), "bold"), "num"),
+    Col("trail", lambda r: _text(level(r["last_trail_level"])), "num"),
+    Col("last", lambda r: _text(price(r["current_price"])), "num"),
 ]  # fmt: skip
 
 
-def sessions_table(out: Console, sessions: Sequence[Row]) -> Table:
-    return _table(out, _SESSIONS, sessions)
+REVIEW_TITLE = "needs review — flagged for a human (posctl resolve LEG --closed | --resume)"
+STRANDED_TITLE = (
+    "open in a finished session — its owner can never exit it "
+    "(posctl resolve LEG --closed | --review WHY | --resume)"
+)
+ORPHANS_TITLE = "unresolved orphans — broker positions no leg explains (posctl resolve-orphan)"
+
+
+def attention_tables(out: Console, data: Row) -> list[RenderableType]:
+    """Everything that needs a human, in groups: crashes, reviews, stranded legs, orphans."""
+    shown = crashed_tables(out, data["crashes"])
+    if data["needs_review"]:
+        shown.append(layout(out, _REVIEW, data["needs_review"], REVIEW_TITLE))
+    if data["open_in_finished"]:
+        shown.append(layout(out, _STRANDED, data["open_in_finished"], STRANDED_TITLE))
+    if data["orphans"]:
+        shown.append(orphan_records_table(out, data["orphans"], ORPHANS_TITLE))
+    return shown
+
+
+_SESSIONS = [
+    Col("id", lambda s: _text(s["id"]), "num"),
+    Col("strategy", lambda s: _text(s["strategy_name"], "bold"), "wrap"),
+    Col("status", lambda s: _status(s["status"])),
+    Col("started", lambda s: _text(local_time(s["start_time"])), "wrap"),
+    Col("ended / crashed", lambda s: _text(local_time(s["crash_timestamp"] or s["end_time"])),
+        "wrap"),
+    Col("legs open/crashed/all",
+        lambda s: _text(f"{s['open_legs']}/{s['crashed_legs']}/{s['all_legs']}"), "num"),
+    Col("host, pid", lambda s: _text(", ".join(
+        str(p) for p in (s["client_host"], s["client_pid"]) if p is not None)), "wrap"),
+    Col("crash reason", lambda s: _text(s["crash_reason"]), "wrap"),
+]  # fmt: skip
+
+
+def sessions_table(out: Console, sessions: Sequence[Row]) -> RenderableType:
+    return layout(out, _SESSIONS, sessions)
+
+
+def exit_note(leg: Row) -> str:
+    """How a closed leg ended: ``STOP_HIT at 104.00``, or plainly that the price is unknown."""
+    if leg.get("exit_price") is None:
+        return f"{leg['exit_reason']}, exit price unknown"
+    return f"{leg['exit_reason']} at {price(leg['exit_price'])}"
 
 
 def _note(leg: Row) -> Text:
     if leg["exit_reason"]:
-        return _text(f"{leg['exit_reason']} at {price(leg['exit_price'])}")
+        return _text(exit_note(leg))
     return _text(leg["review_reason"])
 
 
 _POSITIONS = [
-    Col("leg", _leg_name),
+    Col("leg", _leg_name, "fold"),
     Col("strategy (session)", lambda r: _text(f"{r['strategy_name']} ({r['session_id']})"),
-        drop=6),
+        "wrap"),
     Col("symbol", lambda r: _text(r["symbol"], "bold")),
     Col("side", lambda r: _text(r["side"])),
-    Col("qty", lambda r: _text(r["quantity"]), right=True),
+    Col("qty", lambda r: _text(r["quantity"]), "num"),
     Col("status", lambda r: _status(r["status"])),
-    *_levels(entry=3, highest=2, last=4),
-    Col("note", _note, wrap=True, drop=1),
+    *_levels(),
+    Col("note", _note, "wrap"),
 ]  # fmt: skip
 
 
-def positions_table(out: Console, legs: Sequence[Row]) -> Table:
-    return _table(out, _POSITIONS, legs)
+def positions_table(out: Console, legs: Sequence[Row]) -> RenderableType:
+    return layout(out, _POSITIONS, legs)
 
 
 def _details(kind: str, payload: Any) -> str:
@@ -257,65 +269,102 @@ def _details(kind: str, payload: Any) -> str:
             parts.append(f"{key}={value}")
         else:
             parts.append(f"{key}={orjson.dumps(value).decode()}")
+    if kind == "EXIT" and "exit_price" not in payload:
+        parts.append("exit price unknown")
     return ", ".join(parts)
 
 
 _EVENTS = [
-    Col("#", lambda e: _text(e["id"]), right=True),
-    Col("time", lambda e: _text(local_time(e["event_time"]))),
+    Col("#", lambda e: _text(e["id"]), "num"),
+    Col("time", lambda e: _text(local_time(e["event_time"])), "wrap"),
     Col("event", lambda e: _text(e["event_type"], "bold")),
-    Col("session", lambda e: _text(e["session_id"]), right=True, drop=1),
-    Col("details", lambda e: _text(_details(e["event_type"], e["payload"])), wrap=True),
+    Col("session", lambda e: _text(e["session_id"]), "num"),
+    Col("details", lambda e: _text(_details(e["event_type"], e["payload"])), "wrap"),
 ]
 
 
-def events_table(out: Console, leg: Row, events: Sequence[Row]) -> Table:
+def events_table(out: Console, leg: Row, events: Sequence[Row]) -> RenderableType:
     title = (
-        f"{leg['position_key']} (#{leg['position_id']}): {leg['side']} {leg['quantity']} "
+        f"#{leg['position_id']} {leg['position_key']}: {leg['side']} {leg['quantity']} "
         f"{leg['symbol']} {leg['exchange']}/{leg['product']}, now {leg['status']}"
     )
-    return _table(out, _EVENTS, events, title)
+    if leg.get("exit_reason"):
+        title += f" ({exit_note(leg)})"
+    return layout(out, _EVENTS, events, title)
 
 
 _VERDICTS = [
-    Col("leg", lambda v: _leg_name(v["leg"])),
-    Col("strategy", lambda v: _text(v["leg"]["strategy_name"]), drop=6),
+    Col("leg", lambda v: _leg_name(v["leg"]), "fold"),
+    Col("strategy", lambda v: _text(v["leg"]["strategy_name"]), "wrap"),
     Col("symbol", lambda v: _text(v["leg"]["symbol"], "bold")),
-    Col("exch/prod", lambda v: _text(f"{v['leg']['exchange']}/{v['leg']['product']}"), drop=5),
-    Col("side", lambda v: _text(v["leg"]["side"]), drop=3),
-    Col("qty", lambda v: _text(v["leg"]["quantity"]), right=True, drop=2),
-    Col("broker", lambda v: _text(v["broker_quantity"]), right=True),
-    Col("positiond", lambda v: _text(v["known_quantity"]), right=True),
+    Col("exch prod", lambda v: _text(f"{v['leg']['exchange']} {v['leg']['product']}"), "wrap"),
+    Col("side", lambda v: _text(v["leg"]["side"])),
+    Col("qty", lambda v: _text(v["leg"]["quantity"]), "num"),
+    Col("broker", lambda v: _text(v["broker_quantity"]), "num"),
+    Col("positiond", lambda v: _text(v["known_quantity"]), "num"),
     Col("verdict", lambda v: _text(v["verdict"], VERDICT_STYLE.get(v["verdict"], ""))),
-    Col("why", lambda v: _text(v["reason"]), wrap=True, drop=4),
+    Col("why", lambda v: _text(v["reason"]), "wrap"),
 ]
 
 
-def verify_table(out: Console, verdicts: Sequence[Row]) -> Table:
+def verify_table(out: Console, verdicts: Sequence[Row]) -> RenderableType:
     """One row per crashed leg: the broker's net and positiond's for its instrument, verdict."""
-    return _table(out, _VERDICTS, verdicts, "crashed legs against the broker's positionbook")
+    return layout(out, _VERDICTS, verdicts, "crashed legs against the broker's positionbook")
 
 
-def actions_table(out: Console, actions: Mapping[str, str]) -> Table:
+def actions_table(out: Console, actions: Mapping[str, str]) -> RenderableType:
     """What ``verify --apply`` did, per leg (and for the orphans)."""
-    cols = [Col("leg", lambda r: _text(r["key"])), Col("done", lambda r: _text(r["done"]),
-                                                       wrap=True)]  # fmt: skip
+    cols = [Col("leg", lambda r: _text(r["key"]), "fold"),
+            Col("done", lambda r: _text(r["done"]), "wrap")]  # fmt: skip
     rows = [{"key": k, "done": v} for k, v in actions.items()]
-    return _table(out, cols, rows, "applied")
+    return layout(out, cols, rows, "applied")
 
 
 _ORPHANS = [
     Col("symbol", lambda o: _text(o["symbol"], "bold")),
     Col("exchange", lambda o: _text(o["exchange"])),
     Col("product", lambda o: _text(o["product"])),
-    Col("broker", lambda o: _text(o["broker_quantity"]), right=True),
-    Col("positiond", lambda o: _text(o["known_quantity"]), right=True),
+    Col("broker", lambda o: _text(o["broker_quantity"]), "num"),
+    Col("positiond", lambda o: _text(o["known_quantity"]), "num"),
 ]
 
 
-def orphans_table(out: Console, orphans: Sequence[Row]) -> Table:
+def orphans_table(out: Console, orphans: Sequence[Row]) -> RenderableType:
+    """The orphans a verification found (not yet recorded: no id)."""
     title = "orphans: broker positions no leg positiond knows explains"
-    return _table(out, _ORPHANS, orphans, title)
+    return layout(out, _ORPHANS, orphans, title)
+
+
+def _resolution(o: Row) -> Text:
+    if o["status"] == "ORPHANED":
+        return _status("ORPHANED")
+    who = f" to {o['adopted_by']}" if o.get("adopted_by") else ""
+    return _text(f"{o['status']}{who} {local_time(o.get('resolved_at'))} by {o.get('resolved_by')}"
+                 f": {o.get('resolution_reason')}")  # fmt: skip
+
+
+_ORPHAN_RECORDS = [
+    Col("orphan", lambda o: Text(f"#{o['id']} {o['symbol']}"), "wrap"),
+    Col("exch prod", lambda o: _text(f"{o['exchange']} {o['product']}"), "wrap"),
+    Col("broker", lambda o: _text(o["broker_quantity"]), "num"),
+    Col("positiond", lambda o: _text(o["known_quantity"]), "num"),
+    Col("detected", lambda o: _text(f"{local_time(o['detected_at'])} by {o['detected_by']}"),
+        "wrap"),
+    Col("status", _resolution, "wrap"),
+]  # fmt: skip
+
+
+def orphan_records_table(
+    out: Console, orphans: Sequence[Row], title: str = "orphans"
+) -> RenderableType:
+    """Recorded orphans (broker_orphans rows) with their id, resolution and who decided."""
+    return layout(out, _ORPHAN_RECORDS, orphans, title)
+
+
+def resolve_table(out: Console, legs: Sequence[Row], title: str) -> RenderableType:
+    """The legs a bulk resolve is about to change (or changed)."""
+    cols = [c for c in _POSITIONS if c.name not in ("highest", "last", "entry")]
+    return layout(out, cols, legs, title)
 
 
 def _size(n: int) -> str:
@@ -332,9 +381,10 @@ def _size(n: int) -> str:
 def _pairs(out: Console, pairs: Iterable[tuple[str, Any]], title: str) -> Group:
     """A heading over a two-column table of names and values."""
     rows = [{"k": k, "v": v} for k, v in pairs]
-    cols = [Col("", lambda r: _text(r["k"])), Col("", lambda r: _text(r["v"]), wrap=True)]
-    table = _table(out, cols, rows)
-    table.show_header = False
+    cols = [Col("", lambda r: _text(r["k"])), Col("", lambda r: _text(r["v"]), "wrap")]
+    table = layout(out, cols, rows)
+    if isinstance(table, Table):
+        table.show_header = False
     return Group(Text(title, style="bold"), table)
 
 

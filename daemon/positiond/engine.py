@@ -33,6 +33,7 @@ from positiond.ops import (
     LegRow,
     LiveSession,
     Op,
+    OrphanResolveOp,
     OrphansOp,
     PruneOp,
     QueryOp,
@@ -515,6 +516,18 @@ class Engine:
         self._ops.append(OrphansOp(rid, msg["seq"], msg.get("session"), by, msg["rows"], wall))
         return None
 
+    def _on_resolve_orphan(
+        self, session: Session | None, rid: bytes, msg: dict[str, Any], wall: float
+    ) -> bytes | None:
+        if msg["action"] == "adopt" and "strategy" not in msg:
+            return self._error(msg, "BAD_FIELD", "resolve_orphan: adopt needs strategy")
+        op = OrphanResolveOp(
+            rid, msg["seq"], msg.get("session"), self._by(session, msg.get("by")), msg["id"],
+            msg["action"], wall, msg["reason"], msg.get("strategy"), msg.get("adopt_session"),
+        )  # fmt: skip
+        self._ops.append(op)
+        return None
+
     def _on_prune(
         self, session: Session | None, rid: bytes, msg: dict[str, Any], wall: float
     ) -> bytes | None:
@@ -527,6 +540,7 @@ class Engine:
         "query": _on_query,
         "resolve": _on_resolve,
         "orphans": _on_orphans,
+        "resolve_orphan": _on_resolve_orphan,
         "prune": _on_prune,
         "hb": _on_hb,
         "update": _on_update,

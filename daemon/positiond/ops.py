@@ -22,6 +22,7 @@ __all__ = [
     "LegRow",
     "LiveSession",
     "Op",
+    "OrphanResolveOp",
     "OrphansOp",
     "PruneOp",
     "QueryOp",
@@ -196,6 +197,18 @@ PRUNE_MAX_CHUNK = 10_000
 
 
 @dataclass(slots=True)
+class OrphanResolveOp(_Operator):
+    """An operator's decision about one recorded orphan (broker_orphans.id)."""
+
+    orphan_id: int
+    action: str  # acknowledge, adopt, close
+    time: float
+    reason: str
+    strategy: str | None = None  # adopt: who takes it over
+    adopt_session: int | None = None  # adopt: that strategy's session, if one is named
+
+
+@dataclass(slots=True)
 class PruneOp(_Operator):
     before: float
     limit: int = PRUNE_CHUNK
@@ -220,6 +233,7 @@ Op = (
     | QueryOp
     | ResolveOp
     | OrphansOp
+    | OrphanResolveOp
     | PruneOp
     | FencedOp
     | StallOp

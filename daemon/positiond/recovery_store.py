@@ -15,6 +15,7 @@ from positiond.ops import (
     LIVE_SESSION_STATUSES,
     FencedOp,
     LegRow,
+    OrphanResolveOp,
     OrphansOp,
     PruneOp,
     QueryOp,
@@ -23,11 +24,27 @@ from positiond.ops import (
 )
 from positiond.schema import iso, trail_level_sql
 
-__all__ = ["LIVE_LEG_STATUSES", "fenced", "orphans", "prune", "query", "resolve"]
+__all__ = [
+    "LIVE_LEG_STATUSES",
+    "ORPHAN_RESOLUTIONS",
+    "UNRESOLVED_ORPHAN_STATUSES",
+    "fenced",
+    "orphans",
+    "prune",
+    "query",
+    "resolve",
+    "resolve_orphan",
+]
 
 # Legs that still hold (or may hold) a position at the broker.
 LIVE_LEG_STATUSES = ("ACTIVE", "CRASHED", "NEEDS_REVIEW")
 MAX_QUERY_ROWS = 10_000
+# An orphan resolution's action -> the record's status.
+ORPHAN_RESOLUTIONS = {"acknowledge": "ACKNOWLEDGED", "adopt": "ADOPTED", "close": "CLOSED"}
+# Records a new verification does not repeat: open, or known and accepted by a human. A CLOSED
+# one was flat; the same position seen again is a new one.
+UNRESOLVED_ORPHAN_STATUSES = ("ORPHANED",)
+_KEPT_ORPHAN_STATUSES = ("ORPHANED", "ACKNOWLEDGED", "ADOPTED")
 
 _LEG_COLUMNS = """
     p.position_id, p.position_key, p.session_id, s.strategy_name, p.symbol, p.exchange,
@@ -198,13 +215,14 @@ def _adopt(
 
 
 def orphans(cur: sqlite3.Cursor, op: OrphansOp, now: str) -> Result:
-    """Record broker positions nobody explains; an identical open record is not repeated."""
+    """Record broker positions nobody explains; an identical record still open, acknowledged or
+    adopted is not repeated (a human already knows it)."""
     recorded = 0
     for row in op.rows:
         key = (row["symbol"], row["exchange"], row["product"])
         seen = cur.execute(
-            "SELECT 1 FROM broker_orphans WHERE symbol = ? AND exchange = ? AND product = ? "
-            "AND broker_quantity = ? AND known_quantity = ? AND status = 'ORPHANED'",
+            "SELECT 1 FROM broker_orphans WHERE symbol = ? AND exchange = ? AND product = ? AND "
+            f"broker_quantity = ? AND known_quantity = ? AND status IN {_KEPT_ORPHAN_STATUSES!r}",
             (*key, row["broker_quantity"], row["known_quantity"]),
         ).fetchone()
         if seen:
@@ -217,6 +235,55 @@ def orphans(cur: sqlite3.Cursor, op: OrphansOp, now: str) -> Result:
         )  # fmt: skip
         recorded += 1
     return Result(True, {"recorded": recorded, "already_recorded": len(op.rows) - recorded})
+
+
+def resolve_orphan(cur: sqlite3.Cursor, op: OrphanResolveOp, now: str) -> Result:
+    """Acknowledge, adopt (by a named strategy) or close one recorded orphan, keeping who and why.
+
+    An open (ORPHANED) record takes any decision; an ACKNOWLEDGED or ADOPTED one can still be
+    closed (or re-decided); the earlier decision stays in the reason. CLOSED is final. The same
+    decision again is a duplicate, not an error.
+    """
+    row = cur.execute(
+        "SELECT id, status, resolved_by, resolution_reason, adopted_by FROM broker_orphans "
+        "WHERE id = ?",
+        (op.orphan_id,),
+    ).fetchone()
+    if row is None:
+        return Result.error("UNKNOWN_ORPHAN", f"no orphan record {op.orphan_id}")
+    target = ORPHAN_RESOLUTIONS[op.action]
+    adopted_by = None
+    if op.action == "adopt":
+        if not op.strategy:
+            return Result.error("BAD_FIELD", "adopting an orphan needs the strategy taking it")
+        adopted_by = op.strategy
+        if op.adopt_session is not None:
+            session = cur.execute(
+                "SELECT strategy_name FROM strategy_sessions WHERE id = ?", (op.adopt_session,)
+            ).fetchone()
+            if session is None or session[0] != op.strategy:
+                return Result.error(
+                    "UNKNOWN_SESSION",
+                    f"no session {op.adopt_session} of strategy {op.strategy!r}",
+                )
+            adopted_by = f"{op.strategy} (session {op.adopt_session})"
+    data = {"id": op.orphan_id, "status": target}
+    if row["status"] == target and (adopted_by is None or row["adopted_by"] == adopted_by):
+        return Result(True, data | {"duplicate": True})
+    if row["status"] == "CLOSED":
+        return Result.error(
+            "BAD_STATE", f"orphan {op.orphan_id} is CLOSED ({row['resolution_reason']})"
+        )
+    reason = op.reason
+    if row["status"] != "ORPHANED":
+        before = f"{row['status']} by {row['resolved_by']}: {row['resolution_reason']}"
+        reason = f"{reason} (before: {before})"[:2000]
+    cur.execute(
+        "UPDATE broker_orphans SET status = ?, resolved_at = ?, resolved_by = ?, "
+        "resolution_reason = ?, adopted_by = ? WHERE id = ?",
+        (target, iso(op.time), op.by, reason, adopted_by, op.orphan_id),
+    )
+    return Result(True, data | {"duplicate": False})
 
 
 def fenced(cur: sqlite3.Cursor, op: FencedOp, now: str) -> Result:

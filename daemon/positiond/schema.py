@@ -147,8 +147,19 @@ _V4 = """
 ALTER TABLE strategy_positions ADD COLUMN last_trail_level_is_int BOOLEAN;
 """
 
+# Orphans an operator resolved: ACKNOWLEDGED (known, leave it), ADOPTED (a named strategy took
+# it over), CLOSED (squared off at the broker), with when, who, why. Only additions.
+_V5 = """
+INSERT INTO position_statuses VALUES ('ACKNOWLEDGED'), ('ADOPTED');
+ALTER TABLE broker_orphans ADD COLUMN resolved_at TEXT;
+ALTER TABLE broker_orphans ADD COLUMN resolved_by TEXT;
+ALTER TABLE broker_orphans ADD COLUMN resolution_reason TEXT;
+ALTER TABLE broker_orphans ADD COLUMN adopted_by TEXT;      -- 'expiry_blast' or '... (session 42)'
+CREATE INDEX broker_orphans_status ON broker_orphans(status);
+"""
+
 # Index i holds the script that takes the schema from version i to i + 1.
-_MIGRATIONS: list[str] = [_V1, _V2, _V3, _V4]
+_MIGRATIONS: list[str] = [_V1, _V2, _V3, _V4, _V5]
 SCHEMA_VERSION = len(_MIGRATIONS)
 
 
