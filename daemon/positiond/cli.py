@@ -30,7 +30,8 @@ EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
 
 
 class _Reloader:
-    """SIGHUP: re-read the config file (same flags, same environment), apply what is safe."""
+    """SIGHUP: re-read the config file (same flags, same environment), apply what is safe,
+    and re-read the allowed CURVE client keys."""
 
     def __init__(self, daemon: Daemon, argv: Sequence[str] | None, env: Mapping[str, str]):
         self.daemon, self.argv, self.env = daemon, argv, dict(env)
@@ -48,7 +49,10 @@ class _Reloader:
             applied, refused = daemon.reconfigure(loaded.config)
             if "log_level" in applied:
                 set_level(daemon.config.log_level)
-            if not applied and not refused:
+            keys = daemon.reload_keys()
+            if keys is not None:
+                log.info("reload: %s", keys)
+            if not applied and not refused and keys is None:
                 log.info("reload: %s unchanged", loaded.file or "settings")
             for name in applied:
                 log.info(

@@ -263,8 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
         "variable of each flag is in brackets, its TOML key is the flag's name with "
         "underscores. Runs in the foreground and logs to stderr (syslog-style priorities "
         "under systemd). SIGTERM/SIGINT stop it gracefully (everything pending is written "
-        "first); SIGHUP re-reads the config file. Protocol: docs/PROTOCOL.md; deployment as "
-        "a systemd service: docs/DEPLOY.md.",
+        "first); SIGHUP re-reads the config file and the allowed CURVE client keys. "
+        "Protocol: docs/PROTOCOL.md; deployment as a systemd service: docs/DEPLOY.md.",
     )
     parser.add_argument(
         "--config",

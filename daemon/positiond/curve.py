@@ -5,6 +5,10 @@ is reachable by anyone on the network, so positiond binds one only with CURVE: t
 secret certificate, and a directory of the public certificates of the clients it accepts
 (ZAP, through ``zmq.auth``). Certificates are the files ``zmq.auth.create_certificates`` (or
 ``curve_keygen`` from libzmq) writes: ``NAME.key`` (public) and ``NAME.key_secret`` (both keys).
+
+SIGHUP re-reads the clients' directory (:meth:`ServerCurve.reload`): a removed key is refused at
+its next handshake, and the daemon drops the connections that key already has (ZAP only runs at
+the handshake, so without that a revoked client would keep writing until it reconnects).
 """
 
 from __future__ import annotations
@@ -56,15 +60,36 @@ class ServerCurve:
             raise CurveError(f"{clients_dir} holds no client public certificate (*.key)")
         self.clients_dir = clients_dir
         self._auth: AsyncioAuthenticator | None = None
+        self.keys: frozenset[str] = frozenset()  # z85 public keys admitted now
 
     def start(self, ctx: zmq.asyncio.Context) -> None:
         """Run the authenticator on ``ctx`` (before any socket of it binds)."""
         auth = AsyncioAuthenticator(ctx, log=logging.getLogger(__name__ + ".zap"))
         auth.start()
-        auth.configure_curve(domain="*", location=str(self.clients_dir))
         self._auth = auth
-        count = len(list(self.clients_dir.glob("*.key")))
-        log.info("CURVE on: %d allowed client key(s) from %s", count, self.clients_dir)
+        self._configure()
+        log.info("CURVE on: %d allowed client key(s) from %s", len(self.keys), self.clients_dir)
+
+    def _configure(self) -> None:
+        assert self._auth is not None
+        self._auth.configure_curve(domain="*", location=str(self.clients_dir))
+        # zmq.auth keys its table by the z85 text of each public key (as bytes).
+        self.keys = frozenset(k.decode() for k in self._auth.certs.get("*", {}))
+
+    def reload(self) -> tuple[frozenset[str], frozenset[str]]:
+        """Re-read the clients' directory; (added, removed) keys. Keeps the old set on error."""
+        if self._auth is None:
+            return frozenset(), frozenset()
+        old = self.keys
+        if not self.clients_dir.is_dir():
+            log.error(
+                "reload: %s is gone; keeping the %d key(s) loaded", self.clients_dir, len(old)
+            )
+            return frozenset(), frozenset()
+        self._configure()
+        if not self.keys and old:
+            log.warning("reload: %s holds no client key: every client is refused", self.clients_dir)
+        return self.keys - old, old - self.keys
 
     def secure(self, sock: zmq.Socket[Any]) -> None:
         """Make ``sock`` a CURVE server (call before bind)."""

@@ -38,6 +38,7 @@ from zmq.utils.monitor import parse_monitor_message
 from positiond.config import RELOADABLE, Config, changed
 from positiond.curve import ServerCurve, secure_server
 from positiond.engine import Engine
+from positiond.listener import shutdown_connection
 from positiond.notify import Notifier
 from positiond.status import Progress, Reporter, status_file_for, status_line, version
 from positiond.store import Store
@@ -129,6 +130,8 @@ class Daemon:
         self.config = config
         self.listen_fd = listen_fd  # a listening socket from systemd (positiond.activation)
         self._curve: ServerCurve | None = None
+        # CURVE peers: routing id -> (fd, z85 public key), to drop a key's connections on revoke.
+        self._curve_peers: dict[bytes, tuple[int, str]] = {}
         self._own_socket_file: Path | None = None
         self.notifier = Notifier() if notifier is None else notifier
         self.monotonic = monotonic
@@ -386,6 +389,40 @@ class Daemon:
         self.engine.flush_interval = self.config.flush_interval
         return applied, refused
 
+    def reload_keys(self) -> str | None:
+        """SIGHUP: re-read the allowed CURVE keys and drop the revoked ones' connections.
+
+        Returns a line for the log, or None when nothing changed (or no CURVE).
+        """
+        if self._curve is None:
+            return None
+        added, removed = self._curve.reload()
+        if not added and not removed:
+            return None
+        dropped = 0
+        for rid, (fd, key) in list(self._curve_peers.items()):
+            if rid not in self.engine.peers:
+                del self._curve_peers[rid]
+            elif key in removed:
+                # The monitor then sees the disconnect; on tcp:// the session's heartbeats stop
+                # and it is declared CRASHED after heartbeat_timeout (its legs stay recoverable).
+                del self._curve_peers[rid]
+                dropped += shutdown_connection(fd)
+        return (
+            f"CURVE keys: {len(self._curve.keys)} allowed ({len(added)} added, "
+            f"{len(removed)} removed); {dropped} connection(s) of removed keys dropped"
+        )
+
+    def _note_curve_peer(self, rid: bytes, fd: int, frame: zmq.Frame) -> None:
+        try:
+            key = str(frame.get("User-Id"))  # zmq.auth's user id: the z85 public key
+        except zmq.ZMQError:
+            return
+        if len(self._curve_peers) > 2 * len(self.engine.peers) + 64:
+            for gone in [r for r in self._curve_peers if r not in self.engine.peers]:
+                del self._curve_peers[gone]
+        self._curve_peers[rid] = (fd, key)
+
     # ---- receive -------------------------------------------------------------------------
 
     def _on_readable(self) -> None:
@@ -430,6 +467,8 @@ class Daemon:
             if rid not in peers:
                 fd, uid, pid = _peer_credentials(frame)
                 engine.add_peer(rid, fd, uid, pid)
+                if self._curve is not None:
+                    self._note_curve_peer(rid, fd, frame)
             if frame.more:
                 self._reject_frames(rid)
                 continue
