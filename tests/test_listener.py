@@ -3,14 +3,20 @@ file, and more connections than file descriptors. Real daemon processes, real so
 
 from __future__ import annotations
 
+import logging
+import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
+import pytest
 import zmq
 import zmq.auth
 
 from positiond_client import PositionPersistenceManager
-from tests.helpers import DaemonProcess, rows, session_status, wait_for
+from positiond_client.paths import socket_owner_warning, unsafe_socket_directory
+from tests.helpers import UNIT, DaemonProcess, rows, session_status, wait_for
 
 
 def _curve_daemon(workdir: Path) -> tuple[DaemonProcess, Path, Path, str]:
@@ -82,3 +88,114 @@ def test_sighup_revokes_a_removed_curve_key_at_once(workdir: Path) -> None:
         for pm in managers:
             pm.close(0)
         daemon.stop()
+
+
+# ---- the socket's directory ---------------------------------------------------------------
+
+
+def _run_daemon(workdir: Path, endpoint: str) -> subprocess.CompletedProcess[str]:
+    """Start a daemon on ``endpoint``; a refused one exits at once, an accepted one is stopped."""
+    proc = DaemonProcess(workdir)
+    proc.args[proc.args.index("--endpoint") + 1] = endpoint
+    out = open(workdir / "run.log", "wb")  # noqa: SIM115 -- owned by the child
+    child = subprocess.Popen(proc.args, stdout=out, stderr=out)
+    out.close()
+
+    def outcome() -> bool:
+        text = (workdir / "run.log").read_text()
+        return child.poll() is not None or "positiond ready" in text
+
+    wait_for(outcome, 10, "the daemon to refuse or start")
+    if child.poll() is None:
+        child.send_signal(signal.SIGTERM)
+    child.wait(10 * UNIT)
+    return subprocess.CompletedProcess(
+        proc.args, child.returncode, (workdir / "run.log").read_text()
+    )
+
+
+@pytest.mark.parametrize(
+    ("layout", "socket_in"),
+    [
+        ({"open": 0o1777}, "open"),  # like /tmp itself: sticky, but the name is free to take
+        ({"open": 0o0777}, "open"),
+        ({"shared": 0o0770}, "shared"),
+        ({"open": 0o0777, "open/mine": 0o0700}, "open/mine"),  # anyone can rename "mine"
+    ],
+)
+def test_daemon_refuses_a_socket_other_users_could_take_over(
+    workdir: Path, layout: dict[str, int], socket_in: str
+) -> None:
+    for name, mode in layout.items():
+        (workdir / name).mkdir()
+        (workdir / name).chmod(mode)
+    result = _run_daemon(workdir, f"ipc://{workdir / socket_in}/pd.sock")
+    assert result.returncode == 2, result.stdout
+    assert "writable by other users" in result.stdout
+    assert not (workdir / socket_in / "pd.sock").exists()
+
+
+def test_daemon_accepts_a_private_directory_below_a_sticky_one(workdir: Path) -> None:
+    (workdir / "tmp").mkdir()
+    (workdir / "tmp").chmod(0o1777)
+    (workdir / "tmp" / "mine").mkdir(mode=0o700)
+    result = _run_daemon(workdir, f"ipc://{workdir}/tmp/mine/pd.sock")
+    assert result.returncode == 0, result.stdout
+    assert "positiond ready" in result.stdout
+
+
+def test_unsafe_socket_directory_applies_the_ssh_rule(workdir: Path) -> None:
+    (workdir / "a").mkdir(mode=0o700)
+    assert unsafe_socket_directory(workdir / "a" / "x.sock") is None
+    (workdir / "a").chmod(0o1733)
+    assert "writable by other users" in str(unsafe_socket_directory(workdir / "a" / "x.sock"))
+    (workdir / "a" / "b").mkdir(mode=0o755)
+    assert unsafe_socket_directory(workdir / "a" / "b" / "x.sock") is None  # sticky parent
+    (workdir / "a").chmod(0o733)
+    assert "writable" in str(unsafe_socket_directory(workdir / "a" / "b" / "x.sock"))
+    # A foreign owner anywhere on the way is refused.
+    if os.geteuid() == 0:
+        (workdir / "c").mkdir(mode=0o755)
+        os.chown(workdir / "c", 4242, 4242)
+        assert "belongs to uid 4242" in str(unsafe_socket_directory(workdir / "c" / "x.sock"))
+    else:
+        other = os.getuid() + 4242
+        assert "belongs to uid" in str(unsafe_socket_directory(workdir / "x.sock", other))
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to make a socket of another user")
+def test_client_warns_about_a_socket_of_another_user(
+    workdir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The attack of the issue: another user binds the name while the daemon is stopped."""
+    workdir.chmod(0o755)  # let the other user reach the open directory
+    (workdir / "open").mkdir()
+    (workdir / "open").chmod(0o1777)
+    path = workdir / "open" / "pd.sock"
+    nobody = 65534
+    code = (
+        f"import os, socket, sys; os.setgid({nobody}); os.setuid({nobody}); "
+        "s = socket.socket(socket.AF_UNIX); s.bind(sys.argv[1]); s.listen(); "
+        "print('bound', flush=True); sys.stdin.read()"
+    )
+    thief = subprocess.Popen(
+        [sys.executable, "-c", code, str(path)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert thief.stdout is not None and thief.stdout.readline().strip() == "bound"
+        with caplog.at_level(logging.WARNING, logger="positiond_client"):
+            pm = PositionPersistenceManager("victim", endpoint=f"ipc://{path}", ack_timeout=0.2)
+            pm.close(0)
+        warned = [
+            r.getMessage() for r in caplog.records if "belongs to uid 65534" in r.getMessage()
+        ]
+        assert warned, caplog.text
+        assert socket_owner_warning(f"ipc://{path}", {"POSITIOND_DAEMON_USER": "65534"}) is not None
+        (workdir / "open").chmod(0o755)  # a safe directory, and the daemon user named: quiet
+        assert socket_owner_warning(f"ipc://{path}", {"POSITIOND_DAEMON_USER": "65534"}) is None
+    finally:
+        thief.kill()
+        thief.communicate()

@@ -2,7 +2,8 @@
 
 Exit codes: 0 after a graceful stop (SIGTERM/SIGINT), 1 when the daemon cannot run (another
 instance holds the database or endpoint, a database from a newer version), 2 for an invalid
-setting or an unusable socket from systemd — found before anything is opened or bound. The
+setting, an unusable socket from systemd or an ipc socket in a directory other users can write
+— found before anything is bound. The
 systemd unit does not restart on 2 (``RestartPreventExitStatus=2``): a restart cannot fix it.
 """
 
@@ -19,7 +20,7 @@ from positiond.activation import ActivationError, Inherited, inherited_socket, m
 from positiond.config import Config, ConfigError, Loaded, format_config, load
 from positiond.logs import set_level, setup_logging
 from positiond.schema import SchemaError
-from positiond.server import AlreadyRunning, Daemon
+from positiond.server import AlreadyRunning, Daemon, UnsafeEndpoint
 from positiond.status import status_line
 
 __all__ = ["async_main", "main"]
@@ -94,6 +95,9 @@ async def async_main(
     except (AlreadyRunning, SchemaError) as exc:
         log.error("%s", exc)
         return EXIT_FAILED
+    except UnsafeEndpoint as exc:
+        log.error("%s", exc)
+        return EXIT_CONFIG
     return EXIT_OK
 
 

@@ -43,10 +43,15 @@ from positiond.notify import Notifier
 from positiond.status import Progress, Reporter, status_file_for, status_line, version
 from positiond.store import Store
 from positiond_client.errors import ProtocolError
-from positiond_client.paths import ensure_private_dir, ipc_path, runtime_dir
+from positiond_client.paths import (
+    ensure_private_dir,
+    ipc_path,
+    runtime_dir,
+    unsafe_socket_directory,
+)
 from positiond_client.protocol import PROTOCOL_VERSION, decode, encode, error_reply
 
-__all__ = ["AlreadyRunning", "Daemon"]
+__all__ = ["AlreadyRunning", "Daemon", "UnsafeEndpoint"]
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +74,10 @@ STALL_LIMIT = 30.0
 
 class AlreadyRunning(RuntimeError):
     """Another positiond holds this database or endpoint."""
+
+
+class UnsafeEndpoint(RuntimeError):
+    """The ipc socket's directory would let another user take the endpoint over."""
 
 
 class _RateLimitedLog:
@@ -174,10 +183,7 @@ class Daemon:
         self._locks.append(_lock(db.with_name(db.name + ".lock"), f"database {db}"))
         sock_path = ipc_path(cfg.endpoint)
         if sock_path is not None:
-            if sock_path.parent == runtime_dir():
-                ensure_private_dir(sock_path.parent)
-            else:
-                sock_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            self._prepare_socket_dir(sock_path)
             # libzmq unlinks an existing socket file on bind: without this lock a second daemon
             # would silently steal the endpoint from the first.
             lock = sock_path.with_name(sock_path.name + ".lock")
@@ -234,6 +240,29 @@ class Daemon:
             watchdog = self.reporter.watchdog_loop(self.writer_progressing)
             self._tasks.append(loop.create_task(watchdog, name="positiond-watchdog"))
         log.info("positiond ready: database %s, endpoint %s", db, self.endpoint)
+
+    @staticmethod
+    def _prepare_socket_dir(sock_path: Path) -> None:
+        """Create the socket's directory, or refuse one another user could write.
+
+        Someone who can write the directory can bind the socket's name while the daemon is
+        stopped (or delete it and bind while it runs) and receive strategies' sessions and
+        tokens: refuse it before anything is bound (exit 2; docs/SECURITY.md).
+        """
+        try:
+            if sock_path.parent == runtime_dir():
+                ensure_private_dir(sock_path.parent)
+            else:
+                sock_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except PermissionError as exc:
+            raise UnsafeEndpoint(f"refusing the socket directory: {exc}") from None
+        unsafe = unsafe_socket_directory(sock_path)
+        if unsafe is not None:
+            raise UnsafeEndpoint(
+                f"refusing to listen on {sock_path}: {unsafe}; another user could take the "
+                "endpoint over (docs/SECURITY.md). Put the socket in a directory only this "
+                "user (and root) can write, e.g. the default one"
+            )
 
     def _check_group_access(self, sock_path: Path) -> None:
         if not self.config.socket_mode & 0o070:
