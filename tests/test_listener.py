@@ -3,9 +3,13 @@ file, and more connections than file descriptors. Real daemon processes, real so
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import shutil
 import signal
+import socket
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +21,7 @@ import zmq.auth
 from positiond_client import PositionPersistenceManager
 from positiond_client.paths import socket_owner_warning, unsafe_socket_directory
 from tests.helpers import UNIT, DaemonProcess, rows, session_status, wait_for
+from tests.test_service import _activated
 
 
 def _curve_daemon(workdir: Path) -> tuple[DaemonProcess, Path, Path, str]:
@@ -199,3 +204,87 @@ def test_client_warns_about_a_socket_of_another_user(
     finally:
         thief.kill()
         thief.communicate()
+
+
+# ---- the socket file deleted while running ------------------------------------------------
+
+
+def _acked_session(endpoint: str, name: str) -> PositionPersistenceManager:
+    pm = PositionPersistenceManager(name, endpoint=endpoint, ack_timeout=2 * UNIT)
+    assert pm.start_session() is not None, f"{name} was not acked"
+    return pm
+
+
+def test_a_deleted_or_replaced_socket_file_is_bound_again(daemon: DaemonProcess) -> None:
+    first = _acked_session(daemon.endpoint, "first")
+    managers = [first]
+    try:
+        daemon.sock.unlink()
+        # Back within the check interval: a new strategy can connect again.
+        wait_for(lambda: daemon.sock.is_socket(), 5, "the socket file to be bound again")
+        managers.append(_acked_session(daemon.endpoint, "second"))
+        # The connection in place was kept all along.
+        assert first.save_position_entry(symbol="X", entry_price=1.0, quantity=1) is not None
+        assert stat.S_IMODE(daemon.sock.stat().st_mode) == 0o600
+
+        # Someone puts another file at the name: it is not ours, the daemon takes the name back.
+        daemon.sock.unlink()
+        daemon.sock.write_text("not a socket")
+        wait_for(lambda: daemon.sock.is_socket(), 5, "the name to be taken back")
+        managers.append(_acked_session(daemon.endpoint, "third"))
+        out = daemon.output()
+        assert "was deleted while running; bound it again" in out
+        assert "was replaced by another file while running; bound it again" in out
+    finally:
+        for pm in managers:
+            pm.close(0)
+    assert daemon.stop() == 0
+    assert not daemon.sock.exists()
+
+
+def test_a_deleted_directory_is_made_again_with_its_endpoint_lock(workdir: Path) -> None:
+    run = workdir / "run"
+    run.mkdir(mode=0o700)
+    daemon = DaemonProcess(workdir, "--flush-interval", "0.05")
+    daemon.sock = run / "pd.sock"
+    daemon.endpoint = f"ipc://{daemon.sock}"
+    daemon.args[daemon.args.index("--endpoint") + 1] = daemon.endpoint
+    daemon.start()
+    try:
+        shutil.rmtree(run)
+        wait_for(lambda: daemon.sock.is_socket(), 5, "the socket to be bound again")
+        pm = _acked_session(daemon.endpoint, "after")
+        pm.close(0)
+        # The endpoint lock was taken again: a second daemon is still refused.
+        second = subprocess.run(daemon.args, capture_output=True, text=True, timeout=30 * UNIT)
+        assert second.returncode == 1 and "already running" in second.stderr, second.stderr
+        assert daemon.sock.is_socket()
+    finally:
+        assert daemon.stop() == 0
+
+
+def test_under_socket_activation_a_deleted_socket_file_is_unhealthy(workdir: Path) -> None:
+    path = workdir / "pd.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(16)
+    status = workdir / "status.json"
+    proc = _activated(workdir, listener, 1, "--status-interval", "0.1")
+    try:
+        proc.wait_ready()
+
+        def health() -> dict[str, object]:
+            try:
+                value: dict[str, object] = json.loads(status.read_text())
+            except (OSError, ValueError):
+                return {}
+            return value
+
+        wait_for(lambda: health().get("healthy") is True, 5, "a healthy status")
+        path.unlink()  # systemd's file: the daemon cannot make another, it must say so
+        wait_for(lambda: health().get("healthy") is False, 5, "an unhealthy status")
+        assert health()["listening"] is False
+        assert "restart positiond.socket" in proc.output()
+    finally:
+        proc.stop()
+        listener.close()

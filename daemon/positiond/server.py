@@ -38,7 +38,7 @@ from zmq.utils.monitor import parse_monitor_message
 from positiond.config import RELOADABLE, Config, changed
 from positiond.curve import ServerCurve, secure_server
 from positiond.engine import Engine
-from positiond.listener import shutdown_connection
+from positiond.listener import SocketWatch, shutdown_connection
 from positiond.notify import Notifier
 from positiond.status import Progress, Reporter, status_file_for, status_line, version
 from positiond.store import Store
@@ -110,6 +110,14 @@ def _lock(path: Path, what: str) -> IO[bytes]:
     return handle
 
 
+def _same_file(handle: IO[bytes], path: Path) -> bool:
+    try:
+        mine, there = os.fstat(handle.fileno()), os.stat(path)
+    except (OSError, ValueError):
+        return False
+    return (mine.st_dev, mine.st_ino) == (there.st_dev, there.st_ino)
+
+
 def _peer_credentials(frame: zmq.Frame) -> tuple[int, int | None, int | None]:
     """(fd, uid, pid) of the connection a frame came in on; uid/pid only on ipc://."""
     fd = int(frame.get(zmq.SRCFD))
@@ -142,6 +150,8 @@ class Daemon:
         # CURVE peers: routing id -> (fd, z85 public key), to drop a key's connections on revoke.
         self._curve_peers: dict[bytes, tuple[int, str]] = {}
         self._own_socket_file: Path | None = None
+        self._socket_watch: SocketWatch | None = None
+        self._endpoint_lock: Path | None = None
         self.notifier = Notifier() if notifier is None else notifier
         self.monotonic = monotonic
         self.engine = Engine(
@@ -186,7 +196,7 @@ class Daemon:
             self._prepare_socket_dir(sock_path)
             # libzmq unlinks an existing socket file on bind: without this lock a second daemon
             # would silently steal the endpoint from the first.
-            lock = sock_path.with_name(sock_path.name + ".lock")
+            lock = self._endpoint_lock = sock_path.with_name(sock_path.name + ".lock")
             self._locks.append(_lock(lock, f"endpoint {cfg.endpoint}"))
         self.store = await Store.open(db, cfg.synchronous, busy_timeout=cfg.busy_timeout)
         sessions, legs = await self.store.load_live()
@@ -220,6 +230,8 @@ class Daemon:
             self._own_socket_file = sock_path
         else:
             log.info("listening on %s with CURVE authentication", self.endpoint)
+        if sock_path is not None and not str(sock_path).startswith("@"):
+            self._socket_watch = SocketWatch(sock_path)
         self.sock = sock
         loop = self._loop = asyncio.get_running_loop()
         self._writer = loop.create_task(self._write_loop(), name="positiond-writer")
@@ -379,6 +391,7 @@ class Daemon:
         """A snapshot for operators and monitoring (documented in :mod:`positiond.status`)."""
         now, wall = self.monotonic(), time.time()
         progressing = self.writer_progressing()
+        listening = self._socket_watch is None or self._socket_watch.ok
         db = Path(self.config.db)
         size = 0
         for path in (db, db.with_name(db.name + "-wal")):
@@ -400,7 +413,8 @@ class Daemon:
             "last_flush_age": None if self.last_flush is None else round(wall - self.last_flush, 3),
             "writer_stalled": round(self.progress.stalled_for(now), 3),
             "writes_ok": self.healthy,
-            "healthy": self.healthy and progressing,
+            "listening": listening,
+            "healthy": self.healthy and progressing and listening,
             "counters": dict(self.counters),
         }
 
@@ -633,6 +647,64 @@ class Daemon:
             if self.engine.tick(self.monotonic()):
                 self._wake.set()
             self._recheck()  # cheap insurance against a missed edge of the fd
+            watch = self._socket_watch
+            if watch is not None and watch.due(self.monotonic()):
+                self._check_socket_file(watch)
+
+    # ---- the socket file -------------------------------------------------------------------
+
+    def _check_socket_file(self, watch: SocketWatch) -> None:
+        """Bind the socket file again if it was deleted or replaced (or report unhealthy)."""
+        problem = watch.problem()
+        if problem is None:
+            if not watch.ok:
+                log.warning("the socket file %s is back", watch.path)
+                watch.ok = True
+            return
+        if self._own_socket_file is None:
+            # systemd's socket unit owns the file (socket activation): only it can make one.
+            if watch.ok:
+                log.error(
+                    "the socket file %s was %s; new strategies cannot connect: restart "
+                    "positiond.socket and positiond (systemctl restart positiond.socket)",
+                    watch.path,
+                    problem,
+                )
+            watch.ok = False
+            return
+        try:
+            self._rebind(watch.path)
+        except (OSError, zmq.ZMQError, UnsafeEndpoint, AlreadyRunning) as exc:
+            if watch.ok:
+                log.error(
+                    "the socket file %s was %s and cannot be bound again: %s",
+                    watch.path,
+                    problem,
+                    exc,
+                )
+            watch.ok = False
+            return
+        watch.record()
+        self.counters["socket_rebinds"] = self.counters.get("socket_rebinds", 0) + 1
+        log.warning(
+            "the socket file %s was %s while running; bound it again (connections in place "
+            "were kept)",
+            watch.path,
+            problem,
+        )
+
+    def _rebind(self, path: Path) -> None:
+        assert self.sock is not None
+        self._prepare_socket_dir(path)
+        lock = self._endpoint_lock
+        if lock is not None and not any(_same_file(h, lock) for h in self._locks):
+            # The directory went with the file: take the endpoint lock again before binding.
+            self._locks.append(_lock(lock, f"endpoint {self.config.endpoint}"))
+        with contextlib.suppress(zmq.ZMQError):
+            # Closes the old listening socket; libzmq unlinks no file of an explicit path.
+            self.sock.unbind(self.endpoint)
+        self.sock.bind(self.endpoint)
+        os.chmod(path, self.config.socket_mode)
 
     # ---- process death -------------------------------------------------------------------
 

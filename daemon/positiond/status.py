@@ -17,8 +17,10 @@ a few of these belongs to a dead or hung daemon), ``uptime`` (seconds), ``endpoi
 ``db_size`` (bytes, database plus WAL), ``sessions`` (live), ``legs`` (open), ``pending_ops``
 (durable messages not committed yet), ``pending_updates`` (coalesced leg updates not written yet),
 ``last_flush_age`` (seconds since the last commit, null before the first), ``writer_stalled``
-(seconds since the writer last committed or had nothing to do), ``healthy`` (writes succeed and
-the writer is not stalled), ``counters``.
+(seconds since the writer last committed or had nothing to do), ``listening`` (the ipc socket
+file is the one the daemon listens on; false when it was deleted and could not be bound again,
+e.g. under socket activation), ``healthy`` (writes succeed, the writer is not stalled and the
+daemon is listening), ``counters``.
 """
 
 from __future__ import annotations
@@ -102,7 +104,9 @@ def status_line(health: dict[str, Any]) -> str:
         f"{health['pending_ops'] + health['pending_updates']} pending, "
         f"last flush {_ago(health['last_flush_age'])}"
     )
-    if not health["healthy"]:
+    if not health["healthy"] and health.get("listening", True) is False:
+        line += "; UNHEALTHY: the socket file is gone, new strategies cannot connect"
+    elif not health["healthy"]:
         line += f"; UNHEALTHY: writer stalled {health['writer_stalled']:.1f}s"
         if not health["writes_ok"]:
             line += ", database writes failing"
