@@ -7,7 +7,9 @@ Five tasks share the event loop:
   message), decode, hand each message to the :class:`~positiond.engine.Engine`;
 - write: takes a batch from the engine, commits it in one call, then sends the acks;
 - tick: drives liveness verdicts and the flush interval;
-- monitor: turns a dropped ipc connection into "process exited" within milliseconds;
+- monitor (a selector callback, not a task): turns a dropped ipc connection into "process
+  exited" within milliseconds, and counts connections against the fd limit
+  (:class:`~positiond.listener.ConnectionGate`);
 - status: tells systemd how the daemon is doing (``STATUS=``, ``WATCHDOG=1`` while the writer
   makes progress, see :mod:`positiond.status`) and refreshes ``status.json``.
 
@@ -38,7 +40,15 @@ from zmq.utils.monitor import parse_monitor_message
 from positiond.config import RELOADABLE, Config, changed
 from positiond.curve import ServerCurve, secure_server
 from positiond.engine import Engine
-from positiond.listener import SocketWatch, shutdown_connection
+from positiond.listener import (
+    ConnectionGate,
+    Limits,
+    SocketWatch,
+    open_fds,
+    peer_of,
+    raise_fd_limit,
+    shutdown_connection,
+)
 from positiond.notify import Notifier
 from positiond.status import Progress, Reporter, status_file_for, status_line, version
 from positiond.store import Store
@@ -68,6 +78,11 @@ SHUTDOWN_WRITE_TIMEOUT = 10.0
 # While the final flush runs, ask systemd for this much more stop time every EXTEND_STEP seconds.
 EXTEND_STEP = 1.0
 EXTEND_BY = 3 * EXTEND_STEP
+# A connection refused for the limit is dropped this long after it came in.
+REFUSE_GRACE = 0.5
+# How often the open fds are recounted (a listdir of /proc/self/fd).
+FD_COUNT_INTERVAL = 1.0
+FD_CEILING_UNSET = 1 << 20
 # Without a systemd watchdog, health() calls a writer stalled for this long unhealthy.
 STALL_LIMIT = 30.0
 
@@ -108,6 +123,10 @@ def _lock(path: Path, what: str) -> IO[bytes]:
         handle.close()
         raise AlreadyRunning(f"another positiond is already running on {what}") from None
     return handle
+
+
+def _paused_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.paused")
 
 
 def _same_file(handle: IO[bytes], path: Path) -> bool:
@@ -151,6 +170,10 @@ class Daemon:
         self._curve_peers: dict[bytes, tuple[int, str]] = {}
         self._own_socket_file: Path | None = None
         self._socket_watch: SocketWatch | None = None
+        self._monitor: zmq.Socket[bytes] | None = None
+        self._gate = ConnectionGate(Limits.compute(FD_CEILING_UNSET, 0))
+        self._next_fd_count = 0.0
+        self._refuse_log = _RateLimitedLog()
         self._endpoint_lock: Path | None = None
         self.notifier = Notifier() if notifier is None else notifier
         self.monotonic = monotonic
@@ -181,7 +204,15 @@ class Daemon:
         self.progress = Progress(self.started)
         self.reporter = Reporter(self.notifier, None, self.health)
         self.counters = self.engine.counters
-        self.counters.update({"bad_messages": 0, "dropped_replies": 0, "batches": 0})
+        self.counters.update(
+            {
+                "bad_messages": 0,
+                "dropped_replies": 0,
+                "batches": 0,
+                "refused_connections": 0,
+                "accept_pauses": 0,
+            }
+        )
 
     # ---- lifecycle -----------------------------------------------------------------------
 
@@ -212,10 +243,20 @@ class Daemon:
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         sock.setsockopt(zmq.MAXMSGSIZE, cfg.max_message_bytes + 1024)
         sock.setsockopt(zmq.LINGER, 1000)
+        fd_limit = raise_fd_limit()
+        # What still comes in after the daemon stops accepting: keep it within the spare fds.
+        sock.setsockopt(zmq.BACKLOG, Limits.compute(fd_limit, 0).backlog)
         if self.listen_fd is not None:
             # Socket activation: libzmq adopts systemd's listening socket (and will close it)
             # instead of unlinking the file and binding a new one; bind only names it.
             sock.setsockopt(zmq.USE_FD, self.listen_fd)
+        # Watched from before the first connection: the gate counts every one.
+        monitor_address = f"inproc://positiond-monitor-{id(self):x}"
+        sock.monitor(monitor_address, zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
+        # A plain socket drained from a selector callback, like the ROUTER (see _drain_monitor).
+        monitor: zmq.Socket[bytes] = zmq.Socket(self.ctx, zmq.PAIR)
+        monitor.connect(monitor_address)
+        self._monitor = monitor
         if cfg.curve_secret_key is not None and cfg.curve_clients is not None and not self.is_ipc:
             # Config refuses tcp:// without these: a network port is never served in clear.
             self._curve = secure_server(self.ctx, sock, cfg.curve_secret_key, cfg.curve_clients)
@@ -232,6 +273,14 @@ class Daemon:
             log.info("listening on %s with CURVE authentication", self.endpoint)
         if sock_path is not None and not str(sock_path).startswith("@"):
             self._socket_watch = SocketWatch(sock_path)
+        limits = Limits.compute(fd_limit, open_fds(), cfg.max_connections)
+        self._gate = ConnectionGate(limits)
+        log.info(
+            "connections: up to %d served (accepting again below %d; file descriptor limit %d)",
+            limits.cap,
+            limits.resume_below,
+            limits.fd_limit,
+        )
         self.sock = sock
         loop = self._loop = asyncio.get_running_loop()
         self._writer = loop.create_task(self._write_loop(), name="positiond-writer")
@@ -239,7 +288,8 @@ class Daemon:
         loop.add_reader(self._reader_fd, self._on_readable)
         self._drain_soon()  # anything that queued before the fd was watched
         self._tasks = [loop.create_task(self._tick_loop(), name="positiond-tick")]
-        self._tasks.append(loop.create_task(self._monitor_loop(), name="positiond-monitor"))
+        loop.add_reader(monitor.fileno(), self._drain_monitor)
+        self._drain_monitor()
         self.reporter.path = status_file_for(sock_path)
         self.started = self.monotonic()
         self.progress = Progress(self.started)
@@ -316,6 +366,7 @@ class Daemon:
         if self._reader_fd is not None and self._loop is not None:
             self._loop.remove_reader(self._reader_fd)
             self._reader_fd = None
+        self._close_monitor()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -329,6 +380,9 @@ class Daemon:
         if self.sock is not None:
             self.sock.close(linger=1000)
             self.sock = None
+        if self._gate.paused and self._socket_watch is not None:
+            self._gate.paused = False
+            self._resume_accepting()  # systemd's socket goes back where the unit expects it
         if self._own_socket_file is not None:
             # libzmq leaves the file behind; nobody listens on it any more (the endpoint lock
             # says it is ours). A socket from systemd belongs to the .socket unit: kept.
@@ -340,6 +394,7 @@ class Daemon:
         if self.ctx is not None:
             self.ctx.term()
             self.ctx = None
+
         if self.store is not None:
             await self.store.close()
             self.store = None
@@ -414,6 +469,11 @@ class Daemon:
             "writer_stalled": round(self.progress.stalled_for(now), 3),
             "writes_ok": self.healthy,
             "listening": listening,
+            "connections": len(self._gate.open),
+            "connections_peak": self._gate.peak,
+            "connection_limit": self._gate.limits.cap,
+            "accepting": not self._gate.paused,
+            "fd_limit": self._gate.limits.fd_limit,
             "healthy": self.healthy and progressing and listening,
             "counters": dict(self.counters),
         }
@@ -509,6 +569,10 @@ class Daemon:
             frame = recv(copy=False)
             if rid not in peers:
                 fd, uid, pid = _peer_credentials(frame)
+                self._drain_monitor()
+                if fd in self._gate.refused:
+                    self._busy(rid)
+                    continue
                 engine.add_peer(rid, fd, uid, pid)
                 if self._curve is not None:
                     self._note_curve_peer(rid, fd, frame)
@@ -535,6 +599,19 @@ class Daemon:
             if reply is not None:
                 send(rid, reply)
         return True
+
+    def _busy(self, rid: bytes) -> None:
+        """Answer a message of a connection refused for the limit (no seq: nothing fails)."""
+        assert self.sock is not None
+        while self.sock.rcvmore:
+            self.sock.recv()
+        limits = self._gate.limits
+        reason = (
+            f"positiond is at its connection limit ({limits.cap} served; file descriptor limit "
+            f"{limits.fd_limit}): this connection is refused and will be closed; the client "
+            "reconnects and re-sends by itself"
+        )
+        self.send(rid, error_reply("BUSY", reason))
 
     def _reject_frames(self, rid: bytes) -> None:
         assert self.sock is not None
@@ -647,8 +724,13 @@ class Daemon:
             if self.engine.tick(self.monotonic()):
                 self._wake.set()
             self._recheck()  # cheap insurance against a missed edge of the fd
+            self._drain_monitor()  # the same for the monitor's
+            now = self.monotonic()
+            if now >= self._next_fd_count:
+                self._next_fd_count = now + FD_COUNT_INTERVAL
+                self._count_fds()
             watch = self._socket_watch
-            if watch is not None and watch.due(self.monotonic()):
+            if watch is not None and not self._gate.paused and watch.due(now):
                 self._check_socket_file(watch)
 
     # ---- the socket file -------------------------------------------------------------------
@@ -700,31 +782,121 @@ class Daemon:
         if lock is not None and not any(_same_file(h, lock) for h in self._locks):
             # The directory went with the file: take the endpoint lock again before binding.
             self._locks.append(_lock(lock, f"endpoint {self.config.endpoint}"))
-        with contextlib.suppress(zmq.ZMQError):
-            # Closes the old listening socket; libzmq unlinks no file of an explicit path.
-            self.sock.unbind(self.endpoint)
+        # A second listener on the same endpoint. Not unbind() first: libzmq would close every
+        # connection the old listener accepted with it. The old one (a listening socket no
+        # path leads to any more) stays open until the daemon stops: one fd per incident.
         self.sock.bind(self.endpoint)
         os.chmod(path, self.config.socket_mode)
 
+    # ---- connection limit -----------------------------------------------------------------
+
+    def _accepted(self, fd: int) -> None:
+        gate = self._gate
+        action = gate.accepted(fd)
+        if fd in gate.refused:
+            self.counters["refused_connections"] += 1
+            self._refuse_log.warning(
+                "refusing a new connection (%s): %d open, %d served at most (file descriptor "
+                "limit %d; raise LimitNOFILE= or see max_connections)",
+                peer_of(fd),
+                len(gate.open),
+                gate.limits.cap,
+                gate.limits.fd_limit,
+            )
+            # Long enough for its first message to be answered BUSY (see _drain).
+            assert self._loop is not None
+            self._loop.call_later(REFUSE_GRACE, self._drop_refused, fd)
+        if action == "pause":
+            self._pause_accepting()
+
+    def _drop_refused(self, fd: int) -> None:
+        if fd in self._gate.refused:
+            shutdown_connection(fd)
+
+    def _pause_accepting(self) -> None:
+        """Stop new connections: move the socket file aside (connect() then fails ENOENT).
+
+        Not unbind(): libzmq would close every connection that listener accepted. At most the
+        listen backlog (ZMQ_BACKLOG) of connections already queued is still accepted.
+        """
+        path = self._socket_watch.path if self._socket_watch is not None else None
+        if path is None:
+            # tcp://: libzmq's tcp listener survives EMFILE (it retries the accept).
+            log.error("at the connection limit: %d open", len(self._gate.open))
+            return
+        try:
+            os.rename(path, _paused_name(path))
+        except OSError as exc:
+            log.error("cannot stop accepting connections (%s): %s", path, exc)
+            return
+        self.counters["accept_pauses"] += 1
+        log.error(
+            "stopped accepting connections: %d open, %d fds in use of %d; accepting again "
+            "below %d (new strategies cannot connect meanwhile)",
+            len(self._gate.open),
+            open_fds(),
+            self._gate.limits.fd_limit,
+            self._gate.limits.resume_below,
+        )
+
+    def _resume_accepting(self) -> None:
+        path = self._socket_watch.path if self._socket_watch is not None else None
+        if path is None:
+            return
+        try:
+            os.rename(_paused_name(path), path)
+        except FileNotFoundError:
+            pass  # never moved (the rename failed) or deleted meanwhile: the watch binds again
+        except OSError as exc:
+            log.error("cannot listen again on %s: %s; retrying", self.endpoint, exc)
+            self._gate.paused = True  # the next tick tries again
+            return
+        if self._socket_watch is not None:
+            self._socket_watch.record()
+        log.warning("accepting connections again: %d open", len(self._gate.open))
+
+    def _count_fds(self) -> None:
+        """Recount the fds now and then: monitor events can be lost under a flood."""
+        gate = self._gate
+        if gate.fds_now(open_fds()) == "pause":
+            self._pause_accepting()
+        elif gate.resume_due():
+            self._resume_accepting()
+
     # ---- process death -------------------------------------------------------------------
 
-    async def _monitor_loop(self) -> None:
-        assert self.sock is not None and self.ctx is not None
-        # get_monitor_socket() of a plain socket would hand back a plain PAIR: make our own.
-        address = f"inproc://positiond-monitor-{id(self):x}"
-        self.sock.monitor(address, zmq.EVENT_DISCONNECTED)
-        monitor = self.ctx.socket(zmq.PAIR)
-        monitor.connect(address)
-        try:
-            while True:
-                event = parse_monitor_message(await monitor.recv_multipart())
-                if event["event"] == zmq.EVENT_DISCONNECTED:
-                    self._disconnected(int(event["value"]))
-        finally:
+    def _drain_monitor(self) -> None:
+        """Handle every queued socket event (accepted, disconnected) without blocking.
+
+        Also called for each new peer in _drain: libzmq queues a connection's ACCEPTED event
+        before it reads a byte from it, so the gate knows every fd a message arrives on.
+        """
+        monitor = self._monitor
+        if monitor is None:
+            return
+        while True:
+            try:
+                event = parse_monitor_message(monitor.recv_multipart(NOBLOCK))
+            except zmq.Again:
+                return
+            if event["event"] == zmq.EVENT_DISCONNECTED:
+                self._disconnected(int(event["value"]))
+            elif event["event"] == zmq.EVENT_ACCEPTED:
+                self._accepted(int(event["value"]))
+
+    def _close_monitor(self) -> None:
+        monitor, self._monitor = self._monitor, None
+        if monitor is None:
+            return
+        if self._loop is not None:
+            self._loop.remove_reader(monitor.fileno())
+        if self.sock is not None:
             self.sock.disable_monitor()
-            monitor.close(linger=0)
+        monitor.close(linger=0)
 
     def _disconnected(self, fd: int) -> None:
+        if self._gate.closed(fd) == "resume":
+            self._resume_accepting()
         for peer in self.engine.peers_on_fd(fd):
             self._probe(peer.rid, 0)
 
