@@ -385,7 +385,7 @@ def test_twice_the_fd_limit_in_connections_leaves_the_daemon_serving(
                         _CROWD,
                         daemon.endpoint,
                         str(limit),
-                        str(3 * UNIT),
+                        str(3 * UNIT * max(1, limit // 1024)),
                         str(i),
                     ],
                     stdin=subprocess.PIPE,

@@ -255,6 +255,10 @@ class Daemon:
         sock.monitor(monitor_address, zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
         # A plain socket drained from a selector callback, like the ROUTER (see _drain_monitor).
         monitor: zmq.Socket[bytes] = zmq.Socket(self.ctx, zmq.PAIR)
+        # libzmq drops events beyond the pipe's HWM (1000 + 1000): a flood of connections
+        # would lose ACCEPTED events and the gate would count too few. 0 on our side makes
+        # the inproc pipe unbounded (libzmq adds both sides' HWMs unless one is 0).
+        monitor.setsockopt(zmq.RCVHWM, 0)
         monitor.connect(monitor_address)
         self._monitor = monitor
         if cfg.curve_secret_key is not None and cfg.curve_clients is not None and not self.is_ipc:
