@@ -21,6 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from positiond.listener import ConnectionGate, Limits
+from positiond.status import status_line
 from positiond_client import PositionPersistenceManager
 from positiond_client.paths import socket_owner_warning, unsafe_socket_directory
 from tests.helpers import UNIT, DaemonProcess, rows, session_status, wait_for
@@ -501,3 +502,37 @@ def test_a_strategy_waiting_at_the_connection_limit_is_served_once_a_slot_frees(
         assert limited.stop() == 0
     assert not limited.sock.exists()
     assert not limited.sock.with_name(".pd.sock.paused").exists()
+
+
+def test_a_daemon_killed_at_the_limit_leaves_nothing_in_the_way(workdir: Path) -> None:
+    limited = DaemonProcess(workdir, "--flush-interval", "0.05", "--max-connections", "1")
+    limited.start()
+    first = _acked_session(limited.endpoint, "first")
+    try:
+        paused = limited.sock.with_name(".pd.sock.paused")
+        wait_for(paused.exists, 5, "the socket file to be moved aside")
+        assert not limited.sock.exists()
+        limited.kill()
+        assert paused.exists()
+        limited.start()  # a restart cleans up and serves again
+        assert not paused.exists()
+        wait_for(lambda: first.sync(timeout=0.5), 10, "the first strategy to be served again")
+    finally:
+        first.close(0)
+        assert limited.stop() == 0
+
+
+def test_the_status_line_says_when_the_daemon_is_at_its_connection_limit() -> None:
+    health = {
+        "sessions": 3,
+        "legs": 0,
+        "pending_ops": 0,
+        "pending_updates": 0,
+        "last_flush_age": None,
+        "healthy": True,
+        "accepting": False,
+        "connections": 76,
+        "connection_limit": 76,
+    }
+    assert "AT CONNECTION LIMIT (76/76)" in status_line(health)
+    assert "LIMIT" not in status_line({**health, "accepting": True})

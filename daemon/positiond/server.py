@@ -229,6 +229,7 @@ class Daemon:
             # would silently steal the endpoint from the first.
             lock = self._endpoint_lock = sock_path.with_name(sock_path.name + ".lock")
             self._locks.append(_lock(lock, f"endpoint {cfg.endpoint}"))
+            self._restore_paused(sock_path)
         self.store = await Store.open(db, cfg.synchronous, busy_timeout=cfg.busy_timeout)
         sessions, legs = await self.store.load_live()
         self.engine.load(sessions, legs)
@@ -329,6 +330,17 @@ class Daemon:
                 "endpoint over (docs/SECURITY.md). Put the socket in a directory only this "
                 "user (and root) can write, e.g. the default one"
             )
+
+    def _restore_paused(self, sock_path: Path) -> None:
+        """A daemon that died at its connection limit left the socket file moved aside."""
+        paused = _paused_name(sock_path)
+        if not paused.exists():
+            return
+        if self.listen_fd is not None and not sock_path.exists():
+            os.rename(paused, sock_path)  # systemd's socket, where its unit expects it
+            log.warning("moved the socket file back from %s", paused)
+        else:
+            paused.unlink(missing_ok=True)  # ours: bind() makes a new one
 
     def _check_group_access(self, sock_path: Path) -> None:
         if not self.config.socket_mode & 0o070:

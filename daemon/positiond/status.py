@@ -104,6 +104,11 @@ def status_line(health: dict[str, Any]) -> str:
         f"{health['pending_ops'] + health['pending_updates']} pending, "
         f"last flush {_ago(health['last_flush_age'])}"
     )
+    if health.get("accepting", True) is False:
+        line += (
+            f"; AT CONNECTION LIMIT ({health['connections']}/{health['connection_limit']}): "
+            "new strategies cannot connect"
+        )
     if not health["healthy"] and health.get("listening", True) is False:
         line += "; UNHEALTHY: the socket file is gone, new strategies cannot connect"
     elif not health["healthy"]:
