@@ -20,7 +20,7 @@ import zmq.auth
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from positiond.listener import ConnectionGate, Limits
+from positiond.connections import ConnectionGate, Limits
 from positiond.status import status_line
 from positiond_client import PositionPersistenceManager
 from positiond_client.paths import socket_owner_warning, unsafe_socket_directory

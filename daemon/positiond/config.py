@@ -75,7 +75,7 @@ class Config:
     curve_secret_key: Path | None = None
     curve_clients: Path | None = None
     # Connections served at most; 0: as many as the file descriptor limit allows (see
-    # positiond.listener.Limits). Lower only: the fd limit always bounds it.
+    # positiond.connections.Limits). Lower only: the fd limit always bounds it.
     max_connections: int = 0
 
     def __post_init__(self) -> None:

@@ -6,10 +6,10 @@ Five tasks share the event loop:
   (pyzmq's one-await-per-message path is four times slower, and a cancelled ``recv`` can lose a
   message), decode, hand each message to the :class:`~positiond.engine.Engine`;
 - write: takes a batch from the engine, commits it in one call, then sends the acks;
-- tick: drives liveness verdicts and the flush interval;
-- monitor (a selector callback, not a task): turns a dropped ipc connection into "process
-  exited" within milliseconds, and counts connections against the fd limit
-  (:class:`~positiond.listener.ConnectionGate`);
+- tick: drives liveness verdicts and the flush interval, and once a second lets the
+  :class:`~positiond.listener.Listener` recount fds and check the socket file;
+- monitor (a selector callback of the Listener, not a task): turns a dropped ipc connection
+  into "process exited" within milliseconds, and counts connections against the fd limit;
 - status: tells systemd how the daemon is doing (``STATUS=``, ``WATCHDOG=1`` while the writer
   makes progress, see :mod:`positiond.status`) and refreshes ``status.json``.
 
@@ -27,7 +27,6 @@ import fcntl
 import logging
 import os
 import sqlite3
-import stat
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -35,33 +34,20 @@ from typing import IO, Any
 
 import zmq
 import zmq.asyncio
-from zmq.utils.monitor import parse_monitor_message
 
 from positiond.config import RELOADABLE, Config, changed
+from positiond.connections import shutdown_connection
 from positiond.curve import ServerCurve, secure_server
 from positiond.engine import Engine
-from positiond.listener import (
-    ConnectionGate,
-    Limits,
-    SocketWatch,
-    open_fds,
-    peer_of,
-    raise_fd_limit,
-    shutdown_connection,
-)
+from positiond.listener import Listener
 from positiond.notify import Notifier
 from positiond.status import Progress, Reporter, status_file_for, status_line, version
 from positiond.store import Store
 from positiond_client.errors import ProtocolError
-from positiond_client.paths import (
-    ensure_private_dir,
-    ipc_path,
-    runtime_dir,
-    unsafe_socket_directory,
-)
+from positiond_client.paths import ipc_path
 from positiond_client.protocol import PROTOCOL_VERSION, decode, encode, error_reply
 
-__all__ = ["AlreadyRunning", "Daemon", "UnsafeEndpoint"]
+__all__ = ["AlreadyRunning", "Daemon"]
 
 log = logging.getLogger(__name__)
 
@@ -78,21 +64,12 @@ SHUTDOWN_WRITE_TIMEOUT = 10.0
 # While the final flush runs, ask systemd for this much more stop time every EXTEND_STEP seconds.
 EXTEND_STEP = 1.0
 EXTEND_BY = 3 * EXTEND_STEP
-# A connection refused for the limit is dropped this long after it came in.
-REFUSE_GRACE = 0.5
-# How often the open fds are recounted (a listdir of /proc/self/fd).
-FD_COUNT_INTERVAL = 1.0
-FD_CEILING_UNSET = 1 << 20
 # Without a systemd watchdog, health() calls a writer stalled for this long unhealthy.
 STALL_LIMIT = 30.0
 
 
 class AlreadyRunning(RuntimeError):
     """Another positiond holds this database or endpoint."""
-
-
-class UnsafeEndpoint(RuntimeError):
-    """The ipc socket's directory would let another user take the endpoint over."""
 
 
 class _RateLimitedLog:
@@ -125,11 +102,8 @@ def _lock(path: Path, what: str) -> IO[bytes]:
     return handle
 
 
-def _paused_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}.paused")
-
-
 def _same_file(handle: IO[bytes], path: Path) -> bool:
+    """Is the lock ``handle`` still the file at ``path`` (not deleted and made anew)?"""
     try:
         mine, there = os.fstat(handle.fileno()), os.stat(path)
     except (OSError, ValueError):
@@ -168,13 +142,6 @@ class Daemon:
         self._curve: ServerCurve | None = None
         # CURVE peers: routing id -> (fd, z85 public key), to drop a key's connections on revoke.
         self._curve_peers: dict[bytes, tuple[int, str]] = {}
-        self._own_socket_file: Path | None = None
-        self._socket_watch: SocketWatch | None = None
-        self._monitor: zmq.Socket[bytes] | None = None
-        self._gate = ConnectionGate(Limits.compute(FD_CEILING_UNSET, 0))
-        self._next_fd_count = 0.0
-        self._refuse_log = _RateLimitedLog()
-        self._endpoint_lock: Path | None = None
         self.notifier = Notifier() if notifier is None else notifier
         self.monotonic = monotonic
         self.engine = Engine(
@@ -204,14 +171,13 @@ class Daemon:
         self.progress = Progress(self.started)
         self.reporter = Reporter(self.notifier, None, self.health)
         self.counters = self.engine.counters
-        self.counters.update(
-            {
-                "bad_messages": 0,
-                "dropped_replies": 0,
-                "batches": 0,
-                "refused_connections": 0,
-                "accept_pauses": 0,
-            }
+        self.counters.update({"bad_messages": 0, "dropped_replies": 0, "batches": 0})
+        self.listener = Listener(
+            config,
+            listen_fd=listen_fd,
+            counters=self.counters,
+            ensure_lock=self._ensure_lock,
+            warn_limited=_RateLimitedLog().warning,
         )
 
     # ---- lifecycle -----------------------------------------------------------------------
@@ -222,14 +188,7 @@ class Daemon:
         db = Path(cfg.db)
         db.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._locks.append(_lock(db.with_name(db.name + ".lock"), f"database {db}"))
-        sock_path = ipc_path(cfg.endpoint)
-        if sock_path is not None:
-            self._prepare_socket_dir(sock_path)
-            # libzmq unlinks an existing socket file on bind: without this lock a second daemon
-            # would silently steal the endpoint from the first.
-            lock = self._endpoint_lock = sock_path.with_name(sock_path.name + ".lock")
-            self._locks.append(_lock(lock, f"endpoint {cfg.endpoint}"))
-            self._restore_paused(sock_path)
+        self.listener.prepare()
         self.store = await Store.open(db, cfg.synchronous, busy_timeout=cfg.busy_timeout)
         sessions, legs = await self.store.load_live()
         self.engine.load(sessions, legs)
@@ -244,48 +203,10 @@ class Daemon:
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         sock.setsockopt(zmq.MAXMSGSIZE, cfg.max_message_bytes + 1024)
         sock.setsockopt(zmq.LINGER, 1000)
-        fd_limit = raise_fd_limit()
-        # What still comes in after the daemon stops accepting: keep it within the spare fds.
-        sock.setsockopt(zmq.BACKLOG, Limits.compute(fd_limit, 0).backlog)
-        if self.listen_fd is not None:
-            # Socket activation: libzmq adopts systemd's listening socket (and will close it)
-            # instead of unlinking the file and binding a new one; bind only names it.
-            sock.setsockopt(zmq.USE_FD, self.listen_fd)
-        # Watched from before the first connection: the gate counts every one.
-        monitor_address = f"inproc://positiond-monitor-{id(self):x}"
-        sock.monitor(monitor_address, zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
-        # A plain socket drained from a selector callback, like the ROUTER (see _drain_monitor).
-        monitor: zmq.Socket[bytes] = zmq.Socket(self.ctx, zmq.PAIR)
-        # libzmq drops events beyond the pipe's HWM (1000 + 1000): a flood of connections
-        # would lose ACCEPTED events and the gate would count too few. 0 on our side makes
-        # the inproc pipe unbounded (libzmq adds both sides' HWMs unless one is 0).
-        monitor.setsockopt(zmq.RCVHWM, 0)
-        monitor.connect(monitor_address)
-        self._monitor = monitor
         if cfg.curve_secret_key is not None and cfg.curve_clients is not None and not self.is_ipc:
             # Config refuses tcp:// without these: a network port is never served in clear.
             self._curve = secure_server(self.ctx, sock, cfg.curve_secret_key, cfg.curve_clients)
-        sock.bind(cfg.endpoint)
-        # tcp://host:* binds a free port: report the real one.
-        self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
-        if sock_path is not None and self.listen_fd is not None:
-            log.info("listening on the socket from systemd (mode: the unit's SocketMode=)")
-        elif sock_path is not None:
-            os.chmod(sock_path, cfg.socket_mode)
-            self._check_group_access(sock_path)
-            self._own_socket_file = sock_path
-        else:
-            log.info("listening on %s with CURVE authentication", self.endpoint)
-        if sock_path is not None and not str(sock_path).startswith("@"):
-            self._socket_watch = SocketWatch(sock_path)
-        limits = Limits.compute(fd_limit, open_fds(), cfg.max_connections)
-        self._gate = ConnectionGate(limits)
-        log.info(
-            "connections: up to %d served (accepting again below %d; file descriptor limit %d)",
-            limits.cap,
-            limits.resume_below,
-            limits.fd_limit,
-        )
+        self.endpoint = self.listener.bind(self.ctx, sock)
         self.sock = sock
         loop = self._loop = asyncio.get_running_loop()
         self._writer = loop.create_task(self._write_loop(), name="positiond-writer")
@@ -293,9 +214,8 @@ class Daemon:
         loop.add_reader(self._reader_fd, self._on_readable)
         self._drain_soon()  # anything that queued before the fd was watched
         self._tasks = [loop.create_task(self._tick_loop(), name="positiond-tick")]
-        loop.add_reader(monitor.fileno(), self._drain_monitor)
-        self._drain_monitor()
-        self.reporter.path = status_file_for(sock_path)
+        self.listener.attach(loop, self._disconnected)
+        self.reporter.path = status_file_for(ipc_path(cfg.endpoint))
         self.started = self.monotonic()
         self.progress = Progress(self.started)
         health = self.reporter.publish(notify=False)
@@ -308,51 +228,10 @@ class Daemon:
             self._tasks.append(loop.create_task(watchdog, name="positiond-watchdog"))
         log.info("positiond ready: database %s, endpoint %s", db, self.endpoint)
 
-    @staticmethod
-    def _prepare_socket_dir(sock_path: Path) -> None:
-        """Create the socket's directory, or refuse one another user could write.
-
-        Someone who can write the directory can bind the socket's name while the daemon is
-        stopped (or delete it and bind while it runs) and receive strategies' sessions and
-        tokens: refuse it before anything is bound (exit 2; docs/SECURITY.md).
-        """
-        try:
-            if sock_path.parent == runtime_dir():
-                ensure_private_dir(sock_path.parent)
-            else:
-                sock_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        except PermissionError as exc:
-            raise UnsafeEndpoint(f"refusing the socket directory: {exc}") from None
-        unsafe = unsafe_socket_directory(sock_path)
-        if unsafe is not None:
-            raise UnsafeEndpoint(
-                f"refusing to listen on {sock_path}: {unsafe}; another user could take the "
-                "endpoint over (docs/SECURITY.md). Put the socket in a directory only this "
-                "user (and root) can write, e.g. the default one"
-            )
-
-    def _restore_paused(self, sock_path: Path) -> None:
-        """A daemon that died at its connection limit left the socket file moved aside."""
-        paused = _paused_name(sock_path)
-        if not paused.exists():
-            return
-        if self.listen_fd is not None and not sock_path.exists():
-            os.rename(paused, sock_path)  # systemd's socket, where its unit expects it
-            log.warning("moved the socket file back from %s", paused)
-        else:
-            paused.unlink(missing_ok=True)  # ours: bind() makes a new one
-
-    def _check_group_access(self, sock_path: Path) -> None:
-        if not self.config.socket_mode & 0o070:
-            return
-        mode = sock_path.parent.stat().st_mode
-        if not mode & stat.S_IXGRP:
-            log.warning(
-                "socket_mode %04o lets the group in, but its directory %s (mode %04o) does not",
-                self.config.socket_mode,
-                sock_path.parent,
-                mode & 0o7777,
-            )
+    def _ensure_lock(self, path: Path) -> None:
+        """Hold the lock at ``path`` (again, if the file we held was deleted)."""
+        if not any(_same_file(handle, path) for handle in self._locks):
+            self._locks.append(_lock(path, f"endpoint {self.config.endpoint}"))
 
     def request_stop(self) -> None:
         """Ask for a graceful stop (signal handlers call this)."""
@@ -382,7 +261,7 @@ class Daemon:
         if self._reader_fd is not None and self._loop is not None:
             self._loop.remove_reader(self._reader_fd)
             self._reader_fd = None
-        self._close_monitor()
+        self.listener.close_monitor()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -396,14 +275,7 @@ class Daemon:
         if self.sock is not None:
             self.sock.close(linger=1000)
             self.sock = None
-        if self._gate.paused and self._socket_watch is not None:
-            self._gate.paused = False
-            self._resume_accepting()  # systemd's socket goes back where the unit expects it
-        if self._own_socket_file is not None:
-            # libzmq leaves the file behind; nobody listens on it any more (the endpoint lock
-            # says it is ours). A socket from systemd belongs to the .socket unit: kept.
-            self._own_socket_file.unlink(missing_ok=True)
-            self._own_socket_file = None
+        self.listener.close()
         if self._curve is not None:
             self._curve.stop()
             self._curve = None
@@ -462,7 +334,7 @@ class Daemon:
         """A snapshot for operators and monitoring (documented in :mod:`positiond.status`)."""
         now, wall = self.monotonic(), time.time()
         progressing = self.writer_progressing()
-        listening = self._socket_watch is None or self._socket_watch.ok
+        listening = self.listener.health()
         db = Path(self.config.db)
         size = 0
         for path in (db, db.with_name(db.name + "-wal")):
@@ -484,13 +356,8 @@ class Daemon:
             "last_flush_age": None if self.last_flush is None else round(wall - self.last_flush, 3),
             "writer_stalled": round(self.progress.stalled_for(now), 3),
             "writes_ok": self.healthy,
-            "listening": listening,
-            "connections": len(self._gate.open),
-            "connections_peak": self._gate.peak,
-            "connection_limit": self._gate.limits.cap,
-            "accepting": not self._gate.paused,
-            "fd_limit": self._gate.limits.fd_limit,
-            "healthy": self.healthy and progressing and listening,
+            **listening,
+            "healthy": self.healthy and progressing and listening["listening"],
             "counters": dict(self.counters),
         }
 
@@ -573,6 +440,7 @@ class Daemon:
         assert self.sock is not None
         sock, engine = self.sock, self.engine
         recv, peers, receive, send = sock.recv, engine.peers, engine.receive, self.send
+        listener = self.listener
         now, wall = self.monotonic(), engine.wall()
         limit = self.config.max_message_bytes
         for _ in range(DRAIN_MAX):
@@ -585,8 +453,8 @@ class Daemon:
             frame = recv(copy=False)
             if rid not in peers:
                 fd, uid, pid = _peer_credentials(frame)
-                self._drain_monitor()
-                if fd in self._gate.refused:
+                listener.drain_monitor()
+                if listener.refused(fd):
                     self._busy(rid)
                     continue
                 engine.add_peer(rid, fd, uid, pid)
@@ -621,13 +489,7 @@ class Daemon:
         assert self.sock is not None
         while self.sock.rcvmore:
             self.sock.recv()
-        limits = self._gate.limits
-        reason = (
-            f"positiond is at its connection limit ({limits.cap} served; file descriptor limit "
-            f"{limits.fd_limit}): this connection is refused and will be closed; the client "
-            "reconnects and re-sends by itself"
-        )
-        self.send(rid, error_reply("BUSY", reason))
+        self.send(rid, self.listener.busy_reply())
 
     def _reject_frames(self, rid: bytes) -> None:
         assert self.sock is not None
@@ -740,179 +602,12 @@ class Daemon:
             if self.engine.tick(self.monotonic()):
                 self._wake.set()
             self._recheck()  # cheap insurance against a missed edge of the fd
-            self._drain_monitor()  # the same for the monitor's
-            now = self.monotonic()
-            if now >= self._next_fd_count:
-                self._next_fd_count = now + FD_COUNT_INTERVAL
-                self._count_fds()
-            watch = self._socket_watch
-            if watch is not None and not self._gate.paused and watch.due(now):
-                self._check_socket_file(watch)
-
-    # ---- the socket file -------------------------------------------------------------------
-
-    def _check_socket_file(self, watch: SocketWatch) -> None:
-        """Bind the socket file again if it was deleted or replaced (or report unhealthy)."""
-        problem = watch.problem()
-        if problem is None:
-            if not watch.ok:
-                log.warning("the socket file %s is back", watch.path)
-                watch.ok = True
-            return
-        if self._own_socket_file is None:
-            # systemd's socket unit owns the file (socket activation): only it can make one.
-            if watch.ok:
-                log.error(
-                    "the socket file %s was %s; new strategies cannot connect: restart "
-                    "positiond.socket and positiond (systemctl restart positiond.socket)",
-                    watch.path,
-                    problem,
-                )
-            watch.ok = False
-            return
-        try:
-            self._rebind(watch.path)
-        except (OSError, zmq.ZMQError, UnsafeEndpoint, AlreadyRunning) as exc:
-            if watch.ok:
-                log.error(
-                    "the socket file %s was %s and cannot be bound again: %s",
-                    watch.path,
-                    problem,
-                    exc,
-                )
-            watch.ok = False
-            return
-        watch.record()
-        self.counters["socket_rebinds"] = self.counters.get("socket_rebinds", 0) + 1
-        log.warning(
-            "the socket file %s was %s while running; bound it again (connections in place "
-            "were kept)",
-            watch.path,
-            problem,
-        )
-
-    def _rebind(self, path: Path) -> None:
-        assert self.sock is not None
-        self._prepare_socket_dir(path)
-        lock = self._endpoint_lock
-        if lock is not None and not any(_same_file(h, lock) for h in self._locks):
-            # The directory went with the file: take the endpoint lock again before binding.
-            self._locks.append(_lock(lock, f"endpoint {self.config.endpoint}"))
-        # A second listener on the same endpoint. Not unbind() first: libzmq would close every
-        # connection the old listener accepted with it. The old one (a listening socket no
-        # path leads to any more) stays open until the daemon stops: one fd per incident.
-        self.sock.bind(self.endpoint)
-        os.chmod(path, self.config.socket_mode)
-
-    # ---- connection limit -----------------------------------------------------------------
-
-    def _accepted(self, fd: int) -> None:
-        gate = self._gate
-        action = gate.accepted(fd)
-        if fd in gate.refused:
-            self.counters["refused_connections"] += 1
-            self._refuse_log.warning(
-                "refusing a new connection (%s): %d open, %d served at most (file descriptor "
-                "limit %d; raise LimitNOFILE= or see max_connections)",
-                peer_of(fd),
-                len(gate.open),
-                gate.limits.cap,
-                gate.limits.fd_limit,
-            )
-            # Long enough for its first message to be answered BUSY (see _drain).
-            assert self._loop is not None
-            self._loop.call_later(REFUSE_GRACE, self._drop_refused, fd)
-        if action == "pause":
-            self._pause_accepting()
-
-    def _drop_refused(self, fd: int) -> None:
-        if fd in self._gate.refused:
-            shutdown_connection(fd)
-
-    def _pause_accepting(self) -> None:
-        """Stop new connections: move the socket file aside (connect() then fails ENOENT).
-
-        Not unbind(): libzmq would close every connection that listener accepted. At most the
-        listen backlog (ZMQ_BACKLOG) of connections already queued is still accepted.
-        """
-        path = self._socket_watch.path if self._socket_watch is not None else None
-        if path is None:
-            # tcp://: libzmq's tcp listener survives EMFILE (it retries the accept).
-            log.error("at the connection limit: %d open", len(self._gate.open))
-            return
-        try:
-            os.rename(path, _paused_name(path))
-        except OSError as exc:
-            log.error("cannot stop accepting connections (%s): %s", path, exc)
-            return
-        self.counters["accept_pauses"] += 1
-        log.error(
-            "stopped accepting connections: %d open, %d fds in use of %d; accepting again "
-            "below %d (new strategies cannot connect meanwhile)",
-            len(self._gate.open),
-            open_fds(),
-            self._gate.limits.fd_limit,
-            self._gate.limits.resume_below,
-        )
-
-    def _resume_accepting(self) -> None:
-        path = self._socket_watch.path if self._socket_watch is not None else None
-        if path is None:
-            return
-        try:
-            os.rename(_paused_name(path), path)
-        except FileNotFoundError:
-            pass  # never moved (the rename failed) or deleted meanwhile: the watch binds again
-        except OSError as exc:
-            log.error("cannot listen again on %s: %s; retrying", self.endpoint, exc)
-            self._gate.paused = True  # the next tick tries again
-            return
-        if self._socket_watch is not None:
-            self._socket_watch.record()
-        log.warning("accepting connections again: %d open", len(self._gate.open))
-
-    def _count_fds(self) -> None:
-        """Recount the fds now and then: monitor events can be lost under a flood."""
-        gate = self._gate
-        if gate.fds_now(open_fds()) == "pause":
-            self._pause_accepting()
-        elif gate.resume_due():
-            self._resume_accepting()
+            self.listener.drain_monitor()  # the same for the monitor's
+            self.listener.tick(self.monotonic())  # fd recount, socket file check: each second
 
     # ---- process death -------------------------------------------------------------------
 
-    def _drain_monitor(self) -> None:
-        """Handle every queued socket event (accepted, disconnected) without blocking.
-
-        Also called for each new peer in _drain: libzmq queues a connection's ACCEPTED event
-        before it reads a byte from it, so the gate knows every fd a message arrives on.
-        """
-        monitor = self._monitor
-        if monitor is None:
-            return
-        while True:
-            try:
-                event = parse_monitor_message(monitor.recv_multipart(NOBLOCK))
-            except zmq.Again:
-                return
-            if event["event"] == zmq.EVENT_DISCONNECTED:
-                self._disconnected(int(event["value"]))
-            elif event["event"] == zmq.EVENT_ACCEPTED:
-                self._accepted(int(event["value"]))
-
-    def _close_monitor(self) -> None:
-        monitor, self._monitor = self._monitor, None
-        if monitor is None:
-            return
-        if self._loop is not None:
-            self._loop.remove_reader(monitor.fileno())
-        if self.sock is not None:
-            self.sock.disable_monitor()
-        monitor.close(linger=0)
-
     def _disconnected(self, fd: int) -> None:
-        if self._gate.closed(fd) == "resume":
-            self._resume_accepting()
         for peer in self.engine.peers_on_fd(fd):
             self._probe(peer.rid, 0)
 
