@@ -1,5 +1,5 @@
 """The daemon's listening side: revoked CURVE keys, unsafe socket directories, a deleted socket
-file, and more connections than file descriptors. Real daemon processes, real sockets."""
+file (the connection limit: test_connections.py). Real daemon processes, real sockets."""
 
 from __future__ import annotations
 

@@ -361,10 +361,11 @@ class Listener:
         self._next_check = now + SOCKET_CHECK_INTERVAL
         self.drain_monitor()
         gate = self.gate
-        if gate.fds_now(open_fds()) == "pause":
+        total = open_fds()
+        if gate.fds_now(total) == "pause":
             self._pause()
-        elif gate.resume_due():
-            self._resume()
+        elif total < gate.limits.fd_limit - gate.limits.spare and gate.resume_due():
+            self._resume()  # only with the fds back too, or it would stop again at once
         if self.watch is not None and not gate.paused:
             self._check_socket_file(self.watch)
 
