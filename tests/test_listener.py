@@ -12,11 +12,14 @@ import socket
 import stat
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 import zmq
 import zmq.auth
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from positiond_client import PositionPersistenceManager
 from positiond_client.paths import socket_owner_warning, unsafe_socket_directory
@@ -300,3 +303,30 @@ def test_under_socket_activation_a_deleted_socket_file_is_unhealthy(workdir: Pat
     finally:
         proc.stop()
         listener.close()
+
+
+_MODES = [0o700, 0o750, 0o755, 0o720, 0o770, 0o777, 0o1777, 0o1733, 0o1770]
+
+
+@settings(max_examples=60, deadline=None)
+@given(chain=st.lists(st.sampled_from(_MODES), min_size=1, max_size=4))
+def test_the_directory_rule_refuses_exactly_what_another_user_could_take(
+    chain: list[int],
+) -> None:
+    """Our own directories nested with these modes: only writable-by-others ones matter, and a
+    sticky one only when it is the socket's own."""
+    base = Path(tempfile.mkdtemp(prefix="pd-", dir="/tmp"))  # 0700, in the sticky /tmp
+    try:
+        directory = base
+        for mode in chain:
+            directory = directory / "d"
+            directory.mkdir()
+            directory.chmod(mode)
+        verdict = unsafe_socket_directory(directory / "pd.sock")
+        *above, own = chain
+        takeable = own & 0o022 or any(m & 0o022 and not m & 0o1000 for m in above)
+        assert (verdict is not None) == bool(takeable), (chain, verdict)
+    finally:
+        for sub in [base, *base.rglob("*")]:
+            sub.chmod(0o700)
+        shutil.rmtree(base)

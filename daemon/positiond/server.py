@@ -282,7 +282,6 @@ class Daemon:
         if self.ctx is not None:
             self.ctx.term()
             self.ctx = None
-
         if self.store is not None:
             await self.store.close()
             self.store = None
