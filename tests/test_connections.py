@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -67,12 +68,23 @@ sys.stdin.read()  # hold every connection until told to go
 """
 
 
+@pytest.fixture
+def started() -> Iterator[list[DaemonProcess]]:
+    """Daemons a test starts: killed at teardown if a failed check left one running."""
+    daemons: list[DaemonProcess] = []
+    yield daemons
+    for daemon in daemons:
+        if daemon.proc is not None and daemon.proc.poll() is None:
+            daemon.proc.kill()
+            daemon.proc.wait()
+
+
 def _limited_daemon(workdir: Path, limit: int) -> DaemonProcess:
     daemon = DaemonProcess(
         workdir, "--flush-interval", "0.05", "--status-interval", "0.1", "--log-level", "INFO"
     )
     daemon.args = [sys.executable, "-c", _LIMITED, str(limit), *daemon.args[1:]]
-    return daemon.start()
+    return daemon
 
 
 def _fds(pid: int) -> int:
@@ -83,9 +95,11 @@ def _fds(pid: int) -> int:
     "limit", [128, 1024, pytest.param(8192, marks=pytest.mark.soak)], ids=lambda n: f"fd{n}"
 )
 def test_twice_the_fd_limit_in_connections_leaves_the_daemon_serving(
-    workdir: Path, limit: int
+    workdir: Path, limit: int, started: list[DaemonProcess]
 ) -> None:
     daemon = _limited_daemon(workdir, limit)
+    started.append(daemon)
+    daemon.start()
     assert daemon.proc is not None
     survivor = _acked_session(daemon.endpoint, "survivor")
     crowds: list[subprocess.Popen[str]] = []
@@ -186,9 +200,10 @@ def test_the_gate_never_serves_more_than_its_cap(
 
 
 def test_a_strategy_waiting_at_the_connection_limit_is_served_once_a_slot_frees(
-    workdir: Path,
+    workdir: Path, started: list[DaemonProcess]
 ) -> None:
     limited = DaemonProcess(workdir, "--flush-interval", "0.05", "--max-connections", "2")
+    started.append(limited)
     limited.start()
     first = _acked_session(limited.endpoint, "first")
     second = _acked_session(limited.endpoint, "second")
@@ -218,8 +233,11 @@ def test_a_strategy_waiting_at_the_connection_limit_is_served_once_a_slot_frees(
     assert not limited.sock.with_name(".pd.sock.paused").exists()
 
 
-def test_a_daemon_killed_at_the_limit_leaves_nothing_in_the_way(workdir: Path) -> None:
+def test_a_daemon_killed_at_the_limit_leaves_nothing_in_the_way(
+    workdir: Path, started: list[DaemonProcess]
+) -> None:
     limited = DaemonProcess(workdir, "--flush-interval", "0.05", "--max-connections", "1")
+    started.append(limited)
     limited.start()
     first = _acked_session(limited.endpoint, "first")
     try:
