@@ -43,7 +43,7 @@ from positiond_client.paths import (
 )
 from positiond_client.protocol import error_reply
 
-__all__ = ["SOCKET_CHECK_INTERVAL", "Listener", "SocketWatch", "UnsafeEndpoint"]
+__all__ = ["SOCKET_CHECK_INTERVAL", "Listener", "SocketWatch", "UnsafeEndpoint", "paused_name"]
 
 log = logging.getLogger(__name__)
 
@@ -79,26 +79,18 @@ class SocketWatch:
     serving its old connections, looks healthy.
     """
 
-    def __init__(self, path: Path, interval: float = SOCKET_CHECK_INTERVAL) -> None:
+    def __init__(self, path: Path) -> None:
         self.path = path
-        self.interval = interval
         self.identity = _identity(path)
-        self.ok = True
-        self._next = 0.0
+        self.ok = True  # False while the file is not ours and could not be made again
 
     def record(self) -> None:
         """The file now at the path is ours (just bound)."""
         self.identity = _identity(self.path)
         self.ok = self.identity is not None
 
-    def due(self, now: float) -> bool:
-        if now < self._next:
-            return False
-        self._next = now + self.interval
-        return True
-
     def problem(self) -> str | None:
-        """ "deleted", "replaced by another file", or None while it is ours."""
+        """What happened to the file ("deleted", "replaced by another file"), or None."""
         current = _identity(self.path)
         if current is None:
             return "deleted"
