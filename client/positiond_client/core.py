@@ -23,7 +23,7 @@ import zmq.auth
 
 from positiond_client.channel import Channel, Pending
 from positiond_client.errors import LegError, PositiondError, SessionError, UnavailableError
-from positiond_client.paths import default_endpoint
+from positiond_client.paths import default_endpoint, socket_owner_warning
 from positiond_client.protocol import PROTOCOL_VERSION, check_fields, validate
 from positiond_client.recovery import (
     CLOSED_AT_BROKER,
@@ -181,6 +181,9 @@ class Core:
         self.endpoint = endpoint or default_endpoint()
         if not self.endpoint.startswith(("ipc://", "tcp://")):
             raise ValueError(f"endpoint {self.endpoint!r} must start with ipc:// or tcp://")
+        unsafe = socket_owner_warning(self.endpoint)
+        if unsafe is not None:
+            log.warning("positiond endpoint may not be safe: %s", unsafe)
         self.ack_timeout = ack_timeout
         self.heartbeat_interval = heartbeat_interval
         self.session_id: int | None = None

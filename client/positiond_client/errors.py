@@ -45,6 +45,7 @@ CODES: dict[str, str] = {
     "UNKNOWN_ORPHAN": "no recorded orphan with this id exists",
     "STORAGE": "the daemon could not write to its database; nothing was committed",
     "INTERNAL": "an unexpected error in the daemon",
+    "BUSY": "the daemon is at its connection limit: this connection is refused and closed",
     # Raised by the client only, never sent: a read could not be answered.
     "UNAVAILABLE": "the daemon did not answer in time (a read cannot fall back to anything)",
 }

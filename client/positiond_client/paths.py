@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pwd
 import stat
 from collections.abc import Mapping
 from pathlib import Path
@@ -19,6 +20,8 @@ __all__ = [
     "default_endpoint",
     "ensure_private_dir",
     "ipc_path",
+    "socket_owner_warning",
+    "unsafe_socket_directory",
 ]
 
 DB_FILENAME = "positiond.db"
@@ -95,3 +98,74 @@ def ensure_private_dir(path: Path) -> None:
         raise PermissionError(f"{path} belongs to uid {info.st_uid}, not to us ({os.getuid()})")
     if info.st_mode & 0o002:
         raise PermissionError(f"{path} is writable by everyone (mode {info.st_mode & 0o777:o})")
+
+
+# The account the packaged systemd units run the daemon as (sysusers.d/positiond.conf).
+DAEMON_USER = "positiond"
+
+
+def unsafe_socket_directory(socket_path: Path, uid: int | None = None) -> str | None:
+    """Why an ipc socket at ``socket_path`` could be taken over by another user, or None.
+
+    The ssh rule for its directories: every one from the socket's up to ``/`` must belong to
+    ``uid`` (default: ours) or root and be writable by nobody else. A world- or group-writable
+    directory with the sticky bit (``/tmp``) is accepted above the socket's own directory,
+    since no one else can rename what we own in it; never as the socket's own directory,
+    where another user can bind the free name while the daemon is stopped.
+    """
+    uid = os.getuid() if uid is None else uid
+    own = Path(os.path.realpath(socket_path.parent))
+    for directory in (own, *own.parents):
+        try:
+            info = directory.stat()
+        except OSError as exc:
+            return f"{directory}: {exc.strerror}"
+        mode = stat.S_IMODE(info.st_mode)
+        if info.st_uid not in (uid, 0):
+            return f"{directory} belongs to uid {info.st_uid}, neither to uid {uid} nor to root"
+        if mode & 0o022 and (directory == own or not mode & stat.S_ISVTX):
+            return f"{directory} (mode {mode:04o}) is writable by other users"
+    return None
+
+
+def _expected_owners(env: Mapping[str, str]) -> set[int]:
+    owners = {os.getuid(), 0}
+    names = [DAEMON_USER]
+    explicit = env.get("POSITIOND_DAEMON_USER")
+    if explicit:
+        names.append(explicit)
+    for name in names:
+        if name.isdigit():
+            owners.add(int(name))
+            continue
+        with contextlib.suppress(KeyError):
+            owners.add(pwd.getpwnam(name).pw_uid)
+    return owners
+
+
+def socket_owner_warning(endpoint: str, env: Mapping[str, str] | None = None) -> str | None:
+    """Why the socket file of ``endpoint`` may not be positiond's own, or None.
+
+    It is expected to belong to us, root, the ``positiond`` user or ``$POSITIOND_DAEMON_USER``
+    (a name or a uid); the check needs the file to exist, so a daemon not started yet (or an
+    abstract socket, a tcp:// endpoint) gets no verdict.
+    """
+    env = os.environ if env is None else env
+    path = ipc_path(endpoint)
+    if path is None or str(path).startswith("@"):
+        return None
+    try:
+        info = path.stat()
+    except OSError:
+        return None
+    owners = _expected_owners(env)
+    if info.st_uid not in owners:
+        return (
+            f"the socket {path} belongs to uid {info.st_uid}, not to positiond's user: another "
+            "user may be listening there and would receive this strategy's session, legs and "
+            "token (set POSITIOND_DAEMON_USER if the daemon runs as that user)"
+        )
+    unsafe = unsafe_socket_directory(path, info.st_uid)
+    if unsafe is not None:
+        return f"the socket {path} is in an unsafe directory: {unsafe}"
+    return None

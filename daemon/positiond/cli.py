@@ -2,11 +2,12 @@
 
 Exit codes: 0 after a graceful stop (SIGTERM/SIGINT), 1 when the daemon cannot run (another
 instance holds the database or endpoint, a database from a newer version, a database it cannot
-open), 2 for an invalid setting or an unusable socket from systemd — found before anything is
-opened or bound, 3 for a database file that is damaged or not a database (restore the backup),
-or a stop after the daemon stopped writing for good (its database deleted, replaced or damaged).
-The systemd unit restarts on neither 2 nor 3 (``RestartPreventExitStatus=2 3``): a restart
-cannot fix them. Each failure is one line in the log, without a traceback.
+open), 2 for an invalid setting, an unusable socket from systemd or an ipc socket in a directory
+other users can write — found before anything is opened or bound, 3 for a database file that is
+damaged or not a database (restore the backup), or a stop after the daemon stopped writing for
+good (its database deleted, replaced or damaged). The systemd unit restarts on neither 2 nor 3
+(``RestartPreventExitStatus=2 3``): a restart cannot fix them. Each failure is one line in the
+log, without a traceback.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from collections.abc import Mapping, Sequence
 from positiond.activation import ActivationError, Inherited, inherited_socket, matches
 from positiond.config import Config, ConfigError, Loaded, format_config, load
 from positiond.dbfile import CorruptDatabase, StoreError
+from positiond.listener import UnsafeEndpoint
 from positiond.logs import set_level, setup_logging
 from positiond.schema import SchemaError
 from positiond.server import AlreadyRunning, Daemon
@@ -34,7 +36,8 @@ EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_DATABASE = 0, 1, 2, 3
 
 
 class _Reloader:
-    """SIGHUP: re-read the config file (same flags, same environment), apply what is safe."""
+    """SIGHUP: re-read the config file (same flags, same environment), apply what is safe,
+    and re-read the allowed CURVE client keys."""
 
     def __init__(self, daemon: Daemon, argv: Sequence[str] | None, env: Mapping[str, str]):
         self.daemon, self.argv, self.env = daemon, argv, dict(env)
@@ -52,7 +55,10 @@ class _Reloader:
             applied, refused = daemon.reconfigure(loaded.config)
             if "log_level" in applied:
                 set_level(daemon.config.log_level)
-            if not applied and not refused:
+            keys = daemon.reload_keys()
+            if keys is not None:
+                log.info("reload: %s", keys)
+            if not applied and not refused and keys is None:
                 log.info("reload: %s unchanged", loaded.file or "settings")
             for name in applied:
                 log.info(
@@ -97,6 +103,9 @@ async def async_main(
     except (AlreadyRunning, SchemaError, StoreError) as exc:
         log.error("%s", exc)
         return EXIT_FAILED
+    except UnsafeEndpoint as exc:
+        log.error("%s", exc)
+        return EXIT_CONFIG
     if daemon.storage_fault is not None:
         log.error("stopped after a storage fault: %s", daemon.storage_fault)
         return EXIT_DATABASE

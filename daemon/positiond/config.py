@@ -87,6 +87,9 @@ class Config:
     # directory of the public certificates (*.key) of the clients it accepts.
     curve_secret_key: Path | None = None
     curve_clients: Path | None = None
+    # Connections served at most; 0: as many as the file descriptor limit allows (see
+    # positiond.connections.Limits). Lower only: the fd limit always bounds it.
+    max_connections: int = 0
 
     def __post_init__(self) -> None:
         if not (self.endpoint.startswith("ipc://") or self.endpoint.startswith("tcp://")):
@@ -116,6 +119,7 @@ class Config:
             )
         _within("busy_timeout", self.busy_timeout, 0.0, 3600)
         _within("status_interval", self.status_interval, 0.1, 3600)
+        _within("max_connections", self.max_connections, 0, 1 << 20)
         if self.endpoint.startswith("tcp://"):
             if self.curve_secret_key is None or self.curve_clients is None:
                 raise ConfigError(
@@ -260,6 +264,15 @@ SETTINGS: tuple[_Setting, ...] = (
         "DIR",
         "tcp:// only (required there): directory of the allowed clients' public *.key files",
     ),
+    _Setting(
+        "max_connections",
+        _int,
+        (int,),
+        "N",
+        "connections served at most; newer ones are refused (error BUSY) and closed, and "
+        "accepting stops near the file descriptor limit, whose soft value is raised to the "
+        "hard one at start; 0 derives the limit from the file descriptors (default: {})",
+    ),
 )
 _BY_NAME = {s.name: s for s in SETTINGS}
 # setting -> environment variable (the client reads POSITIOND_ENDPOINT too)
@@ -307,8 +320,8 @@ def build_parser() -> argparse.ArgumentParser:
         "variable of each flag is in brackets, its TOML key is the flag's name with "
         "underscores. Runs in the foreground and logs to stderr (syslog-style priorities "
         "under systemd). SIGTERM/SIGINT stop it gracefully (everything pending is written "
-        "first); SIGHUP re-reads the config file. Protocol: docs/PROTOCOL.md; deployment as "
-        "a systemd service: docs/DEPLOY.md.",
+        "first); SIGHUP re-reads the config file and the allowed CURVE client keys. "
+        "Protocol: docs/PROTOCOL.md; deployment as a systemd service: docs/DEPLOY.md.",
     )
     parser.add_argument(
         "--config",

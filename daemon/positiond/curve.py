@@ -5,6 +5,10 @@ is reachable by anyone on the network, so positiond binds one only with CURVE: t
 secret certificate, and a directory of the public certificates of the clients it accepts
 (ZAP, through ``zmq.auth``). Certificates are the files ``zmq.auth.create_certificates`` (or
 ``curve_keygen`` from libzmq) writes: ``NAME.key`` (public) and ``NAME.key_secret`` (both keys).
+
+SIGHUP re-reads the clients' directory (:meth:`ServerCurve.reload`): a removed key is refused at
+its next handshake, and the daemon drops the connections that key already has (ZAP only runs at
+the handshake, so without that a revoked client would keep writing until it reconnects).
 """
 
 from __future__ import annotations
@@ -48,7 +52,8 @@ def load_public(path: Path) -> bytes:
 
 
 class _Admitted:
-    """ZAP's credentials provider: the public keys found in ``curve_clients`` at start.
+    """ZAP's credentials provider: the public keys found in ``curve_clients`` (at start, and
+    again at each reload).
 
     A refused key is logged at WARNING, once per key (a refused client keeps reconnecting),
     so an operator sees which host knocks with a key the daemon does not admit.
@@ -58,8 +63,16 @@ class _Admitted:
 
     def __init__(self, clients_dir: Path) -> None:
         self.clients_dir = clients_dir
-        self.keys = frozenset(zmq.auth.load_certificates(clients_dir))  # z85 public keys
+        self.keys: frozenset[bytes] = frozenset()  # z85 public keys
         self._refused: set[bytes] = set()
+        self.load()
+
+    def load(self) -> None:
+        self.keys = frozenset(zmq.auth.load_certificates(self.clients_dir))
+        self._refused.clear()  # a key refused before may be admitted now, and refused again
+
+    def text_keys(self) -> frozenset[str]:
+        return frozenset(k.decode() for k in self.keys)
 
     def callback(self, domain: str, key: bytes) -> bool:
         if key in self.keys:
@@ -82,15 +95,34 @@ class ServerCurve:
             raise CurveError(f"{clients_dir} holds no client public certificate (*.key)")
         self.clients_dir = clients_dir
         self._auth: AsyncioAuthenticator | None = None
+        self._admitted: _Admitted | None = None
+        self.keys: frozenset[str] = frozenset()  # z85 public keys admitted now
 
     def start(self, ctx: zmq.asyncio.Context) -> None:
         """Run the authenticator on ``ctx`` (before any socket of it binds)."""
         auth = AsyncioAuthenticator(ctx, log=logging.getLogger(__name__ + ".zap"))
         auth.start()
-        admitted = _Admitted(self.clients_dir)
-        auth.configure_curve_callback(domain="*", credentials_provider=admitted)
         self._auth = auth
-        log.info("CURVE on: %d allowed client key(s) from %s", len(admitted.keys), self.clients_dir)
+        self._admitted = _Admitted(self.clients_dir)
+        auth.configure_curve_callback(domain="*", credentials_provider=self._admitted)
+        self.keys = self._admitted.text_keys()
+        log.info("CURVE on: %d allowed client key(s) from %s", len(self.keys), self.clients_dir)
+
+    def reload(self) -> tuple[frozenset[str], frozenset[str]]:
+        """Re-read the clients' directory; (added, removed) keys. Keeps the old set on error."""
+        if self._auth is None or self._admitted is None:
+            return frozenset(), frozenset()
+        old = self.keys
+        if not self.clients_dir.is_dir():
+            log.error(
+                "reload: %s is gone; keeping the %d key(s) loaded", self.clients_dir, len(old)
+            )
+            return frozenset(), frozenset()
+        self._admitted.load()
+        self.keys = self._admitted.text_keys()
+        if not self.keys and old:
+            log.warning("reload: %s holds no client key: every client is refused", self.clients_dir)
+        return self.keys - old, old - self.keys
 
     def secure(self, sock: zmq.Socket[Any]) -> None:
         """Make ``sock`` a CURVE server (call before bind)."""

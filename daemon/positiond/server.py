@@ -7,8 +7,10 @@ Five tasks share the event loop:
   message), decode, hand each message to the :class:`~positiond.engine.Engine`;
 - write: takes a batch from the engine, commits it in one call, then sends the acks;
 - tick: drives liveness verdicts (on the engine's observed clock, after reading what is
-  queued) and the flush interval;
-- monitor: turns a dropped ipc connection into "process exited" within milliseconds;
+  queued) and the flush interval, and once a second lets the
+  :class:`~positiond.listener.Listener` recount fds and check the socket file;
+- monitor (a selector callback of the Listener, not a task): turns a dropped ipc connection
+  into "process exited" within milliseconds, and counts connections against the fd limit;
 - status: tells systemd how the daemon is doing (``STATUS=``, ``WATCHDOG=1`` while the writer
   makes progress, see :mod:`positiond.status`) and refreshes ``status.json``.
 
@@ -26,7 +28,6 @@ import fcntl
 import logging
 import os
 import sqlite3
-import stat
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -34,9 +35,9 @@ from typing import IO, Any
 
 import zmq
 import zmq.asyncio
-from zmq.utils.monitor import parse_monitor_message
 
 from positiond.config import RELOADABLE, Config, changed
+from positiond.connections import shutdown_connection
 from positiond.curve import ServerCurve, secure_server
 from positiond.dbfile import (
     DatabaseLock,
@@ -51,11 +52,12 @@ from positiond.dbfile import (
     restore_advice,
 )
 from positiond.engine import Engine
+from positiond.listener import Listener
 from positiond.notify import Notifier
 from positiond.status import Progress, Reporter, status_file_for, status_line, version
 from positiond.store import Store
 from positiond_client.errors import ProtocolError
-from positiond_client.paths import ensure_private_dir, ipc_path, runtime_dir
+from positiond_client.paths import ipc_path
 from positiond_client.protocol import PROTOCOL_VERSION, decode, encode, error_reply
 
 __all__ = ["AlreadyRunning", "Daemon"]
@@ -116,6 +118,15 @@ def _lock(path: Path, what: str) -> IO[bytes]:
     return handle
 
 
+def _same_file(handle: IO[bytes], path: Path) -> bool:
+    """Is the lock ``handle`` still the file at ``path`` (not deleted and made anew)?"""
+    try:
+        mine, there = os.fstat(handle.fileno()), os.stat(path)
+    except (OSError, ValueError):
+        return False
+    return (mine.st_dev, mine.st_ino) == (there.st_dev, there.st_ino)
+
+
 def _peer_credentials(frame: zmq.Frame) -> tuple[int, int | None, int | None]:
     """(fd, uid, pid) of the connection a frame came in on; uid/pid only on ipc://."""
     fd = int(frame.get(zmq.SRCFD))
@@ -145,7 +156,8 @@ class Daemon:
         self.config = config
         self.listen_fd = listen_fd  # a listening socket from systemd (positiond.activation)
         self._curve: ServerCurve | None = None
-        self._own_socket_file: Path | None = None
+        # CURVE peers: routing id -> (fd, z85 public key), to drop a key's connections on revoke.
+        self._curve_peers: dict[bytes, tuple[int, str]] = {}
         self.notifier = Notifier() if notifier is None else notifier
         self.monotonic = monotonic
         self.engine = Engine(
@@ -180,6 +192,13 @@ class Daemon:
         self.reporter = Reporter(self.notifier, None, self.health)
         self.counters = self.engine.counters
         self.counters.update({"bad_messages": 0, "dropped_replies": 0, "batches": 0})
+        self.listener = Listener(
+            config,
+            listen_fd=listen_fd,
+            counters=self.counters,
+            ensure_lock=self._ensure_lock,
+            warn_limited=_RateLimitedLog().warning,
+        )
 
     # ---- lifecycle -----------------------------------------------------------------------
 
@@ -194,16 +213,7 @@ class Daemon:
             raise AlreadyRunning(f"another positiond is already running on database {db}") from None
         except OSError as exc:  # a directory we may not create, a full or read-only disk
             raise StoreError(f"cannot create or lock the database {db}: {exc}") from None
-        sock_path = ipc_path(cfg.endpoint)
-        if sock_path is not None:
-            if sock_path.parent == runtime_dir():
-                ensure_private_dir(sock_path.parent)
-            else:
-                sock_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            # libzmq unlinks an existing socket file on bind: without this lock a second daemon
-            # would silently steal the endpoint from the first.
-            lock = sock_path.with_name(sock_path.name + ".lock")
-            self._locks.append(_lock(lock, f"endpoint {cfg.endpoint}"))
+        self.listener.prepare()
         watch = FileWatch(db, self._db_lock.fd)
         self.store = await Store.open(
             db, cfg.synchronous, busy_timeout=cfg.busy_timeout, watch=watch
@@ -226,24 +236,10 @@ class Daemon:
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         sock.setsockopt(zmq.MAXMSGSIZE, cfg.max_message_bytes + 1024)
         sock.setsockopt(zmq.LINGER, 1000)
-        if self.listen_fd is not None:
-            # Socket activation: libzmq adopts systemd's listening socket (and will close it)
-            # instead of unlinking the file and binding a new one; bind only names it.
-            sock.setsockopt(zmq.USE_FD, self.listen_fd)
         if cfg.curve_secret_key is not None and cfg.curve_clients is not None and not self.is_ipc:
             # Config refuses tcp:// without these: a network port is never served in clear.
             self._curve = secure_server(self.ctx, sock, cfg.curve_secret_key, cfg.curve_clients)
-        sock.bind(cfg.endpoint)
-        # tcp://host:* binds a free port: report the real one.
-        self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
-        if sock_path is not None and self.listen_fd is not None:
-            log.info("listening on the socket from systemd (mode: the unit's SocketMode=)")
-        elif sock_path is not None:
-            os.chmod(sock_path, cfg.socket_mode)
-            self._check_group_access(sock_path)
-            self._own_socket_file = sock_path
-        else:
-            log.info("listening on %s with CURVE authentication", self.endpoint)
+        self.endpoint = self.listener.bind(self.ctx, sock)
         self.sock = sock
         loop = self._loop = asyncio.get_running_loop()
         self._writer = loop.create_task(self._write_loop(), name="positiond-writer")
@@ -251,9 +247,9 @@ class Daemon:
         loop.add_reader(self._reader_fd, self._on_readable)
         self._drain_soon()  # anything that queued before the fd was watched
         self._tasks = [loop.create_task(self._tick_loop(), name="positiond-tick")]
-        self._tasks.append(loop.create_task(self._monitor_loop(), name="positiond-monitor"))
+        self.listener.attach(loop, self._disconnected)
         self._tasks.append(loop.create_task(self._watch_loop(), name="positiond-watch"))
-        self.reporter.path = status_file_for(sock_path)
+        self.reporter.path = status_file_for(ipc_path(cfg.endpoint))
         self.started = self.monotonic()
         self.progress = Progress(self.started)
         health = self.reporter.publish(notify=False)
@@ -266,17 +262,10 @@ class Daemon:
             self._tasks.append(loop.create_task(watchdog, name="positiond-watchdog"))
         log.info("positiond ready: database %s, endpoint %s", db, self.endpoint)
 
-    def _check_group_access(self, sock_path: Path) -> None:
-        if not self.config.socket_mode & 0o070:
-            return
-        mode = sock_path.parent.stat().st_mode
-        if not mode & stat.S_IXGRP:
-            log.warning(
-                "socket_mode %04o lets the group in, but its directory %s (mode %04o) does not",
-                self.config.socket_mode,
-                sock_path.parent,
-                mode & 0o7777,
-            )
+    def _ensure_lock(self, path: Path) -> None:
+        """Hold the lock at ``path`` (again, if the file we held was deleted)."""
+        if not any(_same_file(handle, path) for handle in self._locks):
+            self._locks.append(_lock(path, f"endpoint {self.config.endpoint}"))
 
     def request_stop(self) -> None:
         """Ask for a graceful stop (signal handlers call this)."""
@@ -306,6 +295,7 @@ class Daemon:
         if self._reader_fd is not None and self._loop is not None:
             self._loop.remove_reader(self._reader_fd)
             self._reader_fd = None
+        self.listener.close_monitor()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -319,11 +309,7 @@ class Daemon:
         if self.sock is not None:
             self.sock.close(linger=1000)
             self.sock = None
-        if self._own_socket_file is not None:
-            # libzmq leaves the file behind; nobody listens on it any more (the endpoint lock
-            # says it is ours). A socket from systemd belongs to the .socket unit: kept.
-            self._own_socket_file.unlink(missing_ok=True)
-            self._own_socket_file = None
+        self.listener.close()
         if self._curve is not None:
             self._curve.stop()
             self._curve = None
@@ -390,6 +376,7 @@ class Daemon:
         """A snapshot for operators and monitoring (documented in :mod:`positiond.status`)."""
         now, wall = self.monotonic(), time.time()
         progressing = self.writer_progressing()
+        listening = self.listener.health()
         db = Path(self.config.db)
         size = 0
         for path in (db, db.with_name(db.name + "-wal")):
@@ -412,7 +399,11 @@ class Daemon:
             "writer_stalled": round(self.progress.stalled_for(now), 3),
             "writes_ok": self.healthy,
             "storage_fault": self.storage_fault,
-            "healthy": self.healthy and progressing and self.storage_fault is None,
+            **listening,
+            "healthy": self.healthy
+            and progressing
+            and self.storage_fault is None
+            and listening["listening"],
             "counters": dict(self.counters),
         }
 
@@ -429,6 +420,40 @@ class Daemon:
         self.engine.liveness.timeout = self.config.heartbeat_timeout
         self.engine.flush_interval = self.config.flush_interval
         return applied, refused
+
+    def reload_keys(self) -> str | None:
+        """SIGHUP: re-read the allowed CURVE keys and drop the revoked ones' connections.
+
+        Returns a line for the log, or None when nothing changed (or no CURVE).
+        """
+        if self._curve is None:
+            return None
+        added, removed = self._curve.reload()
+        if not added and not removed:
+            return None
+        dropped = 0
+        for rid, (fd, key) in list(self._curve_peers.items()):
+            if rid not in self.engine.peers:
+                del self._curve_peers[rid]
+            elif key in removed:
+                # The monitor then sees the disconnect; on tcp:// the session's heartbeats stop
+                # and it is declared CRASHED after heartbeat_timeout (its legs stay recoverable).
+                del self._curve_peers[rid]
+                dropped += shutdown_connection(fd)
+        return (
+            f"CURVE keys: {len(self._curve.keys)} allowed ({len(added)} added, "
+            f"{len(removed)} removed); {dropped} connection(s) of removed keys dropped"
+        )
+
+    def _note_curve_peer(self, rid: bytes, fd: int, frame: zmq.Frame) -> None:
+        try:
+            key = str(frame.get("User-Id"))  # zmq.auth's user id: the z85 public key
+        except zmq.ZMQError:
+            return
+        if len(self._curve_peers) > 2 * len(self.engine.peers) + 64:
+            for gone in [r for r in self._curve_peers if r not in self.engine.peers]:
+                del self._curve_peers[gone]
+        self._curve_peers[rid] = (fd, key)
 
     # ---- receive -------------------------------------------------------------------------
 
@@ -461,6 +486,7 @@ class Daemon:
         assert self.sock is not None
         sock, engine = self.sock, self.engine
         recv, peers, receive, send = sock.recv, engine.peers, engine.receive, self.send
+        listener = self.listener
         now, wall = self.monotonic(), engine.wall()
         limit = self.config.max_message_bytes
         for _ in range(DRAIN_MAX):
@@ -473,7 +499,13 @@ class Daemon:
             frame = recv(copy=False)
             if rid not in peers:
                 fd, uid, pid = _peer_credentials(frame)
+                listener.drain_monitor()
+                if listener.refused(fd):
+                    self._busy(rid)
+                    continue
                 engine.add_peer(rid, fd, uid, pid)
+                if self._curve is not None:
+                    self._note_curve_peer(rid, fd, frame)
             if frame.more:
                 self._reject_frames(rid)
                 continue
@@ -497,6 +529,13 @@ class Daemon:
             if reply is not None:
                 send(rid, reply)
         return True
+
+    def _busy(self, rid: bytes) -> None:
+        """Answer a message of a connection refused for the limit (no seq: nothing fails)."""
+        assert self.sock is not None
+        while self.sock.rcvmore:
+            self.sock.recv()
+        self.send(rid, self.listener.busy_reply())
 
     def _reject_frames(self, rid: bytes) -> None:
         assert self.sock is not None
@@ -689,28 +728,14 @@ class Daemon:
             if self.engine.tick(self.monotonic()):
                 self._wake.set()
             self._recheck()  # cheap insurance against a missed edge of the fd
+            self.listener.drain_monitor()  # the same for the monitor's
+            self.listener.tick(self.monotonic())  # fd recount, socket file check: each second
 
     def _read_queued(self) -> None:
         if self.sock is not None and int(self.sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
             self._on_readable()
 
     # ---- process death -------------------------------------------------------------------
-
-    async def _monitor_loop(self) -> None:
-        assert self.sock is not None and self.ctx is not None
-        # get_monitor_socket() of a plain socket would hand back a plain PAIR: make our own.
-        address = f"inproc://positiond-monitor-{id(self):x}"
-        self.sock.monitor(address, zmq.EVENT_DISCONNECTED)
-        monitor = self.ctx.socket(zmq.PAIR)
-        monitor.connect(address)
-        try:
-            while True:
-                event = parse_monitor_message(await monitor.recv_multipart())
-                if event["event"] == zmq.EVENT_DISCONNECTED:
-                    self._disconnected(int(event["value"]))
-        finally:
-            self.sock.disable_monitor()
-            monitor.close(linger=0)
 
     def _disconnected(self, fd: int) -> None:
         for peer in self.engine.peers_on_fd(fd):

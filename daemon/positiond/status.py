@@ -19,8 +19,10 @@ a few of these belongs to a dead or hung daemon), ``uptime`` (seconds), ``endpoi
 ``last_flush_age`` (seconds since the last commit, null before the first), ``writer_stalled``
 (seconds since the writer last committed or had nothing to do), ``storage_fault`` (null, or why
 nothing is written or acknowledged any more: the database file was deleted or replaced, or is
-damaged; it says what to do), ``healthy`` (writes succeed, the writer is not stalled, no storage
-fault), ``counters``.
+damaged; it says what to do), ``listening`` (the ipc socket file is the one the daemon listens
+on; false when it was deleted and could not be bound again, e.g. under socket activation),
+``healthy`` (writes succeed, the writer is not stalled, no storage fault, and the daemon is
+listening), ``counters``.
 """
 
 from __future__ import annotations
@@ -107,7 +109,14 @@ def status_line(health: dict[str, Any]) -> str:
     fault = health.get("storage_fault")
     if fault:
         line += f"; UNHEALTHY: {fault}"
-    elif not health["healthy"]:
+    if health.get("accepting", True) is False:
+        line += (
+            f"; AT CONNECTION LIMIT ({health['connections']}/{health['connection_limit']}): "
+            "new strategies cannot connect"
+        )
+    if not health["healthy"] and health.get("listening", True) is False:
+        line += "; UNHEALTHY: the socket file is gone, new strategies cannot connect"
+    elif not health["healthy"] and not fault:
         line += f"; UNHEALTHY: writer stalled {health['writer_stalled']:.1f}s"
         if not health["writes_ok"]:
             line += ", database writes failing"
