@@ -108,3 +108,18 @@ def test_a_different_size_is_still_attributed_through_the_daemon(daemon: DaemonP
         "a-1": "CLOSED_AT_BROKER",
         "b-1": "RESUME",
     }
+
+
+def test_verify_does_not_alert_on_an_orphan_a_human_acknowledged(daemon: DaemonProcess) -> None:
+    """A known manual hedge stays listed, marked decided, and stops making verify exit 1."""
+    book = book_text(("BANKNIFTY28NOV2552000CE", "-30"))
+    code, data = ctl_json(daemon, "verify", "--positionbook", "-", "--apply", stdin=book)
+    assert code == 1 and [o["resolution"] for o in data["orphans"]] == [None]
+    [record] = rows(daemon.db, "SELECT id FROM broker_orphans")
+    run = ctl(daemon, "resolve-orphan", str(record["id"]), "--acknowledge", "--note", "hedge")
+    assert run.returncode == 0, run.stdout + run.stderr
+    code, data = ctl_json(daemon, "verify", "--positionbook", "-", stdin=book)
+    assert code == 0
+    assert [(o["symbol"], o["resolution"]) for o in data["orphans"]] == [
+        ("BANKNIFTY28NOV2552000CE", "ACKNOWLEDGED")
+    ]

@@ -8,6 +8,7 @@ Each command's docstring is its ``--help``.
 from __future__ import annotations
 
 import argparse
+import sqlite3
 import sys
 import time
 from pathlib import Path
@@ -118,8 +119,9 @@ def cmd_verify(ctl: Ctl, args: argparse.Namespace) -> int:
     --apply closes CLOSED_AT_BROKER legs, flags MISMATCH legs NEEDS_REVIEW with the reason and
     records the orphans; RESUME legs stay CRASHED for the strategy's next run to adopt. --json
     prints {"verdicts": [...], "orphans": [...]} (plus "actions" with --apply; its "orphans" key
-    says what was recorded). Exit 1 while any MISMATCH or orphan remains, 5 if an action was
-    refused.
+    says what was recorded; each orphan's "resolution" is ACKNOWLEDGED or ADOPTED when a human
+    already decided that same position with posctl resolve-orphan). Exit 1 while any MISMATCH or
+    undecided orphan remains, 5 if an action was refused.
     """
     book = _load_positionbook(args.positionbook)
     conn = open_readonly(ctl.db)
@@ -128,6 +130,7 @@ def cmd_verify(ctl: Ctl, args: argparse.Namespace) -> int:
             CrashedLeg.from_row(r) for r in query(conn, ctl.by, "crashed", args.strategy)["legs"]
         ]
         found = query(conn, ctl.by, "open", None)
+        decided = _decided_orphans(conn)
     finally:
         conn.close()
     if found["truncated"]:
@@ -145,14 +148,35 @@ def cmd_verify(ctl: Ctl, args: argparse.Namespace) -> int:
         raise CtlError(EXIT_USAGE, f"positionbook {args.positionbook}: {exc}") from None
     written, refused = _apply_verdicts(ctl, report) if args.apply else (None, False)
     data = report.to_dict()
+    unresolved = 0
+    for orphan in data["orphans"]:
+        key = tuple(orphan[k] for k in _ORPHAN_KEY)
+        orphan["resolution"] = decided.get(key)  # ACKNOWLEDGED / ADOPTED by a human, or None
+        unresolved += orphan["resolution"] is None
     if ctl.json:
         ctl.emit(data)
     else:
         _print_verify(ctl, data, report, written, args.apply)
     if refused:
         return EXIT_REFUSED
-    attention = report.orphans or report.by_verdict(MISMATCH)
+    attention = unresolved or report.by_verdict(MISMATCH)
     return EXIT_ATTENTION if attention else EXIT_OK
+
+
+_ORPHAN_KEY = ("symbol", "exchange", "product", "broker_quantity", "known_quantity")
+
+
+def _decided_orphans(conn: sqlite3.Connection) -> dict[tuple[Any, ...], str]:
+    """Orphans a human already acknowledged or adopted (posctl resolve-orphan), by what they
+    were: the same position found again needs no attention (and is not recorded again)."""
+    try:
+        rows = conn.execute(
+            f"SELECT {', '.join(_ORPHAN_KEY)}, status FROM broker_orphans "
+            "WHERE status IN ('ACKNOWLEDGED', 'ADOPTED')"
+        ).fetchall()
+    except sqlite3.OperationalError:  # a database older than orphan resolution
+        return {}
+    return {tuple(r[k] for k in _ORPHAN_KEY): str(r["status"]) for r in rows}
 
 
 def _print_verify(

@@ -326,6 +326,7 @@ _ORPHANS = [
     Col("product", lambda o: _text(o["product"])),
     Col("broker", lambda o: _text(o["broker_quantity"]), "num"),
     Col("positiond", lambda o: _text(o["known_quantity"]), "num"),
+    Col("decided", lambda o: _text(o.get("resolution") or "—")),
 ]
 
 
