@@ -1,0 +1,356 @@
+"""docs/PROTOCOL.md is executable: its §9 exchanges are replayed against a real daemon, and its
+§6 error codes are exactly the codes the daemon can send, each provoked by a test.
+
+§9's convention (explained at the top of §9 for readers too):
+
+- ``→ TEXT``  the current connection sends TEXT as one frame, byte for byte (so invalid JSON can
+  be shown); a JSON array is sent as several frames, one per element (a string as its bytes, an
+  object as JSON).
+- ``← JSON``  the next message the daemon sends on the current connection (``ping``s skipped),
+  compared with JSON exactly: same keys, same values, same JSON types. Inside a string,
+  ``<name>`` matches any text and captures it; a name seen before must match the same text again,
+  and in a ``→`` line it is replaced by what it captured.
+- ``(connection NAME)``  what follows runs on connection NAME, a raw DEALER opened on first use
+  (the first is ``A``). ``(close NAME)``: that connection's socket is closed.
+- ``(wait until TABLE KEY col=value ...)``  the test waits (with a deadline) until the database
+  row shows these values; ``(stored: TABLE KEY col=value ...)`` checks them now. TABLE is
+  ``session`` (strategy_sessions by session_key) or ``leg`` (strategy_positions by
+  position_key); each value is a JSON literal.
+- ``(the daemon restarts)``  SIGTERM, then the same daemon again on the same database and socket.
+- Any other ``(...)`` line (and its indented continuation lines) is prose for the reader.
+
+All blocks run in order against one daemon on a fresh database, so ids are literal.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+import zmq
+
+from positiond_client.protocol import CLIENT_ONLY_CODES, ErrorCode, encode
+from tests.helpers import UNIT, DaemonProcess, rows, wait_for
+
+ROOT = Path(__file__).parent.parent
+PROTOCOL = ROOT / "docs" / "PROTOCOL.md"
+BLOCK = re.compile(r"^### (9\.\d+) [^\n]*\n(?:(?!^##)[^`])*?```text\n(.*?)\n```", re.S | re.M)
+PLACEHOLDER = re.compile(r"<([a-z][a-z0-9_]*)>")
+ACTION = re.compile(
+    r"\((?:connection (?P<conn>\w+)|close (?P<close>\w+)|(?P<restart>the daemon restarts)"
+    r"|(?P<how>wait until|stored:) (?P<table>session|leg) (?P<key>\S+) (?P<cols>.+))\)"
+)
+ACTION_WORDS = ("(connection", "(close", "(wait", "(stored", "(the daemon")
+COLUMN = re.compile(r'(\w+)=("(?:[^"\\]|\\.)*"|\S+)')
+
+# Which test provokes each code the daemon can send (from a real daemon, over real sockets).
+# "§9" = the exchanges replayed by test_protocol_examples_replay_against_a_real_daemon.
+PROVOKED_BY: dict[str, str] = {
+    "BAD_MESSAGE": "§9",
+    "BAD_VERSION": "§9",
+    "BAD_TYPE": "§9",
+    "BAD_FIELD": "§9",
+    "BAD_FRAMES": "§9",
+    "BAD_TOKEN": "§9",
+    "NO_SESSION": "§9",
+    "UNKNOWN_SESSION": "§9",
+    "SESSION_CLOSED": "§9",
+    "UNKNOWN_LEG": "§9",
+    "KEY_CONFLICT": "§9",
+    "FENCED": "§9",
+    "BAD_STATE": "§9",
+    "INTERNAL": "test_internal_when_the_database_refuses_one_operation",
+}
+
+
+# ---- parsing the document ------------------------------------------------------------------
+
+
+def example_blocks(text: str) -> list[tuple[str, list[str]]]:
+    """(section number, lines) of every ```text block under a ``### 9.x`` heading."""
+    part = text[text.index("\n## 9. ") :]
+    return [(m[1], m[2].splitlines()) for m in BLOCK.finditer(part)]
+
+
+def documented_codes(text: str) -> set[str]:
+    """The codes in the first table of §6 (the codes on the wire)."""
+    part = text[text.index("\n## 6. ") :]
+    part = part[: part.index("\n## 7. ")]
+    table = part[part.index("\n|") : part.index("\n\n", part.index("\n|"))]
+    return set(re.findall(r"^\| `([A-Z_]+)` \|", table, re.M))
+
+
+def client_only_codes(text: str) -> set[str]:
+    """The codes §6.1 lists as raised by the client library only."""
+    part = text[text.index("\n### 6.1 ") :]
+    part = part[: part.index("\n## 7. ")]
+    return set(re.findall(r"^\| `([A-Z_]+)` \|", part, re.M))
+
+
+def codes_in_daemon_source() -> set[str]:
+    """Every code literal passed to an error builder in the daemon (and the protocol module it
+    decodes with): so a code added to the code but not to ErrorCode is caught."""
+    builders = {"error", "_error", "error_reply", "ProtocolError"}
+    files = [*sorted((ROOT / "daemon" / "positiond").glob("*.py"))]
+    files.append(ROOT / "client" / "positiond_client" / "protocol.py")
+    found: set[str] = set()
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
+                if node.value.id == "ErrorCode":
+                    found.add(node.attr)
+            if not isinstance(node, ast.Call):
+                continue
+            func = node.func
+            name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
+            if name not in builders:
+                continue
+            for arg in [*node.args, *(k.value for k in node.keywords)]:
+                for sub in ast.walk(arg):
+                    if isinstance(sub, ast.Constant) and isinstance(sub.value, str):
+                        if re.fullmatch(r"[A-Z][A-Z_]{2,}", sub.value):
+                            found.add(sub.value)
+    return found
+
+
+# ---- matching ------------------------------------------------------------------------------
+
+
+def _match_text(expected: str, actual: str, captured: dict[str, str], where: str) -> None:
+    names = PLACEHOLDER.findall(expected)
+    if not names:
+        assert actual == expected, where
+        return
+    pattern = ""
+    last = 0
+    for m in PLACEHOLDER.finditer(expected):
+        pattern += re.escape(expected[last : m.start()]) + f"(?P<{m[1]}>.+?)"
+        last = m.end()
+    pattern += re.escape(expected[last:])
+    found = re.fullmatch(pattern, actual, re.S)
+    assert found is not None, f"{where}: {actual!r} does not match {expected!r}"
+    for name in names:
+        value = found[name]
+        assert captured.setdefault(name, value) == value, f"{where}: <{name}> changed"
+
+
+def match(expected: Any, actual: Any, captured: dict[str, str], where: str) -> None:
+    """Exact comparison (JSON types included), with ``<name>`` placeholders inside strings."""
+    assert type(actual) is type(expected), f"{where}: {actual!r} is not like {expected!r}"
+    if isinstance(expected, dict):
+        assert set(actual) == set(expected), f"{where}: keys {sorted(actual)} != {sorted(expected)}"
+        for name, value in expected.items():
+            match(value, actual[name], captured, f"{where}.{name}")
+    elif isinstance(expected, list):
+        assert len(actual) == len(expected), f"{where}: {actual!r} != {expected!r}"
+        for i, (e, a) in enumerate(zip(expected, actual, strict=True)):
+            match(e, a, captured, f"{where}[{i}]")
+    elif isinstance(expected, str):
+        _match_text(expected, actual, captured, where)
+    else:
+        assert actual == expected, f"{where}: {actual!r} != {expected!r}"
+
+
+def test_the_matcher_is_exact() -> None:
+    got: dict[str, str] = {}
+    match({"a": 1, "t": "x <n> y"}, {"a": 1, "t": "x 42 y"}, got, "m")
+    assert got == {"n": "42"}
+    for expected, actual in [
+        ({"a": 1}, {"a": 1.0}),  # an integer is not a float
+        ({"a": 1}, {"a": 1, "b": 2}),  # no extra key
+        ({"t": "x <n> y"}, {"t": "x 43 y"}),  # a capture matches the same text again
+        ({"t": "<m>z"}, {"t": "zz!"}),
+        ([1, 2], [1]),
+    ]:
+        with pytest.raises(AssertionError):
+            match(expected, actual, dict(got), "m")
+
+
+# ---- replaying -----------------------------------------------------------------------------
+
+
+class Replay:
+    def __init__(self, daemon: DaemonProcess) -> None:
+        self.daemon = daemon
+        self.ctx = zmq.Context()
+        self.conns: dict[str, zmq.Socket[bytes]] = {}
+        self.current = "A"
+        self.captured: dict[str, str] = {}
+        self.codes: set[str] = set()
+
+    def sock(self) -> zmq.Socket[bytes]:
+        if self.current not in self.conns:
+            sock = self.ctx.socket(zmq.DEALER)
+            sock.linger = 0
+            sock.connect(self.daemon.endpoint)
+            self.conns[self.current] = sock
+        return self.conns[self.current]
+
+    def close(self) -> None:
+        for sock in self.conns.values():
+            sock.close(0)
+        self.ctx.term()
+
+    def substitute(self, text: str) -> str:
+        def value(m: re.Match[str]) -> str:
+            assert m[1] in self.captured, f"<{m[1]}> used before it was captured"
+            return self.captured[m[1]]
+
+        return PLACEHOLDER.sub(value, text)
+
+    def send(self, text: str) -> None:
+        text = self.substitute(text)
+        frames: list[bytes]
+        if text.startswith("["):
+            parts = orjson.loads(text)
+            frames = [p.encode() if isinstance(p, str) else encode(p) for p in parts]
+        else:
+            frames = [text.encode()]
+        self.sock().send_multipart(frames)
+
+    def receive(self, timeout: float = 5.0) -> dict[str, Any] | None:
+        sock = self.sock()
+        while sock.poll(int(timeout * UNIT * 1000)):
+            msg: dict[str, Any] = orjson.loads(sock.recv())
+            if msg.get("type") != "ping":  # §5.3: a client ignores pings
+                return msg
+        return None
+
+    def nothing_pending(self, where: str) -> None:
+        for name, sock in self.conns.items():
+            while sock.poll(0):
+                msg = orjson.loads(sock.recv())
+                assert msg.get("type") == "ping", f"{where}: unexpected on {name}: {msg}"
+
+    def row(self, table: str, key: str) -> sqlite3.Row | None:
+        sql = {
+            "session": "SELECT * FROM strategy_sessions WHERE session_key = ?",
+            "leg": "SELECT * FROM strategy_positions WHERE position_key = ?",
+        }[table]
+        found = rows(self.daemon.db, sql, (key,)) if self.daemon.db.exists() else []
+        return found[0] if found else None
+
+    def shows(self, table: str, key: str, cols: str) -> bool:
+        row = self.row(table, key)
+        if row is None:
+            return False
+        for name, literal in COLUMN.findall(cols):
+            if row[name] != orjson.loads(literal):
+                return False
+        return True
+
+    def action(self, m: re.Match[str], where: str) -> None:
+        if m["conn"]:
+            self.current = m["conn"]
+        elif m["close"]:
+            self.conns.pop(m["close"]).close(0)
+        elif m["restart"]:
+            self.daemon.stop()
+            self.daemon.start()
+        elif m["how"] == "wait until":
+            wait_for(lambda: self.shows(m["table"], m["key"], m["cols"]), 15, where)
+        else:
+            row = self.row(m["table"], m["key"])
+            assert self.shows(m["table"], m["key"], m["cols"]), (where, dict(row or {}))
+
+    def run(self, section: str, lines: list[str]) -> None:
+        for number, line in enumerate(lines, 1):
+            where = f"§{section} line {number}: {line.strip()[:90]}"
+            stripped = line.strip()
+            if stripped.startswith("→ "):
+                self.send(stripped[2:])
+            elif stripped.startswith("← "):
+                expected = orjson.loads(stripped[2:])
+                got = self.receive()
+                assert got is not None, f"{where}: no answer"
+                match(expected, got, self.captured, where)
+                if got.get("type") == "error":
+                    self.codes.add(got["code"])
+            elif (m := ACTION.fullmatch(stripped)) is not None:
+                self.action(m, where)
+            else:
+                assert not stripped.startswith(ACTION_WORDS), f"{where}: not an action"
+                assert stripped.startswith("(") or line.startswith(" "), f"{where}: stray line"
+        self.nothing_pending(f"end of §{section}")
+
+
+@pytest.fixture
+def doc_daemon(workdir: Path) -> Iterator[DaemonProcess]:
+    # Default settings (§9 says so), except a heartbeat timeout scaled for a loaded machine.
+    proc = DaemonProcess(workdir, heartbeat_timeout=3.0 * UNIT).start()
+    try:
+        yield proc
+    finally:
+        if proc.proc is not None and proc.proc.poll() is None:
+            proc.stop()
+
+
+def test_protocol_examples_replay_against_a_real_daemon(doc_daemon: DaemonProcess) -> None:
+    blocks = example_blocks(PROTOCOL.read_text())
+    assert [b[0] for b in blocks][:2] == ["9.1", "9.2"], "the §9 blocks were not found"
+    replay = Replay(doc_daemon)
+    try:
+        for section, lines in blocks:
+            replay.run(section, lines)
+    finally:
+        replay.close()
+    assert replay.codes == {c for c, test in PROVOKED_BY.items() if test == "§9"}
+
+
+# ---- the error codes -----------------------------------------------------------------------
+
+
+def test_documented_codes_are_exactly_the_codes_the_daemon_can_send() -> None:
+    text = PROTOCOL.read_text()
+    enum = {c.value for c in ErrorCode}
+    assert documented_codes(text) == enum
+    assert codes_in_daemon_source() == enum
+    assert client_only_codes(text) == set(CLIENT_ONLY_CODES)
+    assert not CLIENT_ONLY_CODES & enum
+    assert set(PROVOKED_BY) == enum
+    tests = set(re.findall(r"^def (test_\w+)", Path(__file__).read_text(), re.M))
+    assert {t for t in PROVOKED_BY.values() if t != "§9"} <= tests
+
+
+def test_the_source_walk_finds_codes() -> None:
+    # The walk must see the daemon's own literals, or the equality above proves nothing.
+    found = codes_in_daemon_source()
+    assert {"BAD_TOKEN", "FENCED", "BAD_STATE", "INTERNAL", "BAD_FRAMES", "NO_SESSION"} <= found
+
+
+def test_internal_when_the_database_refuses_one_operation(daemon: DaemonProcess) -> None:
+    """INTERNAL (C): the database refuses this one operation (here a trigger standing in for a
+    constraint the daemon did not foresee); the batch's other operations still commit."""
+    conn = sqlite3.connect(daemon.db)
+    conn.execute(
+        "CREATE TRIGGER refuse_boom BEFORE INSERT ON broker_orphans WHEN NEW.symbol = 'BOOM' "
+        "BEGIN SELECT RAISE(ABORT, 'refused by a test trigger'); END"
+    )
+    conn.commit()
+    conn.close()
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.linger = 0
+    sock.connect(daemon.endpoint)
+    try:
+        row = {"exchange": "NFO", "product": "MIS", "broker_quantity": 1, "known_quantity": 0}
+        sock.send(encode({"v": 1, "type": "orphans", "seq": 1, "rows": [{**row, "symbol": "BOOM"}]}))
+        sock.send(encode({"v": 1, "type": "orphans", "seq": 2, "rows": [{**row, "symbol": "OK"}]}))
+        replies = []
+        for _ in range(2):
+            assert sock.poll(int(5 * UNIT * 1000)), "no answer"
+            replies.append(orjson.loads(sock.recv()))
+    finally:
+        sock.close(0)
+        ctx.term()
+    assert replies[0]["code"] == "INTERNAL" and replies[0]["seq"] == 1, replies
+    assert replies[0]["reason"].startswith("the database refused this message"), replies
+    assert replies[1] == {"v": 1, "type": "ack", "seq": 2, "recorded": 1, "already_recorded": 0}
+    stored = rows(daemon.db, "SELECT symbol FROM broker_orphans")
+    assert [r["symbol"] for r in stored] == ["OK"]
