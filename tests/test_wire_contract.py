@@ -102,9 +102,10 @@ def codes_in_daemon_source() -> set[str]:
     found: set[str] = set()
     for path in files:
         for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
-                if node.value.id == "ErrorCode":
-                    found.add(node.attr)
+            value = node.value if isinstance(node, ast.Attribute) else None
+            if isinstance(value, ast.Name) and value.id == "ErrorCode":
+                assert isinstance(node, ast.Attribute)
+                found.add(node.attr)
             if not isinstance(node, ast.Call):
                 continue
             func = node.func
@@ -113,9 +114,9 @@ def codes_in_daemon_source() -> set[str]:
                 continue
             for arg in [*node.args, *(k.value for k in node.keywords)]:
                 for sub in ast.walk(arg):
-                    if isinstance(sub, ast.Constant) and isinstance(sub.value, str):
-                        if re.fullmatch(r"[A-Z][A-Z_]{2,}", sub.value):
-                            found.add(sub.value)
+                    literal = sub.value if isinstance(sub, ast.Constant) else None
+                    if isinstance(literal, str) and re.fullmatch(r"[A-Z][A-Z_]{2,}", literal):
+                        found.add(literal)
     return found
 
 
@@ -240,10 +241,7 @@ class Replay:
         row = self.row(table, key)
         if row is None:
             return False
-        for name, literal in COLUMN.findall(cols):
-            if row[name] != orjson.loads(literal):
-                return False
-        return True
+        return all(row[name] == orjson.loads(value) for name, value in COLUMN.findall(cols))
 
     def action(self, m: re.Match[str], where: str) -> None:
         if m["conn"]:
@@ -340,7 +338,9 @@ def test_internal_when_the_database_refuses_one_operation(daemon: DaemonProcess)
     sock.connect(daemon.endpoint)
     try:
         row = {"exchange": "NFO", "product": "MIS", "broker_quantity": 1, "known_quantity": 0}
-        sock.send(encode({"v": 1, "type": "orphans", "seq": 1, "rows": [{**row, "symbol": "BOOM"}]}))
+        sock.send(
+            encode({"v": 1, "type": "orphans", "seq": 1, "rows": [{**row, "symbol": "BOOM"}]})
+        )
         sock.send(encode({"v": 1, "type": "orphans", "seq": 2, "rows": [{**row, "symbol": "OK"}]}))
         replies = []
         for _ in range(2):
@@ -354,3 +354,41 @@ def test_internal_when_the_database_refuses_one_operation(daemon: DaemonProcess)
     assert replies[1] == {"v": 1, "type": "ack", "seq": 2, "recorded": 1, "already_recorded": 0}
     stored = rows(daemon.db, "SELECT symbol FROM broker_orphans")
     assert [r["symbol"] for r in stored] == ["OK"]
+
+
+def test_a_session_from_before_tokens_takes_the_token_of_its_next_start(workdir: Path) -> None:
+    """§2.4: a session stored without a token hash (schema < 3) accepts any token; its next
+    start stores the hash of the token it carries, and from then on that token is required
+    (also after a restart). It used to store the hash of "" and ack ``"token": ""``."""
+    daemon = DaemonProcess(workdir, heartbeat_timeout=5.0 * UNIT).start()
+    token = "ab" * 16
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.linger = 0
+    sock.connect(daemon.endpoint)  # kept open across restarts: no DISCONNECT verdict
+
+    def ask(msg: dict[str, Any]) -> dict[str, Any]:
+        sock.send(encode({"v": 1, "session": "old", **msg}))
+        assert sock.poll(int(10 * UNIT * 1000)), f"no answer to {msg}"
+        reply: dict[str, Any] = orjson.loads(sock.recv())
+        return reply
+
+    try:
+        assert ask({"type": "start", "seq": 1, "strategy": "s"})["type"] == "ack"
+        daemon.stop()
+        conn = sqlite3.connect(daemon.db)
+        conn.execute("UPDATE strategy_sessions SET token_hash = NULL")  # as before tokens
+        conn.commit()
+        conn.close()
+        daemon.start()
+        ack = ask({"type": "start", "seq": 2, "strategy": "s", "token": token})
+        assert ack["type"] == "ack" and ack["token"] == token, ack
+        daemon.stop()
+        daemon.start()
+        assert ask({"type": "sync", "seq": 3})["code"] == "BAD_TOKEN"
+        assert ask({"type": "sync", "seq": 4, "token": token}) == {"v": 1, "type": "ack", "seq": 4}
+    finally:
+        sock.close(0)
+        ctx.term()
+        if daemon.proc is not None and daemon.proc.poll() is None:
+            daemon.stop()
