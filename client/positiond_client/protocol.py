@@ -244,7 +244,8 @@ _SEQ = _integer(1, MAX_SEQ)
 _VERSION = _integer(0, 2**31)
 _TYPE = _long_text(32)
 
-# ``token``: issued by the daemon in the ack of a session's first ``start``; every later message
+# ``token``: the session's secret (docs/PROTOCOL.md §2.4), proposed by the client in its first
+# ``start`` (else chosen by the daemon) and returned in every ``start`` ack; every later message
 # of the session carries it (a re-announcing ``start`` too) — no other client can write there.
 _TOKEN = _text(64, r"[0-9a-f]+")
 _COMMON: dict[str, Checker] = {
