@@ -35,7 +35,22 @@ import orjson
 import pytest
 import zmq
 
-from positiond_client.protocol import CLIENT_ONLY_CODES, ErrorCode, encode
+from positiond.engine import _ack as engine_ack
+from positiond.server import PING as SERVER_PING
+from positiond_client.channel import FINAL_SESSION_ERRORS
+from positiond_client.errors import ProtocolError
+from positiond_client.protocol import (
+    CLIENT_ONLY_CODES,
+    REPLY_TYPES,
+    SESSION_FINAL_CODES,
+    ErrorCode,
+    ack_reply,
+    decode_reply,
+    encode,
+    error_reply,
+    notice_reply,
+    ping_reply,
+)
 from tests.helpers import UNIT, DaemonProcess, rows, wait_for
 
 ROOT = Path(__file__).parent.parent
@@ -392,3 +407,66 @@ def test_a_session_from_before_tokens_takes_the_token_of_its_next_start(workdir:
         ctx.term()
         if daemon.proc is not None and daemon.proc.poll() is None:
             daemon.stop()
+
+
+# ---- the reply builders and parser of protocol.py ------------------------------------------
+
+
+def test_every_reply_in_the_document_parses_with_decode_reply() -> None:
+    replies = [
+        line.strip()[2:]
+        for _, lines in example_blocks(PROTOCOL.read_text())
+        for line in lines
+        if line.strip().startswith("← ")
+    ]
+    assert len(replies) > 40
+    for text in replies:
+        assert decode_reply(text.encode()) == orjson.loads(text)
+    for kind in ("ack", "error", "ping", "notice"):
+        assert kind in REPLY_TYPES
+    # a type the client does not know is passed on (to be ignored), not refused
+    assert decode_reply(b'{"v":1,"type":"later"}') == {"v": 1, "type": "later"}
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"{",
+        b"[1]",
+        b'{"type":"ack","seq":1}',
+        b'{"v":1.0,"type":"ack","seq":1}',
+        b'{"v":2,"type":"ack","seq":1}',
+        b'{"v":1,"type":"ack"}',
+        b'{"v":1,"type":"ack","seq":"1"}',
+        b'{"v":1,"type":"error","reason":"r"}',
+        b'{"v":1,"type":"error","code":"X"}',
+        b'{"v":1,"type":"error","code":"X","reason":"r","seq":1.5}',
+        b'{"v":1,"type":"error","code":"X","reason":"r","key":7}',
+        b'{"v":1,"type":"notice"}',
+        b'{"v":1}',
+    ],
+)
+def test_decode_reply_refuses_what_a_client_cannot_rely_on(raw: bytes) -> None:
+    with pytest.raises(ProtocolError):
+        decode_reply(raw)
+
+
+def test_the_builders_write_what_the_daemon_sends() -> None:
+    assert ack_reply(3, {"position_id": 1}) == b'{"v":1,"type":"ack","seq":3,"position_id":1}'
+    assert ack_reply(3) == b'{"v":1,"type":"ack","seq":3}'
+    assert ack_reply(3, {"a": 1}) == engine_ack(3, {"a": 1})
+    assert ping_reply() == SERVER_PING == b'{"v":1,"type":"ping"}'
+    assert error_reply("FENCED", "r", 2, "k") == (
+        b'{"v":1,"type":"error","code":"FENCED","reason":"r","seq":2,"key":"k"}'
+    )
+    notice = notice_reply("REVIVED", {"legs": ["a"]})
+    assert decode_reply(notice) == {"v": 1, "type": "notice", "code": "REVIVED", "legs": ["a"]}
+    assert all(code.value == code.name for code in ErrorCode)
+
+
+def test_the_final_codes_are_those_of_the_document_and_the_reference_client() -> None:
+    text = PROTOCOL.read_text()
+    step = text[text.index("2. **Wait for its ack**") : text.index("3. **Resend the outbox**")]
+    step = step[: step.index("means the session is over")]
+    assert set(re.findall(r"`([A-Z_]+)`", step)) == set(SESSION_FINAL_CODES)
+    assert set(SESSION_FINAL_CODES) == set(FINAL_SESSION_ERRORS)
