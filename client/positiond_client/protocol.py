@@ -36,6 +36,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable, Mapping
+from enum import StrEnum
 from typing import Any, Final
 
 import orjson
@@ -43,20 +44,28 @@ import orjson
 from positiond_client.errors import ProtocolError
 
 __all__ = [
+    "CLIENT_ONLY_CODES",
     "DURABLE_TYPES",
     "MAX_MESSAGE_BYTES",
     "ORPHAN_ACTIONS",
     "PROTOCOL_VERSION",
     "QUERIES",
+    "REPLY_TYPES",
     "RESOLUTIONS",
     "SESSIONLESS_TYPES",
+    "SESSION_FINAL_CODES",
     "SIDES",
     "TYPES",
     "UPDATE_FIELDS",
+    "ErrorCode",
+    "ack_reply",
     "check_fields",
     "decode",
+    "decode_reply",
     "encode",
     "error_reply",
+    "notice_reply",
+    "ping_reply",
     "seq_of",
     "validate",
 ]
@@ -73,6 +82,46 @@ MAX_SEQ: Final = 2**53
 MAX_TIME: Final = 1e11
 
 Checker = Callable[[Any], str | None]
+
+
+class ErrorCode(StrEnum):
+    """Every ``code`` the daemon can put in an ``error`` reply (docs/PROTOCOL.md §6).
+
+    tests/test_wire_contract.py checks that this set, the codes found in the daemon's source
+    and the codes §6 documents are the same three sets.
+    """
+
+    BAD_MESSAGE = "BAD_MESSAGE"  # not JSON, not an object, too large
+    BAD_VERSION = "BAD_VERSION"  # ``v`` is not 1
+    BAD_TYPE = "BAD_TYPE"  # ``type`` missing or unknown
+    BAD_FIELD = "BAD_FIELD"  # a field unknown, missing or out of its rule; strategy mismatch
+    BAD_FRAMES = "BAD_FRAMES"  # more than one frame
+    BAD_TOKEN = "BAD_TOKEN"  # the session's token is missing or wrong
+    NO_SESSION = "NO_SESSION"  # ``resolve adopt`` without a ``session``
+    UNKNOWN_SESSION = "UNKNOWN_SESSION"  # the session is not live in the daemon (re-announce)
+    SESSION_CLOSED = "SESSION_CLOSED"  # the session is over for good: use a new key
+    UNKNOWN_LEG = "UNKNOWN_LEG"  # no (open) leg with this key
+    KEY_CONFLICT = "KEY_CONFLICT"  # the position key belongs to another session
+    FENCED = "FENCED"  # the leg belongs to another session
+    BAD_STATE = "BAD_STATE"  # ``resolve``: the leg's status does not allow the action
+    UNKNOWN_ORPHAN = "UNKNOWN_ORPHAN"  # ``resolve_orphan``: no orphan record with this id
+    BUSY = "BUSY"  # a connection accepted beyond the daemon's connection limit: reconnect later
+    INTERNAL = "INTERNAL"  # a bug, or the database refused this one operation
+
+
+# Codes of the client library's own errors (errors.py): never on the wire.
+CLIENT_ONLY_CODES: Final = frozenset({"LEG_CLOSED", "STORAGE", "UNAVAILABLE"})
+# An error answering a session's (re-)announcing ``start`` with one of these ends the session
+# for this client: it must stop (other codes answering a ``start`` are passing: announce again).
+SESSION_FINAL_CODES: Final = frozenset(
+    {
+        ErrorCode.SESSION_CLOSED,
+        ErrorCode.BAD_TOKEN,
+        ErrorCode.BAD_FIELD,
+        ErrorCode.BAD_VERSION,
+        ErrorCode.BAD_TYPE,
+    }
+)
 
 
 def _text(limit: int, pattern: str = r"[^\x00-\x1f\x7f]+") -> Checker:
@@ -201,7 +250,8 @@ _SEQ = _integer(1, MAX_SEQ)
 _VERSION = _integer(0, 2**31)
 _TYPE = _long_text(32)
 
-# ``token``: issued by the daemon in the ack of a session's first ``start``; every later message
+# ``token``: the session's secret (docs/PROTOCOL.md §2.4), proposed by the client in its first
+# ``start`` (else chosen by the daemon) and returned in every ``start`` ack; every later message
 # of the session carries it (a re-announcing ``start`` too) — no other client can write there.
 _TOKEN = _text(64, r"[0-9a-f]+")
 _COMMON: dict[str, Checker] = {
@@ -414,6 +464,66 @@ def decode(raw: bytes, limit: int = MAX_MESSAGE_BYTES) -> dict[str, Any]:
 def encode(msg: Mapping[str, Any]) -> bytes:
     """A message dict -> one frame of bytes (NaN and inf are refused by validate, not here)."""
     return orjson.dumps(msg)
+
+
+def ack_reply(seq: int | None, data: Mapping[str, Any] | None = None) -> bytes:
+    """The daemon's answer to a durable message once it is committed (``data`` at top level)."""
+    msg: dict[str, Any] = {"v": PROTOCOL_VERSION, "type": "ack", "seq": seq}
+    if data:
+        msg.update(data)
+    return orjson.dumps(msg)
+
+
+def ping_reply() -> bytes:
+    """A liveness probe (§5.3): clients ignore it."""
+    return orjson.dumps({"v": PROTOCOL_VERSION, "type": "ping"})
+
+
+def notice_reply(code: str, details: Mapping[str, Any] | None = None) -> bytes:
+    """Something happened to the session (§5.4); ``details`` at top level next to ``code``."""
+    msg: dict[str, Any] = {"v": PROTOCOL_VERSION, "type": "notice", "code": code}
+    if details:
+        msg.update(details)
+    return orjson.dumps(msg)
+
+
+REPLY_TYPES: Final = frozenset({"ack", "error", "ping", "notice"})
+
+
+def decode_reply(raw: bytes) -> dict[str, Any]:
+    """A daemon -> client frame -> its dict; raise ProtocolError if it is not a reply.
+
+    Checks what a client relies on: ``v`` 1; an ``ack`` has an integer ``seq``; an ``error``
+    has string ``code`` and ``reason`` (``seq`` an integer and ``key`` a string when present);
+    a ``notice`` has a string ``code``. A ``type`` this module does not know is returned as it
+    is: a client must ignore it (§1.3).
+    """
+    try:
+        msg = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise ProtocolError(f"reply is not valid JSON: {exc}", "BAD_MESSAGE") from None
+    if type(msg) is not dict:
+        raise ProtocolError("a reply must be a JSON object", "BAD_MESSAGE")
+    if msg.get("v") != PROTOCOL_VERSION or type(msg.get("v")) is not int:
+        raise ProtocolError(f"reply version {_shown(msg.get('v'))} is not 1", "BAD_VERSION")
+    kind = msg.get("type")
+    problem = None
+    if kind == "ack" and type(msg.get("seq")) is not int:
+        problem = "an ack needs an integer seq"
+    elif kind == "error":
+        if type(msg.get("code")) is not str or type(msg.get("reason")) is not str:
+            problem = "an error needs string code and reason"
+        elif "seq" in msg and type(msg["seq"]) is not int:
+            problem = "an error's seq must be an integer"
+        elif "key" in msg and type(msg["key"]) is not str:
+            problem = "an error's key must be a string"
+    elif kind == "notice" and type(msg.get("code")) is not str:
+        problem = "a notice needs a string code"
+    elif type(kind) is not str:
+        problem = "a reply needs a string type"
+    if problem is not None:
+        raise ProtocolError(problem, "BAD_FIELD")
+    return msg
 
 
 def error_reply(code: str, reason: str, seq: int | None = None, key: str | None = None) -> bytes:

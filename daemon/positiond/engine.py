@@ -372,7 +372,8 @@ class Engine:
                 msg.get("time", wall),
                 peer.uid if peer else None,
                 peer.pid if peer else None,
-                session.token or "",
+                # a session from before tokens takes the one this start carries (or a new one)
+                session.token or msg.get("token") or secrets.token_hex(16),
                 msg.get("progress_deadline"),
             )
         )

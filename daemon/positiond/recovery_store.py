@@ -66,6 +66,7 @@ def _json(value: Any) -> str:
 
 def _leg_dict(row: sqlite3.Row) -> dict[str, Any]:
     leg = dict(row)
+    leg.pop("session_key", None)  # read to check ownership; not a field of a leg on the wire
     leg["state"] = orjson.loads(leg["state"]) if leg.get("state") else {}
     leg["was_crashed"] = bool(leg["was_crashed"])
     return leg
