@@ -9,6 +9,21 @@ had only in memory is lost when it restarts.
 After each (re)connection the thread first re-announces the session (a ``start`` with the same
 session key) and sends nothing else until that is acked; then the outbox in order, each open
 leg's state right after its entry, then normal traffic.
+
+Memory stays flat whatever the daemon does (absent, paused, slow): updates are encoded only
+when the socket takes them. Once a send would block, the thread stops sending, waits for the
+socket to become writable again, and meanwhile updates keep coalescing per leg; what waits is
+one pending state per open leg plus the durable messages themselves.
+
+What the thread knows about the daemon (up, connecting, down, unresponsive) is a
+:class:`~positiond_client.link.Link`; a durable call returns at once when it says "known
+unreachable".
+
+A channel belongs to the process that created it. In a child forked from that process the I/O
+thread does not exist and the ZeroMQ context and socket must not be used: every call raises
+``SessionError`` (code ``NO_SESSION``) there, and the child closes its inherited copy of the
+connection's file descriptor at once, so the daemon still sees the parent's exit the moment
+it happens.
 """
 
 from __future__ import annotations
@@ -16,8 +31,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import socket
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -26,6 +43,8 @@ import zmq
 from zmq.utils.monitor import parse_monitor_message
 
 from positiond_client.errors import PositiondError, SessionError, error_for
+from positiond_client.link import DOWN, UP, Link
+from positiond_client.pending import Delivery, Pending
 from positiond_client.protocol import PROTOCOL_VERSION, encode
 
 __all__ = ["Channel", "Pending"]
@@ -38,69 +57,16 @@ FINAL_SESSION_ERRORS = frozenset(
 )
 # Outbox size past which every new durable message logs a warning (nothing is dropped).
 OUTBOX_WARN = 10_000
-
-
-class Pending:
-    """A durable message waiting for its ack (or error)."""
-
-    __slots__ = (
-        "_answered",
-        "_done",
-        "_lock",
-        "callbacks",
-        "error",
-        "key",
-        "kind",
-        "msg",
-        "payload",
-        "result",
-        "sent_at",
-        "seq",
-    )
-
-    def __init__(self, seq: int, msg: dict[str, Any]) -> None:
-        self.seq = seq
-        self.msg = msg
-        self.kind: str = msg["type"]
-        self.key: str | None = msg.get("key")
-        self.payload = encode(msg)
-        self.result: dict[str, Any] | None = None
-        self.error: PositiondError | None = None
-        self.sent_at: float | None = None
-        self.callbacks: list[Callable[[Pending], None]] = []
-        self._done = threading.Event()
-        self._lock = threading.Lock()
-        self._answered = False
-
-    @property
-    def done(self) -> bool:
-        return self._done.is_set()
-
-    def wait(self, timeout: float | None) -> bool:
-        """True once answered (ack or error) within ``timeout`` seconds."""
-        return self._done.wait(timeout)
-
-    def add_callback(self, fn: Callable[[Pending], None]) -> None:
-        """Call ``fn(self)`` on the I/O thread when answered (at once if already answered)."""
-        with self._lock:
-            answered = self._answered
-            if not answered:
-                self.callbacks.append(fn)
-        if answered:
-            fn(self)
-
-    def _finish(self, result: dict[str, Any] | None, error: PositiondError | None) -> None:
-        with self._lock:
-            self.result, self.error = result, error
-            self._answered = True
-            callbacks, self.callbacks = self.callbacks, []
-        for fn in callbacks:
-            try:
-                fn(self)
-            except Exception:
-                log.exception("callback for %s failed", self.kind)
-        # Waiters wake only now, so what the callbacks fill in (position_id...) is there.
-        self._done.set()
+# Monitor events that mean "no connection now": a failed attempt, a lost connection.
+LOST_EVENTS = (
+    zmq.EVENT_CONNECT_RETRIED
+    | zmq.EVENT_DISCONNECTED
+    | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+    | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+)
+# Every channel of this process, for the fork handler.
+CHANNELS: weakref.WeakSet[Channel] = weakref.WeakSet()
 
 
 class Channel:
@@ -112,6 +78,8 @@ class Channel:
         *,
         heartbeat_interval: float = 0.5,
         resend_interval: float = 5.0,
+        ack_timeout: float = 2.0,
+        warn_every: float = 30.0,
         on_notice: Callable[[str, dict[str, Any]], None] | None = None,
         curve: tuple[bytes, bytes, bytes] | None = None,
     ) -> None:
@@ -119,7 +87,16 @@ class Channel:
         self.curve = curve  # (server public, client public, client secret) for tcp://
         self.heartbeat_interval = heartbeat_interval
         self.resend_interval = resend_interval
+        self.ack_timeout = ack_timeout
         self.on_notice = on_notice
+        self._pid = os.getpid()
+        self._forked = False
+        self._conn_fd: int | None = None  # the connection's file descriptor, while connected
+        self._link = Link(
+            time.monotonic(), grace=ack_timeout, answer_timeout=ack_timeout, warn_every=warn_every
+        )
+        self._link_waiters: set[Callable[[], None]] = set()
+        self._blocked = False  # the socket would block: send nothing until it is writable
         self._lock = threading.Lock()
         self._seq = 0
         self._outbox: dict[int, Pending] = {}  # seq -> unacked durable message, in seq order
@@ -140,6 +117,7 @@ class Channel:
         self._error_window, self._error_count, self._errors_suppressed = 0.0, 0, 0
         self._rfd, self._wfd = os.pipe()
         os.set_blocking(self._wfd, False)
+        CHANNELS.add(self)
         self._thread = threading.Thread(target=self._run, name="positiond-client-io", daemon=True)
         self._ready = threading.Event()
         self._thread.start()
@@ -149,11 +127,74 @@ class Channel:
 
     @property
     def connected(self) -> bool:
-        return self._connected
+        """Connected and answering: the link is up and not known unreachable."""
+        return self._link.state(time.monotonic()) == UP
+
+    def unreachable(self) -> bool:
+        """The daemon is known unreachable (see :mod:`positiond_client.link`)."""
+        return self._link.unreachable(time.monotonic())
+
+    def link_state(self) -> tuple[str, float | None]:
+        """The link's state and, if the daemon is known unreachable, for how many seconds."""
+        now = time.monotonic()
+        return self._link.state(now), self._link.away_for(now)
 
     @property
     def outbox_size(self) -> int:
         return len(self._outbox)
+
+    def queued(self) -> dict[str, int]:
+        """What waits in this process (the regression test of flat memory reads it)."""
+        with self._lock:
+            items = list(self._outq)
+            updates = len(self._updates)
+        return {
+            "send_queue": len(items),
+            "send_queue_bytes": sum(
+                len(i.payload) if isinstance(i, Pending) else len(i) for i in items
+            ),
+            "pending_updates": updates,
+            "unacknowledged": len(self._outbox),
+        }
+
+    def check_process(self) -> None:
+        """Raise in a child forked from the process that created this channel."""
+        if self._forked:
+            raise SessionError(
+                f"this client belongs to process {self._pid}, not to this forked child "
+                f"(pid {os.getpid()}): its session, I/O thread and ZeroMQ socket stay with "
+                "the parent; create a new PositionPersistenceManager in the child",
+                "NO_SESSION",
+            )
+
+    def await_answer(self, pending: Pending, timeout: float) -> Delivery:
+        """Wait until ``pending`` is answered (``STORED``: acked or refused), ``timeout``
+        passes (``UNANSWERED``) or the daemon is known unreachable (``QUEUED``, at once if it
+        already is)."""
+        if pending.answered:
+            return Delivery.STORED
+        if self.unreachable():
+            return Delivery.QUEUED
+        event = threading.Event()
+        pending.add_callback(lambda _: event.set())
+        self.add_link_waiter(event.set)
+        try:
+            # (It may have become unreachable before the waiter was there.)
+            woke = self.unreachable() or event.wait(timeout)
+        finally:
+            self.remove_link_waiter(event.set)
+        if pending.answered:
+            return Delivery.STORED
+        return Delivery.QUEUED if woke else Delivery.UNANSWERED
+
+    def add_link_waiter(self, fn: Callable[[], None]) -> None:
+        """Call ``fn()`` on the I/O thread when the daemon becomes known unreachable."""
+        with self._lock:
+            self._link_waiters.add(fn)
+
+    def remove_link_waiter(self, fn: Callable[[], None]) -> None:
+        with self._lock:
+            self._link_waiters.discard(fn)
 
     def session_key(self) -> str | None:
         return self._session
@@ -172,6 +213,7 @@ class Channel:
 
     def open_session(self, msg: dict[str, Any]) -> Pending:
         """Queue the session's start; it is (re-)announced on every connection."""
+        self.check_process()
         with self._lock:
             self._session = msg["session"]
             self._token = msg.get("token")
@@ -189,6 +231,7 @@ class Channel:
         ``flush_updates`` sends every pending update first (crash, end, sync need the newest
         state stored). An exit carries its leg's final state itself.
         """
+        self.check_process()
         with self._lock:
             if self._closed_reason is not None:
                 raise self._closed_reason
@@ -231,6 +274,8 @@ class Channel:
 
     def update(self, key: str, fields: dict[str, Any]) -> None:
         """Coalesce an update for an open leg (never blocks, never does I/O but a wake-up)."""
+        if self._forked:
+            self.check_process()
         with self._lock:
             state = self._legs.get(key)
             if state is None:
@@ -241,8 +286,10 @@ class Channel:
                 self._updates[key] = fields
             else:
                 pending.update(fields)
-            if self._wake_pending or not self._connected:
-                return  # no daemon: the state waits in _legs/_updates, a reconnect sends it
+            if self._wake_pending or not self._connected or self._blocked:
+                # No daemon, or one not taking more: the state waits in _legs/_updates; a
+                # reconnect or the socket becoming writable sends it.
+                return
             self._wake_pending = True
         self._wake()
 
@@ -278,7 +325,13 @@ class Channel:
             return list(self._outbox.values())
 
     def close(self, timeout: float = 1.0) -> None:
-        """Give unacked messages up to ``timeout`` to be acked, then stop the thread."""
+        """Give unacked messages up to ``timeout`` to be acked, then stop the thread.
+
+        In a forked child it does nothing: the thread, the socket and the messages are the
+        parent's.
+        """
+        if self._forked:
+            return
         deadline = time.monotonic() + timeout
         for pending in self.unacked():
             if not pending.wait(max(0.0, deadline - time.monotonic())):
@@ -317,9 +370,19 @@ class Channel:
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.RECONNECT_IVL, 100)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+        if self.endpoint.startswith("tcp://"):
+            # ZeroMQ's own PING/PONG (answered by the daemon's libzmq thread, whatever its
+            # Python code does): a daemon host gone or frozen drops the connection after
+            # ack_timeout, so the client knows it is unreachable before a call waits on it.
+            # Not on ipc://, where a dropped connection is the daemon's crash verdict.
+            sock.setsockopt(zmq.HEARTBEAT_IVL, max(1, int(self.heartbeat_interval * 1000)))
+            sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, max(1, int(self.ack_timeout * 1000)))
+            sock.setsockopt(zmq.CONNECT_TIMEOUT, max(1, int(self.ack_timeout * 1000)))
         if self.curve is not None:
             sock.curve_serverkey, sock.curve_publickey, sock.curve_secretkey = self.curve
-        monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
+        monitor = sock.get_monitor_socket(
+            zmq.EVENT_CONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED | LOST_EVENTS
+        )
         sock.connect(self.endpoint)
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
@@ -351,23 +414,30 @@ class Channel:
         """One round of the I/O thread: wait, read, send what is due; the next resend time."""
         now = time.monotonic()
         wait = next_resend - now
-        if self._session is not None and self._connected:
+        if self._session is not None and self._connected and not self._blocked:
             wait = min(wait, self._last_send + self.heartbeat_interval - now)
+        # Watch for writability only while blocked (a writable socket would spin the loop).
+        poller.modify(sock, zmq.POLLIN | zmq.POLLOUT if self._blocked else zmq.POLLIN)
         events = dict(poller.poll(max(1, int(min(max(wait, 0.0), 1.0) * 1000) + 1)))
         if self._rfd in events:
             os.read(self._rfd, 65536)
         if monitor in events:
             self._on_monitor(monitor)
         if sock in events:
-            self._on_replies(sock)
+            if events[sock] & zmq.POLLOUT:
+                self._blocked = False
+            if events[sock] & zmq.POLLIN:
+                self._on_replies(sock)
         self._pump(sock)
         now = time.monotonic()
         if now >= next_resend:
             next_resend = now + self.resend_interval
             self._resend_stale(sock, now)
+        self._report_link(now)
         if (
             self._session is not None
             and self._connected
+            and not self._blocked
             and now - self._last_send >= self.heartbeat_interval
         ):
             self._send(
@@ -383,10 +453,41 @@ class Channel:
             )
         return next_resend
 
+    def _report_link(self, now: float) -> None:
+        """Log the daemon becoming unreachable (then every warn_every s) and coming back."""
+        report = self._link.report(now)
+        if report is None:
+            return
+        what, seconds = report
+        if what == "away":
+            state = self._link.state(now)
+            why = {
+                DOWN: "no connection",
+                UP: "",
+            }.get(state, f"{state}: no answer within {self.ack_timeout:g}s")
+            log.warning(
+                "positiond at %s unreachable for %.0fs (%s); durable calls return at once, "
+                "%d message(s) kept for it and sent when it is back",
+                self.endpoint,
+                seconds,
+                why or state,
+                len(self._outbox),
+            )
+            self._wake_link_waiters()
+        else:
+            log.info("positiond at %s answers again after %.1fs", self.endpoint, seconds)
+
+    def _wake_link_waiters(self) -> None:
+        with self._lock:
+            waiters = list(self._link_waiters)
+        for fn in waiters:
+            fn()
+
     def _send(self, sock: zmq.Socket[bytes], payload: bytes) -> bool:
         try:
             sock.send(payload, zmq.NOBLOCK)
         except zmq.Again:
+            self._blocked = True
             return False
         self._last_send = time.monotonic()
         return True
@@ -397,38 +498,68 @@ class Channel:
                 event = parse_monitor_message(monitor.recv_multipart(zmq.NOBLOCK))
             except zmq.Again:
                 return
-            if event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+            kind, now = event["event"], time.monotonic()
+            if kind == zmq.EVENT_CONNECTED:
+                self._conn_fd = int(event["value"])  # closed by a forked child (see top)
+            elif kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 log.debug("connected to positiond at %s", self.endpoint)
                 with self._lock:
+                    self._link.handshake(now)
                     self._connected = True
+                    self._blocked = False
                     self._announced = False
                     self._announce = None
-            elif event["event"] == zmq.EVENT_DISCONNECTED:
-                log.debug("disconnected from positiond at %s", self.endpoint)
+            elif kind & LOST_EVENTS:
+                log.debug("no connection to positiond at %s (event %#x)", self.endpoint, kind)
                 with self._lock:
+                    self._link.lost(now)
                     self._connected = False
                     self._announced = False
                     self._announce = None
+                    if kind == zmq.EVENT_DISCONNECTED:
+                        self._conn_fd = None
+                self._wake_link_waiters()  # callers waiting for an ack return at once
+                self._report_link(now)
 
     def _pump(self, sock: zmq.Socket[bytes]) -> None:
-        """Send what is due: the announce, or (once announced) the queue and the updates."""
+        """Send what is due: the announce, or (once announced) the queue and the updates.
+
+        Updates are encoded only here, one at a time, as the socket takes them: when it would
+        block, the rest stay coalesced per leg (one pending state each) until it is writable.
+        """
         with self._lock:
             self._wake_pending = False
-            if not self._connected:
+            if not self._connected or self._blocked:
                 return
             if self._session is not None and not self._announced:
                 if self._announce is None:
                     self._send_announce_locked(sock)
                 return
-            self._queue_updates_locked()
             queue, self._outq = self._outq, []
         for i, item in enumerate(queue):
             if not self._send(sock, item.payload if isinstance(item, Pending) else item):
-                with self._lock:  # the connection went away: keep the rest, in order
+                with self._lock:  # full, or the connection went away: keep the rest, in order
                     self._outq[:0] = queue[i:]
                 return
             if isinstance(item, Pending):
                 item.sent_at = self._last_send
+                with self._lock:
+                    self._link.asked(self._last_send)
+        with self._lock:
+            updates, self._updates = self._updates, {}
+            session, token = self._session, self._token
+        items = list(updates.items())
+        for i, (key, fields) in enumerate(items):
+            msg = {"v": PROTOCOL_VERSION, "type": "update", "session": session, "token": token}
+            msg["key"] = key
+            msg.update(fields)
+            if not self._send(sock, encode(msg)):
+                with self._lock:  # back into the coalescing map, under newer values
+                    for key_left, older in items[i:]:
+                        if key_left in self._legs:
+                            older.update(self._updates.get(key_left, {}))
+                            self._updates[key_left] = older
+                return
 
     def _send_announce_locked(self, sock: zmq.Socket[bytes]) -> None:
         start = self._start
@@ -438,8 +569,9 @@ class Channel:
             msg["seq"] = self._next_seq()
             start = Pending(msg["seq"], msg)  # internal: nobody waits on it
         if self._send(sock, start.payload):
-            start.sent_at = time.monotonic()
+            start.sent_at = self._last_send
             self._announce = start
+            self._link.asked(self._last_send)
 
     def _announced_locked(self) -> None:
         """The daemon knows our session again: re-send the outbox and every open leg's state."""
@@ -484,7 +616,9 @@ class Channel:
 
         Returns the legs fenced this way, with the reason.
         """
-        log.error(
+        # A warning, as the daemon's verdict and its revival are: nothing is lost, the session
+        # runs on (the fenced legs below, if any, are errors of their own).
+        log.warning(
             "positiond had declared this session CRASHED (%s at %s); it is RUNNING again",
             revived.get("crash_reason"),
             revived.get("crash_timestamp"),
@@ -515,12 +649,15 @@ class Channel:
                 and now - announce.sent_at > self.resend_interval
             ):
                 self._announce = None  # its ack was lost: announce again
-            if not (self._connected and self._announced):
-                return
+            if not (self._connected and self._announced) or self._blocked:
+                return  # (not lost: they are re-sent after the next resend interval)
+            queued = {id(p) for p in self._outq if isinstance(p, Pending)}
             stale = [
                 p
                 for p in self._outbox.values()
-                if p.sent_at is not None and now - p.sent_at > self.resend_interval
+                if p.sent_at is not None
+                and now - p.sent_at > self.resend_interval
+                and id(p) not in queued
             ]
             for pending in stale:
                 pending.sent_at = now
@@ -557,6 +694,8 @@ class Channel:
         seq = msg.get("seq")
         fenced: dict[str, str] = {}
         with self._lock:
+            answers = 1 if seq in self._outbox else 0
+            self._link.answered(time.monotonic(), outstanding=len(self._outbox) > answers)
             announce = self._announce
             if announce is not None and seq == announce.seq:
                 if "revived" in msg:
@@ -580,6 +719,8 @@ class Channel:
         seq = msg.get("seq")
         error = error_for(code, reason)
         with self._lock:
+            answers = 1 if seq in self._outbox else 0
+            self._link.answered(time.monotonic(), outstanding=len(self._outbox) > answers)
             announce = self._announce
             is_announce = announce is not None and seq == announce.seq
             if is_announce and code not in FINAL_SESSION_ERRORS:
@@ -589,6 +730,8 @@ class Channel:
             if code == "UNKNOWN_SESSION" and self._session is not None and not is_announce:
                 # The daemon does not know our session (it restarted, or declared us dead):
                 # announce again; whatever was refused stays in the outbox and follows.
+                if seq is None:
+                    self._rekey_syncs_locked()
                 if self._announced:
                     self._announced = False
                     self._announce = None
@@ -624,6 +767,18 @@ class Channel:
         if seq is None:
             self._error_log(error)
 
+    def _rekey_syncs_locked(self) -> None:
+        """An update was refused (the daemon no longer knew our session): a sync sent before
+        it may still be acked, but that ack would not cover the refused update. Such syncs
+        get a new seq (the old ack is then ignored) and go again after the re-announce, behind
+        every open leg's state."""
+        for pending in [p for p in self._outbox.values() if p.kind == "sync" and p.sent_at]:
+            del self._outbox[pending.seq]
+            pending.seq = pending.msg["seq"] = self._next_seq()
+            pending.payload = encode(pending.msg)
+            pending.sent_at = None
+            self._outbox[pending.seq] = pending
+
     def _error_log(self, error: PositiondError) -> None:
         now = time.monotonic()
         if now - self._error_window > 10.0:
@@ -635,3 +790,38 @@ class Channel:
             log.error("positiond refused a message: %s", error)
         else:
             self._errors_suppressed += 1
+
+
+def _close_inherited(fd: int, endpoint: str) -> None:
+    """Close this process's copy of a parent's connection to ``endpoint``, if ``fd`` is one."""
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError:
+        return  # not a socket (the descriptor was closed and its number reused)
+    try:
+        peer = sock.getpeername()
+        if endpoint.startswith("ipc://"):
+            ours = sock.family == socket.AF_UNIX and peer == endpoint[len("ipc://") :]
+        else:
+            port = endpoint.rsplit(":", 1)[-1]
+            ours = sock.family in (socket.AF_INET, socket.AF_INET6) and str(peer[1]) == port
+    except (OSError, IndexError, TypeError):
+        ours = False
+    if ours:
+        sock.close()
+    else:
+        sock.detach()
+
+
+def _after_fork_in_child() -> None:
+    """In a forked child: no channel of the parent may be used, and none may keep the parent's
+    connection open (the daemon would then miss the parent's exit)."""
+    for channel in list(CHANNELS):
+        channel._forked = True
+        fd = channel._conn_fd
+        if fd is not None:
+            _close_inherited(fd, channel.endpoint)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)

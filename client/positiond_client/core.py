@@ -17,13 +17,15 @@ import traceback
 import uuid
 import weakref
 from collections.abc import Callable, Generator
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import zmq.auth
 
-from positiond_client.channel import Channel, Pending
+from positiond_client.channel import Channel
 from positiond_client.errors import LegError, SessionError, UnavailableError
 from positiond_client.paths import default_endpoint
+from positiond_client.pending import Delivery, Pending
 from positiond_client.protocol import PROTOCOL_VERSION, check_fields, validate
 from positiond_client.recovery import (
     CLOSED_AT_BROKER,
@@ -33,8 +35,9 @@ from positiond_client.recovery import (
     VerificationReport,
     verify_positions,
 )
+from positiond_client.stop import StopControl
 
-__all__ = ["LIVE", "UNSET", "Core", "Leg", "Step"]
+__all__ = ["LIVE", "UNSET", "ClientStatus", "Core", "Leg", "Step"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -43,6 +46,31 @@ Step = Generator[Pending, dict[str, Any] | None, T]
 
 UNSET: Any = object()
 LIVE: weakref.WeakSet[Core] = weakref.WeakSet()
+
+
+@dataclass(frozen=True)
+class ClientStatus:
+    """``pm.status()``: what the client knows about the daemon, and what waits for it."""
+
+    connected: bool
+    """Connected and answering (``pm.connected``)."""
+    link: str
+    """``up``, ``connecting`` (a fresh client, first connect attempt under way), ``down`` (no
+    connection) or ``unresponsive`` (connected, but no answer within ``ack_timeout``)."""
+    unreachable: bool
+    """Known unreachable: durable calls return at once (``Delivery.QUEUED``)."""
+    unreachable_for: float | None
+    """Seconds since the daemon became known unreachable; None while it is not."""
+    unacknowledged: int
+    """Durable messages not yet acknowledged (kept, re-sent until they are)."""
+    pending_updates: int
+    """Legs whose newest values are not sent yet (at most one pending state per leg)."""
+    send_queue: int
+    """Messages encoded and waiting for the socket (bounded by the two counts above)."""
+    send_queue_bytes: int
+    session_key: str | None
+    session_id: int | None
+    stop_requested: bool
 
 
 class Leg:
@@ -57,6 +85,7 @@ class Leg:
     __slots__ = (
         "__weakref__",
         "current_price",
+        "delivery",
         "entry_price",
         "entry_time",
         "exchange",
@@ -91,6 +120,10 @@ class Leg:
         self.entry_time: str | None = msg.get("entry_time")
         self.was_crashed: bool = bool(msg.get("was_crashed", False))
         self.position_id: int | None = msg.get("position_id")
+        # What became of the entry: STORED once acknowledged (it turns STORED when a late
+        # ack arrives), QUEUED / UNANSWERED while it waits in the outbox.
+        stored = self.position_id is not None
+        self.delivery: Delivery = Delivery.STORED if stored else Delivery.QUEUED
 
     @classmethod
     def from_saved(cls, row: dict[str, Any]) -> Leg:
@@ -171,6 +204,7 @@ class Core:
         on_notice: Callable[[str, dict[str, Any]], None] | None = None,
         curve_server_key: str | os.PathLike[str] | None = None,
         curve_client_cert: str | os.PathLike[str] | None = None,
+        warn_every: float = 30.0,
     ) -> None:
         check_fields("start", {"strategy": strategy_name, "heartbeat_interval": heartbeat_interval})
         if progress_deadline is not None:
@@ -189,9 +223,12 @@ class Core:
         self.progress_deadline = progress_deadline
         # The report of the last recover() / start_session(recover=True) / session(recover=True).
         self.recovery: VerificationReport | None = None
+        self._stop = StopControl()
         self._channel = Channel(
             self.endpoint,
             heartbeat_interval=heartbeat_interval,
+            ack_timeout=ack_timeout,
+            warn_every=warn_every,
             on_notice=on_notice,
             curve=_curve_keys(self.endpoint, curve_server_key, curve_client_cert),
         )
@@ -200,8 +237,47 @@ class Core:
 
     @property
     def connected(self) -> bool:
-        """Whether the I/O thread currently has a connection to the daemon."""
+        """Connected to the daemon and answered by it (durable calls wait for their acks).
+
+        False while the daemon is known unreachable (durable calls then return at once,
+        ``Delivery.QUEUED``) and while a fresh client's first connection is under way.
+        """
         return self._channel.connected
+
+    def status(self) -> ClientStatus:
+        """The link to the daemon and what waits for it (see :class:`ClientStatus`)."""
+        link, away = self._channel.link_state()
+        queued = self._channel.queued()
+        return ClientStatus(
+            connected=link == "up",
+            link=link,
+            unreachable=self._channel.unreachable(),
+            unreachable_for=away,
+            unacknowledged=queued["unacknowledged"],
+            pending_updates=queued["pending_updates"],
+            send_queue=queued["send_queue"],
+            send_queue_bytes=queued["send_queue_bytes"],
+            session_key=self.session_key,
+            session_id=self.session_id,
+            stop_requested=self._stop.requested,
+        )
+
+    # ---- stopping on request (see positiond_client.stop) ---------------------------------
+
+    @property
+    def stop_requested(self) -> bool:
+        """A stop was requested (a handled SIGTERM/SIGINT, or :meth:`request_stop`): the
+        strategy's loop should finish its step and leave ``pm.session()``."""
+        return self._stop.requested
+
+    def request_stop(self, reason: str = "requested") -> None:
+        """Ask the strategy to stop, from any thread (what the signal handlers do)."""
+        self._stop.request(reason)
+
+    def wait_stop_requested(self, timeout: float | None = None) -> bool:
+        """Sleep until a stop is requested (True) or ``timeout`` passes (False): a loop's
+        pause between ticks that ends early on a stop."""
+        return self._stop.wait(timeout)
 
     @property
     def unacknowledged(self) -> int:
@@ -300,6 +376,7 @@ class Core:
         def filled(p: Pending) -> None:
             if p.result is not None:
                 leg.position_id = p.result.get("position_id")
+                leg.delivery = Delivery.STORED
 
         pending.add_callback(filled)
         return leg, pending
@@ -369,19 +446,33 @@ class Core:
     def _sync_pending(self) -> Pending:
         return self._channel.submit(self._base("sync"), flush_updates=True)
 
-    def _unanswered(self, pending: Pending, what: str) -> None:
-        log.warning(
-            "%s not acknowledged by positiond within %.1fs (%s); kept and re-sent until it is",
-            what,
-            self.ack_timeout,
-            "connected" if self._channel.connected else f"no daemon at {self.endpoint}",
-        )
+    def _unanswered(self, pending: Pending, what: str, delivery: Delivery) -> None:
+        if delivery is Delivery.UNANSWERED:
+            log.warning(
+                "%s not acknowledged by positiond within %.1fs; kept and re-sent until it is",
+                what,
+                self.ack_timeout,
+            )
+        else:  # the I/O thread warns about the outage itself, not once per call
+            log.debug("%s queued: positiond at %s is unreachable", what, self.endpoint)
 
         def late(p: Pending) -> None:
             if p.error is not None:
                 log.error("positiond refused %s after the caller moved on: %s", what, p.error)
 
         pending.add_callback(late)
+
+    def _log_stop(self, exc: BaseException | None) -> None:
+        how = self._stop.reason or (type(exc).__name__ if exc is not None else "requested")
+        log.warning(
+            "strategy stopped on request (%s): ending the session COMPLETED; legs still open "
+            "stay ACTIVE",
+            how,
+        )
+
+    def _missed(self, pending: Pending) -> Delivery:
+        """Why an operation's message went unanswered (told apart after the fact)."""
+        return Delivery.QUEUED if self._channel.unreachable() else Delivery.UNANSWERED
 
     def _finished(self, pending: Pending) -> None:
         if pending.kind in ("crash", "end") and pending.error is None:
@@ -403,6 +494,11 @@ class Core:
     ) -> dict[str, Any]:
         if result is None:
             self._channel.forget(pending)
+            if self._channel.unreachable():
+                raise UnavailableError(
+                    f"positiond at {self.endpoint} is unreachable ({self.status().link}); "
+                    f"{what} was not asked, nothing was read or decided"
+                )
             raise UnavailableError(
                 f"positiond at {self.endpoint} did not answer {what} within "
                 f"{self.ack_timeout:g}s; nothing was read or decided"
@@ -439,7 +535,7 @@ class Core:
         pending = self._request("resolve", key=key, action=action, **fields)
         result = yield pending
         if result is None:
-            self._unanswered(pending, f"{action} of {key}")
+            self._unanswered(pending, f"{action} of {key}", self._missed(pending))
         return result is not None
 
     def _orphans_op(self, orphans: list[Orphan]) -> Step[int]:
@@ -447,7 +543,7 @@ class Core:
         pending = self._request("orphans", rows=rows)
         result = yield pending
         if result is None:
-            self._unanswered(pending, "the orphans record")
+            self._unanswered(pending, "the orphans record", self._missed(pending))
             return 0
         return int(result["recorded"])
 

@@ -1,11 +1,18 @@
 """The strategy-facing API: ``PositionPersistenceManager`` (the seed's names) and its asyncio twin.
 
-Durable calls (start, entry, exit, crash, end, sync) wait for the daemon's ack — sent only after
-its transaction committed — up to ``ack_timeout``. If the daemon is away they log a warning and
-return: they never raise for that reason and never lose the message, which stays in the outbox
-and is re-sent until acknowledged. Updates never wait: they are coalesced per leg and sent by the
-I/O thread. Bad arguments raise at once in the caller (``ProtocolError`` is a ``ValueError``) and
-are never sent; a refusal by the daemon raises the matching :class:`PositiondError`.
+Durable calls (start, entry, exit, crash, end) wait for the daemon's ack — sent only after its
+transaction committed — up to ``ack_timeout``, while the daemon may answer. When it is known
+unreachable (no connection, or no answer: :mod:`positiond_client.link`) they return at once.
+Either way they never raise for that reason and never lose the message, which stays in the
+outbox and is re-sent until acknowledged; their return value says what happened
+(:class:`~positiond_client.pending.Delivery`: only ``STORED`` is true). ``sync(timeout)`` is
+the one call that waits its whole timeout for the daemon. Updates never wait: they are
+coalesced per leg and sent by the I/O thread. Bad arguments raise at once in the caller
+(``ProtocolError`` is a ``ValueError``) and are never sent; a refusal by the daemon raises the
+matching :class:`PositiondError`.
+
+``pm.session()`` ends the session ``COMPLETED`` on a normal exit and on a stop the strategy
+was asked for, and ``CRASHED`` on an exception: the rule is in :mod:`positiond_client.stop`.
 """
 
 from __future__ import annotations
@@ -14,14 +21,15 @@ import asyncio
 import atexit
 import logging
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from typing import Any, Literal, TypeVar, overload
 
-from positiond_client.channel import Pending
 from positiond_client.core import LIVE, UNSET, Core, Leg, Step
 from positiond_client.errors import PositiondError, UnavailableError
+from positiond_client.pending import Delivery, Pending
 from positiond_client.recovery import CrashedLeg, Orphan, VerificationReport
+from positiond_client.stop import DEFAULT_STOP_SIGNALS, ends_cleanly
 
 __all__ = ["AsyncPositionPersistenceManager", "Leg", "PositionPersistenceManager"]
 
@@ -48,19 +56,38 @@ class PositionPersistenceManager(Core):
     """
 
     def _answer(self, pending: Pending) -> dict[str, Any] | None:
-        """The ack's data; None if unanswered within ack_timeout; raises the daemon's refusal."""
-        if not pending.wait(self.ack_timeout):
+        """The ack's data; None if unanswered (in ack_timeout, or the daemon is known
+        unreachable); raises the daemon's refusal."""
+        return self._settle(pending, self._channel.await_answer(pending, self.ack_timeout))
+
+    def _settle(self, pending: Pending, delivery: Delivery) -> dict[str, Any] | None:
+        if not delivery:
             return None
+        pending.wait(None)  # answered: its callbacks are finishing on the I/O thread
         if pending.error is not None:
             raise pending.error
         self._finished(pending)
         return pending.result
 
-    def _wait(self, pending: Pending, what: str) -> dict[str, Any] | None:
-        result = self._answer(pending)
-        if result is None:
-            self._unanswered(pending, what)
-        return result
+    def _wait(self, pending: Pending, what: str) -> Delivery:
+        delivery = self._channel.await_answer(pending, self.ack_timeout)
+        self._settle(pending, delivery)
+        if not delivery:
+            self._unanswered(pending, what, delivery)
+        return delivery
+
+    def install_signal_handlers(
+        self, signals: Iterable[int] = DEFAULT_STOP_SIGNALS
+    ) -> Callable[[], None]:
+        """Make SIGTERM and SIGINT (or ``signals``) a clean stop; returns a function that
+        restores the previous handlers. Call it from the main thread.
+
+        The first signal sets :attr:`stop_requested` (the loop checks it and leaves
+        ``pm.session()``: session ``COMPLETED``); a second raises
+        :class:`~positiond_client.stop.StopRequested` in the main thread, which
+        ``pm.session()`` also ends ``COMPLETED``. Rules: :mod:`positiond_client.stop`.
+        """
+        return self._stop.install(signals)
 
     def _drive(self, op: Step[T]) -> T:
         try:
@@ -94,10 +121,11 @@ class PositionPersistenceManager(Core):
         ``recover=True`` (with ``positionbook``: OpenAlgo's response, its rows, or the OpenAlgo
         client itself) then runs :meth:`recover` and returns its report instead.
         """
-        result = self._wait(self._start_pending(session_key), "session start")
+        pending = self._start_pending(session_key)
+        stored = self._wait(pending, "session start")
         if not recover:
-            return None if result is None else int(result["session_id"])
-        if result is None:
+            return int(pending.result["session_id"]) if stored and pending.result else None
+        if not stored:
             raise UnavailableError("cannot recover: positiond did not acknowledge the session")
         return self.recover(positionbook)
 
@@ -179,6 +207,7 @@ class PositionPersistenceManager(Core):
         """Record a leg entered at the broker; return its handle (acked after commit).
 
         ``position_key`` makes the entry idempotent: the same key never creates a second leg.
+        ``leg.delivery`` says whether it is stored yet (``leg.position_id`` comes with the ack).
         """
         if entry_price is UNSET or quantity is UNSET:
             raise ValueError("save_position_entry needs entry_price and quantity")
@@ -186,28 +215,32 @@ class PositionPersistenceManager(Core):
             symbol, leg_type, entry_price, stop_price, quantity, exchange, product, side,
             position_key, highest_price, last_trail_level, state,
         )  # fmt: skip
-        self._wait(pending, f"entry of {leg.key}")
+        delivery = self._wait(pending, f"entry of {leg.key}")
+        if not pending.answered:  # (a late ack may have made it STORED meanwhile)
+            leg.delivery = delivery
         return leg
 
     def save_position_exit(
         self, leg: Leg | str, exit_price: float | None = None, exit_reason: str = "EXIT"
-    ) -> bool:
-        """Record that the leg was closed at the broker; True once durably stored."""
-        return self._wait(self._exit_pending(leg, exit_price, exit_reason), "exit") is not None
+    ) -> Delivery:
+        """Record that the leg was closed at the broker; ``Delivery.STORED`` (true) once
+        durably stored, ``QUEUED`` / ``UNANSWERED`` (false) while it waits in the outbox."""
+        return self._wait(self._exit_pending(leg, exit_price, exit_reason), "exit")
 
-    def handle_crash(self, error: BaseException | str) -> bool:
+    def handle_crash(self, error: BaseException | str) -> Delivery:
         """Record the session CRASHED with this error (call it from an ``except`` block)."""
-        return self._wait(self._crash_pending(error), "crash report") is not None
+        return self._wait(self._crash_pending(error), "crash report")
 
-    def end_session(self) -> bool:
-        """Record the session COMPLETED; True once durably stored."""
-        result = self._wait(self._end_pending(), "session end")
-        if result is not None and result.get("open_legs"):
+    def end_session(self) -> Delivery:
+        """Record the session COMPLETED; ``Delivery.STORED`` (true) once durably stored."""
+        pending = self._end_pending()
+        delivery = self._wait(pending, "session end")
+        if delivery and pending.result is not None and pending.result.get("open_legs"):
             log.warning(
                 "session ended with %d leg(s) still open; they stay ACTIVE in positiond",
-                result["open_legs"],
+                pending.result["open_legs"],
             )
-        return result is not None
+        return delivery
 
     def sync(self, timeout: float = 1.0) -> bool:
         """True once everything sent so far, updates included, is durably stored."""
@@ -224,24 +257,42 @@ class PositionPersistenceManager(Core):
 
     @contextmanager
     def session(
-        self, session_key: str | None = None, *, recover: bool = False, positionbook: Any = None
+        self,
+        session_key: str | None = None,
+        *,
+        recover: bool = False,
+        positionbook: Any = None,
+        stop_signals: Iterable[int] | None = None,
     ) -> Iterator[PositionPersistenceManager]:
-        """Start a session; ``handle_crash`` on an exception, ``end_session`` on a normal exit.
+        """Start a session; ``end_session`` on a normal exit or a requested stop,
+        ``handle_crash`` on an exception (the rule: :mod:`positiond_client.stop`).
 
         ``recover=True, positionbook=...`` runs :meth:`recover` first (inside the session, so
         a failing verification is recorded as the session's crash); the report is
-        ``pm.recovery``.
+        ``pm.recovery``. ``stop_signals=(signal.SIGTERM, signal.SIGINT)`` installs
+        :meth:`install_signal_handlers` for the session's duration.
         """
-        self.start_session(session_key)
+        restore = self.install_signal_handlers(stop_signals) if stop_signals else None
         try:
-            if recover:
-                self.recover(positionbook)
-            yield self
-        except BaseException as exc:
-            self.handle_crash(exc)
-            raise
-        else:
-            self.end_session()
+            self.start_session(session_key)
+            try:
+                if recover:
+                    self.recover(positionbook)
+                yield self
+            except BaseException as exc:
+                if ends_cleanly(exc, self.stop_requested):
+                    self._log_stop(exc)
+                    self.end_session()
+                else:
+                    self.handle_crash(exc)
+                raise
+            else:
+                if self.stop_requested:
+                    self._log_stop(None)
+                self.end_session()
+        finally:
+            if restore is not None:
+                restore()
 
     def __enter__(self) -> PositionPersistenceManager:
         return self
@@ -257,7 +308,15 @@ class AsyncPositionPersistenceManager(Core):
     plain non-blocking call.
     """
 
-    async def _answer(self, pending: Pending) -> dict[str, Any] | None:
+    async def _await_answer(
+        self, pending: Pending, seconds: float, *, whatever_the_link: bool = False
+    ) -> Delivery:
+        """As ``Channel.await_answer``, without blocking the event loop (``sync`` waits its
+        whole timeout ``whatever_the_link``)."""
+        if pending.answered:
+            return Delivery.STORED
+        if self._channel.unreachable() and not whatever_the_link:
+            return Delivery.QUEUED
         loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
 
@@ -265,24 +324,65 @@ class AsyncPositionPersistenceManager(Core):
             if not future.done():
                 future.set_result(None)
 
-        def resolve(_: Pending) -> None:
+        def wake(*_: object) -> None:
             loop.call_soon_threadsafe(settle)
 
-        pending.add_callback(resolve)
+        pending.add_callback(wake)
+        if not whatever_the_link:
+            self._channel.add_link_waiter(wake)
         try:
-            await asyncio.wait_for(future, self.ack_timeout)
+            if whatever_the_link or not self._channel.unreachable():
+                await asyncio.wait_for(future, seconds)
         except TimeoutError:
+            return Delivery.STORED if pending.answered else Delivery.UNANSWERED
+        finally:
+            self._channel.remove_link_waiter(wake)
+        return Delivery.STORED if pending.answered else Delivery.QUEUED
+
+    def _settle(self, pending: Pending, delivery: Delivery) -> dict[str, Any] | None:
+        if not delivery:
             return None
+        pending.wait(None)  # answered: its callbacks are finishing on the I/O thread
         if pending.error is not None:
             raise pending.error
         self._finished(pending)
         return pending.result
 
-    async def _wait(self, pending: Pending, what: str) -> dict[str, Any] | None:
-        result = await self._answer(pending)
-        if result is None:
-            self._unanswered(pending, what)
-        return result
+    async def _answer(self, pending: Pending) -> dict[str, Any] | None:
+        return self._settle(pending, await self._await_answer(pending, self.ack_timeout))
+
+    async def _wait(self, pending: Pending, what: str) -> Delivery:
+        delivery = await self._await_answer(pending, self.ack_timeout)
+        self._settle(pending, delivery)
+        if not delivery:
+            self._unanswered(pending, what, delivery)
+        return delivery
+
+    def install_signal_handlers(
+        self, signals: Iterable[int] = DEFAULT_STOP_SIGNALS
+    ) -> Callable[[], None]:
+        """The sync twin's, on the running loop: the first signal sets
+        :attr:`stop_requested`, a second cancels the task that called this (which
+        ``pm.session()`` then ends ``COMPLETED``). Returns a function removing the handlers."""
+        loop = asyncio.get_running_loop()
+        return self._stop.install_async(loop, asyncio.current_task(), signals)
+
+    async def stopped(self) -> None:
+        """Return once a stop is requested (to ``await`` beside the strategy's own work)."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+
+        def settle() -> None:
+            if not future.done():
+                future.set_result(None)
+
+        def wake() -> None:
+            loop.call_soon_threadsafe(settle)
+
+        self._stop.add_listener(wake)
+        if self.stop_requested:
+            return
+        await future
 
     async def _drive(self, op: Step[T]) -> T:
         try:
@@ -345,10 +445,11 @@ class AsyncPositionPersistenceManager(Core):
         self, session_key: str | None = None, *, recover: bool = False, positionbook: Any = None
     ) -> int | VerificationReport | None:
         """Open a session; return its id, or with ``recover=True`` the recovery report."""
-        result = await self._wait(self._start_pending(session_key), "session start")
+        pending = self._start_pending(session_key)
+        stored = await self._wait(pending, "session start")
         if not recover:
-            return None if result is None else int(result["session_id"])
-        if result is None:
+            return int(pending.result["session_id"]) if stored and pending.result else None
+        if not stored:
             raise UnavailableError("cannot recover: positiond did not acknowledge the session")
         return await self.recover(positionbook)
 
@@ -383,47 +484,75 @@ class AsyncPositionPersistenceManager(Core):
             symbol, leg_type, entry_price, stop_price, quantity, exchange, product, side,
             position_key, highest_price, last_trail_level, state,
         )  # fmt: skip
-        await self._wait(pending, f"entry of {leg.key}")
+        delivery = await self._wait(pending, f"entry of {leg.key}")
+        if not pending.answered:
+            leg.delivery = delivery
         return leg
 
     async def save_position_exit(
         self, leg: Leg | str, exit_price: float | None = None, exit_reason: str = "EXIT"
-    ) -> bool:
-        """Record that the leg was closed at the broker; True once durably stored."""
-        pending = self._exit_pending(leg, exit_price, exit_reason)
-        return await self._wait(pending, "exit") is not None
+    ) -> Delivery:
+        """Record that the leg was closed at the broker; ``Delivery.STORED`` once stored."""
+        return await self._wait(self._exit_pending(leg, exit_price, exit_reason), "exit")
 
-    async def handle_crash(self, error: BaseException | str) -> bool:
+    async def handle_crash(self, error: BaseException | str) -> Delivery:
         """Record the session CRASHED with this error."""
-        return await self._wait(self._crash_pending(error), "crash report") is not None
+        return await self._wait(self._crash_pending(error), "crash report")
 
-    async def end_session(self) -> bool:
-        """Record the session COMPLETED; True once durably stored."""
-        return await self._wait(self._end_pending(), "session end") is not None
+    async def end_session(self) -> Delivery:
+        """Record the session COMPLETED; ``Delivery.STORED`` once durably stored."""
+        return await self._wait(self._end_pending(), "session end")
 
     async def sync(self, timeout: float = 1.0) -> bool:  # noqa: ASYNC109 -- the sync twin's API
-        """True once everything sent so far, updates included, is durably stored."""
-        saved, self.ack_timeout = self.ack_timeout, timeout
-        try:
-            return await self._wait(self._sync_pending(), "sync") is not None
-        finally:
-            self.ack_timeout = saved
+        """True once everything sent so far, updates included, is durably stored (waits its
+        whole ``timeout`` even while the daemon is unreachable: the way to wait for it)."""
+        pending = self._sync_pending()
+        delivery = await self._await_answer(pending, timeout, whatever_the_link=True)
+        self._settle(pending, delivery)
+        if not delivery:
+            self._unanswered(pending, "sync", Delivery.UNANSWERED)
+        return bool(delivery)
 
     @asynccontextmanager
     async def session(
-        self, session_key: str | None = None, *, recover: bool = False, positionbook: Any = None
+        self,
+        session_key: str | None = None,
+        *,
+        recover: bool = False,
+        positionbook: Any = None,
+        stop_signals: Iterable[int] | None = None,
     ) -> AsyncIterator[AsyncPositionPersistenceManager]:
-        """Start a session (and recover, see the sync twin); crash or end it on the way out."""
-        await self.start_session(session_key)
+        """Start a session (and recover, see the sync twin); end it on a normal exit or a
+        requested stop (a cancellation after a stop request included), crash it otherwise."""
+        restore = self.install_signal_handlers(stop_signals) if stop_signals else None
         try:
-            if recover:
-                await self.recover(positionbook)
-            yield self
-        except BaseException as exc:
-            await self.handle_crash(exc)
-            raise
-        else:
-            await self.end_session()
+            await self.start_session(session_key)
+            try:
+                if recover:
+                    await self.recover(positionbook)
+                yield self
+            except BaseException as exc:
+                if ends_cleanly(exc, self.stop_requested):
+                    self._log_stop(exc)
+                    await self._shielded(self.end_session())
+                else:
+                    await self._shielded(self.handle_crash(exc))
+                raise
+            else:
+                if self.stop_requested:
+                    self._log_stop(None)
+                await self.end_session()
+        finally:
+            if restore is not None:
+                restore()
+
+    async def _shielded(self, call: Awaitable[Delivery]) -> None:
+        """Await the session's last message even while the task is being cancelled."""
+        task = asyncio.current_task()
+        if task is not None:
+            while task.uncancel():  # the cancellation is what we are handling now
+                pass
+        await call
 
     async def aclose(self, timeout: float = 1.0) -> None:  # noqa: ASYNC109 -- as close()
         """Close without blocking the event loop."""
