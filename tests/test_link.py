@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -47,6 +48,12 @@ def test_an_unanswered_durable_message_makes_it_unresponsive_after_the_timeout()
     # ... and stops when nothing is.
     link.answered(6.0, outstanding=False)
     assert not link.unreachable(100.0)
+    # A call that waited its whole timeout in vain: unresponsive at once, until a reply.
+    link.asked(100.0)
+    link.overdue(100.2)
+    assert link.state(100.2) == UNRESPONSIVE and link.away_for(100.3) == pytest.approx(0.1)
+    link.answered(100.4, outstanding=False)
+    assert link.state(100.4) == UP
 
 
 def test_the_outage_is_reported_when_it_starts_every_warn_every_and_once_back() -> None:
@@ -66,7 +73,9 @@ def test_the_outage_is_reported_when_it_starts_every_warn_every_and_once_back() 
 EVENTS = st.lists(
     st.tuples(
         st.floats(min_value=0.0, max_value=5.0),
-        st.sampled_from(["handshake", "lost", "asked", "answered", "answered_more", "report"]),
+        st.sampled_from(
+            ["handshake", "lost", "asked", "answered", "answered_more", "overdue", "report"]
+        ),
     ),
     max_size=60,
 )
@@ -87,6 +96,9 @@ def test_properties_of_any_event_sequence(events: list[tuple[float, str]]) -> No
             assert link.unreachable(now) and link.state(now) == DOWN
         elif event == "asked":
             link.asked(now)
+        elif event == "overdue":
+            link.overdue(now)
+            assert link.state(now) != UP
         elif event in ("answered", "answered_more"):
             link.answered(now, outstanding=event == "answered_more")
             if link.state(now) != DOWN and link.state(now) != CONNECTING:

@@ -12,9 +12,10 @@ daemon is **known unreachable**, which is exactly one of:
   client is *not* known unreachable: the connect attempt gets a fair chance, and a durable
   call made at once after creating the manager waits for its ack as usual;
 - ``unresponsive``: connected, but a durable message sent on this link has been waiting longer
-  than ``answer_timeout`` (``ack_timeout``) with no reply of any kind since (a frozen or
-  stuck daemon keeps its connection: the one call that found out paid ``ack_timeout``, the
-  next ones do not). Any reply from the daemon makes it ``up`` again.
+  than ``answer_timeout`` (``ack_timeout``) with no reply of any kind since, or a durable call
+  has just waited its whole ``ack_timeout`` in vain (a frozen or stuck daemon keeps its
+  connection: the one call that found out paid ``ack_timeout``, the next ones do not). Any
+  reply from the daemon makes it ``up`` again.
 
 Everything else (``up``, ``connecting`` within its grace) may answer: a durable call waits for
 its ack for up to ``ack_timeout``.
@@ -45,6 +46,7 @@ class Link:
         self._state = CONNECTING
         self._since = now  # when _state began
         self._asked: float | None = None  # oldest durable message unanswered since a reply
+        self._overdue: float | None = None  # when a durable call waited ack_timeout in vain
         self._away_since: float | None = None  # when it became known unreachable (logged)
         self._next_warning = 0.0
 
@@ -52,12 +54,12 @@ class Link:
 
     def handshake(self, now: float) -> None:
         """A connection completed its ZeroMQ handshake."""
-        self._state, self._since, self._asked = UP, now, None
+        self._state, self._since, self._asked, self._overdue = UP, now, None, None
 
     def lost(self, now: float) -> None:
         """A connection attempt failed, or the connection was lost."""
         if self._state != DOWN:
-            self._state, self._since, self._asked = DOWN, now, None
+            self._state, self._since, self._asked, self._overdue = DOWN, now, None, None
 
     def asked(self, now: float) -> None:
         """A durable message (one that will be answered) was sent."""
@@ -67,15 +69,27 @@ class Link:
     def answered(self, now: float, *, outstanding: bool) -> None:
         """A reply came; ``outstanding``: sent durable messages are still unanswered."""
         self._asked = now if outstanding and self._asked is not None else None
+        self._overdue = None
+
+    def overdue(self, now: float) -> None:
+        """A durable call waited its whole ``answer_timeout`` and got no answer."""
+        if self._state == UP and self._overdue is None:
+            self._overdue = now
 
     # ---- questions -------------------------------------------------------------------------
 
     def state(self, now: float) -> str:
         """``up``, ``connecting``, ``down`` or ``unresponsive`` (see the module docstring)."""
-        asked = self._asked
-        if self._state == UP and asked is not None and now - asked > self.answer_timeout:
+        if self._state == UP and self._unresponsive_since(now) is not None:
             return UNRESPONSIVE
         return self._state
+
+    def _unresponsive_since(self, now: float) -> float | None:
+        since = [] if self._overdue is None else [self._overdue]
+        asked = self._asked
+        if asked is not None and now - asked > self.answer_timeout:
+            since.append(asked + self.answer_timeout)
+        return min(since) if since else None
 
     def unreachable(self, now: float) -> bool:
         """Known unreachable: a durable call returns at once instead of waiting for its ack."""
@@ -95,8 +109,9 @@ class Link:
         if state == CONNECTING:
             return self._since + self.grace
         if state == UNRESPONSIVE:
-            assert self._asked is not None
-            return self._asked + self.answer_timeout
+            since = self._unresponsive_since(now)
+            assert since is not None
+            return since
         return self._since
 
     def report(self, now: float) -> tuple[str, float] | None:
