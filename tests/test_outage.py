@@ -17,6 +17,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import zmq
+import zmq.auth
 
 from positiond_client import Delivery, Leg, PositionPersistenceManager, UnavailableError
 from tests.client_support import ClientProc
@@ -269,3 +271,45 @@ def test_a_revival_is_logged_as_a_warning_by_the_client(
         wait_for(lambda: session_status(daemon.db, sid) == "RUNNING", 5, "REVIVED")
     finally:
         proc.close()
+
+
+def test_on_tcp_a_frozen_daemon_is_known_unreachable_by_heartbeats_before_any_call(
+    workdir: Path,
+) -> None:
+    keys = workdir / "keys"
+    keys.mkdir()
+    for name in ("server", "client"):
+        zmq.auth.create_certificates(keys, name)
+    allowed = workdir / "allowed"
+    allowed.mkdir()
+    (allowed / "client.key").write_bytes((keys / "client.key").read_bytes())
+    daemon = DaemonProcess(
+        workdir, "--curve-secret-key", str(keys / "server.key_secret"),
+        "--curve-clients", str(allowed), heartbeat_timeout=30.0,
+    )  # fmt: skip
+    daemon.endpoint = "tcp://127.0.0.1:*"
+    daemon.args[daemon.args.index("--endpoint") + 1] = daemon.endpoint
+    daemon.start()
+    assert daemon.proc is not None
+    line = next(x for x in daemon.output().splitlines() if "positiond ready" in x)
+    endpoint = line.rsplit("endpoint ", 1)[1].strip()
+    pm = PositionPersistenceManager(
+        "tcp_strategy", endpoint=endpoint, ack_timeout=0.5,
+        curve_server_key=keys / "server.key", curve_client_cert=keys / "client.key_secret",
+    )  # fmt: skip
+    try:
+        assert pm.start_session() is not None
+        leg = pm.save_position_entry(symbol="X", entry_price=1.0, quantity=1)
+        daemon.proc.send_signal(signal.SIGSTOP)
+        try:
+            # No call is waiting: ZeroMQ's PING/PONG finds the daemon silent and drops it.
+            wait_for(lambda: pm.status().link == "down", 5, "the heartbeat timeout")
+            done, took = timed(pm.save_position_exit, leg, exit_price=1.0)
+            assert done is Delivery.QUEUED and took < AT_ONCE
+        finally:
+            daemon.proc.send_signal(signal.SIGCONT)
+        assert pm.sync(10)
+        assert rows(daemon.db, "SELECT status FROM strategy_positions")[0]["status"] == "CLOSED"
+    finally:
+        pm.close()
+        daemon.stop()
