@@ -42,6 +42,20 @@ def _entries(pm: PositionPersistenceManager, tag: str, n: int, expect: Delivery)
     return samples
 
 
+def _nothing(leg: object, **fields: object) -> None:
+    pass
+
+
+def _floor_worst_us(calls: int) -> float:
+    """The same loop's worst call when the call does nothing (what the machine costs)."""
+    worst, perf = 0, time.perf_counter_ns
+    for i in range(calls):
+        t0 = perf()
+        _nothing(None, current_price=100.0 + i * 1e-4, state={"n": i})
+        worst = max(worst, perf() - t0)
+    return worst / 1e3
+
+
 def _paused(daemon: DaemonProcess, seconds: float) -> dict[str, float]:
     pm = daemon.manager("bench-paused", ack_timeout=ACK_TIMEOUT)
     assert daemon.proc is not None
@@ -82,6 +96,7 @@ def _paused(daemon: DaemonProcess, seconds: float) -> dict[str, float]:
             "peak_queue": peak_queue,
             "peak_bytes": peak_bytes,
             "worst_us": worst / 1e3,
+            "floor_worst_us": _floor_worst_us(calls),
         }
     finally:
         pm.close(1.0)
@@ -130,6 +145,7 @@ def run(quick: bool) -> Scenario:
     sc.row("  ... peak messages waiting in the client (10 legs)", paused["peak_queue"])
     sc.row("  ... peak encoded bytes waiting to be sent", paused["peak_bytes"])
     sc.row("  ... worst update call (µs)", paused["worst_us"])
+    sc.row("floor: empty function call, same loop and count, worst (µs)", paused["floor_worst_us"])
     sc.raw.update(n=n, pause_s=pause, paused=paused, ack_timeout=ACK_TIMEOUT)
     sc.notes.append(
         "outage: 'baseline' column = the same durable entry with the daemon present, same run, "
