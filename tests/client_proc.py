@@ -8,6 +8,7 @@ they are stored, then behaves as MODE says:
 - ``exit0`` / ``exit3``: its own SIGTERM handler calls ``sys.exit(0)`` / ``sys.exit(3)``;
 - ``plain``: no handlers at all (SIGTERM kills it, SIGINT raises KeyboardInterrupt);
 - ``async``: the asyncio twin, ``session(stop_signals=...)``, ticks until stopped;
+- ``async-stuck``: the same with a loop that never looks at ``pm.stop_requested``;
 - ``fork``: forks; the child tries a durable call and an update, prints what happened as
   ``{"child": ...}``, then sleeps; the parent prints ``{"child_pid"}`` and sleeps;
 - ``revive``: idles with the client's log records printed as ``{"log", "msg"}`` lines.
@@ -91,7 +92,7 @@ def sync_mode(endpoint: str, mode: str) -> None:
     say(ended=True, ticks=n)
 
 
-async def async_mode(endpoint: str) -> None:
+async def async_mode(endpoint: str, stuck: bool) -> None:
     pm = AsyncPositionPersistenceManager("expiry_blast", endpoint=endpoint, ack_timeout=5.0)
     async with pm.session(stop_signals=STOP_SIGNALS):
         legs = [
@@ -102,7 +103,7 @@ async def async_mode(endpoint: str) -> None:
         assert await pm.sync(5.0)
         say(session_id=pm.session_id, legs=[legs[0].key], pid=os.getpid())
         n = 0
-        while not pm.stop_requested:
+        while stuck or not pm.stop_requested:
             n += 1
             tick(pm, legs, n)
             await asyncio.sleep(0.01)
@@ -140,8 +141,8 @@ def fork_mode(endpoint: str) -> None:
 
 def main() -> None:
     endpoint, mode = sys.argv[1], sys.argv[2]
-    if mode == "async":
-        asyncio.run(async_mode(endpoint))
+    if mode.startswith("async"):
+        asyncio.run(async_mode(endpoint, stuck=mode == "async-stuck"))
     elif mode == "fork":
         fork_mode(endpoint)
     elif mode == "revive":

@@ -13,7 +13,7 @@ from positiond_client.core import UNSET, Core, Leg, Step
 from positiond_client.errors import PositiondError, UnavailableError
 from positiond_client.pending import Delivery, Pending
 from positiond_client.recovery import CrashedLeg, Orphan, VerificationReport
-from positiond_client.stop import DEFAULT_STOP_SIGNALS, ends_cleanly
+from positiond_client.stop import DEFAULT_STOP_SIGNALS, StopRequested, ends_cleanly
 
 __all__ = ["AsyncPositionPersistenceManager"]
 
@@ -86,8 +86,9 @@ class AsyncPositionPersistenceManager(Core):
         self, signals: Iterable[int] = DEFAULT_STOP_SIGNALS
     ) -> Callable[[], None]:
         """The sync twin's, on the running loop: the first signal sets
-        :attr:`stop_requested`, a second cancels the task that called this (which
-        ``pm.session()`` then ends ``COMPLETED``). Returns a function removing the handlers."""
+        :attr:`stop_requested`, a second cancels the task that called this (``pm.session()``
+        then ends the session ``COMPLETED`` and raises ``StopRequested``, exit status 0).
+        Returns a function removing the handlers."""
         loop = asyncio.get_running_loop()
         return self._stop.install_async(loop, asyncio.current_task(), signals)
 
@@ -104,9 +105,11 @@ class AsyncPositionPersistenceManager(Core):
             loop.call_soon_threadsafe(settle)
 
         self._stop.add_listener(wake)
-        if self.stop_requested:
-            return
-        await future
+        try:
+            if not self.stop_requested:
+                await future
+        finally:
+            self._stop.remove_listener(wake)
 
     async def _drive(self, op: Step[T]) -> T:
         try:
@@ -259,6 +262,9 @@ class AsyncPositionPersistenceManager(Core):
                 if ends_cleanly(exc, self.stop_requested):
                     self._log_stop(exc)
                     await self._shielded(self.end_session())
+                    if isinstance(exc, asyncio.CancelledError):
+                        # The second stop signal's cancellation: leave as the sync twin does.
+                        raise StopRequested(self._stop.reason or "requested") from exc
                 else:
                     await self._shielded(self.handle_crash(exc))
                 raise

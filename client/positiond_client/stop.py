@@ -28,9 +28,10 @@ With :meth:`StopControl.install` (``pm.install_signal_handlers()``, or
 ``pm.session(stop_signals=...)``) the first SIGTERM or SIGINT only sets
 ``pm.stop_requested``: the strategy's loop finishes its step and leaves the ``with`` block at a
 safe point. A second one interrupts wherever the strategy is (sync: :class:`StopRequested`
-raised in the main thread; asyncio: the task is cancelled) and still ends the session
-``COMPLETED``: the operator insisted. Legs still open stay ``ACTIVE`` and are listed as open at
-the end (they are not closed at the broker by stopping the strategy).
+raised in the main thread; asyncio: the task is cancelled, and ``pm.session()`` turns the
+cancellation into :class:`StopRequested` once the session is ended) and still ends the
+session ``COMPLETED``: the operator insisted. Legs still open stay ``ACTIVE`` and are listed
+as open at the end (they are not closed at the broker by stopping the strategy).
 """
 
 from __future__ import annotations
@@ -103,6 +104,10 @@ class StopControl:
 
     def add_listener(self, fn: Callable[[], None]) -> None:
         self._listeners.append(fn)
+
+    def remove_listener(self, fn: Callable[[], None]) -> None:
+        if fn in self._listeners:
+            self._listeners.remove(fn)
 
     def install(self, signals: Iterable[int] = DEFAULT_STOP_SIGNALS) -> Callable[[], None]:
         """Handle ``signals`` in the main thread: first a stop request, then StopRequested.
