@@ -91,7 +91,7 @@ class Channel(ChannelState):
     @property
     def connected(self) -> bool:
         """Connected and answering: the link is up and not known unreachable."""
-        return self._link.state(time.monotonic()) == UP
+        return not self._forked and self._link.state(time.monotonic()) == UP
 
     def unreachable(self) -> bool:
         """The daemon is known unreachable (see :mod:`positiond_client.link`)."""
@@ -108,6 +108,7 @@ class Channel(ChannelState):
 
     def queued(self) -> dict[str, int]:
         """What waits in this process (the regression test of flat memory reads it)."""
+        self.check_process()  # (a forked child may have inherited the lock taken)
         with self._lock:
             items = list(self._outq)
             updates = len(self._updates)
