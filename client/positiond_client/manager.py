@@ -53,6 +53,10 @@ class PositionPersistenceManager(Core):
     ``heartbeat_interval`` must be well below the daemon's heartbeat timeout (default 3 s).
     ``on_notice(code, info)`` is called on the I/O thread when the daemon reports something
     about the session (``REVIVED``: it had been declared crashed and is running again).
+    ``ack_timeout`` (2 s) bounds a durable call's wait while the daemon may answer; while it
+    is known unreachable the call returns at once (``pm.connected``, ``pm.status()``), and
+    the outage is logged when it starts and every ``warn_every`` (30) seconds.
+    A manager belongs to the process that created it (:mod:`positiond_client.fork`).
     """
 
     def _answer(self, pending: Pending) -> dict[str, Any] | None:
