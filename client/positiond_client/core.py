@@ -397,8 +397,9 @@ class Core:
             self._channel.forget(pending)
             if self._channel.unreachable():
                 raise UnavailableError(
-                    f"positiond at {self.endpoint} is unreachable ({self.status().link}); "
-                    f"{what} was not asked, nothing was read or decided"
+                    f"positiond at {self.endpoint} is unreachable "
+                    f"({self._channel.link_state()[0]}): no answer to {what}; nothing was "
+                    "read or decided"
                 )
             raise UnavailableError(
                 f"positiond at {self.endpoint} did not answer {what} within "
