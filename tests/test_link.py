@@ -24,6 +24,16 @@ def test_a_fresh_client_gets_its_grace_before_it_is_known_unreachable() -> None:
     assert link.away_for(GRACE + 1.0) == 1.0
 
 
+def test_a_fresh_client_retries_attempts_that_may_still_succeed_within_its_grace() -> None:
+    link = fresh()
+    link.lost(0.01, definite=False)  # refused, but the socket file is there: a busy daemon
+    assert link.state(0.01) == CONNECTING and not link.unreachable(1.0)
+    link.handshake(0.2)
+    assert link.state(0.3) == UP
+    link.lost(0.5, definite=False)  # once it was up, any failure is an outage
+    assert link.unreachable(0.5)
+
+
 def test_a_failed_attempt_or_a_lost_connection_is_unreachable_at_once() -> None:
     link = fresh()
     link.lost(0.01)  # e.g. no socket file: the first attempt failed

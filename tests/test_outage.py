@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -122,6 +123,23 @@ def test_a_fresh_manager_is_not_declared_away_before_its_first_connect(
             assert leg.delivery is Delivery.STORED
         finally:
             pm.close()
+
+
+def test_a_stale_socket_file_gets_the_grace_then_calls_return_at_once(workdir: Path) -> None:
+    # A socket file nobody accepts on (a daemon starting, or killed): not "away" at once.
+    path = workdir / "stale.sock"
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(str(path))
+    stale.close()
+    pm = PositionPersistenceManager("stale", endpoint=f"ipc://{path}", ack_timeout=0.3)
+    try:
+        sid, took = timed(pm.start_session)
+        assert sid is None and took >= 0.25  # the grace: the connect attempt had its chance
+        assert pm.status().unreachable and pm.status().link == "connecting"
+        leg, took = timed(pm.save_position_entry, symbol="X", entry_price=1.0, quantity=1)
+        assert isinstance(leg, Leg) and leg.delivery is Delivery.QUEUED and took < AT_ONCE
+    finally:
+        pm.close(0)
 
 
 def test_the_outage_is_logged_when_it_starts_and_every_warn_every_not_per_call(

@@ -482,14 +482,25 @@ class Channel(ChannelState):
             elif kind & LOST_EVENTS:
                 log.debug("no connection to positiond at %s (event %#x)", self.endpoint, kind)
                 with self._lock:
-                    self._link.lost(now)
+                    self._link.lost(now, definite=self._definitely_absent(kind))
                     self._connected = False
                     self._announced = False
                     self._announce = None
                     if kind == zmq.EVENT_DISCONNECTED:
                         self._conn_fd = None
-                self._wake_link_waiters()  # callers waiting for an ack return at once
+                if self._link.unreachable(now):
+                    self._wake_link_waiters()  # callers waiting for an ack return at once
                 self._report_link(now)
+
+    def _definitely_absent(self, kind: int) -> bool:
+        """Does this failed attempt prove the daemon absent? A retried connect on ipc:// whose
+        socket file exists (a busy or starting daemon), or any retried connect on tcp://, may
+        still succeed: a fresh client keeps trying within its grace."""
+        if kind != zmq.EVENT_CONNECT_RETRIED:
+            return True
+        if self.endpoint.startswith("ipc://"):
+            return not os.path.exists(self.endpoint[len("ipc://") :])
+        return False
 
     def _pump(self, sock: zmq.Socket[bytes]) -> None:
         """Send what is due: the announce, or (once announced) the queue and the updates.

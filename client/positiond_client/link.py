@@ -3,14 +3,16 @@
 A durable call waits for its ack only while the daemon may answer. It returns at once when the
 daemon is **known unreachable**, which is exactly one of:
 
-- ``down``: the I/O thread's connection attempt failed (no socket file, refused, a TCP connect
-  that failed or timed out) or the connection it had was lost (the daemon exited or restarted;
-  on tcp:// also when the daemon left ZeroMQ heartbeats unanswered for the link timeout), and
-  no new connection has completed its handshake since;
+- ``down``: the connection the client had was lost (the daemon exited or restarted; on tcp://
+  also when the daemon left ZeroMQ heartbeats unanswered for ``ack_timeout``), or a connect
+  attempt failed after that, or a fresh client's first attempt found no daemon at all (on
+  ipc://, no socket file), and no new connection has completed its handshake since;
 - ``connecting`` for longer than ``grace``: a fresh client whose first connection has not
   completed its handshake within ``grace`` seconds (``ack_timeout``). Until then a fresh
-  client is *not* known unreachable: the connect attempt gets a fair chance, and a durable
-  call made at once after creating the manager waits for its ack as usual;
+  client is *not* known unreachable — its failed attempts that may still succeed (on ipc://
+  the socket file exists: a daemon starting or busy; on tcp://, any) are retried within the
+  grace — so the connect attempt gets a fair chance, and a durable call made at once after
+  creating the manager waits for its ack as usual;
 - ``unresponsive``: connected, but a durable message sent on this link has been waiting longer
   than ``answer_timeout`` (``ack_timeout``) with no reply of any kind since, or a durable call
   has just waited its whole ``ack_timeout`` in vain (a frozen or stuck daemon keeps its
@@ -56,8 +58,11 @@ class Link:
         """A connection completed its ZeroMQ handshake."""
         self._state, self._since, self._asked, self._overdue = UP, now, None, None
 
-    def lost(self, now: float) -> None:
-        """A connection attempt failed, or the connection was lost."""
+    def lost(self, now: float, *, definite: bool = True) -> None:
+        """A connection attempt failed, or the connection was lost. A fresh client ignores a
+        failed attempt that is not ``definite`` (it may still succeed) during its grace."""
+        if self._state == CONNECTING and not definite:
+            return
         if self._state != DOWN:
             self._state, self._since, self._asked, self._overdue = DOWN, now, None, None
 
