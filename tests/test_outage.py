@@ -83,6 +83,18 @@ def test_durable_calls_return_at_once_while_no_daemon_is_there_and_deliver_later
         pm.close()
 
 
+def test_closing_while_the_daemon_is_away_does_not_wait_for_acks(
+    absent: DaemonProcess, caplog: pytest.LogCaptureFixture
+) -> None:
+    pm = PositionPersistenceManager("outage", endpoint=absent.endpoint, ack_timeout=2.0)
+    wait_for(lambda: pm.status().link == "down", 5, "the failed connect attempt")
+    pm.start_session()
+    pm.save_position_entry(symbol="X", entry_price=1.0, quantity=1)
+    _, took = timed(pm.close, 5.0)
+    assert took < 5 * AT_ONCE  # (the I/O thread's join, not the 5 s given to the acks)
+    assert any("2 durable message(s) not acknowledged" in r.getMessage() for r in caplog.records)
+
+
 def test_a_daemon_that_dies_mid_session_costs_no_wait_and_reads_fail_at_once(
     daemon: DaemonProcess,
 ) -> None:

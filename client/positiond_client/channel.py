@@ -296,7 +296,8 @@ class Channel(ChannelState):
             return list(self._outbox.values())
 
     def close(self, timeout: float = 1.0) -> None:
-        """Give unacked messages up to ``timeout`` to be acked, then stop the thread.
+        """Give unacked messages up to ``timeout`` to be acked, then stop the thread (no
+        waiting while the daemon is known unreachable: nothing could ack them).
 
         In a forked child it does nothing: the thread, the socket and the messages are the
         parent's.
@@ -305,7 +306,7 @@ class Channel(ChannelState):
             return
         deadline = time.monotonic() + timeout
         for pending in self.unacked():
-            if not pending.wait(max(0.0, deadline - time.monotonic())):
+            if not self.await_answer(pending, max(0.0, deadline - time.monotonic())):
                 break
         left = len(self._outbox)
         if left:
