@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from bench import crash, entry, footprint, ingest, load, prune, update
+from bench import crash, entry, footprint, ingest, load, outage, prune, update
 from bench.common import environment
 from bench.report import Row, Scenario, markdown_table
 
@@ -24,6 +24,7 @@ SCENARIOS: dict[str, Callable[[bool], Scenario]] = {
     "crash": crash.run,
     "footprint": footprint.run,
     "load": load.run,
+    "outage": outage.run,
     "prune": prune.run,
 }
 

@@ -15,7 +15,7 @@
 The wire protocol is in :mod:`positiond_client.protocol` and docs/PROTOCOL.md.
 """
 
-from positiond_client.core import Leg
+from positiond_client.core import ClientStatus, Leg
 from positiond_client.errors import (
     LegError,
     PositiondError,
@@ -25,6 +25,7 @@ from positiond_client.errors import (
     UnavailableError,
 )
 from positiond_client.manager import AsyncPositionPersistenceManager, PositionPersistenceManager
+from positiond_client.pending import Delivery
 from positiond_client.recovery import (
     CLOSED_AT_BROKER,
     MISMATCH,
@@ -35,13 +36,16 @@ from positiond_client.recovery import (
     VerificationReport,
     verify_positions,
 )
+from positiond_client.stop import StopRequested
 
 __all__ = [
     "CLOSED_AT_BROKER",
     "MISMATCH",
     "RESUME",
     "AsyncPositionPersistenceManager",
+    "ClientStatus",
     "CrashedLeg",
+    "Delivery",
     "Leg",
     "LegError",
     "Orphan",
@@ -49,6 +53,7 @@ __all__ = [
     "PositiondError",
     "ProtocolError",
     "SessionError",
+    "StopRequested",
     "StorageError",
     "UnavailableError",
     "Verdict",

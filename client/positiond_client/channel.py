@@ -9,11 +9,21 @@ had only in memory is lost when it restarts.
 After each (re)connection the thread first re-announces the session (a ``start`` with the same
 session key) and sends nothing else until that is acked; then the outbox in order, each open
 leg's state right after its entry, then normal traffic.
+
+Memory stays flat whatever the daemon does (absent, paused, slow): updates are encoded only
+when the socket takes them. Once a send would block, the thread stops sending, waits for the
+socket to become writable again, and meanwhile updates keep coalescing per leg; what waits is
+one pending state per open leg plus the durable messages themselves.
+
+What the thread knows about the daemon (up, connecting, down, unresponsive) is a
+:class:`~positiond_client.link.Link`; a durable call returns at once when it says "known
+unreachable".
+
+A channel belongs to the process that created it: :mod:`positiond_client.fork`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import threading
@@ -21,89 +31,33 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import orjson
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
-from positiond_client.errors import PositiondError, SessionError, error_for
+from positiond_client import fork
+from positiond_client.errors import SessionError, error_for
+from positiond_client.link import DOWN, UP
+from positiond_client.pending import Delivery, Pending
 from positiond_client.protocol import PROTOCOL_VERSION, encode
+from positiond_client.replies import ChannelState
 
 __all__ = ["Channel", "Pending"]
 
 log = logging.getLogger(__name__)
 
-# Refusals of a session's start that end it for good; anything else is retried.
-FINAL_SESSION_ERRORS = frozenset(
-    {"SESSION_CLOSED", "BAD_FIELD", "BAD_VERSION", "BAD_TYPE", "BAD_TOKEN"}
-)
 # Outbox size past which every new durable message logs a warning (nothing is dropped).
 OUTBOX_WARN = 10_000
+# Monitor events that mean "no connection now": a failed attempt, a lost connection.
+LOST_EVENTS = (
+    zmq.EVENT_CONNECT_RETRIED
+    | zmq.EVENT_DISCONNECTED
+    | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+    | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+)
 
 
-class Pending:
-    """A durable message waiting for its ack (or error)."""
-
-    __slots__ = (
-        "_answered",
-        "_done",
-        "_lock",
-        "callbacks",
-        "error",
-        "key",
-        "kind",
-        "msg",
-        "payload",
-        "result",
-        "sent_at",
-        "seq",
-    )
-
-    def __init__(self, seq: int, msg: dict[str, Any]) -> None:
-        self.seq = seq
-        self.msg = msg
-        self.kind: str = msg["type"]
-        self.key: str | None = msg.get("key")
-        self.payload = encode(msg)
-        self.result: dict[str, Any] | None = None
-        self.error: PositiondError | None = None
-        self.sent_at: float | None = None
-        self.callbacks: list[Callable[[Pending], None]] = []
-        self._done = threading.Event()
-        self._lock = threading.Lock()
-        self._answered = False
-
-    @property
-    def done(self) -> bool:
-        return self._done.is_set()
-
-    def wait(self, timeout: float | None) -> bool:
-        """True once answered (ack or error) within ``timeout`` seconds."""
-        return self._done.wait(timeout)
-
-    def add_callback(self, fn: Callable[[Pending], None]) -> None:
-        """Call ``fn(self)`` on the I/O thread when answered (at once if already answered)."""
-        with self._lock:
-            answered = self._answered
-            if not answered:
-                self.callbacks.append(fn)
-        if answered:
-            fn(self)
-
-    def _finish(self, result: dict[str, Any] | None, error: PositiondError | None) -> None:
-        with self._lock:
-            self.result, self.error = result, error
-            self._answered = True
-            callbacks, self.callbacks = self.callbacks, []
-        for fn in callbacks:
-            try:
-                fn(self)
-            except Exception:
-                log.exception("callback for %s failed", self.kind)
-        # Waiters wake only now, so what the callbacks fill in (position_id...) is there.
-        self._done.set()
-
-
-class Channel:
+class Channel(ChannelState):
     """One DEALER connection to the daemon, driven by a background thread."""
 
     def __init__(
@@ -112,34 +66,21 @@ class Channel:
         *,
         heartbeat_interval: float = 0.5,
         resend_interval: float = 5.0,
+        ack_timeout: float = 2.0,
+        warn_every: float = 30.0,
         on_notice: Callable[[str, dict[str, Any]], None] | None = None,
         curve: tuple[bytes, bytes, bytes] | None = None,
     ) -> None:
-        self.endpoint = endpoint
-        self.curve = curve  # (server public, client public, client secret) for tcp://
-        self.heartbeat_interval = heartbeat_interval
-        self.resend_interval = resend_interval
-        self.on_notice = on_notice
-        self._lock = threading.Lock()
-        self._seq = 0
-        self._outbox: dict[int, Pending] = {}  # seq -> unacked durable message, in seq order
-        self._outq: list[bytes | Pending] = []  # ready to send, in order
-        self._updates: dict[str, dict[str, Any]] = {}  # leg key -> fields not yet sent
-        self._legs: dict[str, dict[str, Any]] = {}  # leg key -> newest full state
-        self._fenced: dict[str, str] = {}
-        self._session: str | None = None
-        self._token: str | None = None
-        self._start: Pending | None = None  # the session's start (the announce to re-send)
-        self._closed_reason: PositiondError | None = None
-        self._wake_pending = False
-        self._connected = False
-        self._announce: Pending | None = None  # start sent on this connection, not yet acked
-        self._announced = False
-        self._last_send = 0.0
-        self._stop = False
-        self._error_window, self._error_count, self._errors_suppressed = 0.0, 0, 0
-        self._rfd, self._wfd = os.pipe()
-        os.set_blocking(self._wfd, False)
+        super().__init__(
+            endpoint,
+            heartbeat_interval=heartbeat_interval,
+            resend_interval=resend_interval,
+            ack_timeout=ack_timeout,
+            warn_every=warn_every,
+            on_notice=on_notice,
+            curve=curve,
+        )
+        fork.register(self)
         self._thread = threading.Thread(target=self._run, name="positiond-client-io", daemon=True)
         self._ready = threading.Event()
         self._thread.start()
@@ -149,11 +90,91 @@ class Channel:
 
     @property
     def connected(self) -> bool:
-        return self._connected
+        """Connected and answering: the link is up and not known unreachable."""
+        return not self._forked and self._link.state(time.monotonic()) == UP
+
+    def unreachable(self) -> bool:
+        """The daemon is known unreachable (see :mod:`positiond_client.link`)."""
+        return self._link.unreachable(time.monotonic())
+
+    def link_state(self) -> tuple[str, float | None]:
+        """The link's state and, if the daemon is known unreachable, for how many seconds."""
+        now = time.monotonic()
+        return self._link.state(now), self._link.away_for(now)
 
     @property
     def outbox_size(self) -> int:
         return len(self._outbox)
+
+    def queued(self) -> dict[str, int]:
+        """What waits in this process (the regression test of flat memory reads it)."""
+        self.check_process()  # (a forked child may have inherited the lock taken)
+        with self._lock:
+            items = list(self._outq)
+            updates = len(self._updates)
+        return {
+            "send_queue": len(items),
+            "send_queue_bytes": sum(
+                len(i.payload) if isinstance(i, Pending) else len(i) for i in items
+            ),
+            "pending_updates": updates,
+            "unacknowledged": len(self._outbox),
+        }
+
+    def abandon(self) -> None:
+        """In a forked child (called by :mod:`positiond_client.fork`): unusable from now on,
+        and the parent's connection is not kept open by this process."""
+        self._forked = True
+        if self._conn_fd is not None:
+            fork.close_inherited(self._conn_fd, self.endpoint)
+
+    def check_process(self) -> None:
+        """Raise in a child forked from the process that created this channel."""
+        if self._forked:
+            raise SessionError(
+                f"this client belongs to process {self._pid}, not to this forked child "
+                f"(pid {os.getpid()}): its session, I/O thread and ZeroMQ socket stay with "
+                "the parent; create a new PositionPersistenceManager in the child",
+                "NO_SESSION",
+            )
+
+    def await_answer(self, pending: Pending, timeout: float) -> Delivery:
+        """Wait until ``pending`` is answered (``STORED``: acked or refused), ``timeout``
+        passes (``UNANSWERED``) or the daemon is known unreachable (``QUEUED``, at once if it
+        already is)."""
+        if pending.answered:
+            return Delivery.STORED
+        if self.unreachable():
+            return Delivery.QUEUED
+        event = threading.Event()
+        pending.add_callback(lambda _: event.set())
+        self.add_link_waiter(event.set)
+        try:
+            # (It may have become unreachable before the waiter was there.)
+            woke = self.unreachable() or event.wait(timeout)
+        finally:
+            self.remove_link_waiter(event.set)
+        if pending.answered:
+            return Delivery.STORED
+        if woke:
+            return Delivery.QUEUED
+        self.note_unanswered()
+        return Delivery.UNANSWERED
+
+    def note_unanswered(self) -> None:
+        """A durable call waited its whole timeout in vain: the daemon is unresponsive."""
+        with self._lock:
+            self._link.overdue(time.monotonic())
+
+    def add_link_waiter(self, fn: Callable[[], None]) -> None:
+        """Call ``fn()`` on the I/O thread when the connection is lost (a call waiting for
+        its ack then returns at once; the time-based states are seen by the next call)."""
+        with self._lock:
+            self._link_waiters.add(fn)
+
+    def remove_link_waiter(self, fn: Callable[[], None]) -> None:
+        with self._lock:
+            self._link_waiters.discard(fn)
 
     def session_key(self) -> str | None:
         return self._session
@@ -161,17 +182,9 @@ class Channel:
     def fenced_reason(self, key: str) -> str | None:
         return self._fenced.get(key)
 
-    def _wake(self) -> None:
-        # A full pipe means the thread is already due to wake.
-        with contextlib.suppress(BlockingIOError):
-            os.write(self._wfd, b"\0")
-
-    def _next_seq(self) -> int:
-        self._seq += 1
-        return self._seq
-
     def open_session(self, msg: dict[str, Any]) -> Pending:
         """Queue the session's start; it is (re-)announced on every connection."""
+        self.check_process()
         with self._lock:
             self._session = msg["session"]
             self._token = msg.get("token")
@@ -189,6 +202,7 @@ class Channel:
         ``flush_updates`` sends every pending update first (crash, end, sync need the newest
         state stored). An exit carries its leg's final state itself.
         """
+        self.check_process()
         with self._lock:
             if self._closed_reason is not None:
                 raise self._closed_reason
@@ -231,6 +245,8 @@ class Channel:
 
     def update(self, key: str, fields: dict[str, Any]) -> None:
         """Coalesce an update for an open leg (never blocks, never does I/O but a wake-up)."""
+        if self._forked:
+            self.check_process()
         with self._lock:
             state = self._legs.get(key)
             if state is None:
@@ -241,8 +257,10 @@ class Channel:
                 self._updates[key] = fields
             else:
                 pending.update(fields)
-            if self._wake_pending or not self._connected:
-                return  # no daemon: the state waits in _legs/_updates, a reconnect sends it
+            if self._wake_pending or not self._connected or self._blocked:
+                # No daemon, or one not taking more: the state waits in _legs/_updates; a
+                # reconnect or the socket becoming writable sends it.
+                return
             self._wake_pending = True
         self._wake()
 
@@ -278,10 +296,17 @@ class Channel:
             return list(self._outbox.values())
 
     def close(self, timeout: float = 1.0) -> None:
-        """Give unacked messages up to ``timeout`` to be acked, then stop the thread."""
+        """Give unacked messages up to ``timeout`` to be acked, then stop the thread (no
+        waiting while the daemon is known unreachable: nothing could ack them).
+
+        In a forked child it does nothing: the thread, the socket and the messages are the
+        parent's.
+        """
+        if self._forked:
+            return
         deadline = time.monotonic() + timeout
         for pending in self.unacked():
-            if not pending.wait(max(0.0, deadline - time.monotonic())):
+            if not self.await_answer(pending, max(0.0, deadline - time.monotonic())):
                 break
         left = len(self._outbox)
         if left:
@@ -317,9 +342,19 @@ class Channel:
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.RECONNECT_IVL, 100)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+        if self.endpoint.startswith("tcp://"):
+            # ZeroMQ's own PING/PONG (answered by the daemon's libzmq thread, whatever its
+            # Python code does): a daemon host gone or frozen drops the connection after
+            # ack_timeout, so the client knows it is unreachable before a call waits on it.
+            # Not on ipc://, where a dropped connection is the daemon's crash verdict.
+            sock.setsockopt(zmq.HEARTBEAT_IVL, max(1, int(self.heartbeat_interval * 1000)))
+            sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, max(1, int(self.ack_timeout * 1000)))
+            sock.setsockopt(zmq.CONNECT_TIMEOUT, max(1, int(self.ack_timeout * 1000)))
         if self.curve is not None:
             sock.curve_serverkey, sock.curve_publickey, sock.curve_secretkey = self.curve
-        monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
+        monitor = sock.get_monitor_socket(
+            zmq.EVENT_CONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED | LOST_EVENTS
+        )
         sock.connect(self.endpoint)
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
@@ -351,23 +386,30 @@ class Channel:
         """One round of the I/O thread: wait, read, send what is due; the next resend time."""
         now = time.monotonic()
         wait = next_resend - now
-        if self._session is not None and self._connected:
+        if self._session is not None and self._connected and not self._blocked:
             wait = min(wait, self._last_send + self.heartbeat_interval - now)
+        # Watch for writability only while blocked (a writable socket would spin the loop).
+        poller.modify(sock, zmq.POLLIN | zmq.POLLOUT if self._blocked else zmq.POLLIN)
         events = dict(poller.poll(max(1, int(min(max(wait, 0.0), 1.0) * 1000) + 1)))
         if self._rfd in events:
             os.read(self._rfd, 65536)
         if monitor in events:
             self._on_monitor(monitor)
         if sock in events:
-            self._on_replies(sock)
+            if events[sock] & zmq.POLLOUT:
+                self._blocked = False
+            if events[sock] & zmq.POLLIN:
+                self._on_replies(sock)
         self._pump(sock)
         now = time.monotonic()
         if now >= next_resend:
             next_resend = now + self.resend_interval
             self._resend_stale(sock, now)
+        self._report_link(now)
         if (
             self._session is not None
             and self._connected
+            and not self._blocked
             and now - self._last_send >= self.heartbeat_interval
         ):
             self._send(
@@ -383,10 +425,40 @@ class Channel:
             )
         return next_resend
 
+    def _report_link(self, now: float) -> None:
+        """Log the daemon becoming unreachable (then every warn_every s) and coming back."""
+        report = self._link.report(now)
+        if report is None:
+            return
+        what, seconds = report
+        if what == "away":
+            state = self._link.state(now)
+            why = {
+                DOWN: "no connection",
+                UP: "",
+            }.get(state, f"{state}: no answer within {self.ack_timeout:g}s")
+            log.warning(
+                "positiond at %s unreachable for %.0fs (%s); durable calls return at once, "
+                "%d message(s) kept for it and sent when it is back",
+                self.endpoint,
+                seconds,
+                why or state,
+                len(self._outbox),
+            )
+        else:
+            log.info("positiond at %s answers again after %.1fs", self.endpoint, seconds)
+
+    def _wake_link_waiters(self) -> None:
+        with self._lock:
+            waiters = list(self._link_waiters)
+        for fn in waiters:
+            fn()
+
     def _send(self, sock: zmq.Socket[bytes], payload: bytes) -> bool:
         try:
             sock.send(payload, zmq.NOBLOCK)
         except zmq.Again:
+            self._blocked = True
             return False
         self._last_send = time.monotonic()
         return True
@@ -397,38 +469,79 @@ class Channel:
                 event = parse_monitor_message(monitor.recv_multipart(zmq.NOBLOCK))
             except zmq.Again:
                 return
-            if event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+            kind, now = event["event"], time.monotonic()
+            if kind == zmq.EVENT_CONNECTED:
+                self._conn_fd = int(event["value"])  # closed by a forked child (fork.py)
+            elif kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 log.debug("connected to positiond at %s", self.endpoint)
                 with self._lock:
+                    self._link.handshake(now)
                     self._connected = True
+                    self._blocked = False
                     self._announced = False
                     self._announce = None
-            elif event["event"] == zmq.EVENT_DISCONNECTED:
-                log.debug("disconnected from positiond at %s", self.endpoint)
+            elif kind & LOST_EVENTS:
+                log.debug("no connection to positiond at %s (event %#x)", self.endpoint, kind)
                 with self._lock:
+                    self._link.lost(now, definite=self._definitely_absent(kind))
                     self._connected = False
                     self._announced = False
                     self._announce = None
+                    if kind == zmq.EVENT_DISCONNECTED:
+                        self._conn_fd = None
+                if self._link.unreachable(now):
+                    self._wake_link_waiters()  # callers waiting for an ack return at once
+                self._report_link(now)
+
+    def _definitely_absent(self, kind: int) -> bool:
+        """Does this failed attempt prove the daemon absent? A retried connect on ipc:// whose
+        socket file exists (a busy or starting daemon), or any retried connect on tcp://, may
+        still succeed: a fresh client keeps trying within its grace."""
+        if kind != zmq.EVENT_CONNECT_RETRIED:
+            return True
+        if self.endpoint.startswith("ipc://"):
+            return not os.path.exists(self.endpoint[len("ipc://") :])
+        return False
 
     def _pump(self, sock: zmq.Socket[bytes]) -> None:
-        """Send what is due: the announce, or (once announced) the queue and the updates."""
+        """Send what is due: the announce, or (once announced) the queue and the updates.
+
+        Updates are encoded only here, one at a time, as the socket takes them: when it would
+        block, the rest stay coalesced per leg (one pending state each) until it is writable.
+        """
         with self._lock:
             self._wake_pending = False
-            if not self._connected:
+            if not self._connected or self._blocked:
                 return
             if self._session is not None and not self._announced:
                 if self._announce is None:
                     self._send_announce_locked(sock)
                 return
-            self._queue_updates_locked()
             queue, self._outq = self._outq, []
         for i, item in enumerate(queue):
             if not self._send(sock, item.payload if isinstance(item, Pending) else item):
-                with self._lock:  # the connection went away: keep the rest, in order
+                with self._lock:  # full, or the connection went away: keep the rest, in order
                     self._outq[:0] = queue[i:]
                 return
             if isinstance(item, Pending):
                 item.sent_at = self._last_send
+                with self._lock:
+                    self._link.asked(self._last_send)
+        with self._lock:
+            updates, self._updates = self._updates, {}
+            session, token = self._session, self._token
+        items = list(updates.items())
+        for i, (key, fields) in enumerate(items):
+            msg = {"v": PROTOCOL_VERSION, "type": "update", "session": session, "token": token}
+            msg["key"] = key
+            msg.update(fields)
+            if not self._send(sock, encode(msg)):
+                with self._lock:  # back into the coalescing map, under newer values
+                    for key_left, older in items[i:]:
+                        if key_left in self._legs:
+                            older.update(self._updates.get(key_left, {}))
+                            self._updates[key_left] = older
+                return
 
     def _send_announce_locked(self, sock: zmq.Socket[bytes]) -> None:
         start = self._start
@@ -438,70 +551,9 @@ class Channel:
             msg["seq"] = self._next_seq()
             start = Pending(msg["seq"], msg)  # internal: nobody waits on it
         if self._send(sock, start.payload):
-            start.sent_at = time.monotonic()
+            start.sent_at = self._last_send
             self._announce = start
-
-    def _announced_locked(self) -> None:
-        """The daemon knows our session again: re-send the outbox and every open leg's state."""
-        self._announced = True
-        self._outq = []
-        self._updates = {}
-        sent_legs: set[str] = set()
-        pending_entries = {p.key for p in self._outbox.values() if p.kind == "entry"}
-
-        def snapshot(key: str) -> None:
-            state = self._legs.get(key)
-            if state is not None and key not in sent_legs:
-                sent_legs.add(key)
-                msg = {
-                    "v": PROTOCOL_VERSION,
-                    "type": "update",
-                    "session": self._session,
-                    "token": self._token,
-                    "key": key,
-                }
-                msg.update(state)
-                self._outq.append(encode(msg))
-
-        for pending in self._outbox.values():
-            if pending is self._start:
-                continue
-            if pending.kind in ("crash", "end", "sync"):
-                for key in self._legs:
-                    if key not in pending_entries:
-                        snapshot(key)
-            self._outq.append(pending)
-            if pending.kind == "entry":
-                pending_entries.discard(pending.key)
-                if pending.key is not None:
-                    snapshot(pending.key)
-        for key in list(self._legs):
-            if key not in pending_entries:
-                snapshot(key)
-
-    def _revived_locked(self, revived: dict[str, Any]) -> dict[str, str]:
-        """We were declared crashed and came back: legs not handed back are someone else's now.
-
-        Returns the legs fenced this way, with the reason.
-        """
-        log.error(
-            "positiond had declared this session CRASHED (%s at %s); it is RUNNING again",
-            revived.get("crash_reason"),
-            revived.get("crash_timestamp"),
-        )
-        back = set(revived.get("legs") or ())
-        pending_entries = {p.key for p in self._outbox.values() if p.kind == "entry"}
-        fenced = {}
-        for key in [k for k in self._legs if k not in back and k not in pending_entries]:
-            reason = (
-                f"leg {key!r} was adopted, closed or flagged by another session or an operator "
-                "while this session was declared crashed: stop managing it"
-            )
-            log.error("%s", reason)
-            self._fenced[key] = fenced[key] = reason
-            del self._legs[key]
-            self._updates.pop(key, None)
-        return fenced
+            self._link.asked(self._last_send)
 
     def _resend_stale(self, sock: zmq.Socket[bytes], now: float) -> None:
         """Safety net: re-send durable messages unanswered for a long time (they are idempotent)."""
@@ -515,123 +567,17 @@ class Channel:
                 and now - announce.sent_at > self.resend_interval
             ):
                 self._announce = None  # its ack was lost: announce again
-            if not (self._connected and self._announced):
-                return
+            if not (self._connected and self._announced) or self._blocked:
+                return  # (not lost: they are re-sent after the next resend interval)
+            queued = {id(p) for p in self._outq if isinstance(p, Pending)}
             stale = [
                 p
                 for p in self._outbox.values()
-                if p.sent_at is not None and now - p.sent_at > self.resend_interval
+                if p.sent_at is not None
+                and now - p.sent_at > self.resend_interval
+                and id(p) not in queued
             ]
             for pending in stale:
                 pending.sent_at = now
                 self._outq.append(pending)
         self._pump(sock)
-
-    def _on_replies(self, sock: zmq.Socket[bytes]) -> None:
-        while True:
-            try:
-                raw = sock.recv(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            try:
-                msg = orjson.loads(raw)
-                kind = msg["type"]
-            except (orjson.JSONDecodeError, KeyError, TypeError):
-                log.error("unreadable reply from positiond: %r", raw[:200])
-                continue
-            if kind == "ack":
-                self._on_ack(msg)
-            elif kind == "error":
-                self._on_error(msg)
-            elif kind == "notice":
-                self._notice(msg.get("code", ""), msg)
-
-    def _notice(self, code: str, info: dict[str, Any]) -> None:
-        if self.on_notice is not None:
-            try:
-                self.on_notice(code, info)
-            except Exception:
-                log.exception("on_notice callback failed")
-
-    def _on_ack(self, msg: dict[str, Any]) -> None:
-        seq = msg.get("seq")
-        fenced: dict[str, str] = {}
-        with self._lock:
-            announce = self._announce
-            if announce is not None and seq == announce.seq:
-                if "revived" in msg:
-                    fenced = self._revived_locked(msg["revived"])
-                self._announced_locked()
-            pending = self._outbox.pop(seq, None) if type(seq) is int else None
-            if pending is not None and pending.kind in ("crash", "end"):
-                self._session = None
-                self._start = None
-        if pending is not None:
-            pending.sent_at = pending.sent_at or time.monotonic()
-            pending._finish(msg, None)
-        if announce is not None and seq == announce.seq and "revived" in msg:
-            self._notice("REVIVED", msg["revived"])
-            for key, reason in fenced.items():
-                self._notice("FENCED", {"key": key, "reason": reason})
-
-    def _on_error(self, msg: dict[str, Any]) -> None:
-        code = str(msg.get("code", "INTERNAL"))
-        reason = str(msg.get("reason", ""))
-        seq = msg.get("seq")
-        error = error_for(code, reason)
-        with self._lock:
-            announce = self._announce
-            is_announce = announce is not None and seq == announce.seq
-            if is_announce and code not in FINAL_SESSION_ERRORS:
-                # A passing fault (storage, internal): announce again on the next round.
-                self._announce = None
-                return
-            if code == "UNKNOWN_SESSION" and self._session is not None and not is_announce:
-                # The daemon does not know our session (it restarted, or declared us dead):
-                # announce again; whatever was refused stays in the outbox and follows.
-                if self._announced:
-                    self._announced = False
-                    self._announce = None
-                    self._wake_pending = True
-                    self._wake()
-                return
-            if is_announce:
-                # Our own session is refused (it ended, or crashed by our own report).
-                self._closed_reason = SessionError(reason, code)
-                self._session = None
-                self._start = None
-                failed = list(self._outbox.values())
-                self._outbox.clear()
-            else:
-                pending = self._outbox.pop(seq, None) if type(seq) is int else None
-                failed = [pending] if pending is not None else []
-                if pending is not None and pending.kind == "entry" and pending.key is not None:
-                    self._legs.pop(pending.key, None)  # refused: the leg was never opened
-                    self._updates.pop(pending.key, None)
-        if is_announce:
-            log.error("positiond refused this session: %s", error)
-        key = msg.get("key")
-        if code == "FENCED" and isinstance(key, str) and key not in self._fenced:
-            # Another session owns this leg now: every later call for it raises, loudly.
-            log.error("leg %s is fenced: %s", key, reason)
-            with self._lock:
-                self._fenced[key] = reason
-                self._legs.pop(key, None)
-                self._updates.pop(key, None)
-            self._notice("FENCED", {"key": key, "reason": reason})
-        for pending in failed:
-            pending._finish(None, error)
-        if seq is None:
-            self._error_log(error)
-
-    def _error_log(self, error: PositiondError) -> None:
-        now = time.monotonic()
-        if now - self._error_window > 10.0:
-            if self._errors_suppressed:
-                log.error("%d more errors from positiond suppressed", self._errors_suppressed)
-            self._error_window, self._error_count, self._errors_suppressed = now, 0, 0
-        self._error_count += 1
-        if self._error_count <= 10:
-            log.error("positiond refused a message: %s", error)
-        else:
-            self._errors_suppressed += 1

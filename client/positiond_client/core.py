@@ -21,9 +21,11 @@ from typing import Any, TypeVar
 
 import zmq.auth
 
-from positiond_client.channel import Channel, Pending
+from positiond_client.channel import Channel
 from positiond_client.errors import LegError, PositiondError, SessionError, UnavailableError
+from positiond_client.handles import ClientStatus, Leg
 from positiond_client.paths import default_endpoint, socket_owner_warning
+from positiond_client.pending import Delivery, Pending
 from positiond_client.protocol import PROTOCOL_VERSION, check_fields, validate
 from positiond_client.recovery import (
     CLOSED_AT_BROKER,
@@ -33,8 +35,9 @@ from positiond_client.recovery import (
     VerificationReport,
     verify_positions,
 )
+from positiond_client.stop import StopControl
 
-__all__ = ["LIVE", "UNSET", "Core", "Leg", "Step"]
+__all__ = ["LIVE", "UNSET", "ClientStatus", "Core", "Leg", "Step"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -43,75 +46,6 @@ Step = Generator[Pending, dict[str, Any] | None, T]
 
 UNSET: Any = object()
 LIVE: weakref.WeakSet[Core] = weakref.WeakSet()
-
-
-class Leg:
-    """Handle of one position leg, returned by ``save_position_entry`` and
-    ``mark_position_recovered``.
-
-    ``position_id`` is the daemon's integer id, filled in when the entry is acknowledged. The
-    price fields are the values at entry, or — for an adopted leg — as saved before the crash:
-    everything needed to rebuild the leg's monitor "as if it never crashed".
-    """
-
-    __slots__ = (
-        "__weakref__",
-        "current_price",
-        "entry_price",
-        "entry_time",
-        "exchange",
-        "highest_price",
-        "key",
-        "last_trail_level",
-        "leg_type",
-        "position_id",
-        "product",
-        "quantity",
-        "side",
-        "state",
-        "stop_price",
-        "symbol",
-        "was_crashed",
-    )
-
-    def __init__(self, msg: dict[str, Any]) -> None:
-        self.key: str = msg["key"]
-        self.symbol: str = msg["symbol"]
-        self.exchange: str = msg["exchange"]
-        self.product: str = msg["product"]
-        self.leg_type: str | None = msg.get("leg_type")
-        self.side: str = msg["side"]
-        self.quantity: int = msg["quantity"]
-        self.entry_price: float = msg["entry_price"]
-        self.stop_price: float | None = msg.get("stop_price")
-        self.highest_price: float | None = msg.get("highest_price", self.entry_price)
-        self.last_trail_level: float | None = msg.get("last_trail_level")
-        self.current_price: float | None = msg.get("current_price", self.entry_price)
-        self.state: dict[str, Any] = dict(msg.get("state") or {})
-        self.entry_time: str | None = msg.get("entry_time")
-        self.was_crashed: bool = bool(msg.get("was_crashed", False))
-        self.position_id: int | None = msg.get("position_id")
-
-    @classmethod
-    def from_saved(cls, row: dict[str, Any]) -> Leg:
-        """A handle for a leg as positiond saved it (an adopted crashed leg)."""
-        return cls({**row, "key": row["position_key"]})
-
-    def snapshot(self) -> dict[str, Any]:
-        """The leg's mutable state, as the I/O thread re-sends it after a reconnect."""
-        return {
-            "current_price": self.current_price,
-            "stop_price": self.stop_price,
-            "highest_price": self.highest_price,
-            "last_trail_level": self.last_trail_level,
-            "state": self.state,
-        }
-
-    def __repr__(self) -> str:
-        return (
-            f"Leg(key={self.key!r}, symbol={self.symbol!r}, side={self.side}, "
-            f"quantity={self.quantity}, position_id={self.position_id})"
-        )
 
 
 def _key_of(leg: CrashedLeg | Leg | str) -> str:
@@ -171,6 +105,7 @@ class Core:
         on_notice: Callable[[str, dict[str, Any]], None] | None = None,
         curve_server_key: str | os.PathLike[str] | None = None,
         curve_client_cert: str | os.PathLike[str] | None = None,
+        warn_every: float = 30.0,
     ) -> None:
         check_fields("start", {"strategy": strategy_name, "heartbeat_interval": heartbeat_interval})
         if progress_deadline is not None:
@@ -192,9 +127,12 @@ class Core:
         self.progress_deadline = progress_deadline
         # The report of the last recover() / start_session(recover=True) / session(recover=True).
         self.recovery: VerificationReport | None = None
+        self._stop = StopControl()
         self._channel = Channel(
             self.endpoint,
             heartbeat_interval=heartbeat_interval,
+            ack_timeout=ack_timeout,
+            warn_every=warn_every,
             on_notice=on_notice,
             curve=_curve_keys(self.endpoint, curve_server_key, curve_client_cert),
         )
@@ -203,8 +141,47 @@ class Core:
 
     @property
     def connected(self) -> bool:
-        """Whether the I/O thread currently has a connection to the daemon."""
+        """Connected to the daemon and answered by it (durable calls wait for their acks).
+
+        False while the daemon is known unreachable (durable calls then return at once,
+        ``Delivery.QUEUED``) and while a fresh client's first connection is under way.
+        """
         return self._channel.connected
+
+    def status(self) -> ClientStatus:
+        """The link to the daemon and what waits for it (see :class:`ClientStatus`)."""
+        link, away = self._channel.link_state()
+        queued = self._channel.queued()
+        return ClientStatus(
+            connected=link == "up",
+            link=link,
+            unreachable=self._channel.unreachable(),
+            unreachable_for=away,
+            unacknowledged=queued["unacknowledged"],
+            pending_updates=queued["pending_updates"],
+            send_queue=queued["send_queue"],
+            send_queue_bytes=queued["send_queue_bytes"],
+            session_key=self.session_key,
+            session_id=self.session_id,
+            stop_requested=self._stop.requested,
+        )
+
+    # ---- stopping on request (see positiond_client.stop) ---------------------------------
+
+    @property
+    def stop_requested(self) -> bool:
+        """A stop was requested (a handled SIGTERM/SIGINT, or :meth:`request_stop`): the
+        strategy's loop should finish its step and leave ``pm.session()``."""
+        return self._stop.requested
+
+    def request_stop(self, reason: str = "requested") -> None:
+        """Ask the strategy to stop, from any thread (what the signal handlers do)."""
+        self._stop.request(reason)
+
+    def wait_stop_requested(self, timeout: float | None = None) -> bool:
+        """Sleep until a stop is requested (True) or ``timeout`` passes (False): a loop's
+        pause between ticks that ends early on a stop."""
+        return self._stop.wait(timeout)
 
     @property
     def unacknowledged(self) -> int:
@@ -303,6 +280,7 @@ class Core:
         def filled(p: Pending) -> None:
             if p.result is not None:
                 leg.position_id = p.result.get("position_id")
+                leg.delivery = Delivery.STORED
 
         pending.add_callback(filled)
         return leg, pending
@@ -372,19 +350,33 @@ class Core:
     def _sync_pending(self) -> Pending:
         return self._channel.submit(self._base("sync"), flush_updates=True)
 
-    def _unanswered(self, pending: Pending, what: str) -> None:
-        log.warning(
-            "%s not acknowledged by positiond within %.1fs (%s); kept and re-sent until it is",
-            what,
-            self.ack_timeout,
-            "connected" if self._channel.connected else f"no daemon at {self.endpoint}",
-        )
+    def _unanswered(self, pending: Pending, what: str, delivery: Delivery) -> None:
+        if delivery is Delivery.UNANSWERED:
+            log.warning(
+                "%s not acknowledged by positiond within %.1fs; kept and re-sent until it is",
+                what,
+                self.ack_timeout,
+            )
+        else:  # the I/O thread warns about the outage itself, not once per call
+            log.debug("%s queued: positiond at %s is unreachable", what, self.endpoint)
 
         def late(p: Pending) -> None:
             if p.error is not None:
                 log.error("positiond refused %s after the caller moved on: %s", what, p.error)
 
         pending.add_callback(late)
+
+    def _log_stop(self, exc: BaseException | None) -> None:
+        how = self._stop.reason or (type(exc).__name__ if exc is not None else "requested")
+        log.warning(
+            "strategy stopped on request (%s): ending the session COMPLETED; legs still open "
+            "stay ACTIVE",
+            how,
+        )
+
+    def _missed(self, pending: Pending) -> Delivery:
+        """Why an operation's message went unanswered (told apart after the fact)."""
+        return Delivery.QUEUED if self._channel.unreachable() else Delivery.UNANSWERED
 
     def _finished(self, pending: Pending) -> None:
         if pending.kind in ("crash", "end") and pending.error is None:
@@ -406,6 +398,12 @@ class Core:
     ) -> dict[str, Any]:
         if result is None:
             self._channel.forget(pending)
+            if self._channel.unreachable():
+                raise UnavailableError(
+                    f"positiond at {self.endpoint} is unreachable "
+                    f"({self._channel.link_state()[0]}): no answer to {what}; nothing was "
+                    "read or decided"
+                )
             raise UnavailableError(
                 f"positiond at {self.endpoint} did not answer {what} within "
                 f"{self.ack_timeout:g}s; nothing was read or decided"
@@ -473,7 +471,7 @@ class Core:
         pending = self._request("resolve", key=key, action=action, **fields)
         result = yield pending
         if result is None:
-            self._unanswered(pending, f"{action} of {key}")
+            self._unanswered(pending, f"{action} of {key}", self._missed(pending))
         return result is not None
 
     def _orphans_op(self, orphans: list[Orphan]) -> Step[int]:
@@ -481,7 +479,7 @@ class Core:
         pending = self._request("orphans", rows=rows)
         result = yield pending
         if result is None:
-            self._unanswered(pending, "the orphans record")
+            self._unanswered(pending, "the orphans record", self._missed(pending))
             return 0
         return int(result["recorded"])
 

@@ -1,27 +1,35 @@
 """The strategy-facing API: ``PositionPersistenceManager`` (the seed's names) and its asyncio twin.
 
-Durable calls (start, entry, exit, crash, end, sync) wait for the daemon's ack — sent only after
-its transaction committed — up to ``ack_timeout``. If the daemon is away they log a warning and
-return: they never raise for that reason and never lose the message, which stays in the outbox
-and is re-sent until acknowledged. Updates never wait: they are coalesced per leg and sent by the
-I/O thread. Bad arguments raise at once in the caller (``ProtocolError`` is a ``ValueError``) and
-are never sent; a refusal by the daemon raises the matching :class:`PositiondError`.
+Durable calls (start, entry, exit, crash, end) wait for the daemon's ack — sent only after its
+transaction committed — up to ``ack_timeout``, while the daemon may answer. When it is known
+unreachable (no connection, or no answer: :mod:`positiond_client.link`) they return at once.
+Either way they never raise for that reason and never lose the message, which stays in the
+outbox and is re-sent until acknowledged; their return value says what happened
+(:class:`~positiond_client.pending.Delivery`: only ``STORED`` is true). ``sync(timeout)`` is
+the one call that waits its whole timeout for the daemon. Updates never wait: they are
+coalesced per leg and sent by the I/O thread. Bad arguments raise at once in the caller
+(``ProtocolError`` is a ``ValueError``) and are never sent; a refusal by the daemon raises the
+matching :class:`PositiondError`.
+
+``pm.session()`` ends the session ``COMPLETED`` on a normal exit and on a stop the strategy
+was asked for, and ``CRASHED`` on an exception: the rule is in :mod:`positiond_client.stop`.
 """
 
 from __future__ import annotations
 
-import asyncio
 import atexit
 import logging
 import time
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any, Literal, TypeVar, overload
 
-from positiond_client.channel import Pending
+from positiond_client.aio import AsyncPositionPersistenceManager
 from positiond_client.core import LIVE, UNSET, Core, Leg, Step
 from positiond_client.errors import PositiondError, UnavailableError
+from positiond_client.pending import Delivery, Pending
 from positiond_client.recovery import CrashedLeg, Orphan, VerificationReport
+from positiond_client.stop import DEFAULT_STOP_SIGNALS, ends_cleanly
 
 __all__ = ["AsyncPositionPersistenceManager", "Leg", "PositionPersistenceManager"]
 
@@ -45,22 +53,45 @@ class PositionPersistenceManager(Core):
     ``heartbeat_interval`` must be well below the daemon's heartbeat timeout (default 3 s).
     ``on_notice(code, info)`` is called on the I/O thread when the daemon reports something
     about the session (``REVIVED``: it had been declared crashed and is running again).
+    ``ack_timeout`` (2 s) bounds a durable call's wait while the daemon may answer; while it
+    is known unreachable the call returns at once (``pm.connected``, ``pm.status()``), and
+    the outage is logged when it starts and every ``warn_every`` (30) seconds.
+    A manager belongs to the process that created it (:mod:`positiond_client.fork`).
     """
 
     def _answer(self, pending: Pending) -> dict[str, Any] | None:
-        """The ack's data; None if unanswered within ack_timeout; raises the daemon's refusal."""
-        if not pending.wait(self.ack_timeout):
+        """The ack's data; None if unanswered (in ack_timeout, or the daemon is known
+        unreachable); raises the daemon's refusal."""
+        return self._settle(pending, self._channel.await_answer(pending, self.ack_timeout))
+
+    def _settle(self, pending: Pending, delivery: Delivery) -> dict[str, Any] | None:
+        if not delivery:
             return None
+        pending.wait(None)  # answered: its callbacks are finishing on the I/O thread
         if pending.error is not None:
             raise pending.error
         self._finished(pending)
         return pending.result
 
-    def _wait(self, pending: Pending, what: str) -> dict[str, Any] | None:
-        result = self._answer(pending)
-        if result is None:
-            self._unanswered(pending, what)
-        return result
+    def _wait(self, pending: Pending, what: str) -> Delivery:
+        delivery = self._channel.await_answer(pending, self.ack_timeout)
+        self._settle(pending, delivery)
+        if not delivery:
+            self._unanswered(pending, what, delivery)
+        return delivery
+
+    def install_signal_handlers(
+        self, signals: Iterable[int] = DEFAULT_STOP_SIGNALS
+    ) -> Callable[[], None]:
+        """Make SIGTERM and SIGINT (or ``signals``) a clean stop; returns a function that
+        restores the previous handlers. Call it from the main thread.
+
+        The first signal sets :attr:`stop_requested` (the loop checks it and leaves
+        ``pm.session()``: session ``COMPLETED``); a second raises
+        :class:`~positiond_client.stop.StopRequested` in the main thread, which
+        ``pm.session()`` also ends ``COMPLETED``. Rules: :mod:`positiond_client.stop`.
+        """
+        return self._stop.install(signals)
 
     def _drive(self, op: Step[T]) -> T:
         try:
@@ -94,10 +125,11 @@ class PositionPersistenceManager(Core):
         ``recover=True`` (with ``positionbook``: OpenAlgo's response, its rows, or the OpenAlgo
         client itself) then runs :meth:`recover` and returns its report instead.
         """
-        result = self._wait(self._start_pending(session_key), "session start")
+        pending = self._start_pending(session_key)
+        stored = self._wait(pending, "session start")
         if not recover:
-            return None if result is None else int(result["session_id"])
-        if result is None:
+            return int(pending.result["session_id"]) if stored and pending.result else None
+        if not stored:
             raise UnavailableError("cannot recover: positiond did not acknowledge the session")
         return self.recover(positionbook)
 
@@ -179,6 +211,7 @@ class PositionPersistenceManager(Core):
         """Record a leg entered at the broker; return its handle (acked after commit).
 
         ``position_key`` makes the entry idempotent: the same key never creates a second leg.
+        ``leg.delivery`` says whether it is stored yet (``leg.position_id`` comes with the ack).
         """
         if entry_price is UNSET or quantity is UNSET:
             raise ValueError("save_position_entry needs entry_price and quantity")
@@ -186,28 +219,32 @@ class PositionPersistenceManager(Core):
             symbol, leg_type, entry_price, stop_price, quantity, exchange, product, side,
             position_key, highest_price, last_trail_level, state,
         )  # fmt: skip
-        self._wait(pending, f"entry of {leg.key}")
+        delivery = self._wait(pending, f"entry of {leg.key}")
+        if not pending.answered:  # (a late ack may have made it STORED meanwhile)
+            leg.delivery = delivery
         return leg
 
     def save_position_exit(
         self, leg: Leg | str, exit_price: float | None = None, exit_reason: str = "EXIT"
-    ) -> bool:
-        """Record that the leg was closed at the broker; True once durably stored."""
-        return self._wait(self._exit_pending(leg, exit_price, exit_reason), "exit") is not None
+    ) -> Delivery:
+        """Record that the leg was closed at the broker; ``Delivery.STORED`` (true) once
+        durably stored, ``QUEUED`` / ``UNANSWERED`` (false) while it waits in the outbox."""
+        return self._wait(self._exit_pending(leg, exit_price, exit_reason), "exit")
 
-    def handle_crash(self, error: BaseException | str) -> bool:
+    def handle_crash(self, error: BaseException | str) -> Delivery:
         """Record the session CRASHED with this error (call it from an ``except`` block)."""
-        return self._wait(self._crash_pending(error), "crash report") is not None
+        return self._wait(self._crash_pending(error), "crash report")
 
-    def end_session(self) -> bool:
-        """Record the session COMPLETED; True once durably stored."""
-        result = self._wait(self._end_pending(), "session end")
-        if result is not None and result.get("open_legs"):
+    def end_session(self) -> Delivery:
+        """Record the session COMPLETED; ``Delivery.STORED`` (true) once durably stored."""
+        pending = self._end_pending()
+        delivery = self._wait(pending, "session end")
+        if delivery and pending.result is not None and pending.result.get("open_legs"):
             log.warning(
                 "session ended with %d leg(s) still open; they stay ACTIVE in positiond",
-                result["open_legs"],
+                pending.result["open_legs"],
             )
-        return result is not None
+        return delivery
 
     def sync(self, timeout: float = 1.0) -> bool:
         """True once everything sent so far, updates included, is durably stored."""
@@ -224,210 +261,48 @@ class PositionPersistenceManager(Core):
 
     @contextmanager
     def session(
-        self, session_key: str | None = None, *, recover: bool = False, positionbook: Any = None
+        self,
+        session_key: str | None = None,
+        *,
+        recover: bool = False,
+        positionbook: Any = None,
+        stop_signals: Iterable[int] | None = None,
     ) -> Iterator[PositionPersistenceManager]:
-        """Start a session; ``handle_crash`` on an exception, ``end_session`` on a normal exit.
+        """Start a session; ``end_session`` on a normal exit or a requested stop,
+        ``handle_crash`` on an exception (the rule: :mod:`positiond_client.stop`).
 
         ``recover=True, positionbook=...`` runs :meth:`recover` first (inside the session, so
         a failing verification is recorded as the session's crash); the report is
-        ``pm.recovery``.
+        ``pm.recovery``. ``stop_signals=(signal.SIGTERM, signal.SIGINT)`` installs
+        :meth:`install_signal_handlers` for the session's duration.
         """
-        self.start_session(session_key)
+        restore = self.install_signal_handlers(stop_signals) if stop_signals else None
         try:
-            if recover:
-                self.recover(positionbook)
-            yield self
-        except BaseException as exc:
-            self.handle_crash(exc)
-            raise
-        else:
-            self.end_session()
+            self.start_session(session_key)
+            try:
+                if recover:
+                    self.recover(positionbook)
+                yield self
+            except BaseException as exc:
+                if ends_cleanly(exc, self.stop_requested):
+                    self._log_stop(exc)
+                    self.end_session()
+                else:
+                    self.handle_crash(exc)
+                raise
+            else:
+                if self.stop_requested:
+                    self._log_stop(None)
+                self.end_session()
+        finally:
+            if restore is not None:
+                restore()
 
     def __enter__(self) -> PositionPersistenceManager:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-class AsyncPositionPersistenceManager(Core):
-    """The asyncio twin of :class:`PositionPersistenceManager`: durable calls are coroutines.
-
-    Waiting never blocks the event loop (the I/O thread resolves a future). Updates stay a
-    plain non-blocking call.
-    """
-
-    async def _answer(self, pending: Pending) -> dict[str, Any] | None:
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[None] = loop.create_future()
-
-        def settle() -> None:
-            if not future.done():
-                future.set_result(None)
-
-        def resolve(_: Pending) -> None:
-            loop.call_soon_threadsafe(settle)
-
-        pending.add_callback(resolve)
-        try:
-            await asyncio.wait_for(future, self.ack_timeout)
-        except TimeoutError:
-            return None
-        if pending.error is not None:
-            raise pending.error
-        self._finished(pending)
-        return pending.result
-
-    async def _wait(self, pending: Pending, what: str) -> dict[str, Any] | None:
-        result = await self._answer(pending)
-        if result is None:
-            self._unanswered(pending, what)
-        return result
-
-    async def _drive(self, op: Step[T]) -> T:
-        try:
-            pending = next(op)
-            while True:
-                try:
-                    result = await self._answer(pending)
-                except PositiondError as exc:
-                    pending = op.throw(exc)
-                else:
-                    pending = op.send(result)
-        except StopIteration as stop:
-            value: T = stop.value
-            return value
-
-    async def get_crashed_positions(
-        self, strategy_name: str | None = None, *, all_strategies: bool = False
-    ) -> list[CrashedLeg]:
-        """Crashed legs of this strategy (or another, or all), newest crash first."""
-        return await self._drive(self._crashed_op(strategy_name, all_strategies))
-
-    async def get_open_positions(self, strategy_name: str | None = None) -> list[CrashedLeg]:
-        """Every leg positiond knows open (ACTIVE, CRASHED, NEEDS_REVIEW), of any strategy."""
-        return await self._drive(self._open_op(strategy_name))
-
-    async def mark_position_recovered(self, leg: CrashedLeg | Leg | str) -> Leg:
-        """Adopt a crashed leg into this session; returns its handle with the saved state."""
-        return await self._drive(self._adopt_op(leg))
-
-    async def close_crashed_position(
-        self,
-        leg: CrashedLeg | Leg | str,
-        exit_price: float | None = None,
-        reason: str | None = None,
-    ) -> bool:
-        """Record a crashed leg the broker shows flat: CLOSED, exit_reason CLOSED_AT_BROKER."""
-        return await self._drive(
-            self._resolve_op(leg, "close", exit_price=exit_price, reason=reason)
-        )
-
-    async def flag_for_review(self, leg: CrashedLeg | Leg | str, reason: str) -> bool:
-        """Set a crashed leg NEEDS_REVIEW with the reason."""
-        return await self._drive(self._resolve_op(leg, "review", reason=reason))
-
-    async def recover(self, positionbook: Any) -> VerificationReport:
-        """Verify this strategy's crashed legs and act on what is safe (see the sync twin)."""
-        return await self._drive(self._recover_op(positionbook))
-
-    @overload
-    async def start_session(
-        self, session_key: str | None = None, *, recover: Literal[False] = False
-    ) -> int | None: ...
-
-    @overload
-    async def start_session(
-        self, session_key: str | None = None, *, recover: Literal[True], positionbook: Any
-    ) -> VerificationReport: ...
-
-    async def start_session(
-        self, session_key: str | None = None, *, recover: bool = False, positionbook: Any = None
-    ) -> int | VerificationReport | None:
-        """Open a session; return its id, or with ``recover=True`` the recovery report."""
-        result = await self._wait(self._start_pending(session_key), "session start")
-        if not recover:
-            return None if result is None else int(result["session_id"])
-        if result is None:
-            raise UnavailableError("cannot recover: positiond did not acknowledge the session")
-        return await self.recover(positionbook)
-
-    async def verify_with_broker(self, broker: Any) -> VerificationReport:
-        """Verdicts for this strategy's crashed legs against the broker (changes nothing)."""
-        return await self._drive(self._verify_op(broker))
-
-    async def record_orphans(self, orphans: list[Orphan]) -> int:
-        """Record broker positions nobody explains; return how many new."""
-        return await self._drive(self._orphans_op(orphans))
-
-    async def save_position_entry(
-        self,
-        symbol: str,
-        leg_type: str | None = None,
-        entry_price: float = UNSET,
-        stop_price: float | None = None,
-        quantity: int = UNSET,
-        *,
-        exchange: str = "NFO",
-        product: str = "MIS",
-        side: str = "BUY",
-        position_key: str | None = None,
-        highest_price: float | None = None,
-        last_trail_level: float | None = None,
-        state: dict[str, Any] | None = None,
-    ) -> Leg:
-        """Record a leg entered at the broker; return its handle (acked after commit)."""
-        if entry_price is UNSET or quantity is UNSET:
-            raise ValueError("save_position_entry needs entry_price and quantity")
-        leg, pending = self._entry_pending(
-            symbol, leg_type, entry_price, stop_price, quantity, exchange, product, side,
-            position_key, highest_price, last_trail_level, state,
-        )  # fmt: skip
-        await self._wait(pending, f"entry of {leg.key}")
-        return leg
-
-    async def save_position_exit(
-        self, leg: Leg | str, exit_price: float | None = None, exit_reason: str = "EXIT"
-    ) -> bool:
-        """Record that the leg was closed at the broker; True once durably stored."""
-        pending = self._exit_pending(leg, exit_price, exit_reason)
-        return await self._wait(pending, "exit") is not None
-
-    async def handle_crash(self, error: BaseException | str) -> bool:
-        """Record the session CRASHED with this error."""
-        return await self._wait(self._crash_pending(error), "crash report") is not None
-
-    async def end_session(self) -> bool:
-        """Record the session COMPLETED; True once durably stored."""
-        return await self._wait(self._end_pending(), "session end") is not None
-
-    async def sync(self, timeout: float = 1.0) -> bool:  # noqa: ASYNC109 -- the sync twin's API
-        """True once everything sent so far, updates included, is durably stored."""
-        saved, self.ack_timeout = self.ack_timeout, timeout
-        try:
-            return await self._wait(self._sync_pending(), "sync") is not None
-        finally:
-            self.ack_timeout = saved
-
-    @asynccontextmanager
-    async def session(
-        self, session_key: str | None = None, *, recover: bool = False, positionbook: Any = None
-    ) -> AsyncIterator[AsyncPositionPersistenceManager]:
-        """Start a session (and recover, see the sync twin); crash or end it on the way out."""
-        await self.start_session(session_key)
-        try:
-            if recover:
-                await self.recover(positionbook)
-            yield self
-        except BaseException as exc:
-            await self.handle_crash(exc)
-            raise
-        else:
-            await self.end_session()
-
-    async def aclose(self, timeout: float = 1.0) -> None:  # noqa: ASYNC109 -- as close()
-        """Close without blocking the event loop."""
-        await asyncio.get_running_loop().run_in_executor(None, self.close, timeout)
 
 
 @atexit.register

@@ -93,7 +93,7 @@ def survive(
             assert legs[-1].position_id is None
             assert time.monotonic() - called < ACK_TIMEOUT + 0.5 * UNIT
         pm.queue_position_update(before, current_price=120.0, stop_price=110.0)
-        assert pm.save_position_exit(legs[0], exit_price=95.0, exit_reason="STOP_HIT") is False
+        assert not pm.save_position_exit(legs[0], exit_price=95.0, exit_reason="STOP_HIT")
         assert pm.sync(ACK_TIMEOUT) is False
         wait_for(lambda: fault_log in daemon.output(), 10, f"the daemon to log {fault_log!r}")
         wait_for(lambda: status(daemon).get("healthy") is False, 5, "status.json: unhealthy")
