@@ -16,6 +16,7 @@ import pytest
 from positiond_client import PositionPersistenceManager, UnavailableError
 from tests.helpers import DaemonProcess, rows, wait_for
 from tests.test_ctl import ctl
+from tests.test_recovery_daemon import positionbook
 
 CE = "NIFTY28NOV2524000CE"
 
@@ -184,3 +185,34 @@ def test_bulk_resolve_takes_stranded_legs_too(daemon: DaemonProcess) -> None:
     run = ctl(daemon, "resolve", "--all", "--strategy", "expiry_blast", "--closed", "--yes")
     assert run.returncode == 0, run.stdout + run.stderr
     assert leg_of(daemon, "s-1")["status"] == leg_of(daemon, "c-1")["status"] == "CLOSED"
+
+
+@pytest.mark.parametrize(
+    ("net", "verdict", "status"),
+    [("75", "RESUME", "ACTIVE"), ("0", "CLOSED_AT_BROKER", "CLOSED")],
+)
+def test_the_next_run_recovers_the_legs_a_stopped_run_left_open(
+    daemon: DaemonProcess, net: str, verdict: str, status: str
+) -> None:
+    """A clean stop (COMPLETED) with a leg open leaves it stranded; the strategy's next run
+    verifies it with the broker and adopts (or closes) it like a crashed leg."""
+    old = ended_with_a_leg_open(daemon, "s-1")
+    pm = PositionPersistenceManager("expiry_blast", endpoint=daemon.endpoint, ack_timeout=5)
+    try:
+        report = pm.start_session(recover=True, positionbook=positionbook((CE, net)))
+        assert {v.leg.position_key: v.verdict for v in report.verdicts} == {"s-1": verdict}
+        stored = leg_of(daemon, "s-1")
+        assert stored["status"] == status
+        if verdict == "RESUME":
+            assert stored["session_id"] == report.session_id != old
+            assert report.adopted["s-1"].stop_price == 95.0
+    finally:
+        pm.close()
+    # posctl sees it the same way while it is stranded (another strategy's run does not adopt it)
+    other = PositionPersistenceManager("other", endpoint=daemon.endpoint, ack_timeout=5)
+    try:
+        assert (
+            other.start_session(recover=True, positionbook=positionbook((CE, net))).verdicts == []
+        )
+    finally:
+        other.close()

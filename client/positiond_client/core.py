@@ -33,6 +33,7 @@ from positiond_client.recovery import (
     CrashedLeg,
     Orphan,
     VerificationReport,
+    stranded,
     verify_positions,
 )
 from positiond_client.stop import StopControl
@@ -511,9 +512,12 @@ class Core:
     def _verify_op(self, positionbook: Any) -> Step[VerificationReport]:
         crashed = yield from self._crashed_op(None, False)
         known = yield from self._open_op(None)
+        # Legs an earlier run of this strategy left open when it stopped are nobody's either:
+        # judged and adopted like crashed ones.
+        judged = crashed + stranded(known, self.strategy_name)
         if hasattr(positionbook, "positionbook"):  # an OpenAlgo client
             positionbook = positionbook.positionbook()
-        return verify_positions(crashed, positionbook, known)
+        return verify_positions(judged, positionbook, known)
 
     def close(self, timeout: float = 1.0) -> None:
         """Stop the I/O thread, giving unacknowledged messages ``timeout`` seconds first."""

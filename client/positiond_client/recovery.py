@@ -56,6 +56,7 @@ __all__ = [
     "Verdict",
     "VerificationReport",
     "parse_positionbook",
+    "stranded",
     "verify_positions",
 ]
 
@@ -76,6 +77,21 @@ def _signed(side: str, quantity: int) -> int:
 
 def _certain(status: str, session_status: str | None) -> bool:
     return status == "ACTIVE" and session_status == "RUNNING"
+
+
+FINISHED_SESSION_STATUSES = ("COMPLETED", "CRASHED")
+
+
+def stranded(legs: Iterable[CrashedLeg], strategy: str | None = None) -> list[CrashedLeg]:
+    """Legs left ACTIVE by a session that is over (it ended with them open, e.g. on a requested
+    stop): nobody manages them, so recovery judges and adopts them like crashed legs.
+    ``strategy``: only that strategy's."""
+    return [
+        leg for leg in legs
+        if leg.status == "ACTIVE"
+        and leg.session_status in FINISHED_SESSION_STATUSES
+        and strategy in (None, leg.strategy_name)
+    ]  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -35,12 +35,14 @@ from positiond_client.recovery import (
     RESUME,
     CrashedLeg,
     VerificationReport,
+    stranded,
     verify_positions,
 )
 
 __all__ = ["cmd_prune", "cmd_resolve", "cmd_verify"]
 
 RESUME_ACTION = "left CRASHED: its next run adopts it"
+RESUME_STRANDED_ACTION = "left ACTIVE (its session is over): its next run adopts it"
 ORPHAN_CHUNK = 200  # rows per orphans message, well under the protocol's size limit
 
 
@@ -65,7 +67,9 @@ def _apply_verdicts(ctl: Ctl, report: VerificationReport) -> tuple[Written | Non
     for verdict in report.verdicts:
         key = verdict.leg.position_key
         if verdict.verdict == RESUME:
-            report.actions[key] = RESUME_ACTION
+            report.actions[key] = (
+                RESUME_ACTION if verdict.leg.status == "CRASHED" else RESUME_STRANDED_ACTION
+            )
             continue
         action = "close" if verdict.verdict == CLOSED_AT_BROKER else "review"
         messages.append({"type": "resolve", "key": key, "action": action,
@@ -104,10 +108,10 @@ def _apply_verdicts(ctl: Ctl, report: VerificationReport) -> tuple[Written | Non
 
 
 def cmd_verify(ctl: Ctl, args: argparse.Namespace) -> int:
-    """Judge each crashed leg against a saved OpenAlgo positionbook (a JSON file, or - for
-    stdin): RESUME (still open at the broker), CLOSED_AT_BROKER (flat there: the exit was
-    missed), MISMATCH (quantity or side differ: a human decides), and list the orphans (broker
-    positions no leg explains).
+    """Judge each crashed leg (and each leg left ACTIVE by a session that is over) against a
+    saved OpenAlgo positionbook (a JSON file, or - for stdin): RESUME (still open at the
+    broker), CLOSED_AT_BROKER (flat there: the exit was missed), MISMATCH (quantity or side
+    differ: a human decides), and list the orphans (broker positions no leg explains).
 
     The positionbook is the raw client.positionbook() response or its list of rows; it is
     compared per instrument with every ACTIVE, CRASHED and NEEDS_REVIEW leg of every strategy.
@@ -117,7 +121,8 @@ def cmd_verify(ctl: Ctl, args: argparse.Namespace) -> int:
     A leg open in every explanation is RESUME, in none CLOSED_AT_BROKER; otherwise MISMATCH,
     with the other legs it cannot be told from named in the reason.
     --apply closes CLOSED_AT_BROKER legs, flags MISMATCH legs NEEDS_REVIEW with the reason and
-    records the orphans; RESUME legs stay CRASHED for the strategy's next run to adopt. --json
+    records the orphans; RESUME legs stay as they are for the strategy's next run to adopt (it
+    adopts crashed legs and legs an earlier run left open when it stopped). --json
     prints {"verdicts": [...], "orphans": [...]} (plus "actions" with --apply; its "orphans" key
     says what was recorded; each orphan's "resolution" is ACKNOWLEDGED or ADOPTED when a human
     already decided that same position with posctl resolve-orphan). Exit 1 while any MISMATCH or
@@ -142,6 +147,7 @@ def cmd_verify(ctl: Ctl, args: argparse.Namespace) -> int:
             "all of them; resolve or prune some first",
         )
     known = [CrashedLeg.from_row(r) for r in found["legs"]]
+    crashed += stranded(known, args.strategy)  # left open by a session that is over
     try:
         report = verify_positions(crashed, book, known)
     except ValueError as exc:
