@@ -247,7 +247,8 @@ def test_a_daemon_killed_at_the_limit_leaves_nothing_in_the_way(
         limited.kill()
         assert paused.exists()
         limited.start()  # a restart cleans up and serves again
-        assert not paused.exists()
+        # (No check that the moved-aside file is gone: the first strategy reconnects at once,
+        # which puts this daemon at its limit of 1 and moves its own socket file aside again.)
         wait_for(lambda: first.sync(timeout=0.5), 10, "the first strategy to be served again")
     finally:
         first.close(0)
