@@ -39,7 +39,7 @@ from positiond_client.recovery import (
     verify_positions,
 )
 
-__all__ = ["cmd_prune", "cmd_resolve", "cmd_verify"]
+__all__ = ["RESUME_ACTION", "cmd_prune", "cmd_resolve", "cmd_verify"]
 
 RESUME_ACTION = "left CRASHED: its next run adopts it"
 ORPHAN_CHUNK = 200  # rows per orphans message, well under the protocol's size limit
