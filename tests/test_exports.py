@@ -129,3 +129,12 @@ def test_one_name_for_the_status_file() -> None:
             if isinstance(node, ast.Constant) and node.value == "status.json":
                 said.append(_module_name(path))
     assert said == ["positiond.status"]
+
+
+def test_posctl_reaches_the_database_through_the_store() -> None:
+    """posctl opens no SQLite connection of its own and sets no PRAGMA that makes a writer: its
+    read connection and its direct write come from positiond.store.sqlite."""
+    for path in sorted((PACKAGES["positiond"] / "ctl").glob("*.py")):
+        source = path.read_text()
+        assert "sqlite3.connect(" not in source, path.name
+        assert "journal_mode" not in source and "_setup" not in source, path.name

@@ -35,7 +35,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
 import orjson
 import zmq
@@ -44,7 +43,7 @@ from rich.console import Console
 from positiond.ops import Batch, operator_op
 from positiond.store.dbfile import DatabaseLocked, lock_database, lock_file_for
 from positiond.store.schema import SCHEMA_VERSION, SchemaError
-from positiond.store.sqlite import apply_direct
+from positiond.store.sqlite import apply_direct, connect_readonly
 from positiond_client.errors import ProtocolError
 from positiond_client.paths import ipc_path
 from positiond_client.protocol import PROTOCOL_VERSION, encode, validate
@@ -87,10 +86,6 @@ class CtlError(Exception):
         self.code = code  # the wire error code, for a refusal
 
 
-def _uri(db: Path, mode: str) -> str:
-    return f"file:{quote(str(db.absolute()), safe='/')}?mode={mode}"
-
-
 def open_readonly(db: Path) -> sqlite3.Connection:
     """A read-only connection inside one read transaction; CtlError(3) when it cannot be read."""
     if not db.is_file():
@@ -103,11 +98,10 @@ def open_readonly(db: Path) -> sqlite3.Connection:
             )
         raise CtlError(EXIT_UNREACHABLE, f"no database at {db} (use --db or POSITIOND_DB)")
     try:
-        conn = sqlite3.connect(_uri(db, "ro"), uri=True, timeout=5, isolation_level=None)
+        conn = connect_readonly(db)
     except sqlite3.Error as exc:
         raise CtlError(EXIT_UNREACHABLE, f"cannot open {db}: {exc}") from None
     try:
-        conn.row_factory = sqlite3.Row
         conn.execute("PRAGMA busy_timeout = 5000")
         conn.execute("BEGIN")
         version = int(conn.execute("PRAGMA user_version").fetchone()[0])

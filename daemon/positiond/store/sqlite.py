@@ -41,6 +41,7 @@ __all__ = [
     "SQLiteStore",
     "Synchronous",
     "apply_direct",
+    "connect_readonly",
     "prepare_file",
     "run_on_thread",
     "setup_connection",
@@ -216,6 +217,14 @@ def _checkpoint(conn: sqlite3.Connection) -> bool:
 
 def _uri(path: Path, mode: str) -> str:
     return f"file:{quote(str(path.absolute()), safe='/')}?mode={mode}"
+
+
+def connect_readonly(path: Path, busy_timeout: float = 5.0) -> sqlite3.Connection:
+    """A connection that can only read the existing database at ``path`` (posctl's reads: they
+    work whether or not the daemon runs, and never block its writer); rows are sqlite3.Row."""
+    conn = sqlite3.connect(_uri(path, "ro"), uri=True, timeout=busy_timeout, isolation_level=None)
+    conn.row_factory = sqlite3.Row
+    return conn
 
 
 def apply_direct(path: Path, batch: Batch, busy_timeout: float = 5.0) -> list[Result]:
