@@ -1,4 +1,5 @@
-"""Shared bench machinery: a real daemon subprocess, worker processes, /proc readings.
+"""Shared bench machinery: a real daemon subprocess (bench.launcher), worker processes, /proc
+readings.
 
 Nothing here sleeps blindly: every wait polls a condition against a deadline.
 """
@@ -22,6 +23,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
 
+from bench import launcher
 from positiond_client import PositionPersistenceManager
 
 __all__ = [
@@ -94,8 +96,14 @@ def read_only_db(db: Path) -> sqlite3.Connection:
     return conn
 
 
-class DaemonProcess:
-    """``python -m positiond`` on a private tmp dir; a context manager that always cleans up."""
+class DaemonProcess(launcher.DaemonProcess):
+    """The shared launcher (:mod:`bench.launcher`) on a fresh tmp dir; a context manager that
+    always cleans up.
+
+    Ready once a real session start is answered: the whole path works, at any ``log_level``
+    (the scenarios run the daemon at WARNING, without the ready line). ``startup_s`` is the time
+    from the spawn to that answer.
+    """
 
     def __init__(
         self,
@@ -106,29 +114,11 @@ class DaemonProcess:
         ready_timeout: float = 15.0,
         extra: Sequence[str] = (),
     ) -> None:
-        self.workdir = tmp_workdir("pdb-")
-        self.db = self.workdir / "positiond.db"
-        self.sock = self.workdir / "d.sock"
-        self.endpoint = f"ipc://{self.sock}"
-        self.log = self.workdir / "daemon.log"
+        super().__init__(
+            tmp_workdir("pdb-"), *extra, heartbeat_timeout=heartbeat_timeout,
+            flush_interval=flush_interval, log_level=log_level,
+        )  # fmt: skip
         self.ready_timeout = ready_timeout
-        self.args = [
-            sys.executable,
-            "-m",
-            "positiond",
-            "--db",
-            str(self.db),
-            "--endpoint",
-            self.endpoint,
-            "--log-level",
-            log_level,
-        ]
-        if heartbeat_timeout is not None:
-            self.args += ["--heartbeat-timeout", str(heartbeat_timeout)]
-        if flush_interval is not None:
-            self.args += ["--flush-interval", str(flush_interval)]
-        self.args += list(extra)
-        self.proc: subprocess.Popen[bytes] | None = None
         self.startup_s: float | None = None
 
     def __enter__(self) -> DaemonProcess:
@@ -147,53 +137,25 @@ class DaemonProcess:
     ) -> None:
         self.close()
 
-    def output(self) -> str:
-        return self.log.read_text(errors="replace") if self.log.exists() else ""
-
-    def _alive(self) -> None:
-        assert self.proc is not None
-        if self.proc.poll() is not None:
-            raise BenchError(
-                f"positiond exited with code {self.proc.returncode}:\n{self.output()[-4000:]}"
-            )
-
-    def start(self) -> None:
+    def start(self, timeout: float | None = None, step: float = POLL_STEP) -> DaemonProcess:
         t0 = time.monotonic()
-        with open(self.log, "ab") as out:
-            self.proc = subprocess.Popen(
-                self.args, stdout=out, stderr=out, stdin=subprocess.DEVNULL
-            )
-        deadline = t0 + self.ready_timeout
-
-        def socket_bound() -> bool:
-            self._alive()
-            return self.sock.exists()
-
-        poll_until(socket_bound, self.ready_timeout, "the daemon's ipc socket")
-        # The socket exists once bound; a real session start proves the whole path works.
-        while True:
-            self._alive()
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise BenchError(f"positiond did not answer a session start:\n{self.output()}")
-            pm = self.manager("bench-ready", ack_timeout=max(0.05, min(1.0, remaining)))
-            try:
-                if pm.start_session() is not None:
-                    pm.end_session()
-                    break
-            finally:
-                pm.close(0.2)
+        super().start(self.ready_timeout if timeout is None else timeout, step)
         self.startup_s = time.monotonic() - t0
+        return self
 
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def status(self) -> dict[str, Any]:
-        """The daemon's status.json (refreshed every ``--status-interval``)."""
-        data: dict[str, Any] = json.loads((self.workdir / "status.json").read_text())
-        return data
+    def ready(self) -> bool:
+        """The socket is bound and a session start is answered (then ended)."""
+        self.alive()
+        if not self.sock.exists():
+            return False
+        pm = self.manager("bench-ready", ack_timeout=1.0)
+        try:
+            if pm.start_session() is not None:
+                pm.end_session()
+                return True
+        finally:
+            pm.close(0.2)
+        return False
 
     def manager(self, strategy: str, **kwargs: Any) -> PositionPersistenceManager:
         return PositionPersistenceManager(strategy_name=strategy, endpoint=self.endpoint, **kwargs)
@@ -211,14 +173,6 @@ class DaemonProcess:
                     )
         finally:
             shutil.rmtree(self.workdir, ignore_errors=True)
-
-    def warnings(self) -> list[str]:
-        """WARNING/ERROR lines of the daemon's log (read before close())."""
-        return [
-            line
-            for line in self.output().splitlines()
-            if " WARNING " in line or " ERROR " in line or "Traceback" in line
-        ]
 
 
 # ---- environment ---------------------------------------------------------------------

@@ -182,7 +182,8 @@ def store_apply_ns(n: int, *, background_checkpoint: bool) -> list[int]:
     pays for copying the WAL back into the database.
     """
     from positiond.engine import Engine
-    from positiond.store import _setup, apply_batch, prepare_file
+    from positiond.store.sqlite import prepare_file, setup_connection
+    from positiond.store.writes import apply_batch
     from positiond_client.protocol import decode, encode
 
     workdir = tmp_workdir("pdb-store-")
@@ -192,7 +193,7 @@ def store_apply_ns(n: int, *, background_checkpoint: bool) -> list[int]:
     stop = threading.Event()
     checkpointer: threading.Thread | None = None
     try:
-        _setup(conn, "NORMAL", 5000)
+        setup_connection(conn, "NORMAL", 5000)
         if background_checkpoint:
             conn.execute("PRAGMA wal_autocheckpoint = 0")
             checkpointer = threading.Thread(target=_checkpoint_loop, args=(db, stop), daemon=True)

@@ -21,7 +21,7 @@ from typing import Any
 from bench.common import BenchError, DaemonProcess
 from bench.report import Scenario, stats
 from positiond.ops import PRUNE_CHUNK, PRUNE_MAX_CHUNK
-from positiond.schema import iso, migrate
+from positiond.store.schema import iso, migrate
 from positiond_client import PositionPersistenceManager
 
 __all__ = ["fill_history", "run"]

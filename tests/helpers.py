@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import os
-import signal
 import sqlite3
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
+
+from bench import launcher
 
 T = TypeVar("T")
 
@@ -50,62 +49,11 @@ def session_status(db: Path, session_id: int) -> str | None:
     return found[0]["status"] if found else None
 
 
-class DaemonProcess:
-    """``python -m positiond`` as a real subprocess on a tmp database and ipc socket."""
+class DaemonProcess(launcher.DaemonProcess):
+    """The shared launcher (bench.launcher) with the suite's defaults: a DEBUG log, a 3 s
+    heartbeat timeout, every deadline scaled by UNIT."""
 
     def __init__(self, workdir: Path, *extra: str, heartbeat_timeout: float = 3.0) -> None:
-        self.workdir = workdir
-        self.db = workdir / "positiond.db"
-        self.sock = workdir / "pd.sock"
-        self.endpoint = f"ipc://{self.sock}"
-        self.starts = 0
-        self.log = workdir / "daemon-0.log"
-        self.args = [
-            sys.executable,
-            "-m",
-            "positiond",
-            "--db",
-            str(self.db),
-            "--endpoint",
-            self.endpoint,
-            "--heartbeat-timeout",
-            str(heartbeat_timeout),
-            "--log-level",
-            "DEBUG",
-            *extra,
-        ]
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> DaemonProcess:
-        self.starts += 1
-        self.log = self.workdir / f"daemon-{self.starts}.log"  # one log per run
-        out = open(self.log, "ab")  # noqa: SIM115 -- owned by the child
-        self.proc = subprocess.Popen(self.args, stdout=out, stderr=out)
-        out.close()
-        wait_for(self.ready, 10, "the daemon to report ready")
-        return self
-
-    def ready(self) -> bool:
-        assert self.proc is not None
-        if self.proc.poll() is not None:
-            raise AssertionError(f"daemon exited with {self.proc.returncode}:\n{self.output()}")
-        return "positiond ready" in self.output()
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace") if self.log.exists() else ""
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10) -> int:
-        """Signal the daemon and wait for it; return its exit code."""
-        assert self.proc is not None
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        try:
-            code = self.proc.wait(timeout * UNIT)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            raise AssertionError(f"daemon did not stop on signal {sig}:\n{self.output()}") from None
-        return code
-
-    def kill(self) -> None:
-        self.stop(signal.SIGKILL)
+        super().__init__(
+            workdir, *extra, heartbeat_timeout=heartbeat_timeout, log_level="DEBUG", unit=UNIT
+        )

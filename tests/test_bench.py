@@ -88,3 +88,24 @@ def test_command_line_writes_table_and_json(tmp_path: Path) -> None:
     report = json.loads(out.read_text())
     rows = report["scenarios"]["update"]["rows"]
     assert rows and all("positiond_runs" in r and "met" in r for r in rows)
+
+
+def test_the_tests_and_the_benchmarks_launch_the_daemon_one_way() -> None:
+    """One launcher (bench.launcher) under both; the benchmarks never import the test suite."""
+    import ast
+
+    from bench import common, launcher
+    from tests import helpers
+
+    assert issubclass(helpers.DaemonProcess, launcher.DaemonProcess)
+    assert issubclass(common.DaemonProcess, launcher.DaemonProcess)
+    for module in (helpers, common):
+        source = Path(str(module.__file__)).read_text()
+        assert "Popen(" not in source.split("class DaemonProcess", 1)[1].split("\nclass ", 1)[0]
+    for path in (ROOT / "bench").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom | ast.Import):
+                names = [node.module or ""] if isinstance(node, ast.ImportFrom) else [
+                    a.name for a in node.names
+                ]
+                assert not any(n.split(".")[0] == "tests" for n in names), path

@@ -326,7 +326,7 @@ def test_bad_file_or_env_value_exits_2_before_binding(workdir: Path, how: str, f
 
 def test_version_prints_one_line_and_exits_0_whatever_the_settings(workdir: Path) -> None:
     import positiond
-    from positiond.schema import SCHEMA_VERSION
+    from positiond.store.schema import SCHEMA_VERSION
 
     bad = workdir / "bad.toml"
     bad.write_text("heartbeat_timeout = [\n")  # not TOML: any reading of settings would fail

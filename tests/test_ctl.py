@@ -24,8 +24,8 @@ from zoneinfo import ZoneInfo
 import pytest
 import zmq
 
-from positiond.ctl_access import who
-from positiond.ctl_change import RESUME_ACTION
+from positiond.ctl.access import who
+from positiond.ctl.change import RESUME_ACTION
 from positiond_client import PositionPersistenceManager
 from tests.helpers import UNIT, DaemonProcess, rows, session_status, wait_for
 from tests.test_daemon import Strategy
@@ -523,7 +523,7 @@ def test_the_crash_line_keeps_a_pid_the_reason_does_not_say() -> None:
 
     from rich.console import Console
 
-    from positiond import ctl_render
+    from positiond.ctl import render as ctl_render
 
     def why(crash: dict[str, Any]) -> str:
         out = Console(file=io.StringIO(), width=200)

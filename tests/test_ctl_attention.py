@@ -18,9 +18,9 @@ from typing import Any
 import pytest
 
 from positiond.config import ConfigError
-from positiond.ctl_access import CtlError, open_readonly, who
-from positiond.ctl_locate import locate
-from positiond.schema import migrate
+from positiond.ctl.access import CtlError, open_readonly, who
+from positiond.ctl.locate import locate
+from positiond.store.schema import migrate
 from positiond_client import PositionPersistenceManager
 from tests.helpers import UNIT, DaemonProcess, rows
 from tests.test_ctl import (

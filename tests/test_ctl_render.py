@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from rich.console import Console, RenderableType
 
-from positiond import ctl_render as render
+from positiond.ctl import render
 
 WIDTHS = (80, 100, 120)
 SYMBOLS = ("NIFTY28NOV2524000CE", "BANKNIFTY28NOV2552000PE")

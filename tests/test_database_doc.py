@@ -9,7 +9,7 @@ import re
 import sqlite3
 from pathlib import Path
 
-from positiond.schema import SCHEMA_VERSION, migrate
+from positiond.store.schema import SCHEMA_VERSION, migrate
 
 ROOT = Path(__file__).parent.parent
 DOC = (ROOT / "docs" / "DATABASE.md").read_text()
@@ -68,7 +68,9 @@ def test_reserved_values_are_never_written_by_the_store() -> None:
     reserved = set(re.findall(r"^\| `(\w+)` \|[^\n]*\breserved\b", DOC, re.M))
     assert reserved == {"RECOVERED", "MANUAL_EXIT", "EXPIRED", "ORPHAN", "STOP_HIT", "ATM_CHANGE"}
     literals: set[str] = set()
-    for name in ("store.py", "recovery_store.py", "engine.py", "ops.py"):
+    for name in (
+        "store/sqlite.py", "store/writes.py", "store/recovery.py", "engine.py", "ops.py"
+    ):
         tree = ast.parse((ROOT / "daemon" / "positiond" / name).read_text())
         literals |= {
             n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and type(n.value) is str

@@ -6,6 +6,8 @@ import asyncio
 import os
 import sqlite3
 import stat
+import threading
+import tomllib
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -13,7 +15,9 @@ from typing import Any
 import aiosqlite
 import pytest
 
-from positiond.dbfile import (
+from positiond.ops import Batch, CrashOp, EndOp, EntryOp, ExitOp, Result, StartOp, SyncOp
+from positiond.store import Store, open_store
+from positiond.store.dbfile import (
     CorruptDatabase,
     DatabaseLocked,
     DatabaseLost,
@@ -21,15 +25,14 @@ from positiond.dbfile import (
     lock_database,
     lock_file_for,
 )
-from positiond.ops import Batch, CrashOp, EndOp, EntryOp, ExitOp, Result, StartOp, SyncOp
-from positiond.schema import SCHEMA_VERSION, SchemaError
-from positiond.store import Store
+from positiond.store.schema import SCHEMA_VERSION, SchemaError
+from positiond.store.sqlite import AIOSQLITE_VERSIONS, SQLiteStore, run_on_thread
 from tests.helpers import rows
 
 
 @pytest.fixture
 async def store(workdir: Path) -> AsyncIterator[Store]:
-    opened = await Store.open(workdir / "p.db", busy_timeout=0.1)
+    opened = await open_store(workdir / "p.db", busy_timeout=0.1)
     yield opened
     await opened.close()
 
@@ -60,8 +63,44 @@ async def apply(store: Store, *ops: Any, **kw: Any) -> list[Result]:
 
 
 def test_aiosqlite_still_offers_the_single_hop_we_rely_on() -> None:
-    # Store.call runs a whole batch through aiosqlite's private _execute: fail loudly if it goes.
+    # run_on_thread runs a whole batch through aiosqlite's private _execute: fail loudly if it goes.
     assert callable(getattr(aiosqlite.Connection, "_execute", None))
+
+
+def test_aiosqlite_is_a_release_the_single_hop_is_known_to_work_with() -> None:
+    installed = tuple(int(part) for part in aiosqlite.__version__.split(".")[:2])
+    low, high = AIOSQLITE_VERSIONS
+    assert low <= installed < high, (
+        f"aiosqlite {aiosqlite.__version__} is outside {AIOSQLITE_VERSIONS}: check that "
+        "positiond.store.sqlite.run_on_thread still works with it, then widen the bound "
+        "(here and in pyproject.toml)"
+    )
+    project = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())
+    bound = f"aiosqlite>={low[0]}.{low[1]},<{high[0]}.{high[1]}"
+    assert bound in project["project"]["dependencies"]
+
+
+async def test_run_on_thread_runs_one_callable_on_the_connection_thread(workdir: Path) -> None:
+    conn = await aiosqlite.connect(workdir / "t.db", isolation_level=None)
+    try:
+
+        def where(raw: sqlite3.Connection, n: int) -> tuple[int, int, bool]:
+            one = int(raw.execute("SELECT ?", (n,)).fetchone()[0])
+            return one, threading.get_ident(), isinstance(raw, sqlite3.Connection)
+
+        value, thread, raw = await run_on_thread(conn, where, 7)
+        assert (value, raw) == (7, True)
+        assert thread != threading.get_ident()  # aiosqlite's worker, not the event loop's
+    finally:
+        await conn.close()
+
+
+async def test_the_sqlite_store_is_a_store(store: Store) -> None:
+    # The interface a PostgreSQL store will also satisfy (mypy checks open_store's return too).
+    assert isinstance(store, SQLiteStore)
+    assert isinstance(store, Store)
+    assert await store.migrate() == SCHEMA_VERSION
+    assert await store.query("crashed") == {"legs": [], "truncated": False}
 
 
 async def test_schema_is_versioned_wal_and_private(store: Store, workdir: Path) -> None:
@@ -81,7 +120,7 @@ async def test_newer_schema_is_refused(workdir: Path) -> None:
     conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
     conn.close()
     with pytest.raises(SchemaError, match="newer"):
-        await Store.open(db)
+        await open_store(db)
 
 
 async def test_entry_is_idempotent_by_key_and_conflicts_across_sessions(store: Store) -> None:
@@ -263,7 +302,7 @@ def test_the_lock_holds_the_file_whatever_name_reaches_it(workdir: Path, how: st
 async def test_a_commit_into_a_deleted_database_is_never_reported_written(workdir: Path) -> None:
     db = workdir / "p.db"
     held = lock_database(db, create=True)
-    store = await Store.open(db, watch=FileWatch(db, held.fd))
+    store = await open_store(db, watch=FileWatch(db, held.fd))
     try:
         await apply(store, start())
         wal = db.with_name(db.name + "-wal")
@@ -285,17 +324,17 @@ async def test_a_damaged_database_is_refused_at_open(workdir: Path) -> None:
     db = workdir / "p.db"
     db.write_bytes(b"not a database at all" * 1000)
     with pytest.raises(CorruptDatabase, match=r"is damaged or not a database.*restore"):
-        await Store.open(db)
+        await open_store(db)
 
 
 async def test_the_integrity_check_at_open_is_bounded_in_time(
     workdir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     db = workdir / "p.db"
-    opened = await Store.open(db)
+    opened = await open_store(db)
     await apply(opened, start(), *(entry(f"k{i}", state={"x": "y" * 2000}) for i in range(300)))
     await opened.close()
     # No time at all: the check stops at its first progress callback, and the open goes on.
-    reopened = await Store.open(db, check_seconds=1e-9)
+    reopened = await open_store(db, check_seconds=1e-9)
     await reopened.close()
     assert "integrity check stopped" in caplog.text

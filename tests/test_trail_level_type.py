@@ -20,9 +20,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from positiond import recovery_store, store
 from positiond.ops import Batch, CrashOp, QueryOp, StartOp
-from positiond.schema import _MIGRATIONS
+from positiond.store import recovery
+from positiond.store.schema import MIGRATIONS
+from positiond.store.sqlite import setup_connection
+from positiond.store.writes import apply_batch, load_live
 from positiond_client import PositionPersistenceManager
 from positiond_client.protocol import MAX_PRICE
 from tests.conftest import SOAK
@@ -47,7 +49,7 @@ def same(got: object, sent: object) -> bool:
 def conn() -> Iterator[sqlite3.Connection]:
     with tempfile.TemporaryDirectory(prefix="pd-", dir="/tmp") as tmp:
         connection = sqlite3.connect(Path(tmp) / "t.db", isolation_level=None)
-        store._setup(connection, "NORMAL", 1000)
+        setup_connection(connection, "NORMAL", 1000)
         yield connection
         connection.close()
 
@@ -56,13 +58,13 @@ _keys = itertools.count()
 
 
 def _apply(conn: sqlite3.Connection, *ops: Any, **kw: Any) -> list[Any]:
-    results = store.apply_batch(conn, Batch(ops=list(ops), time=1.7e9, **kw))
+    results = apply_batch(conn, Batch(ops=list(ops), time=1.7e9, **kw))
     assert all(r.ok for r in results), results
     return results
 
 
 def _query(conn: sqlite3.Connection, what: str, key: str) -> Any:
-    found = recovery_store.query(conn.cursor(), QueryOp(None, None, None, "t", what, None), "")
+    found = recovery.query(conn.cursor(), QueryOp(None, None, None, "t", what, None), "")
     (leg,) = [leg for leg in found.data["legs"] if leg["position_key"] == key]
     return leg["last_trail_level"]
 
@@ -77,7 +79,7 @@ def test_every_read_gives_back_the_type_that_was_sent(
     _apply(conn, StartOp(b"r", 1, session, "st", "h", 1, 0.5, 1.7e9, token="t"))
     _apply(conn, entry(key, session, last_trail_level=sent))
     assert same(_query(conn, "open", key), sent)
-    live = {row.key: row.last_trail_level for row in store.load_live(conn)[1]}
+    live = {row.key: row.last_trail_level for row in load_live(conn)[1]}
     assert same(live[key], sent)  # what the engine compares the next update with
     _apply(conn, updates={key: {"last_trail_level": then}})
     assert same(_query(conn, "open", key), then)
@@ -134,7 +136,7 @@ def test_a_strategy_gets_its_ints_back_after_a_crash_and_an_adoption(
 def test_posctl_reads_a_database_from_before_the_flag(workdir: Path) -> None:
     db = workdir / "old.db"
     conn = sqlite3.connect(db, isolation_level=None)
-    for version, script in enumerate(_MIGRATIONS[:3], start=1):
+    for version, script in enumerate(MIGRATIONS[:3], start=1):
         conn.executescript(f"BEGIN;\n{script}\nPRAGMA user_version = {version};\nCOMMIT;")
     conn.execute(
         "INSERT INTO strategy_sessions (session_key, strategy_name, status, start_time) "

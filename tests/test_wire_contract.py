@@ -122,7 +122,7 @@ def codes_in_daemon_source() -> set[str]:
     """Every code literal passed to an error builder in the daemon (and the protocol module it
     decodes with): so a code added to the code but not to ErrorCode is caught."""
     builders = {"error", "_error", "error_reply", "ProtocolError"}
-    files = [*sorted((ROOT / "daemon" / "positiond").glob("*.py"))]
+    files = [*sorted((ROOT / "daemon" / "positiond").rglob("*.py"))]
     files.append(ROOT / "client" / "positiond_client" / "protocol.py")
     found: set[str] = set()
     for path in files:

@@ -20,6 +20,7 @@ __all__ = [
     "default_endpoint",
     "ensure_private_dir",
     "ipc_path",
+    "runtime_dir",
     "socket_owner_warning",
     "unsafe_socket_directory",
 ]

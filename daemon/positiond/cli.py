@@ -21,12 +21,12 @@ from collections.abc import Mapping, Sequence
 
 from positiond.activation import ActivationError, Inherited, inherited_socket, matches
 from positiond.config import Config, ConfigError, Loaded, format_config, load
-from positiond.dbfile import CorruptDatabase, StoreError
 from positiond.listener import UnsafeEndpoint
 from positiond.logs import set_level, setup_logging
-from positiond.schema import SchemaError
 from positiond.server import AlreadyRunning, Daemon
 from positiond.status import status_line
+from positiond.store.dbfile import CorruptDatabase, StoreError
+from positiond.store.schema import SchemaError
 
 __all__ = ["async_main", "main"]
 

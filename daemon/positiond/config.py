@@ -25,8 +25,8 @@ from typing import Any
 import zmq
 
 from positiond.liveness import MIN_HEARTBEATS
-from positiond.schema import SCHEMA_VERSION
 from positiond.store import Synchronous
+from positiond.store.schema import SCHEMA_VERSION
 from positiond_client.paths import default_db_path, default_endpoint
 from positiond_client.protocol import MAX_MESSAGE_BYTES, PROTOCOL_VERSION
 

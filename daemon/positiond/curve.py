@@ -22,7 +22,7 @@ import zmq.asyncio
 import zmq.auth
 from zmq.auth.asyncio import AsyncioAuthenticator
 
-__all__ = ["CurveError", "ServerCurve", "load_secret", "secure_server"]
+__all__ = ["CurveError", "ServerCurve", "load_public", "load_secret", "secure_server"]
 
 log = logging.getLogger(__name__)
 

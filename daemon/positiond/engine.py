@@ -23,7 +23,6 @@ from positiond.liveness import MIN_HEARTBEATS, DaemonClock, Liveness, Verdict
 from positiond.ops import (
     CLIENT,
     DISCONNECT,
-    PRUNE_CHUNK,
     Batch,
     CrashOp,
     EndOp,
@@ -33,16 +32,13 @@ from positiond.ops import (
     LegRow,
     LiveSession,
     Op,
-    OrphanResolveOp,
-    OrphansOp,
-    PruneOp,
-    QueryOp,
     ResolveOp,
     Result,
     StallOp,
     StartOp,
     SyncOp,
     TrailEvent,
+    operator_op,
     token_hash,
 )
 from positiond_client.protocol import PROTOCOL_VERSION, UPDATE_FIELDS, encode, error_reply
@@ -201,9 +197,6 @@ class Engine:
         session.legs.add(row.key)
 
     # ---- peers ---------------------------------------------------------------------------
-
-    def peer(self, rid: bytes) -> Peer | None:
-        return self.peers.get(rid)
 
     def add_peer(self, rid: bytes, fd: int, uid: int | None, pid: int | None) -> Peer:
         peer = Peer(rid, fd, uid, pid)
@@ -482,9 +475,7 @@ class Engine:
             # Answered now, from memory: a stuck database must not hang the health check.
             health = self.health() if self.health is not None else {}
             return _ack(msg["seq"], {"health": health})
-        op = QueryOp(rid, msg["seq"], msg.get("session"), self._by(session, msg.get("by")),
-                     msg["what"], msg.get("strategy"))  # fmt: skip
-        self._ops.append(op)
+        self._ops.append(operator_op(msg, rid, self._by(session, msg.get("by")), wall))
         return None
 
     def _on_resolve(
@@ -502,19 +493,13 @@ class Engine:
                 "BAD_STATE" if action != "adopt" else "FENCED",
                 f"leg {key!r} is open in a live session; only its owner may act on it",
             )
-        op = ResolveOp(
-            rid, msg["seq"], msg.get("session"), self._by(session, msg.get("by")), key, action,
-            wall, msg.get("exit_price"), msg.get("exit_reason", "CLOSED_AT_BROKER"),
-            msg.get("reason"),
-        )  # fmt: skip
-        self._ops.append(op)
+        self._ops.append(operator_op(msg, rid, self._by(session, msg.get("by")), wall))
         return None
 
     def _on_orphans(
         self, session: Session | None, rid: bytes, msg: dict[str, Any], wall: float
     ) -> bytes | None:
-        by = self._by(session, msg.get("by"))
-        self._ops.append(OrphansOp(rid, msg["seq"], msg.get("session"), by, msg["rows"], wall))
+        self._ops.append(operator_op(msg, rid, self._by(session, msg.get("by")), wall))
         return None
 
     def _on_resolve_orphan(
@@ -522,19 +507,13 @@ class Engine:
     ) -> bytes | None:
         if msg["action"] == "adopt" and "strategy" not in msg:
             return self._error(msg, "BAD_FIELD", "resolve_orphan: adopt needs strategy")
-        op = OrphanResolveOp(
-            rid, msg["seq"], msg.get("session"), self._by(session, msg.get("by")), msg["id"],
-            msg["action"], wall, msg["reason"], msg.get("strategy"), msg.get("adopt_session"),
-        )  # fmt: skip
-        self._ops.append(op)
+        self._ops.append(operator_op(msg, rid, self._by(session, msg.get("by")), wall))
         return None
 
     def _on_prune(
         self, session: Session | None, rid: bytes, msg: dict[str, Any], wall: float
     ) -> bytes | None:
-        by = self._by(session, msg.get("by"))
-        limit = msg.get("limit", PRUNE_CHUNK)
-        self._ops.append(PruneOp(rid, msg["seq"], msg.get("session"), by, msg["before"], limit))
+        self._ops.append(operator_op(msg, rid, self._by(session, msg.get("by")), wall))
         return None
 
     _HANDLERS: ClassVar[dict[str, _Handler]] = {

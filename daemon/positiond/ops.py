@@ -11,8 +11,15 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 __all__ = [
+    "CLIENT",
+    "DISCONNECT",
+    "HEARTBEAT",
+    "LIVE_SESSION_STATUSES",
+    "OPERATOR_MESSAGES",
     "PRUNE_CHUNK",
     "PRUNE_MAX_CHUNK",
+    "RESTART",
+    "REVIVABLE",
     "Batch",
     "CrashOp",
     "EndOp",
@@ -32,6 +39,8 @@ __all__ = [
     "StartOp",
     "SyncOp",
     "TrailEvent",
+    "operator_op",
+    "token_hash",
 ]
 
 # Who declared a session crashed (strategy_sessions.crash_source).
@@ -277,3 +286,34 @@ class Result:
     @classmethod
     def error(cls, code: str, reason: str) -> Result:
         return cls(False, code=code, reason=reason)
+
+
+# Messages that need no session (posctl's, and a strategy's recovery): one op each.
+OPERATOR_MESSAGES = ("query", "resolve", "orphans", "resolve_orphan", "prune")
+
+
+def operator_op(msg: dict[str, Any], rid: bytes | None, by: str, wall: float) -> Op:
+    """The op for a validated recovery or operator message (:data:`OPERATOR_MESSAGES`).
+
+    The one place these ops are built: the engine for what arrives on its socket, posctl for
+    what it writes directly when no daemon runs. ``by`` is who asked (the audit trail),
+    ``wall`` the wall-clock time of the request.
+    """
+    kind, seq, session = msg["type"], msg.get("seq"), msg.get("session")
+    if kind == "query":
+        return QueryOp(rid, seq, session, by, msg["what"], msg.get("strategy"))
+    if kind == "resolve":
+        return ResolveOp(
+            rid, seq, session, by, msg["key"], msg["action"], wall, msg.get("exit_price"),
+            msg.get("exit_reason", "CLOSED_AT_BROKER"), msg.get("reason"),
+        )  # fmt: skip
+    if kind == "orphans":
+        return OrphansOp(rid, seq, session, by, msg["rows"], wall)
+    if kind == "resolve_orphan":
+        return OrphanResolveOp(
+            rid, seq, session, by, msg["id"], msg["action"], wall, msg["reason"],
+            msg.get("strategy"), msg.get("adopt_session"),
+        )  # fmt: skip
+    if kind == "prune":
+        return PruneOp(rid, seq, session, by, msg["before"], msg.get("limit", PRUNE_CHUNK))
+    raise ValueError(f"{kind!r} is not a recovery or operator message")

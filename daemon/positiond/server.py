@@ -39,7 +39,12 @@ import zmq.asyncio
 from positiond.config import RELOADABLE, Config, changed
 from positiond.connections import shutdown_connection
 from positiond.curve import ServerCurve, secure_server
-from positiond.dbfile import (
+from positiond.engine import Engine
+from positiond.listener import Listener
+from positiond.notify import Notifier
+from positiond.status import Progress, Reporter, status_file_for, status_line, version
+from positiond.store import Store, open_store
+from positiond.store.dbfile import (
     DatabaseLock,
     DatabaseLocked,
     DatabaseLost,
@@ -51,11 +56,6 @@ from positiond.dbfile import (
     open_error,
     restore_advice,
 )
-from positiond.engine import Engine
-from positiond.listener import Listener
-from positiond.notify import Notifier
-from positiond.status import Progress, Reporter, status_file_for, status_line, version
-from positiond.store import Store
 from positiond_client.errors import ProtocolError
 from positiond_client.paths import ipc_path
 from positiond_client.protocol import PROTOCOL_VERSION, decode, encode, error_reply
@@ -207,7 +207,7 @@ class Daemon:
         cfg = self.config
         db = Path(cfg.db)
         try:
-            # Locked by what the path leads to (symlinks, hard links): see positiond.dbfile.
+            # Locked by what the path leads to (symlinks, hard links): see positiond.store.dbfile.
             self._db_lock = lock_database(db, create=True)
         except DatabaseLocked:
             raise AlreadyRunning(f"another positiond is already running on database {db}") from None
@@ -215,7 +215,7 @@ class Daemon:
             raise StoreError(f"cannot create or lock the database {db}: {exc}") from None
         self.listener.prepare()
         watch = FileWatch(db, self._db_lock.fd)
-        self.store = await Store.open(
+        self.store = await open_store(
             db, cfg.synchronous, busy_timeout=cfg.busy_timeout, watch=watch
         )
         try:
@@ -323,7 +323,7 @@ class Daemon:
         finally:
             self.reporter.remove()
             if self._db_lock is not None:
-                self._db_lock.close()  # only now: SQLite's connection is closed (positiond.dbfile)
+                self._db_lock.close()  # only now: SQLite's connection is closed (store.dbfile)
                 self._db_lock = None
             for handle in self._locks:
                 handle.close()

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from positiond.schema import migrate
+from positiond.store.schema import migrate
 from positiond_client import PositionPersistenceManager
 from tests.faults.support import integrity_ok, legs_by_key, reap, start
 from tests.faults.test_storage import status

@@ -1,10 +1,10 @@
 """posctl's read commands: crashed (everything that needs attention), sessions, positions,
 events, status.
 
-Each opens the database read-only in one snapshot (:func:`positiond.ctl_access.open_readonly`);
-crashed legs and open legs come from the daemon's own query (:func:`positiond.recovery_store.query`,
-the seed's crash identification), so posctl and a recovering strategy see the same legs. Each
-command's docstring is its ``--help``.
+Each opens the database read-only in one snapshot (:func:`positiond.ctl.access.open_readonly`);
+crashed legs and open legs come from the daemon's own query
+(:func:`positiond.store.recovery.read_legs`, the seed's crash identification), so posctl and a
+recovering strategy see the same legs. Each command's docstring is its ``--help``.
 """
 
 from __future__ import annotations
@@ -19,9 +19,8 @@ from typing import Any
 
 import orjson
 
-from positiond import ctl_render as render
-from positiond import recovery_store
-from positiond.ctl_access import (
+from positiond.ctl import render
+from positiond.ctl.access import (
     EXIT_ATTENTION,
     EXIT_OK,
     EXIT_REFUSED,
@@ -32,9 +31,10 @@ from positiond.ctl_access import (
     ask_health,
     open_readonly,
 )
-from positiond.ctl_orphans import orphan_records
-from positiond.ops import QueryOp
-from positiond.schema import trail_level_sql
+from positiond.ctl.orphans import orphan_records
+from positiond.status import STATUS_FILENAME
+from positiond.store.recovery import leg_dict, read_legs
+from positiond.store.schema import trail_level_sql
 from positiond_client.paths import ipc_path, runtime_dir
 from positiond_client.recovery import CrashedLeg
 
@@ -45,14 +45,9 @@ __all__ = [
     "cmd_sessions",
     "cmd_status",
     "find_leg",
-    "leg_dict",
     "position_columns",
-    "query",
     "status_file",
 ]
-
-STATUS_FILENAME = "status.json"  # written by the daemon beside its socket (positiond.status)
-
 
 def _statuses(conn: sqlite3.Connection, table: str, given: list[str] | None) -> list[str] | None:
     """Upper-cased statuses from repeatable/comma-separated options, checked against the db."""
@@ -75,12 +70,6 @@ def _in(column: str, values: Sequence[str]) -> str:
 
 
 # ---- reads ---------------------------------------------------------------------------------
-
-
-def query(conn: sqlite3.Connection, by: str, what: str, strategy: str | None) -> dict[str, Any]:
-    """The daemon's own query (recovery_store.query: the seed's crash query) on our snapshot."""
-    result = recovery_store.query(conn.cursor(), QueryOp(None, None, None, by, what, strategy), "")
-    return result.data
 
 
 FINISHED_SESSION_STATUSES = ("COMPLETED", "CRASHED")
@@ -121,7 +110,7 @@ def cmd_crashed(ctl: Ctl, args: argparse.Namespace) -> int:
             args.strategy, FINISHED_SESSION_STATUSES,
         )  # fmt: skip
         orphans = [] if args.strategy else orphan_records(conn, unresolved=True)
-        found = query(conn, ctl.by, "crashed", args.strategy)
+        found = read_legs(conn, "crashed", args.strategy)
         legs = [
             leg for leg in found["legs"]
             if args.since is None or (leg["crash_timestamp"] or "") >= args.since
@@ -249,13 +238,6 @@ def position_columns(conn: sqlite3.Connection) -> str:
     """The columns for this database's schema: the trail level as the strategy sent it."""
     version = int(conn.execute("PRAGMA user_version").fetchone()[0])
     return _POSITION_COLUMNS.format(trail_level=trail_level_sql("p", version))
-
-
-def leg_dict(row: sqlite3.Row) -> dict[str, Any]:
-    leg = dict(row)
-    leg["state"] = orjson.loads(leg["state"]) if leg.get("state") else {}
-    leg["was_crashed"] = bool(leg["was_crashed"])
-    return leg
 
 
 def cmd_positions(ctl: Ctl, args: argparse.Namespace) -> int:

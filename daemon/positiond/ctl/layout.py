@@ -6,7 +6,7 @@ or an identifier that may fold anywhere (position keys). The widths are computed
 to rich (whose last resort cuts every column evenly): numbers and short texts get their full
 width, free text and identifiers share what is left down to a floor. When even that does not
 fit the terminal, the table folds into one block per record (``label value`` pairs that wrap
-between pairs, never inside a number). The columns themselves are in :mod:`positiond.ctl_render`.
+between pairs, never inside a number). The columns themselves are in :mod:`positiond.ctl.render`.
 """
 
 from __future__ import annotations

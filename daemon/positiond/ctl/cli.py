@@ -3,7 +3,7 @@
 Reads open the database read-only, so they work when the daemon is down, which is exactly when
 they are needed. Changes (``verify --apply``, ``resolve``, ``prune``) go through the daemon when it
 runs and are written directly, under the daemon's own lock, when it does not: see
-:mod:`positiond.ctl_access`. Human output is rich tables (:mod:`positiond.ctl_render`); ``--json``
+:mod:`positiond.ctl.access`. Human output is rich tables (:mod:`positiond.ctl.render`); ``--json``
 prints stable keys for scripts. Each command's docstring is its ``--help``.
 """
 
@@ -22,16 +22,16 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from positiond import __version__, ctl_keys
-from positiond import ctl_render as render
+from positiond import __version__
 from positiond.config import ConfigError
-from positiond.ctl_access import EXIT_USAGE, Ctl, CtlError, who
-from positiond.ctl_change import cmd_prune, cmd_resolve, cmd_verify
-from positiond.ctl_locate import locate
-from positiond.ctl_orphans import cmd_orphans, cmd_resolve_orphan
-from positiond.ctl_read import cmd_crashed, cmd_events, cmd_positions, cmd_sessions, cmd_status
+from positiond.ctl import keys, render
+from positiond.ctl.access import EXIT_USAGE, Ctl, CtlError, who
+from positiond.ctl.change import cmd_prune, cmd_resolve, cmd_verify
+from positiond.ctl.locate import locate
+from positiond.ctl.orphans import cmd_orphans, cmd_resolve_orphan
+from positiond.ctl.read import cmd_crashed, cmd_events, cmd_positions, cmd_sessions, cmd_status
 from positiond.ops import PRUNE_CHUNK, PRUNE_MAX_CHUNK
-from positiond.schema import iso
+from positiond.store.schema import iso
 
 __all__ = ["main"]
 
@@ -265,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"sessions per transaction ({PRUNE_CHUNK}; at most {PRUNE_MAX_CHUNK})",
     )
     add("status", cmd_status)
-    ctl_keys.add_arguments(add("keys", ctl_keys.cmd_keys))
+    keys.add_arguments(add("keys", keys.cmd_keys))
     return parser
 
 
@@ -355,6 +355,3 @@ def _run(args: argparse.Namespace) -> int:
         return exc.exit_code
     return code
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -28,8 +28,8 @@ from typing import Any
 
 import orjson
 
-from positiond import ctl_render as render
-from positiond.ctl_access import EXIT_ATTENTION, EXIT_OK, EXIT_REFUSED, Ctl, CtlError, open_readonly
+from positiond.ctl import render
+from positiond.ctl.access import EXIT_ATTENTION, EXIT_OK, EXIT_REFUSED, Ctl, CtlError, open_readonly
 
 __all__ = ["cmd_orphans", "cmd_resolve_orphan", "orphan_records"]
 

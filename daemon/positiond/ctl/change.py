@@ -1,6 +1,6 @@
 """posctl's commands that change data: verify (with --apply), resolve (one leg or --all), prune.
 
-Each builds sessionless protocol messages and hands them to :meth:`positiond.ctl_access.Ctl.write`,
+Each builds sessionless protocol messages and hands them to :meth:`positiond.ctl.access.Ctl.write`,
 which sends them to the running daemon or applies them directly with the daemon's own store code.
 Each command's docstring is its ``--help``.
 """
@@ -16,8 +16,8 @@ from typing import Any
 
 import orjson
 
-from positiond import ctl_render as render
-from positiond.ctl_access import (
+from positiond.ctl import render
+from positiond.ctl.access import (
     EXIT_ATTENTION,
     EXIT_OK,
     EXIT_REFUSED,
@@ -27,8 +27,9 @@ from positiond.ctl_access import (
     Written,
     open_readonly,
 )
-from positiond.ctl_read import find_leg, leg_dict, position_columns, query
-from positiond.schema import iso
+from positiond.ctl.read import find_leg, position_columns
+from positiond.store.recovery import leg_dict, read_legs
+from positiond.store.schema import iso
 from positiond_client.recovery import (
     CLOSED_AT_BROKER,
     MISMATCH,
@@ -39,7 +40,7 @@ from positiond_client.recovery import (
     verify_positions,
 )
 
-__all__ = ["cmd_prune", "cmd_resolve", "cmd_verify"]
+__all__ = ["RESUME_ACTION", "cmd_prune", "cmd_resolve", "cmd_verify"]
 
 RESUME_ACTION = "left CRASHED: its next run adopts it"
 RESUME_STRANDED_ACTION = "left ACTIVE (its session is over): its next run adopts it"
@@ -132,9 +133,9 @@ def cmd_verify(ctl: Ctl, args: argparse.Namespace) -> int:
     conn = open_readonly(ctl.db)
     try:
         crashed = [
-            CrashedLeg.from_row(r) for r in query(conn, ctl.by, "crashed", args.strategy)["legs"]
+            CrashedLeg.from_row(r) for r in read_legs(conn, "crashed", args.strategy)["legs"]
         ]
-        found = query(conn, ctl.by, "open", None)
+        found = read_legs(conn, "open", None)
         decided = _decided_orphans(conn)
     finally:
         conn.close()

@@ -1,7 +1,9 @@
 """Store functions for recovery and operator ops: queries, adoption, resolution, orphans, prune.
 
-Each runs inside the writer's batch transaction (see :mod:`positiond.store`), so it is ordered
-with everything else the daemon writes and is acknowledged only after the commit.
+Each runs inside the writer's batch transaction (:func:`positiond.store.writes.apply_batch`),
+so it is ordered with everything else the daemon writes and is acknowledged only after the
+commit. :func:`read_legs` and :func:`leg_dict` are the same reads for a read-only connection
+(posctl), so posctl and a recovering strategy see the same legs.
 """
 
 from __future__ import annotations
@@ -22,16 +24,19 @@ from positiond.ops import (
     ResolveOp,
     Result,
 )
-from positiond.schema import iso, trail_level_sql
+from positiond.store.schema import iso, trail_level_sql
 
 __all__ = [
     "LIVE_LEG_STATUSES",
+    "MAX_QUERY_ROWS",
     "ORPHAN_RESOLUTIONS",
     "UNRESOLVED_ORPHAN_STATUSES",
     "fenced",
+    "leg_dict",
     "orphans",
     "prune",
     "query",
+    "read_legs",
     "resolve",
     "resolve_orphan",
 ]
@@ -64,7 +69,8 @@ def _json(value: Any) -> str:
     return orjson.dumps(value).decode()
 
 
-def _leg_dict(row: sqlite3.Row) -> dict[str, Any]:
+def leg_dict(row: sqlite3.Row) -> dict[str, Any]:
+    """A leg row as the wire and posctl give it: ``state`` decoded, ``was_crashed`` a bool."""
     leg = dict(row)
     leg.pop("session_key", None)  # read to check ownership; not a field of a leg on the wire
     leg["state"] = orjson.loads(leg["state"]) if leg.get("state") else {}
@@ -100,8 +106,13 @@ def query(cur: sqlite3.Cursor, op: QueryOp, now: str) -> Result:
         f"LIMIT {MAX_QUERY_ROWS + 1}",
         params,
     ).fetchall()
-    legs = [_leg_dict(r) for r in rows[:MAX_QUERY_ROWS]]
+    legs = [leg_dict(r) for r in rows[:MAX_QUERY_ROWS]]
     return Result(True, {"legs": legs, "truncated": len(rows) > MAX_QUERY_ROWS})
+
+
+def read_legs(conn: sqlite3.Connection, what: str, strategy: str | None) -> dict[str, Any]:
+    """:func:`query` on any connection (a read-only one too): ``{"legs", "truncated"}``."""
+    return query(conn.cursor(), QueryOp(None, None, None, "", what, strategy), "").data
 
 
 def _leg_row(cur: sqlite3.Cursor, key: str) -> sqlite3.Row | None:
@@ -187,7 +198,7 @@ def _adopt(
         return Result.error("SESSION_CLOSED", "only a RUNNING session can adopt a leg")
     pid = leg["position_id"]
     if leg["session_key"] == op.session_key and leg["status"] == "ACTIVE":
-        data = _leg_dict(leg)
+        data = leg_dict(leg)
         return Result(
             True, {"position_id": pid, "status": "ACTIVE", "duplicate": True, "leg": data}
         )
@@ -206,7 +217,7 @@ def _adopt(
     )
     audit |= {"from_session": leg["session_id"], "from_strategy": leg["strategy_name"]}
     _event(cur, pid, adopter["id"], "RECOVERY", now, audit)
-    data = _leg_dict(leg) | {
+    data = leg_dict(leg) | {
         "status": "ACTIVE", "session_id": adopter["id"], "session_status": adopter["status"]
     }  # fmt: skip
     row = LegRow(op.key, op.session_key, leg["stop_price"], leg["last_trail_level"])

@@ -4,8 +4,8 @@ Only presentation lives here; what is shown comes from the commands. Every data 
 in :class:`rich.text.Text`, so a symbol or a crash reason holding ``[...]`` is printed as it is,
 never read as markup.
 
-Each table is a list of columns (:class:`positiond.ctl_layout.Col`: a number, a short text, free
-text or an identifier); :func:`positiond.ctl_layout.layout` fits them to the terminal without
+Each table is a list of columns (:class:`positiond.ctl.layout.Col`: a number, a short text, free
+text or an identifier); :func:`positiond.ctl.layout.layout` fits them to the terminal without
 ever cutting a value, or folds the rows into blocks. Legs are named ``#id key``: the short id
 first (posctl takes it wherever it asks for a LEG). ``--json`` has everything, always.
 """
@@ -23,7 +23,7 @@ from rich.console import Console, Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from positiond.ctl_layout import Col, Row, layout
+from positiond.ctl.layout import Col, Row, layout
 
 __all__ = [
     "actions_table",

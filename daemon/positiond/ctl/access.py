@@ -6,14 +6,15 @@ never block the daemon's writer), so they work whether or not the daemon runs.
 
 Changes are protocol messages (``resolve``, ``orphans``, ``resolve_orphan``, ``prune``: the
 sessionless ones), checked with :func:`positiond_client.protocol.validate` either way. The daemon
-holds the database's lock (:func:`positiond.dbfile.lock_database`, on the file whatever path
+holds the database's lock (:func:`positiond.store.dbfile.lock_database`, on the file whatever path
 names it) while it runs:
 
 - lock held: the daemon runs and is the only writer, so the messages go to it over ZeroMQ and
   each waits for its ack (no answer in time: :data:`EXIT_NO_ANSWER`);
 - lock free: posctl takes the lock itself (a daemon starting meanwhile refuses to run instead of
-  writing alongside), and applies the same ops the daemon would build, with the daemon's
-  :func:`positiond.store.apply_batch`, in one transaction. One code path for the SQL;
+  writing alongside), and applies the ops the daemon builds (:func:`positiond.ops.operator_op`)
+  with the daemon's own batch code (:func:`positiond.store.sqlite.apply_direct`), in one
+  transaction. One code path for the ops and the SQL;
 - no database we can see (or a lock we may not open: the daemon's user owns them): only the
   daemon can write it, so the messages go to its socket too.
 
@@ -34,16 +35,15 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
 import orjson
 import zmq
 from rich.console import Console
 
-from positiond import store
-from positiond.dbfile import DatabaseLocked, lock_database, lock_file_for
-from positiond.ops import PRUNE_CHUNK, Batch, Op, OrphanResolveOp, OrphansOp, PruneOp, ResolveOp
-from positiond.schema import SCHEMA_VERSION, SchemaError
+from positiond.ops import Batch, operator_op
+from positiond.store.dbfile import DatabaseLocked, lock_database, lock_file_for
+from positiond.store.schema import SCHEMA_VERSION, SchemaError
+from positiond.store.sqlite import apply_direct, connect_readonly
 from positiond_client.errors import ProtocolError
 from positiond_client.paths import ipc_path
 from positiond_client.protocol import PROTOCOL_VERSION, encode, validate
@@ -59,7 +59,7 @@ __all__ = [
     "CtlError",
     "Outcome",
     "Written",
-    "lock_path",
+    "ask_health",
     "open_readonly",
     "who",
     "write",
@@ -86,10 +86,6 @@ class CtlError(Exception):
         self.code = code  # the wire error code, for a refusal
 
 
-def _uri(db: Path, mode: str) -> str:
-    return f"file:{quote(str(db.absolute()), safe='/')}?mode={mode}"
-
-
 def open_readonly(db: Path) -> sqlite3.Connection:
     """A read-only connection inside one read transaction; CtlError(3) when it cannot be read."""
     if not db.is_file():
@@ -102,11 +98,10 @@ def open_readonly(db: Path) -> sqlite3.Connection:
             )
         raise CtlError(EXIT_UNREACHABLE, f"no database at {db} (use --db or POSITIOND_DB)")
     try:
-        conn = sqlite3.connect(_uri(db, "ro"), uri=True, timeout=5, isolation_level=None)
+        conn = connect_readonly(db)
     except sqlite3.Error as exc:
         raise CtlError(EXIT_UNREACHABLE, f"cannot open {db}: {exc}") from None
     try:
-        conn.row_factory = sqlite3.Row
         conn.execute("PRAGMA busy_timeout = 5000")
         conn.execute("BEGIN")
         version = int(conn.execute("PRAGMA user_version").fetchone()[0])
@@ -128,16 +123,11 @@ def open_readonly(db: Path) -> sqlite3.Connection:
     return conn
 
 
-def lock_path(db: Path) -> Path:
-    """The lock file of the database ``db`` leads to (:func:`positiond.dbfile.lock_database`)."""
-    return lock_file_for(db)
-
-
 @contextlib.contextmanager
 def _daemon_lock(db: Path) -> Iterator[bool]:
     """Try the daemon's lock: yields True while we hold it (no daemon), False if it is taken.
 
-    The same lock the daemon takes, by the same rule (:func:`positiond.dbfile.lock_database`:
+    The same lock the daemon takes, by the same rule (:func:`positiond.store.dbfile.lock_database`:
     what the path leads to, whatever symlink or hard link spells it). An operator who may not
     even open it (the daemon's user owns it, mode 0600) could not write the database either:
     False, so the change goes to the daemon's socket.
@@ -152,7 +142,7 @@ def _daemon_lock(db: Path) -> Iterator[bool]:
     try:
         yield True
     finally:
-        held.close()  # after _direct closed its connection: see positiond.dbfile
+        held.close()  # after _direct closed its connection: see positiond.store.dbfile
 
 
 @dataclass(frozen=True)
@@ -174,44 +164,20 @@ class Written:
     outcomes: list[Outcome]
 
 
-def _op(msg: dict[str, Any], by: str, now: float) -> Op:
-    """The op the daemon's engine builds for this sessionless message (positiond.engine)."""
-    kind = msg["type"]
-    if kind == "resolve":
-        return ResolveOp(
-            None, None, None, by, msg["key"], msg["action"], now, msg.get("exit_price"),
-            msg.get("exit_reason", "CLOSED_AT_BROKER"), msg.get("reason"),
-        )  # fmt: skip
-    if kind == "orphans":
-        return OrphansOp(None, None, None, by, msg["rows"], now)
-    if kind == "resolve_orphan":
-        if msg["action"] == "adopt" and "strategy" not in msg:  # as the engine refuses it
-            raise CtlError(EXIT_USAGE, "resolve_orphan: adopt needs strategy", "BAD_FIELD")
-        return OrphanResolveOp(
-            None, None, None, by, msg["id"], msg["action"], now, msg["reason"],
-            msg.get("strategy"), msg.get("adopt_session"),
-        )  # fmt: skip
-    if kind == "prune":
-        return PruneOp(None, None, None, by, msg["before"], msg.get("limit", PRUNE_CHUNK))
-    raise ValueError(f"posctl does not write {kind!r} messages")
-
-
 def _direct(db: Path, messages: list[dict[str, Any]], by: str) -> list[Outcome]:
+    """Apply the messages as the daemon would (its ops, its SQL), in one transaction."""
     now = time.time()
-    ops = [_op(msg, by, now) for msg in messages]
+    for msg in messages:
+        if msg["type"] == "resolve_orphan" and msg["action"] == "adopt" and "strategy" not in msg:
+            # refused as the engine refuses it, before any op is built
+            raise CtlError(EXIT_USAGE, "resolve_orphan: adopt needs strategy", "BAD_FIELD")
+    ops = [operator_op(msg, None, by, now) for msg in messages]
     try:
-        conn = sqlite3.connect(_uri(db, "rw"), uri=True, timeout=5, isolation_level=None)
-    except sqlite3.Error as exc:
-        raise CtlError(EXIT_UNREACHABLE, f"cannot open {db} for writing: {exc}") from None
-    try:
-        store._setup(conn, "NORMAL", 5000)
-        results = store.apply_batch(conn, Batch(ops=ops, time=now))
+        results = apply_direct(db, Batch(ops=ops, time=now))
     except SchemaError as exc:
         raise CtlError(EXIT_UNREACHABLE, f"{db}: {exc}") from None
     except sqlite3.Error as exc:
         raise CtlError(EXIT_UNREACHABLE, f"cannot write {db}: {exc}") from None
-    finally:
-        conn.close()
     return [Outcome(r.ok, r.data, r.code, r.reason) for r in results]
 
 
@@ -296,7 +262,7 @@ def write(
             if ours:
                 direct_by = f"{by} (direct write: daemon not running)"
                 return Written("direct", direct_by, _direct(db, checked, direct_by))
-        why = f"the database lock {lock_path(db)} is held (by a running positiond?)"
+        why = f"the database lock {lock_file_for(db)} is held (by a running positiond?)"
     else:  # not here, or not ours to see: only the daemon can write it
         why = f"no database at {db} (use --db or POSITIOND_DB)"
     return Written("daemon", by, _ask_daemon(endpoint, checked, timeout, why))
@@ -321,7 +287,7 @@ class Ctl:
     timeout: float
     out: Console
     by: str
-    db_source: str = ""  # why this database (positiond.ctl_locate), for messages
+    db_source: str = ""  # why this database (positiond.ctl.locate), for messages
 
     def emit(self, data: Any) -> None:
         """Print ``data`` as indented JSON on stdout (``--json``)."""

@@ -15,6 +15,7 @@ import sqlite3
 from datetime import UTC, datetime
 
 __all__ = [
+    "MIGRATIONS",
     "SCHEMA_VERSION",
     "TYPED_TRAIL_VERSION",
     "SchemaError",
@@ -159,8 +160,8 @@ CREATE INDEX broker_orphans_status ON broker_orphans(status);
 """
 
 # Index i holds the script that takes the schema from version i to i + 1.
-_MIGRATIONS: list[str] = [_V1, _V2, _V3, _V4, _V5]
-SCHEMA_VERSION = len(_MIGRATIONS)
+MIGRATIONS: list[str] = [_V1, _V2, _V3, _V4, _V5]
+SCHEMA_VERSION = len(MIGRATIONS)
 
 
 TYPED_TRAIL_VERSION = 4  # the first schema that knows which trail levels were integers
@@ -195,7 +196,7 @@ def migrate(conn: sqlite3.Connection) -> int:
             f"({SCHEMA_VERSION}); upgrade positiond"
         )
     while version < SCHEMA_VERSION:
-        script = _MIGRATIONS[version]
+        script = MIGRATIONS[version]
         # executescript() commits first and runs its own statements; BEGIN inside keeps the
         # step atomic: a crash mid-migration leaves the previous version intact.
         try:

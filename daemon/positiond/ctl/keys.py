@@ -28,7 +28,7 @@ from typing import Any
 
 import zmq.auth
 
-from positiond.ctl_access import EXIT_OK, EXIT_REFUSED, EXIT_USAGE, Ctl, CtlError
+from positiond.ctl.access import EXIT_OK, EXIT_REFUSED, EXIT_USAGE, Ctl, CtlError
 from positiond.curve import CurveError, load_public, load_secret
 
 __all__ = ["add_arguments", "cmd_keys"]

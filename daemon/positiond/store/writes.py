@@ -1,37 +1,24 @@
-"""The SQLite store: one writer connection through aiosqlite, one transaction per batch.
+"""One batch as SQL: the strategies' durable ops, coalesced updates, heartbeats, in one
+transaction.
 
-Each :class:`~positiond.ops.Batch` goes to SQLite as a single function call run on aiosqlite's
-thread (one thread hop per batch, not one per statement) and commits once: group commit. Every
-durable op runs inside its own SAVEPOINT, so one op that violates a constraint is answered with
-an error while the rest of the batch commits; an operational fault (busy, disk full, read-only)
-aborts the whole batch, which the caller retries — nothing in it was acknowledged.
+:func:`apply_batch` runs on the writer's thread (:mod:`positiond.store.sqlite`) or in posctl's
+direct write; it commits once (group commit). Every durable op runs inside its own SAVEPOINT, so
+one op that violates a constraint is answered with an error while the rest of the batch
+commits; an operational fault (busy, disk full, read-only) aborts the whole batch, which the
+caller retries — nothing in it was acknowledged. The recovery and operator ops are in
+:mod:`positiond.store.recovery`.
 """
 
 from __future__ import annotations
 
 import hmac
 import logging
-import os
 import sqlite3
-import time
 from collections.abc import Callable
-from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any
 
-import aiosqlite
 import orjson
 
-from positiond import recovery_store
-from positiond.dbfile import (
-    CorruptDatabase,
-    DatabaseLost,
-    FileWatch,
-    Lost,
-    StoreError,
-    backup,
-    open_error,
-    quick_check,
-)
 from positiond.ops import (
     CLIENT,
     LIVE_SESSION_STATUSES,
@@ -57,17 +44,12 @@ from positiond.ops import (
     TrailEvent,
     token_hash,
 )
-from positiond.schema import is_int, iso, migrate, trail_level_sql
+from positiond.store import recovery
+from positiond.store.schema import is_int, iso, trail_level_sql
 
-__all__ = ["INTEGRITY_CHECK_SECONDS", "Store", "apply_batch"]
+__all__ = ["apply_batch", "load_live"]
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
-Synchronous = Literal["NORMAL", "FULL"]
-
-# PRAGMA quick_check at open, bounded: ~0.15 s for a 100 MB database in the page cache, ~1.5 s
-# from a cold disk (measured on the 2-core test machine); past this the rest is left unchecked.
-INTEGRITY_CHECK_SECONDS = 5.0
 
 _PRICE_FIELDS = ("current_price", "stop_price", "highest_price", "last_trail_level")
 
@@ -448,12 +430,12 @@ def _stall(cur: sqlite3.Cursor, op: StallOp, now: str) -> Result:
 _APPLY: dict[type, Callable[[sqlite3.Cursor, Any, str], Result]] = {
     SyncOp: _sync,
     StallOp: _stall,
-    QueryOp: recovery_store.query,
-    ResolveOp: recovery_store.resolve,
-    OrphansOp: recovery_store.orphans,
-    OrphanResolveOp: recovery_store.resolve_orphan,
-    PruneOp: recovery_store.prune,
-    FencedOp: recovery_store.fenced,
+    QueryOp: recovery.query,
+    ResolveOp: recovery.resolve,
+    OrphansOp: recovery.orphans,
+    OrphanResolveOp: recovery.resolve_orphan,
+    PruneOp: recovery.prune,
+    FencedOp: recovery.fenced,
     StartOp: _start,
     EntryOp: _entry,
     ExitOp: _exit,
@@ -524,138 +506,3 @@ def load_live(conn: sqlite3.Connection) -> tuple[list[LiveSession], list[LegRow]
         )
     ]
     return sessions, legs
-
-
-def prepare_file(path: Path) -> None:
-    """Create the database file (and its directory) closed to other users: 0600 in 0700."""
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    os.close(fd)
-
-
-class Store:
-    """The daemon's single writer connection. Open with :meth:`open`, close with :meth:`close`."""
-
-    def __init__(self, conn: aiosqlite.Connection, path: Path, watch: FileWatch | None) -> None:
-        self._conn = conn
-        self.path = path
-        self.watch = watch
-
-    @classmethod
-    async def open(
-        cls,
-        path: Path,
-        synchronous: Synchronous = "NORMAL",
-        busy_timeout: float = 5.0,
-        *,
-        watch: FileWatch | None = None,
-        check_seconds: float = INTEGRITY_CHECK_SECONDS,
-    ) -> Store:
-        """Open (creating and migrating as needed) the database at ``path``.
-
-        ``busy_timeout``: how long a write waits for another connection's lock before the
-        batch fails (and is retried later, unacknowledged). ``watch``: checked after every
-        commit, before the batch counts as written (:class:`DatabaseLost`). A file that is not
-        a database or fails ``PRAGMA quick_check`` (given at most ``check_seconds``) raises
-        :class:`CorruptDatabase`; any other failure to open it, :class:`StoreError`.
-        """
-        try:
-            prepare_file(path)
-            conn = await aiosqlite.connect(path, isolation_level=None)
-        except (sqlite3.Error, OSError) as exc:
-            raise StoreError(f"cannot open the database {path}: {exc}") from None
-        store = cls(conn, path, watch)
-        try:
-            await store.call(_setup, synchronous, int(busy_timeout * 1000), check_seconds)
-        except (sqlite3.Error, CorruptDatabase) as exc:
-            await conn.close()
-            raise open_error(path, exc) from None
-        except BaseException:
-            await conn.close()
-            raise
-        if watch is not None:
-            watch.arm()
-        return store
-
-    async def call(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run ``fn(sqlite3_connection, *args)`` on the writer thread: one hop, one result.
-
-        aiosqlite has no public API to run a callable on its thread; ``_execute`` is what its
-        own methods use (stable since 0.17). tests/test_store.py fails loudly if that changes.
-        """
-        raw = self._conn._conn
-        result: T = await self._conn._execute(fn, raw, *args)  # type: ignore[no-untyped-call]
-        return result
-
-    async def apply(self, batch: Batch) -> list[Result]:
-        """Commit a batch; one :class:`Result` per durable op. Raises on storage faults, and
-        :class:`DatabaseLost` when the files written are no longer the database's."""
-        return await self.call(_apply_watched, batch, self.watch)
-
-    async def load_live(self) -> tuple[list[LiveSession], list[LegRow]]:
-        """RUNNING sessions and their ACTIVE legs."""
-        return await self.call(load_live)
-
-    async def save(self, lost: Lost) -> str:
-        """Keep what the open connection still holds after ``lost``; say where it went.
-
-        A WAL or -shm file gone: checkpoint the WAL into the database file, which is still in
-        place. The database file gone: copy the whole database (SQLite's online backup, read
-        through the open connection) to ``<db>.rescued-<time>`` beside the path.
-        """
-        if lost.file != "db":
-            busy = await self.call(_checkpoint)
-            if busy:
-                raise sqlite3.OperationalError("the checkpoint was blocked by a reader")
-            return f"the WAL was checkpointed into {self.path}"
-        target = self.path.with_name(f"{self.path.name}.rescued-{time.strftime('%Y%m%dT%H%M%S')}")
-        await self.call(backup, target)
-        return f"a copy of the database as this daemon still sees it is in {target}"
-
-    async def close(self) -> None:
-        """Checkpoint the WAL and close the connection.
-
-        A checkpoint that fails (a full disk) loses nothing: the WAL keeps every commit and the
-        next start checkpoints it. One line in the log, then the connection is closed anyway.
-        """
-        try:
-            await self.call(_checkpoint)
-        except sqlite3.Error as exc:
-            log.warning(
-                "could not checkpoint the WAL into %s at stop (%s); nothing is lost: the WAL "
-                "keeps every commit and the next start checkpoints it",
-                self.path,
-                exc,
-            )
-        finally:
-            await self._conn.close()
-
-
-def _apply_watched(conn: sqlite3.Connection, batch: Batch, watch: FileWatch | None) -> list[Result]:
-    results = apply_batch(conn, batch)
-    if watch is not None and (lost := watch.check()) is not None:
-        raise DatabaseLost(lost)
-    return results
-
-
-def _setup(
-    conn: sqlite3.Connection, synchronous: Synchronous, busy_ms: int, check_seconds: float = 0.0
-) -> None:
-    conn.row_factory = sqlite3.Row
-    conn.execute(f"PRAGMA busy_timeout = {busy_ms}")
-    if check_seconds > 0:
-        quick_check(conn, check_seconds)
-    mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-    if mode.lower() != "wal":
-        raise sqlite3.OperationalError(f"could not switch the database to WAL (got {mode})")
-    conn.execute(f"PRAGMA synchronous = {synchronous}")
-    conn.execute(f"PRAGMA busy_timeout = {busy_ms}")
-    conn.execute("PRAGMA foreign_keys = ON")
-    conn.execute("PRAGMA journal_size_limit = 67108864")
-    migrate(conn)
-
-
-def _checkpoint(conn: sqlite3.Connection) -> bool:
-    """Copy the whole WAL into the database and empty it; True if a reader kept it busy."""
-    busy = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
-    return bool(busy)
