@@ -374,6 +374,8 @@ class ClientSession(Replies):
         self._start = None
         failed = list(self._outbox.values())
         self._outbox.clear()
+        self._outq = []  # (what was refused is not sent again outside the session)
+        self._updates = {}
         self._to(Phase.IDLE)
         return failed
 
