@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -133,3 +134,26 @@ async def test_async_twin_without_daemon_returns_instead_of_raising(workdir: Pat
         assert leg.position_id is None and pm.unacknowledged == 2
     finally:
         await pm.aclose(0)
+
+
+def test_a_durable_call_wakes_the_io_thread_only_for_its_ack(
+    pm: PositionPersistenceManager,
+) -> None:
+    """The caller sends its own message (no hand-off to the I/O thread on the way out): one
+    I/O round per durable call, for reading the ack (two before the session/I-O split)."""
+    pm.start_session()
+    channel = pm._channel
+    rounds = 0
+    step = channel._step
+
+    def counted(*args: Any) -> bool:
+        nonlocal rounds
+        rounds += 1
+        return step(*args)
+
+    channel._step = counted  # type: ignore[method-assign]
+    n = 200
+    for _ in range(n):
+        assert pm.save_position_entry(symbol="X", entry_price=1.0, quantity=1).position_id
+    channel._step = step  # type: ignore[method-assign]
+    assert rounds <= n * 1.25, rounds  # (a heartbeat timer may add a few)

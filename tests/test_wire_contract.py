@@ -39,6 +39,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 from positiond.engine import _ack as engine_ack
 from positiond.server import PING as SERVER_PING
+from positiond_client.channel import FINAL_SESSION_ERRORS
 from positiond_client.errors import ProtocolError
 from positiond_client.protocol import (
     CLIENT_ONLY_CODES,
@@ -52,7 +53,6 @@ from positiond_client.protocol import (
     notice_reply,
     ping_reply,
 )
-from positiond_client.replies import FINAL_SESSION_ERRORS
 from tests.helpers import UNIT, DaemonProcess, rows, wait_for
 
 ROOT = Path(__file__).parent.parent

@@ -227,18 +227,29 @@ class AsyncPositionPersistenceManager(Core):
         return await self._wait(self._crash_pending(error), "crash report")
 
     async def end_session(self) -> Delivery:
-        """Record the session COMPLETED; ``Delivery.STORED`` once durably stored."""
-        return await self._wait(self._end_pending(), "session end")
+        """Record the session COMPLETED; ``Delivery.STORED`` once durably stored (a warning
+        if legs are still open, as in the sync twin)."""
+        pending = self._end_pending()
+        return self._ended(pending, await self._wait(pending, "session end"))
 
     async def sync(self, timeout: float = 1.0) -> bool:  # noqa: ASYNC109 -- the sync twin's API
-        """True once everything sent so far, updates included, is durably stored (waits its
-        whole ``timeout`` even while the daemon is unreachable: the way to wait for it)."""
+        """True once everything sent so far, updates included, is durably stored: the sync's
+        ack, then every earlier message still unacknowledged, all within ``timeout`` (waited
+        even while the daemon is unreachable: the way to wait for it). Concurrent calls are
+        independent: nothing of the manager changes while one awaits."""
         pending = self._sync_pending()
-        delivery = await self._await_answer(pending, timeout, whatever_the_link=True)
-        self._settle(pending, delivery)
-        if not delivery:
-            self._unanswered(pending, "sync", Delivery.UNANSWERED)
-        return bool(delivery)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        if not await self._await_answer(pending, timeout, whatever_the_link=True):
+            return False
+        pending.wait(None)  # answered: its callbacks are finishing on the I/O thread
+        if pending.error is not None:
+            raise pending.error
+        for earlier in self._earlier_unacked(pending):
+            left = max(0.0, deadline - loop.time())
+            if not await self._await_answer(earlier, left, whatever_the_link=True):
+                return False
+        return True
 
     @asynccontextmanager
     async def session(
@@ -283,6 +294,12 @@ class AsyncPositionPersistenceManager(Core):
             while task.uncancel():  # the cancellation is what we are handling now
                 pass
         await call
+
+    async def __aenter__(self) -> AsyncPositionPersistenceManager:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
 
     async def aclose(self, timeout: float = 1.0) -> None:  # noqa: ASYNC109 -- as close()
         """Close without blocking the event loop."""

@@ -351,6 +351,19 @@ class Core:
     def _sync_pending(self) -> Pending:
         return self._channel.submit(self._base("sync"), flush_updates=True)
 
+    def _earlier_unacked(self, sync: Pending) -> list[Pending]:
+        """What a sync waits for once acked: every earlier message still unacknowledged (one
+        refused while the daemon did not know the session is sent again after the sync)."""
+        return [p for p in self._channel.unacked() if p.seq < sync.seq]
+
+    def _ended(self, pending: Pending, delivery: Delivery) -> Delivery:
+        if delivery and pending.result is not None and pending.result.get("open_legs"):
+            log.warning(
+                "session ended with %d leg(s) still open; they stay ACTIVE in positiond",
+                pending.result["open_legs"],
+            )
+        return delivery
+
     def _unanswered(self, pending: Pending, what: str, delivery: Delivery) -> None:
         if delivery is Delivery.UNANSWERED:
             log.warning(

@@ -238,24 +238,19 @@ class PositionPersistenceManager(Core):
     def end_session(self) -> Delivery:
         """Record the session COMPLETED; ``Delivery.STORED`` (true) once durably stored."""
         pending = self._end_pending()
-        delivery = self._wait(pending, "session end")
-        if delivery and pending.result is not None and pending.result.get("open_legs"):
-            log.warning(
-                "session ended with %d leg(s) still open; they stay ACTIVE in positiond",
-                pending.result["open_legs"],
-            )
-        return delivery
+        return self._ended(pending, self._wait(pending, "session end"))
 
     def sync(self, timeout: float = 1.0) -> bool:
-        """True once everything sent so far, updates included, is durably stored."""
+        """True once everything sent so far, updates included, is durably stored (waits up to
+        ``timeout`` even while the daemon is unreachable: the way to wait for it)."""
         pending = self._sync_pending()
         deadline = time.monotonic() + timeout
         if not pending.wait(timeout):
             return False
         if pending.error is not None:
             raise pending.error
-        for earlier in self._channel.unacked():
-            if earlier.seq < pending.seq and not earlier.wait(deadline - time.monotonic()):
+        for earlier in self._earlier_unacked(pending):
+            if not earlier.wait(max(0.0, deadline - time.monotonic())):
                 return False
         return True
 
