@@ -38,7 +38,7 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from positiond.engine import _ack as engine_ack
-from positiond.server import PING as SERVER_PING
+from positiond.router import PING as SERVER_PING
 from positiond_client.channel import FINAL_SESSION_ERRORS
 from positiond_client.errors import ProtocolError
 from positiond_client.protocol import (
