@@ -22,15 +22,14 @@ import logging
 import secrets
 import time as _time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from positiond.commands import HealthQuery, Refusal, by_whom, command_op, unknown_session
 from positiond.liveness import MIN_HEARTBEATS, DaemonClock, Liveness, Verdict
 from positiond.model import Leg, Peer, Session
 from positiond.ops import (
     CLIENT,
     DISCONNECT,
-    PRUNE_CHUNK,
     Batch,
     CrashOp,
     EndOp,
@@ -39,10 +38,6 @@ from positiond.ops import (
     FencedOp,
     LegRow,
     LiveSession,
-    OrphanResolveOp,
-    OrphansOp,
-    PruneOp,
-    QueryOp,
     ResolveOp,
     Result,
     StallOp,
@@ -59,14 +54,6 @@ __all__ = ["Engine", "HealthQuery", "Leg", "Peer", "Session", "health_reply"]
 log = logging.getLogger(__name__)
 
 Reply = tuple[bytes, bytes]  # (routing id, payload)
-
-
-@dataclass(frozen=True, slots=True)
-class HealthQuery:
-    """``query what=health``: answered at once by whoever holds the daemon's health
-    (:func:`health_reply`), from memory: a stuck database must not hang the health check."""
-
-    seq: int | None
 
 
 Immediate = bytes | HealthQuery | None  # what a message gets back at once
@@ -253,11 +240,8 @@ class Engine:
         return error_reply(code, reason, msg.get("seq"), msg.get("key"))
 
     def _unknown_session(self, msg: dict[str, Any]) -> bytes:
-        return self._error(
-            msg,
-            "UNKNOWN_SESSION",
-            f"session {msg['session']!r} is not live here; send start to (re)announce it",
-        )
+        refusal = unknown_session(msg)
+        return self._error(msg, refusal.code, refusal.reason)
 
     def _update(self, session: Session, msg: dict[str, Any], wall: float) -> bytes | None:
         key = msg["key"]
@@ -284,7 +268,7 @@ class Engine:
             )  # fmt: skip
             message = {k: v for k, v in msg.items() if k not in ("v", "session", "token")}
             self.queue.add(
-                FencedOp(None, None, writer.key, self._by(writer), leg.key, wall, message)
+                FencedOp(None, None, writer.key, by_whom(writer), leg.key, wall, message)
             )
         return self._error(
             msg,
@@ -443,79 +427,23 @@ class Engine:
         self.queue.add(op)
         return None
 
-    @staticmethod
-    def _by(session: Session | None, asked_by: str | None = None) -> str:
-        who = f"session {session.id} ({session.strategy})" if session is not None else None
-        parts = [p for p in (who, asked_by) if p]
-        return ": ".join(parts) if parts else "unknown"
-
-    def _on_query(
+    def _on_command(
         self, session: Session | None, rid: bytes, msg: dict[str, Any], now: float, wall: float
     ) -> Immediate:
-        if msg["what"] == "health":
-            # Answered now, from memory: a stuck database must not hang the health check.
-            return HealthQuery(msg["seq"])
-        op = QueryOp(rid, msg["seq"], msg.get("session"), self._by(session, msg.get("by")),
-                     msg["what"], msg.get("strategy"))  # fmt: skip
-        self.queue.add(op)
-        return None
-
-    def _on_resolve(
-        self, session: Session | None, rid: bytes, msg: dict[str, Any], now: float, wall: float
-    ) -> Immediate:
-        key, action = msg["key"], msg["action"]
-        if action == "adopt" and session is None:
-            return self._unknown_session(msg) if "session" in msg else self._error(
-                msg, "NO_SESSION", "adopting a leg needs the session that takes it"
-            )  # fmt: skip
-        leg = self.legs.get(key)
-        if leg is not None and (session is None or leg.session_key != session.key):
-            return self._error(
-                msg,
-                "BAD_STATE" if action != "adopt" else "FENCED",
-                f"leg {key!r} is open in a live session; only its owner may act on it",
-            )
-        op = ResolveOp(
-            rid, msg["seq"], msg.get("session"), self._by(session, msg.get("by")), key, action,
-            wall, msg.get("exit_price"), msg.get("exit_reason", "CLOSED_AT_BROKER"),
-            msg.get("reason"),
-        )  # fmt: skip
-        self.queue.add(op)
-        return None
-
-    def _on_orphans(
-        self, session: Session | None, rid: bytes, msg: dict[str, Any], now: float, wall: float
-    ) -> Immediate:
-        by = self._by(session, msg.get("by"))
-        self.queue.add(OrphansOp(rid, msg["seq"], msg.get("session"), by, msg["rows"], wall))
-        return None
-
-    def _on_resolve_orphan(
-        self, session: Session | None, rid: bytes, msg: dict[str, Any], now: float, wall: float
-    ) -> Immediate:
-        if msg["action"] == "adopt" and "strategy" not in msg:
-            return self._error(msg, "BAD_FIELD", "resolve_orphan: adopt needs strategy")
-        op = OrphanResolveOp(
-            rid, msg["seq"], msg.get("session"), self._by(session, msg.get("by")), msg["id"],
-            msg["action"], wall, msg["reason"], msg.get("strategy"), msg.get("adopt_session"),
-        )  # fmt: skip
-        self.queue.add(op)
-        return None
-
-    def _on_prune(
-        self, session: Session | None, rid: bytes, msg: dict[str, Any], now: float, wall: float
-    ) -> Immediate:
-        by = self._by(session, msg.get("by"))
-        limit = msg.get("limit", PRUNE_CHUNK)
-        self.queue.add(PruneOp(rid, msg["seq"], msg.get("session"), by, msg["before"], limit))
+        out = command_op(session, rid, msg, wall, self.legs)
+        if isinstance(out, Refusal):
+            return self._error(msg, out.code, out.reason)
+        if isinstance(out, HealthQuery):
+            return out
+        self.queue.add(out)
         return None
 
     _HANDLERS: ClassVar[dict[str, _Handler]] = {
-        "query": _on_query,
-        "resolve": _on_resolve,
-        "orphans": _on_orphans,
-        "resolve_orphan": _on_resolve_orphan,
-        "prune": _on_prune,
+        "query": _on_command,
+        "resolve": _on_command,
+        "orphans": _on_command,
+        "resolve_orphan": _on_command,
+        "prune": _on_command,
         "hb": _on_hb,
         "update": _on_update,
         "start": _on_start,
