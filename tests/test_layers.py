@@ -59,12 +59,12 @@ def _writes_into_engine(source: str) -> list[str]:
             isinstance(node, ast.Call)
             and isinstance(node.func, ast.Attribute)
             and node.func.attr in MUTATORS
-            and _through_engine(node.func.value)
+            and _through_engine(node.func)
         ):
             found.append(f"line {node.lineno}: {ast.unparse(node)}")
         for target in targets:
             if isinstance(target, ast.Attribute | ast.Subscript) and _through_engine(target):
-                found.append(f"line {node.lineno}: {ast.unparse(target)} = ...")
+                found.append(f"line {target.lineno}: {ast.unparse(target)} = ...")
         if (
             isinstance(node, ast.Attribute)
             and node.attr in ("wall", "monotonic", "clock")
@@ -130,3 +130,39 @@ def test_settings_reach_the_engine_through_its_methods() -> None:
     engine.set_heartbeat_timeout(7.5)
     engine.set_flush_interval(0.25)
     assert engine.liveness.timeout == 7.5 and engine.flush_interval == 0.25
+
+
+# The engine's time parameters and how many positional arguments carry them (rid/msg first).
+TIMED = {"tick": (2, ()), "peer_gone": (2, ()), "load": (4, ()), "receive": (4, ()),
+         "take_batch": (1, ("wall",))}  # fmt: skip
+
+
+def _engine_call(node: ast.AST) -> str | None:
+    """The engine method a call makes (``self.engine.tick(...)``, the router's bound
+    ``receive(...)``), or None."""
+    if not isinstance(node, ast.Call):
+        return None
+    func = node.func
+    if isinstance(func, ast.Attribute) and func.attr in TIMED and _through_engine(func):
+        return func.attr
+    if isinstance(func, ast.Name) and func.id == "receive":  # bound once per drain
+        return "receive"
+    return None
+
+
+def test_the_daemon_hands_the_engine_its_time() -> None:
+    """The engine's own clocks are defaults for tests and benchmarks only: every call the daemon
+    makes passes the time, so the daemon alone decides what "now" is."""
+    calls = []
+    for name in ("server.py", "router.py"):
+        for node in ast.walk(ast.parse((PACKAGE / name).read_text())):
+            attr = _engine_call(node)
+            if attr is None:
+                continue
+            assert isinstance(node, ast.Call)
+            positional, keywords = TIMED[attr]
+            given = {k.arg for k in node.keywords}
+            ok = len(node.args) >= positional and set(keywords) <= given
+            calls.append((name, node.lineno, attr, ok))
+    assert {attr for _, _, attr, _ in calls} == set(TIMED)  # the walk sees every one of them
+    assert [c for c in calls if not c[3]] == []
