@@ -78,8 +78,9 @@ def _clock_text(wall: float) -> str:
 class Engine:
     """In-memory model of live sessions and open legs, and the rules applied to each message.
 
-    ``monotonic`` drives liveness (through the observed :attr:`clock`), ``wall`` stamps what is
-    stored; both are injectable.
+    Monotonic time drives liveness (through the observed :attr:`clock`), wall time stamps what
+    is stored. The daemon passes both to every call; ``monotonic`` and ``wall`` are only the
+    defaults for callers that leave them out (tests, benchmarks).
     """
 
     def __init__(
