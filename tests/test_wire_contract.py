@@ -38,7 +38,7 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from positiond.engine import _ack as engine_ack
-from positiond.server import PING as SERVER_PING
+from positiond.router import PING as SERVER_PING
 from positiond_client.channel import FINAL_SESSION_ERRORS
 from positiond_client.errors import ProtocolError
 from positiond_client.protocol import (
@@ -121,7 +121,7 @@ def client_only_codes(text: str) -> set[str]:
 def codes_in_daemon_source() -> set[str]:
     """Every code literal passed to an error builder in the daemon (and the protocol module it
     decodes with): so a code added to the code but not to ErrorCode is caught."""
-    builders = {"error", "_error", "error_reply", "ProtocolError"}
+    builders = {"error", "_error", "error_reply", "ProtocolError", "Refusal"}
     files = [*sorted((ROOT / "daemon" / "positiond").rglob("*.py"))]
     files.append(ROOT / "client" / "positiond_client" / "protocol.py")
     found: set[str] = set()

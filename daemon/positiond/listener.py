@@ -1,6 +1,6 @@
 """The daemon's listening side: where the socket lives, who may connect, and how many.
 
-:class:`Listener` wraps the ROUTER's endpoint for :class:`positiond.server.Daemon`:
+:class:`Listener` wraps the ROUTER's endpoint for :class:`positiond.router.Router`:
 
 - before anything is bound it refuses an ipc socket in a directory another user could write
   (:class:`UnsafeEndpoint`, exit 2; docs/SECURITY.md);
@@ -108,13 +108,13 @@ class Listener:
         config: Config,
         *,
         listen_fd: int | None,
-        counters: dict[str, int],
         ensure_lock: Callable[[Path], None],
         warn_limited: Callable[..., None],
     ) -> None:
         self.config = config
         self.listen_fd = listen_fd  # a listening socket from systemd (positiond.activation)
-        self.counters = counters
+        # Its own counters (the daemon's health merges them with the other components').
+        self.counters = {"refused_connections": 0, "accept_pauses": 0, "socket_rebinds": 0}
         self.ensure_lock = ensure_lock
         self._warn_limited = warn_limited  # a rate-limited log.warning
         self.path = ipc_path(config.endpoint)
@@ -127,8 +127,6 @@ class Listener:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._on_disconnected: Callable[[int], None] = lambda fd: None
         self._next_check = 0.0
-        for name in ("refused_connections", "accept_pauses", "socket_rebinds"):
-            counters.setdefault(name, 0)
 
     # ---- before binding --------------------------------------------------------------------
 

@@ -258,6 +258,8 @@ class Batch:
     trail_events: list[TrailEvent] = field(default_factory=list)
     heartbeats: dict[str, float] = field(default_factory=dict)  # session_key -> wall time
     time: float = 0.0  # wall clock when the batch was taken
+    # position_key -> session_key of each update (not written: a requeue finds its carrier by it)
+    update_owners: dict[str, str] = field(default_factory=dict)
 
     def __bool__(self) -> bool:
         return bool(self.ops or self.updates or self.heartbeats)

@@ -1,16 +1,20 @@
-"""The daemon's asyncio adapter: one ROUTER socket in, one SQLite writer out.
+"""The daemon's lifecycle: locks, start and stop, its tasks, the writer, its health.
 
-Five tasks share the event loop:
+The parts it wires together, none of which knows the daemon:
 
-- receive: ``await poll()`` then drain the socket without blocking through a shadow socket
-  (pyzmq's one-await-per-message path is four times slower, and a cancelled ``recv`` can lose a
-  message), decode, hand each message to the :class:`~positiond.engine.Engine`;
+- the :class:`~positiond.router.Router` (selector callbacks, not tasks): binds the ROUTER,
+  drains it, decodes, hands each message to the engine and sends the replies; turns a dropped
+  ipc connection into "process exited" within milliseconds;
+- the :class:`~positiond.engine.Engine`: the rules, and what waits to be written;
+- the :class:`~positiond.store.Store`: one SQLite connection on its own thread.
+
+Its tasks:
+
 - write: takes a batch from the engine, commits it in one call, then sends the acks;
 - tick: drives liveness verdicts (on the engine's observed clock, after reading what is
-  queued) and the flush interval, and once a second lets the
+  queued) and the flush interval, and once a second lets the router's
   :class:`~positiond.listener.Listener` recount fds and check the socket file;
-- monitor (a selector callback of the Listener, not a task): turns a dropped ipc connection
-  into "process exited" within milliseconds, and counts connections against the fd limit;
+- watch: checks between commits that the database files are still in place;
 - status: tells systemd how the daemon is doing (``STATUS=``, ``WATCHDOG=1`` while the writer
   makes progress, see :mod:`positiond.status`) and refreshes ``status.json``.
 
@@ -23,7 +27,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import errno
 import fcntl
 import logging
 import os
@@ -33,15 +36,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
-import zmq
-import zmq.asyncio
-
 from positiond.config import RELOADABLE, Config, changed
-from positiond.connections import shutdown_connection
-from positiond.curve import ServerCurve, secure_server
 from positiond.engine import Engine
-from positiond.listener import Listener
 from positiond.notify import Notifier
+from positiond.router import Router
 from positiond.status import Progress, Reporter, status_file_for, status_line, version
 from positiond.store import Store, open_store
 from positiond.store.dbfile import (
@@ -56,22 +54,12 @@ from positiond.store.dbfile import (
     open_error,
     restore_advice,
 )
-from positiond_client.errors import ProtocolError
 from positiond_client.paths import ipc_path
-from positiond_client.protocol import PROTOCOL_VERSION, decode, encode, error_reply
 
 __all__ = ["AlreadyRunning", "Daemon"]
 
 log = logging.getLogger(__name__)
 
-PING = encode({"v": PROTOCOL_VERSION, "type": "ping"})
-# Plain ints: flags as enums cost a conversion per call on the hot path.
-NOBLOCK = int(zmq.NOBLOCK)
-MORE_NOBLOCK = int(zmq.SNDMORE | zmq.NOBLOCK)
-# Messages handled per wake-up before yielding to the writer and the ticker.
-DRAIN_MAX = 2000
-# After a disconnect event the ROUTER may still list the peer for a moment: probe again.
-PROBE_RETRIES = (0.002, 0.01, 0.05, 0.2)
 # How long a stopping daemon keeps retrying a failing final write.
 SHUTDOWN_WRITE_TIMEOUT = 10.0
 # While the final flush runs, ask systemd for this much more stop time every EXTEND_STEP seconds.
@@ -86,26 +74,6 @@ WATCH_INTERVAL = 1.0
 
 class AlreadyRunning(RuntimeError):
     """Another positiond holds this database or endpoint."""
-
-
-class _RateLimitedLog:
-    """Log at most ``burst`` lines per ``window`` seconds; count the rest."""
-
-    def __init__(self, burst: int = 10, window: float = 10.0) -> None:
-        self.burst, self.window = burst, window
-        self._start, self._count, self.suppressed = 0.0, 0, 0
-
-    def warning(self, fmt: str, *args: Any) -> None:
-        now = time.monotonic()
-        if now - self._start > self.window:
-            if self.suppressed:
-                log.warning("%d similar messages suppressed", self.suppressed)
-            self._start, self._count, self.suppressed = now, 0, 0
-        self._count += 1
-        if self._count <= self.burst:
-            log.warning(fmt, *args)
-        else:
-            self.suppressed += 1
 
 
 def _lock(path: Path, what: str) -> IO[bytes]:
@@ -127,20 +95,6 @@ def _same_file(handle: IO[bytes], path: Path) -> bool:
     return (mine.st_dev, mine.st_ino) == (there.st_dev, there.st_ino)
 
 
-def _peer_credentials(frame: zmq.Frame) -> tuple[int, int | None, int | None]:
-    """(fd, uid, pid) of the connection a frame came in on; uid/pid only on ipc://."""
-    fd = int(frame.get(zmq.SRCFD))
-    try:
-        address = str(frame.get("Peer-Address"))
-    except zmq.ZMQError:
-        return fd, None, None
-    # ipc:// peers read "localhost:uid:gid:pid" (from SO_PEERCRED), tcp:// peers an IP.
-    parts = address.split(":")
-    if len(parts) == 4 and parts[1].isdigit() and parts[3].isdigit():
-        return fd, int(parts[1]), int(parts[3])
-    return fd, None, None
-
-
 class Daemon:
     """positiond itself: ``await start()``, then ``await stop()`` (or ``run()`` for both)."""
 
@@ -155,22 +109,14 @@ class Daemon:
     ) -> None:
         self.config = config
         self.listen_fd = listen_fd  # a listening socket from systemd (positiond.activation)
-        self._curve: ServerCurve | None = None
-        # CURVE peers: routing id -> (fd, z85 public key), to drop a key's connections on revoke.
-        self._curve_peers: dict[bytes, tuple[int, str]] = {}
         self.notifier = Notifier() if notifier is None else notifier
         self.monotonic = monotonic
+        self.wall = wall
         self.engine = Engine(
             config.heartbeat_timeout, config.flush_interval, monotonic=monotonic, wall=wall
         )
-        self.engine.health = self.health  # answers `query what=health` from memory
         self.store: Store | None = None
-        self.ctx: zmq.asyncio.Context | None = None
-        # A plain (not asyncio) socket: the event loop watches its fd (see _on_readable).
-        self.sock: zmq.Socket[bytes] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._reader_fd: int | None = None
-        self._drain_queued = False
         self._tasks: list[asyncio.Task[None]] = []
         self._writer: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
@@ -182,23 +128,24 @@ class Daemon:
         # Set for good when the database can no longer be written safely (its file deleted or
         # replaced, damage found): nothing is written or acknowledged any more.
         self.storage_fault: str | None = None
-        self._bad_log = _RateLimitedLog()
-        self.is_ipc = config.endpoint.startswith("ipc://")
         self.endpoint = config.endpoint
         self.healthy = True  # the last write succeeded
         self.last_flush: float | None = None
         self.started = monotonic()
         self.progress = Progress(self.started)
         self.reporter = Reporter(self.notifier, None, self.health)
-        self.counters = self.engine.counters
-        self.counters.update({"bad_messages": 0, "dropped_replies": 0, "batches": 0})
-        self.listener = Listener(
+        self.counters: dict[str, int] = {"batches": 0}  # the writer's; health() merges all
+        self.router = Router(
             config,
+            self.engine,
             listen_fd=listen_fd,
-            counters=self.counters,
             ensure_lock=self._ensure_lock,
-            warn_limited=_RateLimitedLog().warning,
+            wake=self._wake.set,
+            health=self.health,  # answers `query what=health` from memory
+            monotonic=monotonic,
+            wall=wall,
         )
+        self.listener = self.router.listener
 
     # ---- lifecycle -----------------------------------------------------------------------
 
@@ -224,30 +171,18 @@ class Daemon:
             await self.store.close()
             self.store = None
             raise open_error(db, exc) from None
-        self.engine.load(sessions, legs)
+        self.engine.load(sessions, legs, self.monotonic(), self.wall())
         if sessions:
             log.info(
                 "%d session(s) were RUNNING when the daemon last stopped; waiting %.1fs for them",
                 len(sessions),
                 cfg.heartbeat_timeout,
             )
-        self.ctx = zmq.asyncio.Context()
-        sock: zmq.Socket[bytes] = zmq.Socket(self.ctx, zmq.ROUTER)
-        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        sock.setsockopt(zmq.MAXMSGSIZE, cfg.max_message_bytes + 1024)
-        sock.setsockopt(zmq.LINGER, 1000)
-        if cfg.curve_secret_key is not None and cfg.curve_clients is not None and not self.is_ipc:
-            # Config refuses tcp:// without these: a network port is never served in clear.
-            self._curve = secure_server(self.ctx, sock, cfg.curve_secret_key, cfg.curve_clients)
-        self.endpoint = self.listener.bind(self.ctx, sock)
-        self.sock = sock
+        self.endpoint = self.router.open()
         loop = self._loop = asyncio.get_running_loop()
         self._writer = loop.create_task(self._write_loop(), name="positiond-writer")
-        self._reader_fd = sock.fileno()
-        loop.add_reader(self._reader_fd, self._on_readable)
-        self._drain_soon()  # anything that queued before the fd was watched
+        self.router.attach(loop)
         self._tasks = [loop.create_task(self._tick_loop(), name="positiond-tick")]
-        self.listener.attach(loop, self._disconnected)
         self._tasks.append(loop.create_task(self._watch_loop(), name="positiond-watch"))
         self.reporter.path = status_file_for(ipc_path(cfg.endpoint))
         self.started = self.monotonic()
@@ -292,10 +227,7 @@ class Daemon:
         if not self._stopping:
             self.notifier.stopping("stopping: writing what is pending")
         self._stopping = True
-        if self._reader_fd is not None and self._loop is not None:
-            self._loop.remove_reader(self._reader_fd)
-            self._reader_fd = None
-        self.listener.close_monitor()
+        self.router.detach()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -306,16 +238,7 @@ class Daemon:
             self._wake.set()
             await self._final_flush(self._writer)
             self._writer = None
-        if self.sock is not None:
-            self.sock.close(linger=1000)
-            self.sock = None
-        self.listener.close()
-        if self._curve is not None:
-            self._curve.stop()
-            self._curve = None
-        if self.ctx is not None:
-            self.ctx.term()
-            self.ctx = None
+        self.router.close()
         try:
             if self.store is not None:
                 await self.store.close()
@@ -404,7 +327,12 @@ class Daemon:
             and progressing
             and self.storage_fault is None
             and listening["listening"],
-            "counters": dict(self.counters),
+            "counters": {
+                **self.engine.counters,
+                **self.router.counters,
+                **self.counters,
+                **self.listener.counters,
+            },
         }
 
     # ---- reload --------------------------------------------------------------------------
@@ -417,151 +345,14 @@ class Daemon:
         self.config = dataclasses.replace(
             self.config, **{name: getattr(new, name) for name in applied}
         )
-        self.engine.liveness.timeout = self.config.heartbeat_timeout
-        self.engine.flush_interval = self.config.flush_interval
+        self.engine.set_heartbeat_timeout(self.config.heartbeat_timeout)
+        self.engine.set_flush_interval(self.config.flush_interval)
+        self.router.config = self.config
         return applied, refused
 
     def reload_keys(self) -> str | None:
-        """SIGHUP: re-read the allowed CURVE keys and drop the revoked ones' connections.
-
-        Returns a line for the log, or None when nothing changed (or no CURVE).
-        """
-        if self._curve is None:
-            return None
-        added, removed = self._curve.reload()
-        if not added and not removed:
-            return None
-        dropped = 0
-        for rid, (fd, key) in list(self._curve_peers.items()):
-            if rid not in self.engine.peers:
-                del self._curve_peers[rid]
-            elif key in removed:
-                # The monitor then sees the disconnect; on tcp:// the session's heartbeats stop
-                # and it is declared CRASHED after heartbeat_timeout (its legs stay recoverable).
-                del self._curve_peers[rid]
-                dropped += shutdown_connection(fd)
-        return (
-            f"CURVE keys: {len(self._curve.keys)} allowed ({len(added)} added, "
-            f"{len(removed)} removed); {dropped} connection(s) of removed keys dropped"
-        )
-
-    def _note_curve_peer(self, rid: bytes, fd: int, frame: zmq.Frame) -> None:
-        try:
-            key = str(frame.get("User-Id"))  # zmq.auth's user id: the z85 public key
-        except zmq.ZMQError:
-            return
-        if len(self._curve_peers) > 2 * len(self.engine.peers) + 64:
-            for gone in [r for r in self._curve_peers if r not in self.engine.peers]:
-                del self._curve_peers[gone]
-        self._curve_peers[rid] = (fd, key)
-
-    # ---- receive -------------------------------------------------------------------------
-
-    def _on_readable(self) -> None:
-        """The ROUTER's fd fired: drain the socket, then let the writer take what is due.
-
-        A plain selector callback (``loop.add_reader``): no task, future or poller per wake-up.
-        libzmq's fd is edge-triggered, so the drain reads until EAGAIN; a drain cut short at
-        DRAIN_MAX goes on in the next loop iteration, after the writer and the ticker had a turn.
-        """
-        self._drain_queued = False
-        if self._drain():
-            self._drain_soon()
-        if self.engine.pending_ops:
-            self._wake.set()
-
-    def _drain_soon(self) -> None:
-        if not self._drain_queued and self._loop is not None:
-            self._drain_queued = True
-            self._loop.call_soon(self._on_readable)
-
-    def _recheck(self) -> None:
-        """After sending outside a drain: libzmq may have queued input without the fd firing
-        again (it only signals a change of state), so ask ZMQ_EVENTS."""
-        if self.sock is not None and int(self.sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
-            self._drain_soon()
-
-    def _drain(self) -> bool:
-        """Receive, decode and apply up to DRAIN_MAX messages; True if it stopped at the cap."""
-        assert self.sock is not None
-        sock, engine = self.sock, self.engine
-        recv, peers, receive, send = sock.recv, engine.peers, engine.receive, self.send
-        listener = self.listener
-        now, wall = self.monotonic(), engine.wall()
-        limit = self.config.max_message_bytes
-        for _ in range(DRAIN_MAX):
-            try:
-                rid = recv(NOBLOCK)
-            except zmq.Again:
-                return False
-            # A Frame's ``more`` is a plain attribute; ``sock.rcvmore`` is a getsockopt through
-            # pyzmq's attribute machinery and cost more than decoding the message.
-            frame = recv(copy=False)
-            if rid not in peers:
-                fd, uid, pid = _peer_credentials(frame)
-                listener.drain_monitor()
-                if listener.refused(fd):
-                    self._busy(rid)
-                    continue
-                engine.add_peer(rid, fd, uid, pid)
-                if self._curve is not None:
-                    self._note_curve_peer(rid, fd, frame)
-            if frame.more:
-                self._reject_frames(rid)
-                continue
-            payload = frame.bytes
-            try:
-                msg = decode(payload, limit)
-            except ProtocolError as exc:
-                self._bad(rid, exc)
-                continue
-            except Exception:  # the decoder's contract is ProtocolError; a bug must not kill us
-                log.exception("internal error decoding a message")
-                self._bad(rid, ProtocolError("message could not be decoded", "BAD_MESSAGE"))
-                continue
-            try:
-                reply = receive(rid, msg, now, wall)
-            except Exception:  # a bug must not take the daemon down with it
-                log.exception("internal error handling a %s message", msg.get("type"))
-                reply = error_reply(
-                    "INTERNAL", "internal error; see the daemon log", msg.get("seq")
-                )
-            if reply is not None:
-                send(rid, reply)
-        return True
-
-    def _busy(self, rid: bytes) -> None:
-        """Answer a message of a connection refused for the limit (no seq: nothing fails)."""
-        assert self.sock is not None
-        while self.sock.rcvmore:
-            self.sock.recv()
-        self.send(rid, self.listener.busy_reply())
-
-    def _reject_frames(self, rid: bytes) -> None:
-        assert self.sock is not None
-        while self.sock.rcvmore:
-            self.sock.recv()
-        self._bad(rid, ProtocolError("a message must be exactly one frame", "BAD_FRAMES"))
-
-    def _bad(self, rid: bytes, exc: ProtocolError) -> None:
-        self.counters["bad_messages"] += 1
-        self._bad_log.warning("refused a message: %s", exc)
-        self.send(rid, error_reply(exc.code, exc.reason, exc.seq))
-
-    def send(self, rid: bytes, payload: bytes) -> bool:
-        """Send one reply without blocking; False if the peer is gone or its queue is full."""
-        if self.sock is None:
-            return False
-        try:
-            # ROUTER_MANDATORY: a gone or full peer fails the routing id, before any payload.
-            self.sock.send(rid, MORE_NOBLOCK)
-            self.sock.send(payload, NOBLOCK)
-        except zmq.ZMQError as exc:
-            if exc.errno not in (errno.EHOSTUNREACH, errno.EAGAIN):
-                raise
-            self.counters["dropped_replies"] += 1
-            return False
-        return True
+        """SIGHUP: re-read the allowed CURVE keys (see :meth:`Router.reload_keys`)."""
+        return self.router.reload_keys()
 
     # ---- write ---------------------------------------------------------------------------
 
@@ -614,7 +405,9 @@ class Daemon:
         engine = self.engine
         if self.storage_fault is not None:
             return False  # nothing more goes into a file that may not be the database
-        batch = engine.take_batch(self.monotonic(), flush_updates=flush_updates)
+        batch = engine.take_batch(
+            self.monotonic(), wall=self.wall(), flush_updates=flush_updates
+        )
         if not batch:
             self.progress.idle(self.monotonic())
             return True
@@ -653,10 +446,10 @@ class Daemon:
             self.healthy = True
         self.counters["batches"] += 1
         self.last_flush = time.time()
-        send = self.send
+        send = self.router.send
         for rid, payload in engine.committed(batch, results):
             send(rid, payload)
-        self._recheck()
+        self.router.recheck()
         return True
 
     # ---- storage faults ------------------------------------------------------------------
@@ -724,43 +517,7 @@ class Daemon:
             await asyncio.sleep(interval)
             # Judge only after reading what is queued: after a gap in the daemon's own progress
             # (stopped, suspended, starved) the strategies' heartbeats wait in the socket.
-            self._read_queued()
-            if self.engine.tick(self.monotonic()):
+            self.router.read_queued()
+            if self.engine.tick(self.monotonic(), self.wall()):
                 self._wake.set()
-            self._recheck()  # cheap insurance against a missed edge of the fd
-            self.listener.drain_monitor()  # the same for the monitor's
-            self.listener.tick(self.monotonic())  # fd recount, socket file check: each second
-
-    def _read_queued(self) -> None:
-        if self.sock is not None and int(self.sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
-            self._on_readable()
-
-    # ---- process death -------------------------------------------------------------------
-
-    def _disconnected(self, fd: int) -> None:
-        for peer in self.engine.peers_on_fd(fd):
-            self._probe(peer.rid, 0)
-
-    def _probe(self, rid: bytes, attempt: int) -> None:
-        """Is the peer still connected? A ROUTER_MANDATORY send fails for a gone one."""
-        if rid not in self.engine.peers or self.sock is None:
-            return
-        try:
-            self.sock.send_multipart([rid, PING], zmq.NOBLOCK)
-        except zmq.ZMQError as exc:
-            if exc.errno == errno.EHOSTUNREACH:
-                if self.is_ipc:
-                    # On ipc:// a dropped connection means the process is gone.
-                    self.engine.peer_gone(rid)
-                    self._wake.set()
-                else:
-                    # On tcp:// it may be the network: heartbeats decide, we only forget it.
-                    self.engine.peers.pop(rid, None)
-                return
-            if exc.errno != errno.EAGAIN:
-                raise
-        self._recheck()
-        if attempt < len(PROBE_RETRIES):
-            asyncio.get_running_loop().call_later(
-                PROBE_RETRIES[attempt], self._probe, rid, attempt + 1
-            )
+            self.router.tick(self.monotonic())

@@ -40,7 +40,8 @@ import orjson
 import zmq
 from rich.console import Console
 
-from positiond.ops import Batch, operator_op
+from positiond.commands import HealthQuery, Refusal, command_op
+from positiond.ops import Batch
 from positiond.store.dbfile import DatabaseLocked, lock_database, lock_file_for
 from positiond.store.schema import SCHEMA_VERSION, SchemaError
 from positiond.store.sqlite import apply_direct, connect_readonly
@@ -167,11 +168,15 @@ class Written:
 def _direct(db: Path, messages: list[dict[str, Any]], by: str) -> list[Outcome]:
     """Apply the messages as the daemon would (its ops, its SQL), in one transaction."""
     now = time.time()
+    ops = []
     for msg in messages:
-        if msg["type"] == "resolve_orphan" and msg["action"] == "adopt" and "strategy" not in msg:
-            # refused as the engine refuses it, before any op is built
-            raise CtlError(EXIT_USAGE, "resolve_orphan: adopt needs strategy", "BAD_FIELD")
-    ops = [operator_op(msg, None, by, now) for msg in messages]
+        # The engine's own rule: refused as the daemon refuses it, or the op it builds.
+        out = command_op(None, None, {**msg, "by": by}, now, {})
+        if isinstance(out, Refusal):
+            raise CtlError(EXIT_USAGE, f"{msg['type']}: {out.reason}", out.code)
+        if isinstance(out, HealthQuery):
+            raise CtlError(EXIT_USAGE, "a health query goes to the daemon")
+        ops.append(out)
     try:
         results = apply_direct(db, Batch(ops=ops, time=now))
     except SchemaError as exc:
