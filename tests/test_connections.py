@@ -19,7 +19,7 @@ from positiond.connections import ConnectionGate, Limits
 from positiond.status import status_line
 from positiond_client import PositionPersistenceManager
 from tests.helpers import UNIT, DaemonProcess, rows, wait_for
-from tests.test_listener import _acked_session
+from tests.test_listener import acked_session
 
 # ---- more connections than file descriptors -----------------------------------------------
 
@@ -101,7 +101,7 @@ def test_twice_the_fd_limit_in_connections_leaves_the_daemon_serving(
     started.append(daemon)
     daemon.start()
     assert daemon.proc is not None
-    survivor = _acked_session(daemon.endpoint, "survivor")
+    survivor = acked_session(daemon.endpoint, "survivor")
     crowds: list[subprocess.Popen[str]] = []
     try:
         # 2x the limit in connections, from two processes at once.
@@ -165,7 +165,7 @@ def test_twice_the_fd_limit_in_connections_leaves_the_daemon_serving(
     wait_for(
         lambda: json.loads((workdir / "status.json").read_text())["accepting"], 10, "accepting"
     )
-    late = _acked_session(daemon.endpoint, "late")
+    late = acked_session(daemon.endpoint, "late")
     assert survivor.save_position_entry(symbol="Y", entry_price=1.0, quantity=1) is not None
     late.close(0)
     survivor.close(0)
@@ -205,8 +205,8 @@ def test_a_strategy_waiting_at_the_connection_limit_is_served_once_a_slot_frees(
     limited = DaemonProcess(workdir, "--flush-interval", "0.05", "--max-connections", "2")
     started.append(limited)
     limited.start()
-    first = _acked_session(limited.endpoint, "first")
-    second = _acked_session(limited.endpoint, "second")
+    first = acked_session(limited.endpoint, "first")
+    second = acked_session(limited.endpoint, "second")
     waiting = PositionPersistenceManager("waiting", endpoint=limited.endpoint, ack_timeout=0.3)
     try:
         wait_for(lambda: "stopped accepting connections" in limited.output(), 5, "the stop")
@@ -239,7 +239,7 @@ def test_a_daemon_killed_at_the_limit_leaves_nothing_in_the_way(
     limited = DaemonProcess(workdir, "--flush-interval", "0.05", "--max-connections", "1")
     started.append(limited)
     limited.start()
-    first = _acked_session(limited.endpoint, "first")
+    first = acked_session(limited.endpoint, "first")
     try:
         paused = limited.sock.with_name(".pd.sock.paused")
         wait_for(paused.exists, 5, "the socket file to be moved aside")

@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from positiond_client import PositionPersistenceManager
 from positiond_client.paths import socket_owner_warning, unsafe_socket_directory
 from tests.helpers import UNIT, DaemonProcess, rows, session_status, wait_for
-from tests.test_service import _activated
+from tests.test_service import activated
 
 
 def _curve_daemon(workdir: Path) -> tuple[DaemonProcess, Path, Path, str]:
@@ -212,14 +212,14 @@ def test_client_warns_about_a_socket_of_another_user(
 # ---- the socket file deleted while running ------------------------------------------------
 
 
-def _acked_session(endpoint: str, name: str) -> PositionPersistenceManager:
+def acked_session(endpoint: str, name: str) -> PositionPersistenceManager:
     pm = PositionPersistenceManager(name, endpoint=endpoint, ack_timeout=2 * UNIT)
     assert pm.start_session() is not None, f"{name} was not acked"
     return pm
 
 
 def test_a_deleted_or_replaced_socket_file_is_bound_again(daemon: DaemonProcess) -> None:
-    first = _acked_session(daemon.endpoint, "first")
+    first = acked_session(daemon.endpoint, "first")
     managers = [first]
     ctx = zmq.Context()
     raw = ctx.socket(zmq.DEALER)
@@ -231,7 +231,7 @@ def test_a_deleted_or_replaced_socket_file_is_bound_again(daemon: DaemonProcess)
         daemon.sock.unlink()
         # Back within the check interval: a new strategy can connect again.
         wait_for(lambda: daemon.sock.is_socket(), 5, "the socket file to be bound again")
-        managers.append(_acked_session(daemon.endpoint, "second"))
+        managers.append(acked_session(daemon.endpoint, "second"))
         # The connections in place were kept all along (never dropped and re-made).
         assert first.save_position_entry(symbol="X", entry_price=1.0, quantity=1) is not None
         assert not events.poll(0), "a connection in place was dropped"
@@ -241,7 +241,7 @@ def test_a_deleted_or_replaced_socket_file_is_bound_again(daemon: DaemonProcess)
         daemon.sock.unlink()
         daemon.sock.write_text("not a socket")
         wait_for(lambda: daemon.sock.is_socket(), 5, "the name to be taken back")
-        managers.append(_acked_session(daemon.endpoint, "third"))
+        managers.append(acked_session(daemon.endpoint, "third"))
         out = daemon.output()
         assert "was deleted while running; bound it again" in out
         assert "was replaced by another file while running; bound it again" in out
@@ -268,7 +268,7 @@ def test_a_deleted_directory_is_made_again_with_its_endpoint_lock(workdir: Path)
     try:
         shutil.rmtree(run)
         wait_for(lambda: daemon.sock.is_socket(), 5, "the socket to be bound again")
-        pm = _acked_session(daemon.endpoint, "after")
+        pm = acked_session(daemon.endpoint, "after")
         pm.close(0)
         # The endpoint lock was taken again: a second daemon is still refused.
         second = subprocess.run(daemon.args, capture_output=True, text=True, timeout=30 * UNIT)
@@ -284,7 +284,7 @@ def test_under_socket_activation_a_deleted_socket_file_is_unhealthy(workdir: Pat
     listener.bind(str(path))
     listener.listen(16)
     status = workdir / "status.json"
-    proc = _activated(workdir, listener, 1, "--status-interval", "0.1")
+    proc = activated(workdir, listener, 1, "--status-interval", "0.1")
     try:
         proc.wait_ready()
 

@@ -28,6 +28,7 @@ from positiond_client.recovery import (
     MISMATCH,
     RESUME,
     CrashedLeg,
+    attribute,
     verify_positions,
 )
 from tests import conftest
@@ -212,9 +213,7 @@ def test_verification_never_closes_an_open_leg_nor_resumes_a_closed_one(world: W
     st.integers(min_value=-600, max_value=600),
 )
 def test_partial_sums_agree_with_enumeration(quantities: list[int], target: int) -> None:
-    from positiond_client.recovery import _attribute
-
-    found = _attribute(quantities, target)
+    found = attribute(quantities, target)
     assert found is not None
     subsets = [
         picks

@@ -115,7 +115,7 @@ os.execv(sys.executable, [sys.executable, *sys.argv[2:]])
 """
 
 
-def _activated(workdir: Path, listener: socket.socket, n: int, *extra: str) -> Proc:
+def activated(workdir: Path, listener: socket.socket, n: int, *extra: str) -> Proc:
     """Start the daemon socket-activated; exec keeps the pid, so LISTEN_PID is the daemon's."""
     fd = listener.fileno()
     args = [sys.executable, "-c", _EXEC_ACTIVATED, str(fd), *_daemon_args(workdir, *extra)[1:]]
@@ -146,7 +146,7 @@ def test_socket_activation_serves_clients_that_connected_before_it_started(
         first_leg = pm.save_position_entry(
             symbol="NIFTY28NOV2524000CE", entry_price=100.0, stop_price=90.0, quantity=75
         )
-        first = _activated(workdir, listener, 1)
+        first = activated(workdir, listener, 1)
         procs.append(first)
         assert pm.sync(timeout=10 * UNIT), f"not stored:\n{first.output()}"
         assert "socket activation" in first.output()
@@ -159,7 +159,7 @@ def test_socket_activation_serves_clients_that_connected_before_it_started(
         second_leg = pm.save_position_entry(
             symbol="NIFTY28NOV2524000PE", entry_price=80.0, stop_price=70.0, quantity=75
         )
-        second = _activated(workdir, listener, 2)
+        second = activated(workdir, listener, 2)
         procs.append(second)
         assert pm.sync(timeout=10 * UNIT), f"not stored after restart:\n{second.output()}"
         pm.end_session()
@@ -179,7 +179,7 @@ def test_socket_activation_refuses_a_socket_for_another_endpoint(
     listener.bind(str(workdir / "other.sock"))
     listener.listen(1)
     try:
-        proc = _activated(workdir, listener, 1)
+        proc = activated(workdir, listener, 1)
         procs.append(proc)
         assert proc.proc.wait(10 * UNIT) == 2
     finally:

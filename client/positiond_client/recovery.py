@@ -50,11 +50,13 @@ __all__ = [
     "CLOSED_AT_BROKER",
     "MISMATCH",
     "RESUME",
+    "Attribution",
     "CrashedLeg",
     "KnownLeg",
     "Orphan",
     "Verdict",
     "VerificationReport",
+    "attribute",
     "parse_positionbook",
     "stranded",
     "verify_positions",
@@ -311,7 +313,9 @@ AnyLeg = KnownLeg | CrashedLeg
 
 
 @dataclass(frozen=True)
-class _Attribution:
+class Attribution:
+    """How the uncertain legs of one instrument can explain its broker net (see ``attribute``)."""
+
     explanations: int  # subsets of the uncertain legs that add up to the rest: 0, 1, 2 (= 2+)
     can_be_open: tuple[bool, ...]  # per uncertain leg: open in at least one explanation
     can_be_closed: tuple[bool, ...]  # per uncertain leg: closed in at least one explanation
@@ -331,7 +335,7 @@ def _partial_sums(quantities: Sequence[int]) -> list[dict[int, int]] | None:
     return sums
 
 
-def _attribute(quantities: Sequence[int], target: int) -> _Attribution | None:
+def attribute(quantities: Sequence[int], target: int) -> Attribution | None:
     """Which subsets of the uncertain legs' signed quantities add up to ``target``, per leg.
 
     Exact, by partial sums from both ends (no enumeration of subsets); ``None`` when there are
@@ -349,7 +353,7 @@ def _attribute(quantities: Sequence[int], target: int) -> _Attribution | None:
         small, large = (before, after) if len(before) <= len(after) else (after, before)
         can_close.append(any(target - s in large for s in small))
         can_open.append(any(target - q - s in large for s in small))
-    return _Attribution(prefix[n].get(target, 0), tuple(can_open), tuple(can_close))
+    return Attribution(prefix[n].get(target, 0), tuple(can_open), tuple(can_close))
 
 
 def _describe(leg: AnyLeg) -> dict[str, Any]:
@@ -380,7 +384,7 @@ class _Instrument:
     broker: int
     certain: list[AnyLeg] = field(default_factory=list)
     uncertain: list[AnyLeg] = field(default_factory=list)
-    _attribution: _Attribution | None = None
+    _attribution: Attribution | None = None
     _judged: bool = False
 
     @property
@@ -391,10 +395,10 @@ class _Instrument:
     def known(self) -> int:
         return self.live + sum(leg.signed_quantity for leg in self.uncertain)
 
-    def attribution(self) -> _Attribution | None:
+    def attribution(self) -> Attribution | None:
         if not self._judged:
             quantities = [leg.signed_quantity for leg in self.uncertain]
-            self._attribution = _attribute(quantities, self.broker - self.live)
+            self._attribution = attribute(quantities, self.broker - self.live)
             self._judged = True
         return self._attribution
 

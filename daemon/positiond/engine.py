@@ -47,7 +47,7 @@ from positiond.ops import (
 )
 from positiond.progress import ProgressWatch
 from positiond.writequeue import WriteQueue, update_fields
-from positiond_client.protocol import PROTOCOL_VERSION, encode, error_reply
+from positiond_client.protocol import ack_reply, error_reply
 
 __all__ = ["Engine", "HealthQuery", "Leg", "Peer", "Session", "health_reply"]
 
@@ -60,15 +60,9 @@ Immediate = bytes | HealthQuery | None  # what a message gets back at once
 _Handler = Callable[["Engine", Session | None, bytes, dict[str, Any], float, float], Immediate]
 
 
-def _ack(seq: int | None, data: dict[str, Any]) -> bytes:
-    msg: dict[str, Any] = {"v": PROTOCOL_VERSION, "type": "ack", "seq": seq}
-    msg.update(data)
-    return encode(msg)
-
-
 def health_reply(seq: int | None, health: dict[str, Any]) -> bytes:
     """The ack of a :class:`HealthQuery`."""
-    return _ack(seq, {"health": health})
+    return ack_reply(seq, {"health": health})
 
 
 def _clock_text(wall: float) -> str:
@@ -584,7 +578,7 @@ class Engine:
             if op.rid is None:
                 continue
             if res.ok:
-                replies.append((op.rid, _ack(op.seq, res.data)))
+                replies.append((op.rid, ack_reply(op.seq, res.data)))
             else:
                 self.counters["errors"] += 1
                 key = getattr(op, "key", None)

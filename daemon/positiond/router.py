@@ -33,13 +33,13 @@ from positiond.curve import ServerCurve, secure_server
 from positiond.engine import Engine, HealthQuery, health_reply
 from positiond.listener import Listener
 from positiond_client.errors import ProtocolError
-from positiond_client.protocol import PROTOCOL_VERSION, decode, encode, error_reply
+from positiond_client.protocol import decode, error_reply, ping_reply
 
 __all__ = ["DRAIN_MAX", "PING", "Router"]
 
 log = logging.getLogger(__name__)
 
-PING = encode({"v": PROTOCOL_VERSION, "type": "ping"})
+PING = ping_reply()
 # Plain ints: flags as enums cost a conversion per call on the hot path.
 NOBLOCK = int(zmq.NOBLOCK)
 MORE_NOBLOCK = int(zmq.SNDMORE | zmq.NOBLOCK)
