@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import sqlite3
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -19,17 +18,9 @@ UNIT = 1.0 * FACTOR
 
 
 def wait_for(condition: Callable[[], T], timeout: float = 5.0, what: str = "condition") -> T:
-    """Poll ``condition`` until it returns something truthy; fail after ``timeout`` units."""
-    deadline = time.monotonic() + timeout * UNIT
-    delay = 0.001
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout * UNIT:.1f}s waiting for {what}")
-        time.sleep(delay)  # polling interval of a condition wait, not a blind sleep
-        delay = min(delay * 2, 0.02)
+    """Poll ``condition`` until it returns something truthy; fail (an AssertionError) after
+    ``timeout`` units."""
+    return launcher.poll(condition, timeout * UNIT, what)
 
 
 def rows(db: Path, sql: str, params: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
