@@ -205,3 +205,30 @@ def test_the_example_fake_serves_a_saved_positionbook(
         example.wait(timeout=10 * UNIT)
         if example.stdout is not None:
             example.stdout.close()
+
+
+def test_the_key_is_in_no_log_status_or_printed_config(
+    workdir: Path, fake: FakeOpenAlgo, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(API_KEY_ENV, KEY)  # the daemon inherits it, as under systemd
+    daemon = DaemonProcess(workdir)
+    config = write_config(daemon, workdir, fake.url, 5.0)
+    daemon.args += ["--config", str(config)]
+    daemon.start()
+    try:
+        with_key = f"import os; os.environ[{API_KEY_ENV!r}] = {KEY!r}; "
+        commands = (("status",), ("--json", "status"), ("verify",), ("--json", "verify"))
+        outputs = [posctl(config, *args, preamble=with_key) for args in commands]
+        assert [run.returncode for run in outputs] == [0, 0, 0, 0], outputs
+        assert fake.received("positionbook") == [{"apikey": KEY}] * 2
+        printed = subprocess.run(
+            [sys.executable, "-m", "positiond", "--config", str(config), "--print-config"],
+            capture_output=True, text=True, timeout=60 * UNIT,
+        )  # fmt: skip
+        assert printed.returncode == 0 and "openalgo_api_key_file" in printed.stdout
+        texts = [run.stdout + run.stderr for run in (*outputs, printed)]
+    finally:
+        assert daemon.stop() == 0
+    texts.append(daemon.log.read_text())
+    texts += [p.read_text() for p in workdir.rglob("status.json")]
+    assert all(KEY not in text for text in texts)
