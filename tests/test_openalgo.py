@@ -176,6 +176,18 @@ def test_the_key_comes_from_the_environment_before_the_file(tmp_path: Path) -> N
         api_key(Settings("http://h", tmp_path / "empty"), {})
 
 
+async def test_a_broker_echoing_the_key_does_not_put_it_in_the_error(fake: FakeOpenAlgo) -> None:
+    echo = Reply({"status": "error", "message": f"apikey {KEY} is not valid"}, 401)
+    fake.reply("positionbook", echo)
+    with client(fake) as oa, pytest.raises(OpenAlgoError) as caught:
+        oa.positionbook()
+    assert KEY not in str(caught.value) and "apikey <api key> is not valid" in str(caught.value)
+    async with AsyncOpenAlgo(Settings(fake.url), KEY) as aoa:
+        with pytest.raises(OpenAlgoError) as caught:
+            await aoa.positionbook()
+    assert KEY not in str(caught.value) and caught.value.__cause__ is None
+
+
 def test_the_key_shows_in_no_repr(fake: FakeOpenAlgo) -> None:
     request = positionbook_request(KEY)
     assert request.body == {"apikey": KEY} and KEY not in repr(request)

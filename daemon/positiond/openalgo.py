@@ -167,6 +167,13 @@ def judge(name: str, status_code: int, content: bytes) -> dict[str, Any]:
     return data
 
 
+def _redacted(exc: OpenAlgoError, key: str) -> OpenAlgoError:
+    """The same error with the key cut out of its message (a broker that echoes its input)."""
+    if not key or key not in exc.message:
+        return exc
+    return type(exc)(exc.message.replace(key, "<api key>"))
+
+
 def _httpx() -> Any:
     try:
         import httpx
@@ -175,10 +182,12 @@ def _httpx() -> Any:
     return httpx
 
 
-def _failure(name: str, host: str, exc: Exception, timeout: float) -> OpenAlgoError:
-    httpx_ = _httpx()
-    if isinstance(exc, httpx_.TimeoutException):
-        return OpenAlgoTimeout(f"OpenAlgo {name}: no answer from {host} within {timeout:g}s")
+def _failure(name: str, settings: Settings, exc: Exception) -> OpenAlgoError:
+    host = settings.host
+    if isinstance(exc, _httpx().TimeoutException):
+        return OpenAlgoTimeout(
+            f"OpenAlgo {name}: no answer from {host} within {settings.timeout:g}s"
+        )
     return OpenAlgoError(f"OpenAlgo {name}: cannot reach {host}: {type(exc).__name__}: {exc}")
 
 
@@ -204,11 +213,16 @@ class OpenAlgo:
     def call(self, request: Request) -> dict[str, Any]:
         """POST the request; the success reply, or OpenAlgoError."""
         try:
-            reply = self._client.post(request.path, content=request.content(), headers=_HEADERS)
-        except _httpx().HTTPError as exc:
-            raise _failure(request.name, self.settings.host, exc, self.settings.timeout) from None
-        logger.debug("OpenAlgo %s: HTTP %d", request.name, reply.status_code)
-        return judge(request.name, reply.status_code, reply.content)
+            try:
+                reply = self._client.post(
+                    request.path, content=request.content(), headers=_HEADERS
+                )
+            except _httpx().HTTPError as exc:
+                raise _failure(request.name, self.settings, exc) from None
+            logger.debug("OpenAlgo %s: HTTP %d", request.name, reply.status_code)
+            return judge(request.name, reply.status_code, reply.content)
+        except OpenAlgoError as exc:
+            raise _redacted(exc, self._key) from None
 
     def positionbook(self) -> dict[str, Any]:
         """The positionbook reply (parse it with positiond_client.recovery.parse_positionbook)."""
@@ -246,13 +260,16 @@ class AsyncOpenAlgo:
     async def call(self, request: Request) -> dict[str, Any]:
         """POST the request; the success reply, or OpenAlgoError."""
         try:
-            reply = await self._client.post(
-                request.path, content=request.content(), headers=_HEADERS
-            )
-        except _httpx().HTTPError as exc:
-            raise _failure(request.name, self.settings.host, exc, self.settings.timeout) from None
-        logger.debug("OpenAlgo %s: HTTP %d", request.name, reply.status_code)
-        return judge(request.name, reply.status_code, reply.content)
+            try:
+                reply = await self._client.post(
+                    request.path, content=request.content(), headers=_HEADERS
+                )
+            except _httpx().HTTPError as exc:
+                raise _failure(request.name, self.settings, exc) from None
+            logger.debug("OpenAlgo %s: HTTP %d", request.name, reply.status_code)
+            return judge(request.name, reply.status_code, reply.content)
+        except OpenAlgoError as exc:
+            raise _redacted(exc, self._key) from None
 
     async def positionbook(self) -> dict[str, Any]:
         """The positionbook reply."""
