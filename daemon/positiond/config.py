@@ -90,6 +90,11 @@ class Config:
     # Connections served at most; 0: as many as the file descriptor limit allows (see
     # positiond.connections.Limits). Lower only: the fd limit always bounds it.
     max_connections: int = 0
+    # The [openalgo] section (TOML table, or openalgo_* keys): OpenAlgo's REST API, for
+    # posctl verify --openalgo (positiond.openalgo). Unset host: no OpenAlgo.
+    openalgo_host: str | None = None
+    openalgo_api_key_file: Path | None = None
+    openalgo_timeout: float = 10.0
 
     def __post_init__(self) -> None:
         if not (self.endpoint.startswith("ipc://") or self.endpoint.startswith("tcp://")):
@@ -120,6 +125,13 @@ class Config:
         _within("busy_timeout", self.busy_timeout, 0.0, 3600)
         _within("status_interval", self.status_interval, 0.1, 3600)
         _within("max_connections", self.max_connections, 0, 1 << 20)
+        if self.openalgo_host is not None and not self.openalgo_host.startswith(
+            ("http://", "https://")
+        ):
+            raise ConfigError(
+                "openalgo_host", f"{self.openalgo_host!r} must start with http:// or https://"
+            )
+        _within("openalgo_timeout", self.openalgo_timeout, 0.01, 600)
         if self.endpoint.startswith("tcp://"):
             if self.curve_secret_key is None or self.curve_clients is None:
                 raise ConfigError(
@@ -272,6 +284,29 @@ SETTINGS: tuple[_Setting, ...] = (
         "connections served at most; newer ones are refused (error BUSY) and closed, and "
         "accepting stops near the file descriptor limit, whose soft value is raised to the "
         "hard one at start; 0 derives the limit from the file descriptors (default: {})",
+    ),
+    _Setting(
+        "openalgo_host",
+        str,
+        (),
+        "URL",
+        "OpenAlgo's address, e.g. http://127.0.0.1:5000; TOML: host in [openalgo] "
+        "(default: none)",
+    ),
+    _Setting(
+        "openalgo_api_key_file",
+        _path,
+        (),
+        "FILE",
+        "file holding the OpenAlgo API key (or set POSITIOND_OPENALGO_API_KEY to the key); "
+        "TOML: api_key_file in [openalgo] (default: none)",
+    ),
+    _Setting(
+        "openalgo_timeout",
+        _float,
+        _NUMBER,
+        "SECONDS",
+        "how long an OpenAlgo call may take; TOML: timeout in [openalgo] (default: {})",
     ),
 )
 _BY_NAME = {s.name: s for s in SETTINGS}
@@ -426,12 +461,33 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError("config", f"{path}: {exc}") from None
     except OSError as exc:
         raise ConfigError("config", f"{path}: {exc.strerror}") from None
+    data = _flatten_openalgo(data, path)
     unknown = sorted(set(data) - set(_BY_NAME))
     if unknown:
         raise ConfigError(
             unknown[0],
             f"unknown setting in {path} (known: {', '.join(s.name for s in SETTINGS)})",
         )
+    return data
+
+
+OPENALGO_KEYS = ("host", "api_key_file", "timeout")
+
+
+def _flatten_openalgo(data: dict[str, Any], path: Path) -> dict[str, Any]:
+    """``[openalgo] host = ...`` -> ``openalgo_host = ...`` (either spelling is accepted)."""
+    if "openalgo" not in data:
+        return data
+    table = data.pop("openalgo")
+    if not isinstance(table, dict):
+        raise ConfigError("openalgo", f"must be a table ([openalgo]) in {path}")
+    for key, value in table.items():
+        if key not in OPENALGO_KEYS:
+            raise ConfigError(
+                f"openalgo.{key}",
+                f"unknown setting in {path} (known: {', '.join(OPENALGO_KEYS)})",
+            )
+        data[f"openalgo_{key}"] = value
     return data
 
 

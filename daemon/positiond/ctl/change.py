@@ -19,8 +19,10 @@ import orjson
 from positiond.ctl import render
 from positiond.ctl.access import (
     EXIT_ATTENTION,
+    EXIT_NO_ANSWER,
     EXIT_OK,
     EXIT_REFUSED,
+    EXIT_UNREACHABLE,
     EXIT_USAGE,
     Ctl,
     CtlError,
@@ -28,6 +30,14 @@ from positiond.ctl.access import (
     open_readonly,
 )
 from positiond.ctl.read import find_leg, position_columns
+from positiond.openalgo import (
+    OpenAlgo,
+    OpenAlgoError,
+    OpenAlgoTimeout,
+    OpenAlgoUnavailable,
+    Settings,
+    api_key,
+)
 from positiond.store.recovery import leg_dict, read_legs
 from positiond.store.schema import iso
 from positiond_client.recovery import (
@@ -59,6 +69,36 @@ def _load_positionbook(source: str) -> Any:
         return orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         raise CtlError(EXIT_USAGE, f"the positionbook {source} is not JSON: {exc}") from None
+
+
+def _fetch_positionbook(args: argparse.Namespace) -> tuple[Any, str]:
+    """(the positionbook, where it came from): --positionbook FILE, else OpenAlgo's REST API.
+
+    Every failure to get a success reply from OpenAlgo is a refusal with its message: nothing
+    is judged, so nothing can read as flat at the broker.
+    """
+    if args.positionbook is not None:
+        return _load_positionbook(args.positionbook), str(args.positionbook)
+    settings: Settings | None = getattr(args, "openalgo_settings", None)
+    if settings is None:
+        raise CtlError(
+            EXIT_USAGE,
+            ("--openalgo: no [openalgo] host in the config file"
+             if args.openalgo else "verify needs a positionbook: --positionbook FILE")
+            + " (or configure [openalgo] host and api_key_file in the daemon's config file, "
+            "--config / POSITIOND_CONFIG)",
+        )  # fmt: skip
+    where = f"OpenAlgo {settings.host}"
+    try:
+        key = api_key(settings)
+        with OpenAlgo(settings, key) as client:
+            return client.positionbook(), where
+    except OpenAlgoUnavailable as exc:
+        raise CtlError(EXIT_USAGE, exc.message) from None
+    except OpenAlgoTimeout as exc:
+        raise CtlError(EXIT_NO_ANSWER, exc.message) from None
+    except OpenAlgoError as exc:
+        raise CtlError(EXIT_UNREACHABLE, exc.message) from None
 
 
 def _apply_verdicts(ctl: Ctl, report: VerificationReport) -> tuple[Written | None, bool]:
@@ -110,11 +150,15 @@ def _apply_verdicts(ctl: Ctl, report: VerificationReport) -> tuple[Written | Non
 
 def cmd_verify(ctl: Ctl, args: argparse.Namespace) -> int:
     """Judge each crashed leg (and each leg left ACTIVE by a session that is over) against a
-    saved OpenAlgo positionbook (a JSON file, or - for stdin): RESUME (still open at the
+    the broker's positionbook: RESUME (still open at the
     broker), CLOSED_AT_BROKER (flat there: the exit was missed), MISMATCH (quantity or side
     differ: a human decides), and list the orphans (broker positions no leg explains).
 
-    The positionbook is the raw client.positionbook() response or its list of rows; it is
+    The positionbook is fetched from OpenAlgo (POST /api/v1/positionbook) when [openalgo] is
+    configured in the daemon's config file (host, api_key_file or POSITIOND_OPENALGO_API_KEY,
+    timeout), or read from --positionbook FILE (- for stdin): the raw client.positionbook()
+    response or its list of rows. A non-success reply, an HTTP error or a timeout is refused
+    with OpenAlgo's message (exit 3, or 4 for a timeout); nothing is judged then. It is
     compared per instrument with every ACTIVE, CRASHED and NEEDS_REVIEW leg of every strategy.
     The book has no strategy tag, so a net is attributed to a leg only when it admits one
     explanation: legs ACTIVE in a RUNNING session count as certainly there; CRASHED,
@@ -129,7 +173,11 @@ def cmd_verify(ctl: Ctl, args: argparse.Namespace) -> int:
     already decided that same position with posctl resolve-orphan). Exit 1 while any MISMATCH or
     undecided orphan remains, 5 if an action was refused.
     """
-    book = _load_positionbook(args.positionbook)
+    book, source = _fetch_positionbook(args)
+    if not ctl.json:
+        origin = getattr(args, "openalgo_source", None)
+        via = f" ({origin})" if origin and args.positionbook is None else ""
+        ctl.out.print(f"positionbook: {source}{via}", markup=False, highlight=False)
     conn = open_readonly(ctl.db)
     try:
         crashed = [
@@ -152,7 +200,7 @@ def cmd_verify(ctl: Ctl, args: argparse.Namespace) -> int:
     try:
         report = verify_positions(crashed, book, known)
     except ValueError as exc:
-        raise CtlError(EXIT_USAGE, f"positionbook {args.positionbook}: {exc}") from None
+        raise CtlError(EXIT_USAGE, f"positionbook {source}: {exc}") from None
     written, refused = _apply_verdicts(ctl, report) if args.apply else (None, False)
     data = report.to_dict()
     unresolved = 0

@@ -41,9 +41,12 @@ exit codes:
   1  attention needed: crashed or NEEDS_REVIEW legs, legs open in a finished session,
      unresolved orphans (crashed, orphans), a MISMATCH or an orphan (verify), an unhealthy
      daemon (status); a bulk resolve not confirmed
-  2  usage: bad arguments, an unreadable positionbook file, an invalid config file
-  3  database missing or unreadable; daemon not running or unreachable
-  4  the daemon runs but did not answer in time (--timeout)
+  2  usage: bad arguments, an unreadable positionbook file, an invalid config file, no
+     OpenAlgo API key, httpx not installed (pip install 'positiond[openalgo]')
+  3  database missing or unreadable; daemon not running or unreachable; OpenAlgo
+     unreachable or not answering success (verify)
+  4  the daemon runs but did not answer in time (--timeout); OpenAlgo did not answer
+     within its [openalgo] timeout
   5  refused: unknown leg or orphan, a status that does not allow it, a leg its live
      session owns
 
@@ -147,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--config",
         default=None,
         metavar="FILE",
-        help="the daemon's config file to take db and endpoint from (default: "
+        help="the daemon's config file to take db, endpoint and [openalgo] from (default: "
         "POSITIOND_CONFIG, else /etc/positiond/positiond.toml if it exists)",
     )
     parser.add_argument(
@@ -207,9 +210,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = add("events", cmd_events)
     sub.add_argument("leg", metavar="LEG", help="position key or position id")
     sub = add("verify", cmd_verify)
-    sub.add_argument(
+    source = sub.add_mutually_exclusive_group()
+    source.add_argument(
+        "--openalgo",
+        action="store_true",
+        help="fetch the positionbook from OpenAlgo's REST API ([openalgo] in the config file; "
+        "the default when it is configured)",
+    )
+    source.add_argument(
         "--positionbook",
-        required=True,
         metavar="FILE.json",
         help="a saved OpenAlgo positionbook response or list of rows; - for stdin",
     )
@@ -342,6 +351,8 @@ def _run(args: argparse.Namespace) -> int:
         by=who(),
         db_source=located.db_source,
     )
+    args.openalgo_settings = located.openalgo  # verify's default positionbook source
+    args.openalgo_source = located.openalgo_source
     if not ctl.json and args.func is not cmd_status:
         ctl.out.print(located.header(), markup=False, highlight=False)
     try:

@@ -8,9 +8,10 @@ answer posctl can give, so the order is:
 
 1. ``--db`` / ``--endpoint``;
 2. ``POSITIOND_DB`` / ``POSITIOND_ENDPOINT``;
-3. ``db`` / ``endpoint`` in the daemon's config file — found and parsed by the daemon's own
-   :func:`positiond.config.load` (``--config FILE``, ``POSITIOND_CONFIG``, else
-   ``/etc/positiond/positiond.toml`` when it exists);
+3. ``db`` / ``endpoint`` (and ``[openalgo]``, for ``posctl verify``) in the daemon's config
+   file — found and parsed by the daemon's own :func:`positiond.config.load`
+   (``--config FILE``, ``POSITIOND_CONFIG``, else ``/etc/positiond/positiond.toml`` when it
+   exists);
 4. the service's state directory when it exists: its ``positiond.db`` and the service's socket.
    If the directory exists but this user may not read it, posctl still names it (and a read
    fails, exit 3, saying so) rather than quietly reading another database;
@@ -29,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from positiond.config import DEFAULT_CONFIG_FILE, load
+from positiond.openalgo import Settings, settings_of
 from positiond_client.paths import DB_FILENAME, SOCKET_FILENAME, default_db_path, default_endpoint
 
 __all__ = [
@@ -54,6 +56,9 @@ class Located:
     endpoint: str
     endpoint_source: str
     config_file: Path | None = None
+    # [openalgo] of the same config file (or POSITIOND_OPENALGO_*): posctl verify's default.
+    openalgo: Settings | None = None
+    openalgo_source: str | None = None
 
     def header(self) -> str:
         return f"database: {self.db} ({self.db_source})"
@@ -108,4 +113,8 @@ def locate(
     else:
         ep = default_endpoint({k: v for k, v in env.items() if k != "POSITIOND_ENDPOINT"})
         ep_source = "this user's default"
-    return Located(db_path, db_source, ep, ep_source, loaded.file)
+    openalgo = settings_of(loaded.config)
+    oa_source = layer("openalgo_host") if openalgo is not None else None
+    if oa_source is not None:
+        oa_source = oa_source.replace("openalgo_host in", "[openalgo] in")
+    return Located(db_path, db_source, ep, ep_source, loaded.file, openalgo, oa_source)
