@@ -36,6 +36,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
+from positiond.alerts.delivery import Delivery
 from positiond.config import RELOADABLE, Config, changed
 from positiond.engine import Engine
 from positiond.notify import Notifier
@@ -146,6 +147,7 @@ class Daemon:
             wall=wall,
         )
         self.listener = self.router.listener
+        self.delivery: Delivery | None = None  # alerts to the configured sinks, if any
 
     # ---- lifecycle -----------------------------------------------------------------------
 
@@ -184,6 +186,9 @@ class Daemon:
         self.router.attach(loop)
         self._tasks = [loop.create_task(self._tick_loop(), name="positiond-tick")]
         self._tasks.append(loop.create_task(self._watch_loop(), name="positiond-watch"))
+        if cfg.alerts.sinks:  # apart from the writer: its own task and connection
+            self.delivery = Delivery(db, cfg.alerts, busy_timeout=cfg.busy_timeout)
+            self._tasks.append(loop.create_task(self.delivery.run(), name="positiond-alerts"))
         self.reporter.path = status_file_for(ipc_path(cfg.endpoint))
         self.started = self.monotonic()
         self.progress = Progress(self.started)
@@ -332,6 +337,7 @@ class Daemon:
                 **self.router.counters,
                 **self.counters,
                 **self.listener.counters,
+                **(self.delivery.counters if self.delivery is not None else {}),
             },
         }
 

@@ -1,0 +1,160 @@
+"""The delivery worker: sends the outbox's alerts to the sinks, apart from the hot path.
+
+It runs as its own asyncio task with its own SQLite connection (on a worker thread, one short
+statement at a time), so receiving, writing and liveness never wait for it; each attempt runs
+in its own task, at most ``concurrency`` at once, each bounded by its sink's timeout. A failed
+attempt is retried with exponential backoff (1 s doubling up to 5 min) until ``retry_for``
+seconds after the alert, then its delivery is FAILED (``posctl alerts`` shows it). Delivery is
+at least once: an attempt that succeeded but whose outcome was not recorded (the daemon killed
+in between) is repeated after a restart — sinks dedupe by the alert's ``id``.
+
+``now`` and ``sleep`` are injectable so tests drive time instead of waiting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import sqlite3
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+from positiond.alerts import outbox
+from positiond.alerts.settings import AlertsConfig
+from positiond.alerts.sinks import Sink, build_sink
+
+__all__ = ["Delivery", "backoff"]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+POLL = 0.2  # seconds between looks at the outbox
+FIRST_RETRY, MAX_RETRY = 1.0, 300.0
+
+
+def backoff(attempts: int) -> float:
+    """Seconds before the next try after ``attempts`` failed ones (1, 2, 4, ... 300)."""
+    return float(min(MAX_RETRY, FIRST_RETRY * 2 ** max(0, attempts - 1)))
+
+
+class Delivery:
+    """Deliver pending alerts to ``config.sinks`` from the database at ``db``."""
+
+    def __init__(
+        self,
+        db: Path,
+        config: AlertsConfig,
+        *,
+        busy_timeout: float = 5.0,
+        now: Callable[[], float] = time.time,
+        poll: float = POLL,
+    ) -> None:
+        self.db, self.config, self.busy_timeout = db, config, busy_timeout
+        self.now, self.poll = now, poll
+        self.sinks: dict[str, Sink] = {}
+        self.counters = {"alerts_delivered": 0, "alerts_retried": 0, "alerts_failed": 0}
+        self._conn: sqlite3.Connection | None = None
+        self._db_lock = asyncio.Lock()  # one statement at a time on the connection
+        self._busy: set[tuple[int, str]] = set()
+        self._attempts: set[asyncio.Task[None]] = set()
+        self._slots = asyncio.Semaphore(config.concurrency)
+        self._after = 0
+
+    async def _db(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        async with self._db_lock:
+            conn = self._conn
+            assert conn is not None
+            return await asyncio.to_thread(work, conn)
+
+    def _open(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(
+            self.db, timeout=self.busy_timeout, isolation_level=None, check_same_thread=False
+        )
+        conn.execute("PRAGMA journal_mode").fetchone()  # WAL, set by the store
+        return conn
+
+    async def run(self) -> None:
+        """Deliver until cancelled."""
+        self._conn = await asyncio.to_thread(self._open)
+        self.sinks = {s.name: build_sink(s) for s in self.config.sinks}
+        try:
+            since = self.now() - self.config.retry_for
+            self._after = await self._db(lambda c: outbox.first_recent(c, since))
+            while True:
+                try:
+                    await self.step()
+                except sqlite3.Error as exc:  # busy, read-only, gone: try again later
+                    log.warning("alerts: cannot read the outbox: %s", exc)
+                await asyncio.sleep(self.poll)
+        finally:
+            await self._close()
+
+    async def _close(self) -> None:
+        for task in list(self._attempts):
+            task.cancel()
+        for task in list(self._attempts):
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        for sink in self.sinks.values():
+            await sink.aclose()
+        if self._conn is not None:
+            conn, self._conn = self._conn, None
+            await asyncio.to_thread(conn.close)
+
+    async def step(self) -> int:
+        """Enqueue new alerts, start the due attempts; return how many were started."""
+        sinks, after = self.config.sinks, self._after
+        self._after = await self._db(lambda c: outbox.enqueue(c, sinks, after))
+        free = self.config.concurrency - len(self._busy)
+        if free <= 0:
+            return 0
+        now, busy = self.now(), set(self._busy)
+        items = await self._db(lambda c: outbox.due(c, now, busy, free))
+        for item in items:
+            self._busy.add((item.row, item.sink))
+            task = asyncio.get_running_loop().create_task(
+                self._attempt(item), name=f"positiond-alert-{item.sink}"
+            )
+            self._attempts.add(task)
+            task.add_done_callback(self._attempts.discard)
+        return len(items)
+
+    async def _attempt(self, item: outbox.Due) -> None:
+        sink = self.sinks.get(item.sink)
+        try:
+            async with self._slots:
+                if sink is None:  # a sink removed from the config: its rows stay PENDING
+                    return
+                error = await self._send(sink, item.body)
+                now = self.now()
+                retry_at: float | None = now + backoff(item.attempts + 1)
+                if retry_at is not None and retry_at > item.created + self.config.retry_for:
+                    retry_at = None  # retried long enough: FAILED
+                state = await self._db(lambda c: outbox.record(c, item, error, now, retry_at))
+            self._count(item, state, error)
+        except sqlite3.Error as exc:
+            log.warning("alerts: cannot record a delivery to %s: %s", item.sink, exc)
+        finally:
+            self._busy.discard((item.row, item.sink))
+
+    async def _send(self, sink: Sink, body: bytes) -> str | None:
+        # The sink bounds itself; this bounds a sink that does not (a hung DNS lookup...).
+        try:
+            async with asyncio.timeout(sink.config.timeout + 1.0):
+                return await sink.send(body)
+        except TimeoutError:
+            return f"no answer within {sink.config.timeout:g}s"
+
+    def _count(self, item: outbox.Due, state: str, error: str | None) -> None:
+        if state == "DELIVERED":
+            self.counters["alerts_delivered"] += 1
+            log.info("alert %s delivered to %s", item.row, item.sink)
+        elif state == "FAILED":
+            self.counters["alerts_failed"] += 1
+            log.error("alert %s to %s FAILED for good: %s", item.row, item.sink, error)
+        else:
+            self.counters["alerts_retried"] += 1
+            log.warning("alert %s to %s failed (%s); retrying", item.row, item.sink, error)

@@ -1,0 +1,168 @@
+"""Alerts end to end: a real daemon, real strategies killed with SIGKILL, a real webhook
+receiver (tests/alert_receiver.py) and a real command sink."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.alert_receiver import Receiver
+from tests.helpers import DaemonProcess, rows, session_status, wait_for
+from tests.test_daemon import Strategy
+
+LEG_FIELDS = {
+    "position_key", "symbol", "exchange", "product", "side", "quantity", "entry_price",
+    "stop_price", "highest_price", "last_trail_level",
+}  # fmt: skip
+
+
+@pytest.fixture
+def receivers() -> Iterator[list[Receiver]]:
+    started: list[Receiver] = []
+    yield started
+    for receiver in started:
+        receiver.close()
+
+
+def write_config(workdir: Path, *sinks: str) -> Path:
+    path = workdir / "positiond.toml"
+    path.write_text("\n".join(sinks))
+    return path
+
+
+def webhook(url: str, timeout: float = 5.0, extra: str = "") -> str:
+    return (
+        f'[[alerts.sink]]\nname = "ops-hook"\ntype = "webhook"\nurl = "{url}"\n'
+        f'timeout = {timeout}\nheaders = {{Authorization = "Bearer s3cret-token"}}\n{extra}\n'
+    )
+
+
+def start(workdir: Path, config: Path) -> DaemonProcess:
+    return DaemonProcess(
+        workdir, "--flush-interval", "0.05", "--config", str(config), heartbeat_timeout=1.0
+    ).start()
+
+
+def deliveries(db: Path) -> list[Any]:
+    return rows(db, "SELECT o.alert_id, o.kind, d.sink, d.state, d.attempts FROM alert_outbox o "
+                "JOIN alert_deliveries d ON d.alert_id = o.id ORDER BY o.id, d.sink")  # fmt: skip
+
+
+def test_kill_9_posts_the_documented_body_once_and_runs_the_command(
+    workdir: Path, receivers: list[Receiver], strategies: list[Strategy]
+) -> None:
+    receiver = Receiver()
+    receivers.append(receiver)
+    got = workdir / "command-got.json"
+    script = f"import sys; open({str(got)!r}, 'wb').write(sys.stdin.buffer.read())"
+    command = (
+        f'[[alerts.sink]]\nname = "pager"\ntype = "command"\n'
+        f"command = {json.dumps([sys.executable, '-c', script])}\n"
+    )
+    daemon = start(workdir, write_config(workdir, webhook(receiver.url), command))
+    try:
+        strategy = Strategy(daemon.endpoint, "hold")
+        strategies.append(strategy)
+        info = strategy.info()
+        strategy.proc.send_signal(signal.SIGKILL)
+        wait_for(lambda: len(receiver.posts) >= 1, 10, "the webhook POST")
+        wait_for(lambda: got.exists() and got.stat().st_size > 0, 10, "the command's stdin")
+        wait_for(
+            lambda: [r["state"] for r in deliveries(daemon.db)] == ["DELIVERED", "DELIVERED"],
+            10,
+            "both deliveries recorded",
+        )
+        body = receiver.posts[0]
+        assert len(receiver.posts) == 1  # delivered and recorded: never sent again
+        assert receiver.headers[0]["Authorization"] == "Bearer s3cret-token"
+        assert body["schema"] == 1 and body["event"] == "crashed"
+        assert body["severity"] == "critical"
+        assert body["session_id"] == info["session_id"] and body["strategy"] == "expiry_blast"
+        assert body["reason"].startswith("process exited") and body["source"] == "DISCONNECT"
+        assert body["time"].endswith("Z") and len(body["id"]) == 32
+        legs = {leg["symbol"]: leg for leg in body["legs"]}
+        assert sorted(legs) == ["NIFTY28NOV2524000CE", "NIFTY28NOV2524000PE"]
+        assert all(set(leg) >= LEG_FIELDS for leg in body["legs"])
+        ce = legs["NIFTY28NOV2524000CE"]
+        assert (ce["side"], ce["quantity"], ce["entry_price"]) == ("BUY", 75, 100.0)
+        assert (ce["stop_price"], ce["last_trail_level"]) == (104.0, 2.0)
+        assert json.loads(got.read_bytes()) == body  # the command got the same JSON
+        assert "s3cret-token" not in daemon.output()
+        assert "s3cret-token" not in (daemon.sock.parent / "status.json").read_text()
+    finally:
+        daemon.stop()
+
+
+def test_a_hanging_webhook_and_a_sleeping_command_delay_no_verdict_and_no_ack(
+    workdir: Path,
+    receivers: list[Receiver],
+    strategies: list[Strategy],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    receiver = Receiver(hang=True)
+    receivers.append(receiver)
+    pidfile = workdir / "sleeper.pid"
+    script = (
+        f"import os, time; open({str(pidfile)!r}, 'w').write(str(os.getpid())); time.sleep(300)"
+    )
+    sleeper = (
+        '[[alerts.sink]]\nname = "pager"\ntype = "command"\n'
+        f"timeout = 120\ncommand = {json.dumps([sys.executable, '-c', script])}\n"
+    )
+    daemon = start(workdir, write_config(workdir, webhook(receiver.url, timeout=120), sleeper))
+    try:
+        first = Strategy(daemon.endpoint, "hold")
+        strategies.append(first)
+        one = first.info()
+        first.proc.send_signal(signal.SIGKILL)
+        wait_for(lambda: session_status(daemon.db, one["session_id"]) == "CRASHED", 5, "CRASHED")  # type: ignore[arg-type]
+        wait_for(lambda: len(receiver.posts) == 1, 10, "the webhook to be hanging")
+        # While both sinks hang: another strategy's entries are acknowledged (it prints only
+        # after its legs are durable) and its kill -9 is a verdict in SQLite at once.
+        monkeypatch.setenv("STRATEGY_KEY_PREFIX", "second-")
+        second = Strategy(daemon.endpoint, "hold")
+        strategies.append(second)
+        two = second.info()
+        second.proc.send_signal(signal.SIGKILL)
+        wait_for(lambda: session_status(daemon.db, two["session_id"]) == "CRASHED", 5, "CRASHED")  # type: ignore[arg-type]
+        hanging = [r for r in deliveries(daemon.db) if r["kind"] == "crashed"]
+        assert all(r["state"] == "PENDING" for r in hanging)  # the sinks never answered
+        assert len(receiver.posts) >= 1 and not receiver.released.is_set()
+        wait_for(lambda: pidfile.exists() and pidfile.read_text(), 10, "the command to run")
+        sleeping = Path(f"/proc/{pidfile.read_text()}")
+        assert sleeping.exists()
+    finally:
+        assert daemon.stop() == 0  # a graceful stop is not held up by the hung sinks either
+    wait_for(lambda: not sleeping.exists(), 10, "the sleeping command to be killed at stop")
+
+
+def test_an_alert_survives_a_daemon_killed_before_it_was_delivered(
+    workdir: Path, receivers: list[Receiver], strategies: list[Strategy]
+) -> None:
+    receiver = Receiver(statuses=[500])  # the first attempt fails: retried after 1 s
+    receivers.append(receiver)
+    daemon = start(workdir, write_config(workdir, webhook(receiver.url)))
+    strategy = Strategy(daemon.endpoint, "hold")
+    strategies.append(strategy)
+    info = strategy.info()
+    strategy.proc.send_signal(signal.SIGKILL)
+    wait_for(lambda: session_status(daemon.db, info["session_id"]) == "CRASHED", 5, "CRASHED")  # type: ignore[arg-type]
+    wait_for(lambda: len(receiver.posts) >= 1, 10, "the first (refused) POST")
+    daemon.kill()  # before the retry
+    pending = deliveries(daemon.db)
+    if pending[0]["state"] == "PENDING":  # the usual case: killed within the 1 s backoff
+        assert len(receiver.posts) == 1
+    daemon.start()
+    try:
+        wait_for(lambda: deliveries(daemon.db)[0]["state"] == "DELIVERED", 15, "delivery")
+        assert receiver.ids() == {pending[0]["alert_id"]}  # the same alert, the same id
+        assert len(receiver.posts) >= 2  # at least once: the refused try and the good one
+        assert all(p["event"] == "crashed" for p in receiver.posts)
+    finally:
+        daemon.stop()
