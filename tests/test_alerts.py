@@ -14,6 +14,7 @@ import pytest
 
 from tests.alert_receiver import Receiver
 from tests.helpers import DaemonProcess, rows, session_status, wait_for
+from tests.test_ctl import ctl, ctl_json
 from tests.test_daemon import Strategy
 
 LEG_FIELDS = {
@@ -93,6 +94,15 @@ def test_kill_9_posts_the_documented_body_once_and_runs_the_command(
         assert (ce["side"], ce["quantity"], ce["entry_price"]) == ("BUY", 75, 100.0)
         assert (ce["stop_price"], ce["last_trail_level"]) == (104.0, 2.0)
         assert json.loads(got.read_bytes()) == body  # the command got the same JSON
+        code, listed = ctl_json(daemon, "alerts")
+        assert code == 0 and not listed["failed"]
+        assert [a["id"] for a in listed["alerts"]] == [body["id"]]
+        assert {d["sink"]: d["state"] for d in listed["alerts"][0]["deliveries"]} == {
+            "ops-hook": "DELIVERED",
+            "pager": "DELIVERED",
+        }
+        table = ctl(daemon, "alerts")
+        assert "crashed" in table.stdout and "ops-hook: DELIVERED" in table.stdout
         assert "s3cret-token" not in daemon.output()
         assert "s3cret-token" not in (daemon.sock.parent / "status.json").read_text()
     finally:
@@ -134,6 +144,9 @@ def test_a_hanging_webhook_and_a_sleeping_command_delay_no_verdict_and_no_ack(
         hanging = [r for r in deliveries(daemon.db) if r["kind"] == "crashed"]
         assert all(r["state"] == "PENDING" for r in hanging)  # the sinks never answered
         assert len(receiver.posts) >= 1 and not receiver.released.is_set()
+        code, listed = ctl_json(daemon, "alerts")
+        assert code == 0 and len(listed["alerts"]) == 2
+        assert {d["state"] for a in listed["alerts"] for d in a["deliveries"]} == {"PENDING"}
         wait_for(lambda: pidfile.exists() and pidfile.read_text(), 10, "the command to run")
         sleeping = Path(f"/proc/{pidfile.read_text()}")
         assert sleeping.exists()
