@@ -76,21 +76,44 @@ class Delivery:
         conn.execute("PRAGMA journal_mode").fetchone()  # WAL, set by the store
         return conn
 
-    async def run(self) -> None:
-        """Deliver until cancelled."""
-        self._conn = await asyncio.to_thread(self._open)
-        self.sinks = {s.name: build_sink(s) for s in self.config.sinks}
+    async def open(self) -> None:
+        """Connect, build the sinks, skip alerts older than ``retry_for`` (never sent now)."""
+        conn = await asyncio.to_thread(self._open)
         try:
             since = self.now() - self.config.retry_for
-            self._after = await self._db(lambda c: outbox.first_recent(c, since))
+            self._after = await asyncio.to_thread(outbox.first_recent, conn, since)
+        except BaseException:
+            conn.close()
+            raise
+        self._conn = conn
+        if not self.sinks:
+            self.sinks = {s.name: build_sink(s) for s in self.config.sinks}
+
+    async def settle(self) -> None:
+        """Wait for the attempts in flight (tests, and a stop that may wait)."""
+        while self._attempts:
+            await asyncio.gather(*list(self._attempts), return_exceptions=True)
+
+    async def run(self) -> None:
+        """Deliver until cancelled."""
+        try:
             while True:
+                # Alerts must never take the daemon down: a fault here is logged and retried.
                 try:
+                    if self._conn is None:
+                        await self.open()
                     await self.step()
                 except sqlite3.Error as exc:  # busy, read-only, gone: try again later
                     log.warning("alerts: cannot read the outbox: %s", exc)
+                except Exception:
+                    log.exception("alerts: delivery step failed; retrying")
                 await asyncio.sleep(self.poll)
         finally:
             await self._close()
+
+    async def close(self) -> None:
+        """Cancel the attempts in flight (they stay PENDING), close sinks and connection."""
+        await self._close()
 
     async def _close(self) -> None:
         for task in list(self._attempts):
