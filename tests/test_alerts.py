@@ -14,7 +14,7 @@ import pytest
 
 from tests.alert_receiver import Receiver
 from tests.helpers import DaemonProcess, rows, session_status, wait_for
-from tests.test_ctl import ctl, ctl_json
+from tests.test_ctl import BN, CE, FIN, PE, ctl, ctl_json, kill_a_strategy, positionbook
 from tests.test_daemon import Strategy
 
 LEG_FIELDS = {
@@ -179,3 +179,47 @@ def test_an_alert_survives_a_daemon_killed_before_it_was_delivered(
         assert all(p["event"] == "crashed" for p in receiver.posts)
     finally:
         daemon.stop()
+
+
+def test_each_kind_of_verdict_alerts_through_the_daemon_or_posctl(
+    workdir: Path,
+    receivers: list[Receiver],
+    strategies: list[Strategy],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    receiver = Receiver()
+    receivers.append(receiver)
+    daemon = start(workdir, write_config(workdir, webhook(receiver.url)))
+    try:
+        kill_a_strategy(daemon, strategies)  # crashed
+        book = workdir / "book.json"
+        book.write_text(positionbook((CE, "75"), (PE, "75"), (FIN, "-40"), (BN, "30")))
+        assert ctl(daemon, "verify", "--positionbook", str(book), "--apply").returncode == 1
+        review = ctl(daemon, "resolve", "ce-1", "--review", "qty differs at the broker")
+        assert review.returncode == 0, review.stderr
+        monkeypatch.setenv("STRATEGY_KEY_PREFIX", "later-")
+        late = Strategy(daemon.endpoint, "hold")
+        strategies.append(late)
+        late_sid = late.info()["session_id"]
+        assert daemon.stop() == 0
+        late.proc.send_signal(signal.SIGKILL)  # dies while the daemon is down
+        late.proc.wait()
+        daemon.start()
+        wait_for(lambda: len(receiver.posts) >= 5, 15, "five alerts")
+        wait_for(lambda: all(r["state"] == "DELIVERED" for r in deliveries(daemon.db)), 10, "all")
+    finally:
+        daemon.stop()
+    by_kind: dict[str, list[dict[str, Any]]] = {}
+    for post in receiver.posts:
+        by_kind.setdefault(post["event"], []).append(post)
+    assert sorted((k, len(v)) for k, v in by_kind.items()) == [
+        ("crashed", 1), ("needs_review", 1), ("not_returned", 1), ("orphan", 2),
+    ]  # fmt: skip
+    assert len(receiver.ids()) == len(receiver.posts)  # one id per alert, each sent once
+    review_alert = by_kind["needs_review"][0]
+    assert review_alert["reason"] == "qty differs at the broker"
+    assert [leg["position_key"] for leg in review_alert["legs"]] == ["ce-1"]
+    assert {o["orphan"]["symbol"] for o in by_kind["orphan"]} == {FIN, BN}
+    gone = by_kind["not_returned"][0]
+    assert gone["session_id"] == late_sid and gone["source"] == "RESTART"
+    assert {leg["position_key"] for leg in gone["legs"]} == {"later-ce-1", "later-pe-1"}
