@@ -422,6 +422,8 @@ class Daemon:
         try:
             results = await self.store.apply(batch)
             committed = True
+            if batch.ops and self.delivery is not None:
+                self.delivery.wake()  # a verdict may have written an alert: look now
         except DatabaseLost as exc:
             engine.requeue(batch)  # committed into a lost file: not one ack for it
             self.storage_lost(exc.lost)

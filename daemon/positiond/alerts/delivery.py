@@ -31,7 +31,7 @@ __all__ = ["Delivery", "backoff"]
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-POLL = 0.2  # seconds between looks at the outbox
+POLL = 0.5  # seconds between looks at the outbox when nothing wakes the worker
 FIRST_RETRY, MAX_RETRY = 1.0, 300.0
 
 
@@ -62,6 +62,11 @@ class Delivery:
         self._attempts: set[asyncio.Task[None]] = set()
         self._slots = asyncio.Semaphore(config.concurrency)
         self._after = 0
+        self._woken = asyncio.Event()
+
+    def wake(self) -> None:
+        """Look at the outbox now (the writer committed something), not at the next poll."""
+        self._woken.set()
 
     async def _db(self, work: Callable[[sqlite3.Connection], T]) -> T:
         async with self._db_lock:
@@ -107,7 +112,10 @@ class Delivery:
                     log.warning("alerts: cannot read the outbox: %s", exc)
                 except Exception:
                     log.exception("alerts: delivery step failed; retrying")
-                await asyncio.sleep(self.poll)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self.poll):
+                        await self._woken.wait()
+                self._woken.clear()
         finally:
             await self._close()
 
