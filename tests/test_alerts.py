@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import signal
+import sqlite3
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from positiond_client import PositionPersistenceManager
 from tests.alert_receiver import Receiver
 from tests.helpers import DaemonProcess, rows, session_status, wait_for
 from tests.test_ctl import BN, CE, FIN, PE, ctl, ctl_json, kill_a_strategy, positionbook
@@ -223,3 +225,34 @@ def test_each_kind_of_verdict_alerts_through_the_daemon_or_posctl(
     gone = by_kind["not_returned"][0]
     assert gone["session_id"] == late_sid and gone["source"] == "RESTART"
     assert {leg["position_key"] for leg in gone["legs"]} == {"later-ce-1", "later-pe-1"}
+
+
+def test_the_daemon_alerts_when_its_writes_fail_and_when_they_work_again(
+    workdir: Path, receivers: list[Receiver]
+) -> None:
+    receiver = Receiver()
+    receivers.append(receiver)
+    config = write_config(workdir, webhook(receiver.url))
+    daemon = DaemonProcess(
+        workdir, "--config", str(config), "--busy-timeout", "0.2", "--status-interval", "0.2",
+        heartbeat_timeout=5.0,
+    ).start()  # fmt: skip
+    pm = PositionPersistenceManager("s", endpoint=daemon.endpoint, ack_timeout=0.3)
+    holder = sqlite3.connect(daemon.db, isolation_level=None)
+    try:
+        pm.start_session()
+        holder.execute("BEGIN IMMEDIATE")  # an operator's write lock: every commit now fails
+        pm.save_position_entry(symbol="X", entry_price=1.0, quantity=1)  # not acked: kept
+        wait_for(lambda: [p["event"] for p in receiver.posts] == ["unhealthy"], 10, "unhealthy")
+        bad = receiver.posts[0]
+        assert bad["severity"] == "critical" and "writes are failing" in bad["reason"]
+        holder.execute("ROLLBACK")
+        wait_for(lambda: len(receiver.posts) == 2, 10, "healthy again")
+        good = receiver.posts[1]
+        assert (good["event"], good["severity"]) == ("healthy", "info")
+        assert good["id"] != bad["id"]
+        assert pm.sync(5)
+    finally:
+        holder.close()
+        pm.close()
+        daemon.stop()

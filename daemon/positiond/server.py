@@ -301,7 +301,14 @@ class Daemon:
         return self.progress.stalled_for(now) < self.stall_limit
 
     def health(self) -> dict[str, Any]:
-        """A snapshot for operators and monitoring (documented in :mod:`positiond.status`)."""
+        """A snapshot for operators and monitoring (documented in :mod:`positiond.status`);
+        a change of ``healthy`` is an alert (positiond.alerts.health)."""
+        snapshot = self._health()
+        if self.delivery is not None:
+            self.delivery.observe(snapshot)
+        return snapshot
+
+    def _health(self) -> dict[str, Any]:
         now, wall = self.monotonic(), time.time()
         progressing = self.writer_progressing()
         listening = self.listener.health()

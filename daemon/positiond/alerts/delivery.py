@@ -20,9 +20,10 @@ import sqlite3
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from positiond.alerts import outbox
+from positiond.alerts.health import HealthWatch, health_body
 from positiond.alerts.settings import AlertsConfig
 from positiond.alerts.sinks import Sink, build_sink
 
@@ -63,6 +64,43 @@ class Delivery:
         self._slots = asyncio.Semaphore(config.concurrency)
         self._after = 0
         self._woken = asyncio.Event()
+        self._health = HealthWatch()
+
+    def observe(self, health: dict[str, Any]) -> None:
+        """A health snapshot of the daemon: send ``unhealthy``/``healthy`` when it changes."""
+        if self._conn is None:  # not open yet, or closed: nobody to send it
+            return
+        kind = self._health.change(health)
+        if kind is None:
+            return
+        body = health_body(kind, health, self.now())
+        for sink in self.sinks.values():
+            if sink.config.wants(kind):
+                task = asyncio.get_running_loop().create_task(
+                    self._direct(sink, kind, body), name=f"positiond-alert-{sink.config.name}"
+                )
+                self._attempts.add(task)
+                task.add_done_callback(self._attempts.discard)
+
+    async def _direct(self, sink: Sink, kind: str, body: bytes) -> None:
+        """Send from memory (not the outbox), retrying with backoff within ``retry_for``."""
+        start, attempts = self.now(), 0
+        while True:
+            async with self._slots:
+                error = await self._send(sink, body)
+            attempts += 1
+            if error is None:
+                self.counters["alerts_delivered"] += 1
+                log.info("alert %s delivered to %s", kind, sink.config.name)
+                return
+            wait = backoff(attempts)
+            if self.now() + wait > start + self.config.retry_for:
+                self.counters["alerts_failed"] += 1
+                log.error("alert %s to %s FAILED for good: %s", kind, sink.config.name, error)
+                return
+            self.counters["alerts_retried"] += 1
+            log.warning("alert %s to %s failed (%s); retrying", kind, sink.config.name, error)
+            await asyncio.sleep(wait)
 
     def wake(self) -> None:
         """Look at the outbox now (the writer committed something), not at the next poll."""

@@ -52,6 +52,8 @@ SEVERITY: dict[str, str] = {
     "fenced": "warning",
     "orphan": "warning",
     "revived": "info",
+    "unhealthy": "critical",  # the daemon itself (positiond.alerts.health)
+    "healthy": "info",
 }
 KINDS = tuple(SEVERITY)
 SEVERITIES = ("info", "warning", "critical")
