@@ -164,3 +164,39 @@ def test_delivered_once_at_most_until_settled_and_never_after(
         assert tried >= 1
     else:
         assert settled == "PENDING"
+
+
+def test_each_event_kind_makes_one_alert_with_the_legs_it_concerns(tmp_path: Path) -> None:
+    db = tmp_path / "positiond.db"
+    crash(db, START)  # session 1: leg-0 CRASHED; one `crashed` alert
+    conn = sqlite3.connect(db, isolation_level=None)
+    conn.execute(
+        "INSERT INTO strategy_positions (position_key, session_id, symbol, exchange, product, "
+        "side, quantity, entry_price, entry_time, status, updated_at) "
+        "VALUES ('leg-a', 1, 'X', 'NSE', 'MIS', 'BUY', 1, 10.0, 't', 'ACTIVE', 't')"
+    )
+    events = [
+        (None, "STALLED", '{"deadline": 30}'),
+        (None, "REVIVED", '{"crash_reason": "x"}'),
+        (2, "FENCED_WRITE", '{"by": "session 9"}'),
+        (1, "CRASH", '{"reason": "per-leg record", "source": "DISCONNECT"}'),  # no alert
+        (None, "PROGRESS", "{}"),  # no alert
+        (None, "CRASH", '{"reason": "did not return", "source": "RESTART"}'),
+    ]
+    for position_id, kind, payload in events:
+        conn.execute(
+            "INSERT INTO position_events (position_id, session_id, event_type, event_time, "
+            "payload) VALUES (?, 1, ?, 't', ?)",
+            (position_id, kind, payload),
+        )
+    conn.row_factory = sqlite3.Row
+    found = [(a["event"], sorted(leg["position_key"] for leg in a["legs"]))
+             for a in reversed(alert_records(conn, 20))]  # fmt: skip
+    conn.close()
+    assert found == [
+        ("crashed", ["leg-0"]),
+        ("stalled", ["leg-a"]),  # the open legs
+        ("revived", ["leg-a"]),
+        ("fenced", ["leg-a"]),  # that leg alone
+        ("not_returned", ["leg-0"]),  # the crashed legs
+    ]
