@@ -106,3 +106,13 @@ def test_webhook_without_httpx_exits_2_before_starting(
     assert code == 2
     assert "httpx" in capsys.readouterr().err
     assert not db.exists()
+
+
+def test_print_config_hides_a_password_or_query_in_the_url(tmp_path: Path) -> None:
+    text = loaded(
+        tmp_path,
+        '[[alerts.sink]]\nname = "h"\ntype = "webhook"\n'
+        'url = "https://bot:pw-secret@hooks.example/x?token=q-secret"\n',
+    )
+    assert 'url = "https://hooks.example/x?..."' in text
+    assert "pw-secret" not in text and "q-secret" not in text

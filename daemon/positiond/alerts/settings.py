@@ -30,6 +30,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 __all__ = [
     "KINDS",
@@ -41,6 +42,7 @@ __all__ = [
     "SinkConfig",
     "format_alerts",
     "parse_alerts",
+    "shown_url",
 ]
 
 # Every alert kind and its severity (docs/PROTOCOL.md, "Alerts").
@@ -231,6 +233,14 @@ def _toml(value: object) -> str:
     return repr(value)
 
 
+def shown_url(url: str) -> str:
+    """``url`` without what may be a secret: a user:password and a query string."""
+    parts = urlsplit(url)
+    host = parts.netloc.rpartition("@")[2]
+    query = "?..." if parts.query else ""
+    return urlunsplit((parts.scheme, host, parts.path, "", "")) + query
+
+
 def format_alerts(alerts: AlertsConfig) -> list[str]:
     """``--print-config`` lines for the section: header names, never their values."""
     lines = ["", "[alerts]", f"retry_for = {alerts.retry_for:g}"]
@@ -241,7 +251,7 @@ def format_alerts(alerts: AlertsConfig) -> list[str]:
             lines.append(f"events = {_toml(sink.events)}")
         lines += [f"min_severity = {_toml(sink.min_severity)}", f"timeout = {sink.timeout:g}"]
         if sink.url is not None:
-            lines.append(f"url = {_toml(sink.url)}")
+            lines.append(f"url = {_toml(shown_url(sink.url))}")
         if sink.headers:
             names = ", ".join(sorted(sink.headers))
             lines.append(f"# headers: {names} (values hidden; from {sink.headers_source})")
