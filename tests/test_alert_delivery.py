@@ -200,3 +200,32 @@ def test_each_event_kind_makes_one_alert_with_the_legs_it_concerns(tmp_path: Pat
         ("fenced", ["leg-a"]),  # that leg alone
         ("not_returned", ["leg-0"]),  # the crashed legs
     ]
+
+
+class Hanging(Scripted):
+    """A sink that never answers."""
+
+    async def send(self, body: bytes) -> str | None:
+        self.bodies.append(body)
+        await asyncio.Event().wait()
+        return None
+
+
+async def test_a_hanging_sink_does_not_hold_up_another_sink(tmp_path: Path) -> None:
+    db = tmp_path / "positiond.db"
+    for n in range(3):
+        crash(db, START + n)
+    hook = SinkConfig("a-hook", "command", command=("unused",), timeout=300)
+    pager = SinkConfig("pager", "command", command=("unused",))
+    delivery = Delivery(db, AlertsConfig((hook, pager), concurrency=1), now=lambda: START + 5)
+    hanging, working = Hanging(hook, []), Scripted(pager, [True] * 3)
+    delivery.sinks = {"a-hook": hanging, "pager": working}
+    await delivery.open()
+    try:
+        async with asyncio.timeout(10):
+            while len(working.bodies) < 3:
+                await delivery.step()
+                await asyncio.sleep(0.01)  # let the attempts run (the clock is the test's)
+        assert len(hanging.bodies) == 1  # one at a time per sink, and that one hangs
+    finally:
+        await delivery.close()

@@ -2,13 +2,14 @@
 
 It runs as its own asyncio task with its own SQLite connection (on a worker thread, one short
 statement at a time), so receiving, writing and liveness never wait for it; each attempt runs
-in its own task, at most ``concurrency`` at once, each bounded by its sink's timeout. A failed
-attempt is retried with exponential backoff (1 s doubling up to 5 min) until ``retry_for``
-seconds after the alert, then its delivery is FAILED (``posctl alerts`` shows it). Delivery is
-at least once: an attempt that succeeded but whose outcome was not recorded (the daemon killed
-in between) is repeated after a restart — sinks dedupe by the alert's ``id``.
+in its own task, at most ``concurrency`` at once per sink (one that hangs holds up no other),
+each bounded by its sink's timeout. A failed attempt is retried with exponential backoff (1 s
+doubling up to 5 min) until ``retry_for`` seconds after the alert, then its delivery is FAILED
+(``posctl alerts`` shows it). Delivery is at least once: an attempt that succeeded but whose
+outcome was not recorded (the daemon killed in between) is repeated after a restart — sinks
+dedupe by the alert's ``id``.
 
-``now`` and ``sleep`` are injectable so tests drive time instead of waiting.
+``now`` is injectable so tests drive time instead of waiting.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import logging
 import sqlite3
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -61,7 +63,7 @@ class Delivery:
         self._db_lock = asyncio.Lock()  # one statement at a time on the connection
         self._busy: set[tuple[int, str]] = set()
         self._attempts: set[asyncio.Task[None]] = set()
-        self._slots = asyncio.Semaphore(config.concurrency)
+        self._slots = {s.name: asyncio.Semaphore(config.concurrency) for s in config.sinks}
         self._after = 0
         self._woken = asyncio.Event()
         self._health = HealthWatch()
@@ -86,7 +88,7 @@ class Delivery:
         """Send from memory (not the outbox), retrying with backoff within ``retry_for``."""
         start, attempts = self.now(), 0
         while True:
-            async with self._slots:
+            async with self._slot(sink.config.name):
                 error = await self._send(sink, body)
             attempts += 1
             if error is None:
@@ -101,6 +103,9 @@ class Delivery:
             self.counters["alerts_retried"] += 1
             log.warning("alert %s to %s failed (%s); retrying", kind, sink.config.name, error)
             await asyncio.sleep(wait)
+
+    def _slot(self, sink: str) -> asyncio.Semaphore:
+        return self._slots.setdefault(sink, asyncio.Semaphore(self.config.concurrency))
 
     def wake(self) -> None:
         """Look at the outbox now (the writer committed something), not at the next poll."""
@@ -177,11 +182,13 @@ class Delivery:
         """Enqueue new alerts, start the due attempts; return how many were started."""
         sinks, after = self.config.sinks, self._after
         self._after = await self._db(lambda c: outbox.enqueue(c, sinks, after))
-        free = self.config.concurrency - len(self._busy)
-        if free <= 0:
-            return 0
-        now, busy = self.now(), set(self._busy)
-        items = await self._db(lambda c: outbox.due(c, now, busy, free))
+        now, items = self.now(), []
+        for name in self.sinks:  # each sink its own slots: one that hangs holds up no other
+            busy = {row for row, sink in self._busy if sink == name}
+            free = self.config.concurrency - len(busy)
+            if free > 0:
+                query = partial(outbox.due, now=now, sink=name, busy=busy, limit=free)
+                items += await self._db(query)
         for item in items:
             self._busy.add((item.row, item.sink))
             task = asyncio.get_running_loop().create_task(
@@ -194,9 +201,9 @@ class Delivery:
     async def _attempt(self, item: outbox.Due) -> None:
         sink = self.sinks.get(item.sink)
         try:
-            async with self._slots:
-                if sink is None:  # a sink removed from the config: its rows stay PENDING
-                    return
+            if sink is None:  # a sink removed from the config: its rows stay PENDING
+                return
+            async with self._slot(item.sink):
                 error = await self._send(sink, item.body)
                 now = self.now()
                 retry_at: float | None = now + backoff(item.attempts + 1)

@@ -86,19 +86,20 @@ def enqueue(conn: sqlite3.Connection, sinks: tuple[SinkConfig, ...], after: int)
     return int(rows[-1][0])
 
 
-def due(conn: sqlite3.Connection, now: float, busy: set[tuple[int, str]], limit: int) -> list[Due]:
-    """PENDING deliveries whose next attempt is due, oldest first, skipping those in flight."""
+def due(
+    conn: sqlite3.Connection, now: float, sink: str, busy: set[int], limit: int
+) -> list[Due]:
+    """``sink``'s PENDING deliveries whose next attempt is due, oldest first, skipping the
+    alerts in flight (``busy``)."""
     rows = conn.execute(
         "SELECT d.alert_id, d.sink, d.attempts, o.alert_id, o.kind, o.created_at, o.body "
         "FROM alert_deliveries d JOIN alert_outbox o ON o.id = d.alert_id "
-        "WHERE d.state = 'PENDING' AND d.next_attempt <= ? "
+        "WHERE d.state = 'PENDING' AND d.sink = ? AND d.next_attempt <= ? "
         "ORDER BY d.next_attempt LIMIT ?",
-        (iso(now), limit + len(busy)),
+        (sink, iso(now), limit + len(busy)),
     ).fetchall()
     out = [
-        Due(r[0], r[1], r[2], r[5], body(r[3], r[4], r[5], r[6]))
-        for r in rows
-        if (r[0], r[1]) not in busy
+        Due(r[0], r[1], r[2], r[5], body(r[3], r[4], r[5], r[6])) for r in rows if r[0] not in busy
     ]
     return out[:limit]
 
