@@ -78,11 +78,18 @@ def enqueue(conn: sqlite3.Connection, sinks: tuple[SinkConfig, ...], after: int)
     ).fetchall()
     if not rows:
         return after
-    conn.executemany(
-        "INSERT OR IGNORE INTO alert_deliveries (alert_id, sink, state, next_attempt) "
-        "VALUES (?, ?, 'PENDING', ?)",
-        [(r[0], s.name, r[2]) for r in rows for s in sinks if s.wants(r[1])],
-    )
+    conn.execute("BEGIN IMMEDIATE")  # one short transaction, however many rows
+    try:
+        conn.executemany(
+            "INSERT OR IGNORE INTO alert_deliveries (alert_id, sink, state, next_attempt) "
+            "VALUES (?, ?, 'PENDING', ?)",
+            [(r[0], s.name, r[2]) for r in rows for s in sinks if s.wants(r[1])],
+        )
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
     return int(rows[-1][0])
 
 
