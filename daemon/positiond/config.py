@@ -24,6 +24,7 @@ from typing import Any
 
 import zmq
 
+from positiond.alerts.settings import AlertConfigError, AlertsConfig, format_alerts, parse_alerts
 from positiond.liveness import MIN_HEARTBEATS
 from positiond.store import Synchronous
 from positiond.store.schema import SCHEMA_VERSION
@@ -95,6 +96,8 @@ class Config:
     openalgo_host: str | None = None
     openalgo_api_key_file: Path | None = None
     openalgo_timeout: float = 10.0
+    # The [alerts] section (file only): sinks and their filters (positiond.alerts.settings).
+    alerts: AlertsConfig = field(default_factory=AlertsConfig)
 
     def __post_init__(self) -> None:
         if not (self.endpoint.startswith("ipc://") or self.endpoint.startswith("tcp://")):
@@ -406,7 +409,13 @@ def load(
     path = _config_file(args.config, env, default_file)
     if path is not None:
         where = f"file {path}"
-        for name, raw in _read_toml(path).items():
+        data = _read_toml(path)
+        if "alerts" in data:
+            try:
+                values["alerts"] = parse_alerts(data.pop("alerts"))
+            except AlertConfigError as exc:
+                raise ConfigError(exc.name, f"{exc.reason} (from {where})") from None
+        for name, raw in data.items():
             values[name] = _from_toml(name, raw, where)
             sources[name] = where
     for s in SETTINGS:
@@ -462,7 +471,7 @@ def _read_toml(path: Path) -> dict[str, Any]:
     except OSError as exc:
         raise ConfigError("config", f"{path}: {exc.strerror}") from None
     data = _flatten_openalgo(data, path)
-    unknown = sorted(set(data) - set(_BY_NAME))
+    unknown = sorted(set(data) - set(_BY_NAME) - {"alerts"})
     if unknown:
         raise ConfigError(
             unknown[0],
@@ -538,4 +547,6 @@ def format_config(loaded: Loaded) -> str:
         body.append((f"{s.name} = {text}", loaded.sources[s.name]))
     width = max(len(line) for line, _ in body)
     lines += [f"{line:<{width}}  # {source}" for line, source in body]
+    if cfg.alerts.sinks:
+        lines += format_alerts(cfg.alerts)
     return "\n".join(lines) + "\n"

@@ -36,6 +36,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
+from positiond.alerts.delivery import Delivery
 from positiond.config import RELOADABLE, Config, changed
 from positiond.engine import Engine
 from positiond.notify import Notifier
@@ -146,6 +147,7 @@ class Daemon:
             wall=wall,
         )
         self.listener = self.router.listener
+        self.delivery: Delivery | None = None  # alerts to the configured sinks, if any
 
     # ---- lifecycle -----------------------------------------------------------------------
 
@@ -184,6 +186,9 @@ class Daemon:
         self.router.attach(loop)
         self._tasks = [loop.create_task(self._tick_loop(), name="positiond-tick")]
         self._tasks.append(loop.create_task(self._watch_loop(), name="positiond-watch"))
+        if cfg.alerts.sinks:  # apart from the writer: its own task and connection
+            self.delivery = Delivery(db, cfg.alerts, busy_timeout=cfg.busy_timeout)
+            self._tasks.append(loop.create_task(self.delivery.run(), name="positiond-alerts"))
         self.reporter.path = status_file_for(ipc_path(cfg.endpoint))
         self.started = self.monotonic()
         self.progress = Progress(self.started)
@@ -296,7 +301,14 @@ class Daemon:
         return self.progress.stalled_for(now) < self.stall_limit
 
     def health(self) -> dict[str, Any]:
-        """A snapshot for operators and monitoring (documented in :mod:`positiond.status`)."""
+        """A snapshot for operators and monitoring (documented in :mod:`positiond.status`);
+        a change of ``healthy`` is an alert (positiond.alerts.health)."""
+        snapshot = self._health()
+        if self.delivery is not None:
+            self.delivery.observe(snapshot)
+        return snapshot
+
+    def _health(self) -> dict[str, Any]:
         now, wall = self.monotonic(), time.time()
         progressing = self.writer_progressing()
         listening = self.listener.health()
@@ -332,6 +344,7 @@ class Daemon:
                 **self.router.counters,
                 **self.counters,
                 **self.listener.counters,
+                **(self.delivery.counters if self.delivery is not None else {}),
             },
         }
 
@@ -416,6 +429,8 @@ class Daemon:
         try:
             results = await self.store.apply(batch)
             committed = True
+            if batch.ops and self.delivery is not None:
+                self.delivery.wake()  # a verdict may have written an alert: look now
         except DatabaseLost as exc:
             engine.requeue(batch)  # committed into a lost file: not one ack for it
             self.storage_lost(exc.lost)

@@ -26,6 +26,7 @@ from positiond import __version__
 from positiond.config import ConfigError
 from positiond.ctl import keys, render
 from positiond.ctl.access import EXIT_USAGE, Ctl, CtlError, who
+from positiond.ctl.alerts import cmd_alerts
 from positiond.ctl.change import cmd_prune, cmd_resolve, cmd_verify
 from positiond.ctl.locate import locate
 from positiond.ctl.orphans import cmd_orphans, cmd_resolve_orphan
@@ -243,6 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub.add_argument("--exit-price", type=float, metavar="P", help="with --closed")
     sub.add_argument("--note", help="why (kept in the leg's audit trail)")
+    sub = add("alerts", cmd_alerts)
+    sub.add_argument("--limit", type=int, default=50, help="at most the newest N (50)")
     sub = add("orphans", cmd_orphans)
     sub.add_argument("--all", action="store_true", help="also the resolved ones")
     sub.add_argument("--limit", type=int, default=200, help="at most the newest N (200)")

@@ -159,8 +159,90 @@ ALTER TABLE broker_orphans ADD COLUMN adopted_by TEXT;      -- 'expiry_blast' or
 CREATE INDEX broker_orphans_status ON broker_orphans(status);
 """
 
+# Alerts (docs/PROTOCOL.md, "Alerts"): an outbox written by triggers in the very transaction of
+# the verdict that causes the alert (a daemon killed right after the commit still sends it), and
+# one delivery row per alert and sink. Each alert snapshots what a manual exit needs (its legs)
+# at the moment of the verdict. No foreign keys: pruning sessions and events leaves alerts be.
+_V6_LEGS = """
+    SELECT coalesce(json_group_array(json_object(
+        'position_key', p.position_key, 'symbol', p.symbol, 'exchange', p.exchange,
+        'product', p.product, 'side', p.side, 'quantity', p.quantity,
+        'entry_price', p.entry_price, 'stop_price', p.stop_price,
+        'highest_price', p.highest_price, 'current_price', p.current_price,
+        'last_trail_level', CASE WHEN p.last_trail_level_is_int
+            AND p.last_trail_level = CAST(p.last_trail_level AS INTEGER)
+            THEN CAST(p.last_trail_level AS INTEGER) ELSE p.last_trail_level END,
+        'status', p.status)), '[]')
+    FROM strategy_positions p
+"""
+_V6 = f"""
+CREATE TABLE alert_outbox (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    alert_id    TEXT NOT NULL UNIQUE,   -- stable id sent to every sink (they dedupe by it)
+    kind        TEXT NOT NULL,          -- crashed, not_returned, stalled, revived, ...
+    created_at  TEXT NOT NULL,
+    event_id    INTEGER,                -- the position_events row that caused it (if any)
+    session_id  INTEGER,
+    body        TEXT NOT NULL           -- JSON object: strategy, session, reason, legs, detail
+);
+
+CREATE TABLE alert_deliveries (
+    alert_id      INTEGER NOT NULL,     -- alert_outbox.id
+    sink          TEXT NOT NULL,        -- the sink's configured name
+    state         TEXT NOT NULL CHECK (state IN ('PENDING', 'DELIVERED', 'FAILED')),
+    attempts      INTEGER NOT NULL DEFAULT 0,
+    next_attempt  TEXT NOT NULL,
+    last_error    TEXT,
+    done_at       TEXT,
+    PRIMARY KEY (alert_id, sink)
+) WITHOUT ROWID;
+CREATE INDEX alert_deliveries_due ON alert_deliveries(state, next_attempt);
+
+CREATE TRIGGER alert_on_event AFTER INSERT ON position_events
+WHEN NEW.event_type IN ('STALLED', 'REVIVED', 'NEEDS_REVIEW', 'FENCED_WRITE')
+    OR (NEW.event_type = 'CRASH' AND NEW.position_id IS NULL)
+BEGIN
+    INSERT INTO alert_outbox (alert_id, kind, created_at, event_id, session_id, body)
+    SELECT lower(hex(randomblob(16))),
+        CASE NEW.event_type
+            WHEN 'CRASH' THEN CASE json_extract(NEW.payload, '$.source')
+                WHEN 'RESTART' THEN 'not_returned' ELSE 'crashed' END
+            WHEN 'FENCED_WRITE' THEN 'fenced'
+            ELSE lower(NEW.event_type) END,
+        NEW.event_time, NEW.id, NEW.session_id,
+        json_object(
+            'strategy', s.strategy_name, 'session_id', s.id, 'session_key', s.session_key,
+            'reason', coalesce(json_extract(NEW.payload, '$.reason'),
+                (SELECT review_reason FROM strategy_positions
+                 WHERE position_id = NEW.position_id)),
+            'source', json_extract(NEW.payload, '$.source'),
+            'host', s.client_host, 'pid', s.client_pid,
+            'legs', json(CASE
+                WHEN NEW.position_id IS NOT NULL THEN ({_V6_LEGS}
+                    WHERE p.position_id = NEW.position_id)
+                WHEN NEW.event_type = 'CRASH' THEN ({_V6_LEGS}
+                    WHERE p.session_id = NEW.session_id AND p.status = 'CRASHED')
+                ELSE ({_V6_LEGS}
+                    WHERE p.session_id = NEW.session_id AND p.status = 'ACTIVE') END),
+            'detail', json(NEW.payload))
+    FROM strategy_sessions s WHERE s.id = NEW.session_id;
+END;
+
+CREATE TRIGGER alert_on_orphan AFTER INSERT ON broker_orphans
+BEGIN
+    INSERT INTO alert_outbox (alert_id, kind, created_at, body)
+    VALUES (lower(hex(randomblob(16))), 'orphan', NEW.detected_at, json_object(
+        'strategy', NULL, 'session_id', NULL, 'reason',
+        'broker position positiond cannot explain (detected by ' || NEW.detected_by || ')',
+        'legs', json('[]'),
+        'orphan', json_object('id', NEW.id, 'symbol', NEW.symbol, 'exchange', NEW.exchange,
+            'product', NEW.product, 'broker_quantity', NEW.broker_quantity,
+            'known_quantity', NEW.known_quantity)));
+END;
+"""
+
 # Index i holds the script that takes the schema from version i to i + 1.
-MIGRATIONS: list[str] = [_V1, _V2, _V3, _V4, _V5]
+MIGRATIONS: list[str] = [_V1, _V2, _V3, _V4, _V5, _V6]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

@@ -1,0 +1,236 @@
+"""The delivery worker: sends the outbox's alerts to the sinks, apart from the hot path.
+
+It runs as its own asyncio task with its own SQLite connection (on a worker thread, one short
+statement at a time), so receiving, writing and liveness never wait for it; each attempt runs
+in its own task, at most ``concurrency`` at once per sink (one that hangs holds up no other),
+each bounded by its sink's timeout. A failed attempt is retried with exponential backoff (1 s
+doubling up to 5 min) until ``retry_for`` seconds after the alert, then its delivery is FAILED
+(``posctl alerts`` shows it). Delivery is at least once: an attempt that succeeded but whose
+outcome was not recorded (the daemon killed in between) is repeated after a restart — sinks
+dedupe by the alert's ``id``.
+
+``now`` is injectable so tests drive time instead of waiting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import sqlite3
+import time
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import Any, TypeVar
+
+from positiond.alerts import outbox
+from positiond.alerts.health import HealthWatch, health_body
+from positiond.alerts.settings import AlertsConfig
+from positiond.alerts.sinks import Sink, build_sink
+
+__all__ = ["Delivery", "backoff"]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+POLL = 0.5  # seconds between looks at the outbox when nothing wakes the worker
+FIRST_RETRY, MAX_RETRY = 1.0, 300.0
+
+
+def backoff(attempts: int) -> float:
+    """Seconds before the next try after ``attempts`` failed ones (1, 2, 4, ... 300)."""
+    return float(min(MAX_RETRY, FIRST_RETRY * 2 ** max(0, attempts - 1)))
+
+
+class Delivery:
+    """Deliver pending alerts to ``config.sinks`` from the database at ``db``."""
+
+    def __init__(
+        self,
+        db: Path,
+        config: AlertsConfig,
+        *,
+        busy_timeout: float = 5.0,
+        now: Callable[[], float] = time.time,
+        poll: float = POLL,
+    ) -> None:
+        self.db, self.config, self.busy_timeout = db, config, busy_timeout
+        self.now, self.poll = now, poll
+        self.sinks: dict[str, Sink] = {}
+        self.counters = {"alerts_delivered": 0, "alerts_retried": 0, "alerts_failed": 0}
+        self._conn: sqlite3.Connection | None = None
+        self._db_lock = asyncio.Lock()  # one statement at a time on the connection
+        self._busy: set[tuple[int, str]] = set()
+        self._attempts: set[asyncio.Task[None]] = set()
+        self._slots = {s.name: asyncio.Semaphore(config.concurrency) for s in config.sinks}
+        self._after = 0
+        self._woken = asyncio.Event()
+        self._health = HealthWatch()
+
+    def observe(self, health: dict[str, Any]) -> None:
+        """A health snapshot of the daemon: send ``unhealthy``/``healthy`` when it changes."""
+        if self._conn is None:  # not open yet, or closed: nobody to send it
+            return
+        kind = self._health.change(health)
+        if kind is None:
+            return
+        body = health_body(kind, health, self.now())
+        for sink in self.sinks.values():
+            if sink.config.wants(kind):
+                task = asyncio.get_running_loop().create_task(
+                    self._direct(sink, kind, body), name=f"positiond-alert-{sink.config.name}"
+                )
+                self._attempts.add(task)
+                task.add_done_callback(self._attempts.discard)
+
+    async def _direct(self, sink: Sink, kind: str, body: bytes) -> None:
+        """Send from memory (not the outbox), retrying with backoff within ``retry_for``."""
+        start, attempts = self.now(), 0
+        while True:
+            async with self._slot(sink.config.name):
+                error = await self._send(sink, body)
+            attempts += 1
+            if error is None:
+                self.counters["alerts_delivered"] += 1
+                log.info("alert %s delivered to %s", kind, sink.config.name)
+                return
+            wait = backoff(attempts)
+            if self.now() + wait > start + self.config.retry_for:
+                self.counters["alerts_failed"] += 1
+                log.error("alert %s to %s FAILED for good: %s", kind, sink.config.name, error)
+                return
+            self.counters["alerts_retried"] += 1
+            log.warning("alert %s to %s failed (%s); retrying", kind, sink.config.name, error)
+            await asyncio.sleep(wait)
+
+    def _slot(self, sink: str) -> asyncio.Semaphore:
+        return self._slots.setdefault(sink, asyncio.Semaphore(self.config.concurrency))
+
+    def wake(self) -> None:
+        """Look at the outbox now (the writer committed something), not at the next poll."""
+        self._woken.set()
+
+    async def _db(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        async with self._db_lock:
+            conn = self._conn
+            assert conn is not None
+            return await asyncio.to_thread(work, conn)
+
+    def _open(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(
+            self.db, timeout=self.busy_timeout, isolation_level=None, check_same_thread=False
+        )
+        conn.execute("PRAGMA journal_mode").fetchone()  # WAL, set by the store
+        return conn
+
+    async def open(self) -> None:
+        """Connect, build the sinks, skip alerts older than ``retry_for`` (never sent now)."""
+        conn = await asyncio.to_thread(self._open)
+        try:
+            since = self.now() - self.config.retry_for
+            self._after = await asyncio.to_thread(outbox.first_recent, conn, since)
+        except BaseException:
+            conn.close()
+            raise
+        self._conn = conn
+        if not self.sinks:
+            self.sinks = {s.name: build_sink(s) for s in self.config.sinks}
+
+    async def settle(self) -> None:
+        """Wait for the attempts in flight (tests, and a stop that may wait)."""
+        while self._attempts:
+            await asyncio.gather(*list(self._attempts), return_exceptions=True)
+
+    async def run(self) -> None:
+        """Deliver until cancelled."""
+        try:
+            while True:
+                # Alerts must never take the daemon down: a fault here is logged and retried.
+                try:
+                    if self._conn is None:
+                        await self.open()
+                    await self.step()
+                except sqlite3.Error as exc:  # busy, read-only, gone: try again later
+                    log.warning("alerts: cannot read the outbox: %s", exc)
+                except Exception:
+                    log.exception("alerts: delivery step failed; retrying")
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self.poll):
+                        await self._woken.wait()
+                self._woken.clear()
+        finally:
+            await self._close()
+
+    async def close(self) -> None:
+        """Cancel the attempts in flight (they stay PENDING), close sinks and connection."""
+        await self._close()
+
+    async def _close(self) -> None:
+        for task in list(self._attempts):
+            task.cancel()
+        for task in list(self._attempts):
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        for sink in self.sinks.values():
+            await sink.aclose()
+        if self._conn is not None:
+            conn, self._conn = self._conn, None
+            await asyncio.to_thread(conn.close)
+
+    async def step(self) -> int:
+        """Enqueue new alerts, start the due attempts; return how many were started."""
+        sinks, after = self.config.sinks, self._after
+        self._after = await self._db(lambda c: outbox.enqueue(c, sinks, after))
+        now, items = self.now(), []
+        for name in self.sinks:  # each sink its own slots: one that hangs holds up no other
+            busy = {row for row, sink in self._busy if sink == name}
+            free = self.config.concurrency - len(busy)
+            if free > 0:
+                query = partial(outbox.due, now=now, sink=name, busy=busy, limit=free)
+                items += await self._db(query)
+        for item in items:
+            self._busy.add((item.row, item.sink))
+            task = asyncio.get_running_loop().create_task(
+                self._attempt(item), name=f"positiond-alert-{item.sink}"
+            )
+            self._attempts.add(task)
+            task.add_done_callback(self._attempts.discard)
+        return len(items)
+
+    async def _attempt(self, item: outbox.Due) -> None:
+        sink = self.sinks.get(item.sink)
+        try:
+            if sink is None:  # a sink removed from the config: its rows stay PENDING
+                return
+            async with self._slot(item.sink):
+                error = await self._send(sink, item.body)
+                now = self.now()
+                retry_at: float | None = now + backoff(item.attempts + 1)
+                if retry_at is not None and retry_at > item.created + self.config.retry_for:
+                    retry_at = None  # retried long enough: FAILED
+                state = await self._db(lambda c: outbox.record(c, item, error, now, retry_at))
+            self._count(item, state, error)
+        except sqlite3.Error as exc:
+            log.warning("alerts: cannot record a delivery to %s: %s", item.sink, exc)
+        finally:
+            self._busy.discard((item.row, item.sink))
+
+    async def _send(self, sink: Sink, body: bytes) -> str | None:
+        # The sink bounds itself; this bounds a sink that does not (a hung DNS lookup...).
+        try:
+            async with asyncio.timeout(sink.config.timeout + 1.0):
+                return await sink.send(body)
+        except TimeoutError:
+            return f"no answer within {sink.config.timeout:g}s"
+
+    def _count(self, item: outbox.Due, state: str, error: str | None) -> None:
+        if state == "DELIVERED":
+            self.counters["alerts_delivered"] += 1
+            log.info("alert %s delivered to %s", item.row, item.sink)
+        elif state == "FAILED":
+            self.counters["alerts_failed"] += 1
+            log.error("alert %s to %s FAILED for good: %s", item.row, item.sink, error)
+        else:
+            self.counters["alerts_retried"] += 1
+            log.warning("alert %s to %s failed (%s); retrying", item.row, item.sink, error)

@@ -1,0 +1,231 @@
+"""The delivery worker against a real SQLite file, with time driven by the test: retries with
+backoff, FAILED after ``retry_for``, never sent again once settled (hypothesis), and the
+outbox written atomically with its verdict."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from positiond.alerts.delivery import Delivery, backoff
+from positiond.alerts.settings import AlertsConfig, SinkConfig
+from positiond.ctl.alerts import alert_records
+from positiond.store.schema import iso, migrate
+
+START = 1_764_324_000.0
+PROPERTY = settings(
+    derandomize=True,
+    database=None,
+    deadline=None,
+    max_examples=40,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+
+
+def crash(db: Path, when: float, rollback: bool = False) -> None:
+    """A session with one leg, then its CRASH event (the verdict) in one transaction."""
+    conn = sqlite3.connect(db, isolation_level=None)
+    try:
+        migrate(conn)
+        conn.execute("BEGIN IMMEDIATE")
+        n = conn.execute("SELECT count(*) FROM strategy_sessions").fetchone()[0]
+        sid = conn.execute(
+            "INSERT INTO strategy_sessions (session_key, strategy_name, status, start_time, "
+            "client_host, client_pid) VALUES (?, 'expiry_blast', 'CRASHED', ?, 'algo-1', 42)",
+            (f"s-{n}", iso(when)),
+        ).lastrowid
+        conn.execute(
+            "INSERT INTO strategy_positions (position_key, session_id, symbol, exchange, product, "
+            "side, quantity, entry_price, entry_time, stop_price, highest_price, "
+            "last_trail_level, last_trail_level_is_int, status, was_crashed, updated_at) "
+            "VALUES (?, ?, 'NIFTY28NOV2524000CE', 'NFO', 'NRML', 'SELL', 75, 100.0, ?, 110.0, "
+            "100.0, 3, 1, 'CRASHED', TRUE, ?)",
+            (f"leg-{n}", sid, iso(when), iso(when)),
+        )
+        conn.execute(
+            "INSERT INTO position_events (session_id, event_type, event_time, payload) "
+            "VALUES (?, 'CRASH', ?, ?)",
+            (sid, iso(when), '{"reason": "process exited", "source": "DISCONNECT"}'),
+        )
+        conn.execute("ROLLBACK" if rollback else "COMMIT")
+    finally:
+        conn.close()
+
+
+class Scripted:
+    """A sink at the edge: answers each attempt as scripted (True: delivered)."""
+
+    def __init__(self, config: SinkConfig, outcomes: list[bool]) -> None:
+        self.config = config
+        self.outcomes = list(outcomes)
+        self.bodies: list[bytes] = []
+
+    async def send(self, body: bytes) -> str | None:
+        self.bodies.append(body)
+        ok = self.outcomes.pop(0) if self.outcomes else False
+        return None if ok else "HTTP 500"
+
+    async def aclose(self) -> None:
+        return None
+
+
+def state(db: Path) -> tuple[str, int]:
+    conn = sqlite3.connect(db)
+    try:
+        row = conn.execute("SELECT state, attempts FROM alert_deliveries").fetchone()
+        return (row[0], row[1])
+    finally:
+        conn.close()
+
+
+async def drive(db: Path, outcomes: list[bool], retry_for: float, steps: list[float]) -> Scripted:
+    """Run the worker's steps at the given clock offsets; return the sink."""
+    clock = [START]
+    config = SinkConfig("hook", "command", command=("unused",))
+    delivery = Delivery(db, AlertsConfig((config,), retry_for=retry_for), now=lambda: clock[0])
+    sink = Scripted(config, outcomes)
+    delivery.sinks = {"hook": sink}
+    await delivery.open()
+    try:
+        for offset in steps:
+            clock[0] = START + offset
+            await delivery.step()
+            await delivery.settle()
+    finally:
+        await delivery.close()
+    return sink
+
+
+def test_backoff_doubles_from_one_second_up_to_five_minutes() -> None:
+    assert [backoff(n) for n in (1, 2, 3, 4)] == [1.0, 2.0, 4.0, 8.0]
+    assert backoff(30) == 300.0
+
+
+async def test_failed_attempts_are_retried_with_backoff_then_failed(tmp_path: Path) -> None:
+    db = tmp_path / "positiond.db"
+    crash(db, START)
+    # Attempts at 0 (fails: next at 1), 0.5 (not due), 1 (fails: next at 3), 3 (fails: next at
+    # 7 > retry_for 5: FAILED), 100 (settled: nothing).
+    sink = await drive(db, [False] * 10, retry_for=5, steps=[0, 0.5, 1, 3, 100])
+    assert len(sink.bodies) == 3
+    assert state(db) == ("FAILED", 3)
+    conn = sqlite3.connect(db)
+    conn.row_factory = sqlite3.Row
+    records = alert_records(conn, 10)
+    conn.close()
+    assert records[0]["deliveries"][0]["last_error"] == "HTTP 500"
+    assert records[0]["legs"][0]["last_trail_level"] == 3  # sent as the strategy sent it
+
+
+async def test_alerts_older_than_retry_for_are_not_sent_to_a_new_worker(tmp_path: Path) -> None:
+    db = tmp_path / "positiond.db"
+    crash(db, START - 10)
+    sink = await drive(db, [True], retry_for=5, steps=[0])
+    assert sink.bodies == []
+
+
+def test_a_verdict_rolled_back_leaves_no_alert(tmp_path: Path) -> None:
+    db = tmp_path / "positiond.db"
+    crash(db, START, rollback=True)
+    crash(db, START)
+    conn = sqlite3.connect(db)
+    assert conn.execute("SELECT count(*) FROM alert_outbox").fetchone()[0] == 1
+    conn.close()
+
+
+@PROPERTY
+@given(
+    outcomes=st.lists(st.booleans(), min_size=0, max_size=8),
+    gaps=st.lists(st.floats(min_value=0, max_value=40), min_size=1, max_size=12),
+)
+def test_delivered_once_at_most_until_settled_and_never_after(
+    tmp_path_factory: pytest.TempPathFactory, outcomes: list[bool], gaps: list[float]
+) -> None:
+    db = tmp_path_factory.mktemp("alerts") / "positiond.db"
+    crash(db, START)
+    steps, offset = [], 0.0
+    for gap in gaps:
+        offset += gap
+        steps.append(offset)
+    sink = asyncio.run(drive(db, outcomes, retry_for=60, steps=steps))
+    settled, attempts = state(db)
+    tried = len(sink.bodies)
+    assert attempts == tried  # every attempt recorded
+    assert len(set(sink.bodies)) <= 1  # the very same body every time (same id)
+    answers = outcomes[:tried] + [False] * (tried - len(outcomes))
+    if True in answers:  # delivered on the first success, never tried again
+        assert answers.index(True) == tried - 1 and settled == "DELIVERED"
+    elif settled == "FAILED":  # given up only once a retry would fall after retry_for
+        assert tried >= 1
+    else:
+        assert settled == "PENDING"
+
+
+def test_each_event_kind_makes_one_alert_with_the_legs_it_concerns(tmp_path: Path) -> None:
+    db = tmp_path / "positiond.db"
+    crash(db, START)  # session 1: leg-0 CRASHED; one `crashed` alert
+    conn = sqlite3.connect(db, isolation_level=None)
+    conn.execute(
+        "INSERT INTO strategy_positions (position_key, session_id, symbol, exchange, product, "
+        "side, quantity, entry_price, entry_time, status, updated_at) "
+        "VALUES ('leg-a', 1, 'X', 'NSE', 'MIS', 'BUY', 1, 10.0, 't', 'ACTIVE', 't')"
+    )
+    events = [
+        (None, "STALLED", '{"deadline": 30}'),
+        (None, "REVIVED", '{"crash_reason": "x"}'),
+        (2, "FENCED_WRITE", '{"by": "session 9"}'),
+        (1, "CRASH", '{"reason": "per-leg record", "source": "DISCONNECT"}'),  # no alert
+        (None, "PROGRESS", "{}"),  # no alert
+        (None, "CRASH", '{"reason": "did not return", "source": "RESTART"}'),
+    ]
+    for position_id, kind, payload in events:
+        conn.execute(
+            "INSERT INTO position_events (position_id, session_id, event_type, event_time, "
+            "payload) VALUES (?, 1, ?, 't', ?)",
+            (position_id, kind, payload),
+        )
+    conn.row_factory = sqlite3.Row
+    found = [(a["event"], sorted(leg["position_key"] for leg in a["legs"]))
+             for a in reversed(alert_records(conn, 20))]  # fmt: skip
+    conn.close()
+    assert found == [
+        ("crashed", ["leg-0"]),
+        ("stalled", ["leg-a"]),  # the open legs
+        ("revived", ["leg-a"]),
+        ("fenced", ["leg-a"]),  # that leg alone
+        ("not_returned", ["leg-0"]),  # the crashed legs
+    ]
+
+
+class Hanging(Scripted):
+    """A sink that never answers."""
+
+    async def send(self, body: bytes) -> str | None:
+        self.bodies.append(body)
+        await asyncio.Event().wait()
+        return None
+
+
+async def test_a_hanging_sink_does_not_hold_up_another_sink(tmp_path: Path) -> None:
+    db = tmp_path / "positiond.db"
+    for n in range(3):
+        crash(db, START + n)
+    hook = SinkConfig("a-hook", "command", command=("unused",), timeout=300)
+    pager = SinkConfig("pager", "command", command=("unused",))
+    delivery = Delivery(db, AlertsConfig((hook, pager), concurrency=1), now=lambda: START + 5)
+    hanging, working = Hanging(hook, []), Scripted(pager, [True] * 3)
+    delivery.sinks = {"a-hook": hanging, "pager": working}
+    await delivery.open()
+    try:
+        async with asyncio.timeout(10):
+            while len(working.bodies) < 3:
+                await delivery.step()
+                await asyncio.sleep(0.01)  # let the attempts run (the clock is the test's)
+        assert len(hanging.bodies) == 1  # one at a time per sink, and that one hangs
+    finally:
+        await delivery.close()
