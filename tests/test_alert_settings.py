@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from positiond import cli
-from positiond.alerts.settings import KINDS, parse_alerts
+from positiond.alerts.settings import KINDS, format_alerts, parse_alerts
 from positiond.config import ConfigError, format_config, load
 
 GOOD = """
@@ -66,9 +66,13 @@ def test_print_config_shows_sinks_without_secrets(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("sink", "message"),
     [
-        ('name = "t"\ntype = "telegram"', "not available yet"),
-        ('name = "t"\ntype = "openalgo"', "not available yet"),
-        ('name = "t"\ntype = "smoke"', "must be one of webhook, command"),
+        ('name = "t"\ntype = "telegram"\ntoken_file = "/nonexistent"', "chat_id.*required"),
+        ('name = "t"\ntype = "telegram"\nchat_id = "1"', "token_file.*required"),
+        ('name = "t"\ntype = "telegram"\nchat_id = "1"\ntoken_file = "/no/such"', "/no/such"),
+        ('name = "t"\ntype = "openalgo"', "username.*required"),
+        ('name = "t"\ntype = "openalgo"\nusername = "u"', "needs \\[openalgo\\] host"),
+        ('name = "t"\ntype = "command"\ncommand = ["x"]\nchat_id = "1"', "telegram and openalgo"),
+        ('name = "t"\ntype = "smoke"', "must be one of webhook, command, telegram, openalgo"),
         ('name = "t"\ntype = "command"\ncommand = []', "required"),
         ('name = "t"\ntype = "command"\ncommand = ["x"]\nevents = ["crash"]', "not an alert kind"),
         ('name = "t"\ntype = "command"\ncommand = ["x"]\ncolour = 1', "unknown key"),
@@ -116,3 +120,47 @@ def test_print_config_hides_a_password_or_query_in_the_url(tmp_path: Path) -> No
     )
     assert 'url = "https://hooks.example/x?..."' in text
     assert "pw-secret" not in text and "q-secret" not in text
+
+
+HUMAN = """
+[openalgo]
+host = "http://127.0.0.1:5000"
+
+[[alerts.sink]]
+name = "phone"
+type = "telegram"
+token_file = "TOKEN"
+chat_id = "123456"
+api_url = "https://api.telegram.org"
+
+[[alerts.sink]]
+name = "openalgo-bot"
+type = "openalgo"
+username = "my_openalgo_user"
+group_window = 0
+"""
+
+
+def test_human_sinks_read_the_documented_keys_and_never_show_the_token(tmp_path: Path) -> None:
+    token = tmp_path / "telegram.token"
+    token.write_text("123:bot-secret-token\n")
+    path = tmp_path / "positiond.toml"
+    path.write_text(HUMAN.replace("TOKEN", str(token)))
+    result = load(["--config", str(path)], env={})
+    phone, bot = result.config.alerts.sinks
+    assert (phone.token, phone.chat_id, phone.api_url) == (
+        "123:bot-secret-token", "123456", "https://api.telegram.org",
+    )  # fmt: skip
+    assert phone.group_window == 0.5 and phone.human
+    assert (bot.username, bot.group_window, bot.token) == ("my_openalgo_user", 0.0, "")
+    text = format_config(result)
+    assert 'chat_id = "123456"' in text and 'username = "my_openalgo_user"' in text
+    assert f"token: hidden (from file {token})" in text
+    assert "bot-secret-token" not in text and "bot-secret-token" not in repr(result)
+
+
+def test_the_telegram_token_may_come_from_the_environment(tmp_path: Path) -> None:
+    sink = {"name": "p", "type": "telegram", "chat_id": 42}
+    alerts = parse_alerts({"sink": [sink]}, env={"POSITIOND_TELEGRAM_TOKEN": "env-secret"})
+    assert alerts.sinks[0].token == "env-secret" and alerts.sinks[0].chat_id == "42"
+    assert "env-secret" not in "\n".join(format_alerts(alerts))

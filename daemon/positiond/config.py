@@ -135,6 +135,12 @@ class Config:
                 "openalgo_host", f"{self.openalgo_host!r} must start with http:// or https://"
             )
         _within("openalgo_timeout", self.openalgo_timeout, 0.01, 600)
+        for sink in self.alerts.sinks:
+            if sink.type == "openalgo" and self.openalgo_host is None:
+                raise ConfigError(
+                    f"alerts.sink {sink.name!r}.type",
+                    "an openalgo sink needs [openalgo] host (and api_key_file)",
+                )
         if self.endpoint.startswith("tcp://"):
             if self.curve_secret_key is None or self.curve_clients is None:
                 raise ConfigError(
@@ -412,7 +418,7 @@ def load(
         data = _read_toml(path)
         if "alerts" in data:
             try:
-                values["alerts"] = parse_alerts(data.pop("alerts"))
+                values["alerts"] = parse_alerts(data.pop("alerts"), env)
             except AlertConfigError as exc:
                 raise ConfigError(exc.name, f"{exc.reason} (from {where})") from None
         for name, raw in data.items():

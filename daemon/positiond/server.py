@@ -40,6 +40,7 @@ from positiond.alerts.delivery import Delivery
 from positiond.config import RELOADABLE, Config, changed
 from positiond.engine import Engine
 from positiond.notify import Notifier
+from positiond.openalgo import settings_of
 from positiond.router import Router
 from positiond.status import Progress, Reporter, status_file_for, status_line, version
 from positiond.store import Store, open_store
@@ -187,7 +188,9 @@ class Daemon:
         self._tasks = [loop.create_task(self._tick_loop(), name="positiond-tick")]
         self._tasks.append(loop.create_task(self._watch_loop(), name="positiond-watch"))
         if cfg.alerts.sinks:  # apart from the writer: its own task and connection
-            self.delivery = Delivery(db, cfg.alerts, busy_timeout=cfg.busy_timeout)
+            self.delivery = Delivery(
+                db, cfg.alerts, busy_timeout=cfg.busy_timeout, openalgo=settings_of(cfg)
+            )
             self._tasks.append(loop.create_task(self.delivery.run(), name="positiond-alerts"))
         self.reporter.path = status_file_for(ipc_path(cfg.endpoint))
         self.started = self.monotonic()

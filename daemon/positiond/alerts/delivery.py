@@ -9,6 +9,12 @@ doubling up to 5 min) until ``retry_for`` seconds after the alert, then its deli
 outcome was not recorded (the daemon killed in between) is repeated after a restart — sinks
 dedupe by the alert's ``id``.
 
+Human sinks (``telegram``, ``openalgo``) get one message per burst instead: the first due
+alert starts a group, which waits ``group_window`` seconds (and at least
+:data:`~positiond.alerts.human.MIN_INTERVAL` after the sink's previous message) for the others,
+then sends them all in one message; every alert in it is DELIVERED for that sink when it
+succeeds, or retried (each with its own backoff) when it fails. One group at a time per sink.
+
 ``now`` is injectable so tests drive time instead of waiting.
 """
 
@@ -17,17 +23,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
 from positiond.alerts import outbox
 from positiond.alerts.health import HealthWatch, health_body
+from positiond.alerts.human import MIN_INTERVAL, HumanSink
 from positiond.alerts.settings import AlertsConfig
 from positiond.alerts.sinks import Sink, build_sink
+from positiond.openalgo import Settings
 
 __all__ = ["Delivery", "backoff"]
 
@@ -36,6 +45,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 POLL = 0.5  # seconds between looks at the outbox when nothing wakes the worker
 FIRST_RETRY, MAX_RETRY = 1.0, 300.0
+GROUP_MAX = 500  # alerts in one human message at most (a listing and "and N more")
 
 
 def backoff(attempts: int) -> float:
@@ -54,9 +64,14 @@ class Delivery:
         busy_timeout: float = 5.0,
         now: Callable[[], float] = time.time,
         poll: float = POLL,
+        openalgo: Settings | None = None,
+        min_interval: float = MIN_INTERVAL,
     ) -> None:
         self.db, self.config, self.busy_timeout = db, config, busy_timeout
-        self.now, self.poll = now, poll
+        self.now, self.poll, self.openalgo = now, poll, openalgo
+        self.min_interval = min_interval  # seconds between two messages of a human sink
+        self._grouping: set[str] = set()  # human sinks with a group in the making
+        self._last_message: dict[str, float] = {}  # loop time of a human sink's last message
         self.sinks: dict[str, Sink] = {}
         self.counters = {"alerts_delivered": 0, "alerts_retried": 0, "alerts_failed": 0}
         self._conn: sqlite3.Connection | None = None
@@ -135,7 +150,7 @@ class Delivery:
             raise
         self._conn = conn
         if not self.sinks:
-            self.sinks = {s.name: build_sink(s) for s in self.config.sinks}
+            self.sinks = {s.name: build_sink(s, self.openalgo) for s in self.config.sinks}
 
     async def settle(self) -> None:
         """Wait for the attempts in flight (tests, and a stop that may wait)."""
@@ -183,7 +198,13 @@ class Delivery:
         sinks, after = self.config.sinks, self._after
         self._after = await self._db(lambda c: outbox.enqueue(c, sinks, after))
         now, items = self.now(), []
-        for name in self.sinks:  # each sink its own slots: one that hangs holds up no other
+        for name, sink in self.sinks.items():  # each its own slots: one that hangs holds none
+            if isinstance(sink, HumanSink):
+                if name not in self._grouping:
+                    query = partial(outbox.due, now=now, sink=name, busy=set(), limit=1)
+                    if await self._db(query):
+                        self._start(self._group(sink), name)
+                continue
             busy = {row for row, sink in self._busy if sink == name}
             free = self.config.concurrency - len(busy)
             if free > 0:
@@ -191,12 +212,44 @@ class Delivery:
                 items += await self._db(query)
         for item in items:
             self._busy.add((item.row, item.sink))
-            task = asyncio.get_running_loop().create_task(
-                self._attempt(item), name=f"positiond-alert-{item.sink}"
-            )
-            self._attempts.add(task)
-            task.add_done_callback(self._attempts.discard)
-        return len(items)
+            self._start(self._attempt(item), item.sink)
+        return len(items) + len(self._grouping)
+
+    def _start(self, work: Coroutine[Any, Any, None], sink: str) -> None:
+        task = asyncio.get_running_loop().create_task(work, name=f"positiond-alert-{sink}")
+        self._attempts.add(task)
+        task.add_done_callback(self._attempts.discard)
+
+    async def _group(self, sink: HumanSink) -> None:
+        """Wait for the burst, send it as one message, record every alert in it."""
+        name, loop = sink.config.name, asyncio.get_running_loop()
+        self._grouping.add(name)
+        try:
+            earliest = self._last_message.get(name, -math.inf) + self.min_interval
+            await asyncio.sleep(max(sink.config.group_window, earliest - loop.time()))
+            query = partial(outbox.due, now=self.now(), sink=name, busy=set(), limit=GROUP_MAX)
+            items = await self._db(query)
+            if not items:
+                return
+            async with self._slot(name):
+                error = await self._send(sink, [item.body for item in items])
+            self._last_message[name] = loop.time()
+            now = self.now()
+            outcomes = []
+            for item in items:
+                retry_at: float | None = now + backoff(item.attempts + 1)
+                if retry_at is not None and retry_at > item.created + self.config.retry_for:
+                    retry_at = None
+                outcomes.append((item, retry_at))
+            states = await self._db(lambda c: outbox.record_many(c, outcomes, error, now))
+            log.info("alerts: %d in one message to %s", len(items), name)
+            for item, state in zip(items, states, strict=True):
+                self._count(item, state, error)
+        except sqlite3.Error as exc:
+            log.warning("alerts: cannot record a delivery to %s: %s", name, exc)
+        finally:
+            self._grouping.discard(name)
+            self._woken.set()  # alerts that came meanwhile: the next group now
 
     async def _attempt(self, item: outbox.Due) -> None:
         sink = self.sinks.get(item.sink)
@@ -216,10 +269,13 @@ class Delivery:
         finally:
             self._busy.discard((item.row, item.sink))
 
-    async def _send(self, sink: Sink, body: bytes) -> str | None:
+    async def _send(self, sink: Sink, body: bytes | list[bytes]) -> str | None:
         # The sink bounds itself; this bounds a sink that does not (a hung DNS lookup...).
         try:
             async with asyncio.timeout(sink.config.timeout + 1.0):
+                if isinstance(body, list):
+                    assert isinstance(sink, HumanSink)
+                    return await sink.send_many(body)
                 return await sink.send(body)
         except TimeoutError:
             return f"no answer within {sink.config.timeout:g}s"

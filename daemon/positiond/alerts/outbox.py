@@ -28,6 +28,7 @@ __all__ = [
     "first_recent",
     "recent",
     "record",
+    "record_many",
 ]
 
 BODY_SCHEMA = 1  # the "schema" field of every alert body (docs/PROTOCOL.md, "Alerts")
@@ -131,6 +132,25 @@ def record(
         (state, next_at, None if error is None else error[:500], done, item.row, item.sink),
     )
     return state
+
+
+def record_many(
+    conn: sqlite3.Connection,
+    outcomes: list[tuple[Due, float | None]],
+    error: str | None,
+    now: float,
+) -> list[str]:
+    """:func:`record` for each alert of one grouped message (with its own ``retry_at``), in
+    one transaction: the whole group is recorded, or none of it (then it is sent again)."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        states = [record(conn, item, error, now, retry_at) for item, retry_at in outcomes]
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    return states
 
 
 def recent(conn: sqlite3.Connection, limit: int = 50) -> list[dict[str, Any]]:

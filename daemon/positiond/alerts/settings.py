@@ -19,24 +19,41 @@
     type = "command"
     command = ["/usr/local/bin/page-me", "--quiet"]   # the alert's JSON on stdin
 
-Header values are secrets: never logged, never printed by ``--print-config`` (only their
-names), never in status.json. ``headers_file`` holds ``Name: value`` lines.
+    [[alerts.sink]]
+    name = "phone"
+    type = "telegram"         # the Telegram Bot API
+    token_file = "/etc/positiond/telegram.token"      # or $POSITIOND_TELEGRAM_TOKEN
+    chat_id = "123456"
+    api_url = "https://api.telegram.org"              # the default
+    group_window = 0.5        # seconds: a burst becomes one message (human sinks only)
+
+    [[alerts.sink]]
+    name = "openalgo-bot"
+    type = "openalgo"         # OpenAlgo's telegram/notify: uses [openalgo] host and api key
+    username = "my_openalgo_user"
+
+Header values and the bot token are secrets: never logged, never printed by
+``--print-config`` (only their names / source), never in status.json. ``headers_file``
+holds ``Name: value`` lines.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import math
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 __all__ = [
+    "HUMAN_TYPES",
     "KINDS",
-    "RESERVED_TYPES",
     "SEVERITIES",
     "SEVERITY",
+    "TELEGRAM_TOKEN_ENV",
     "AlertConfigError",
     "AlertsConfig",
     "SinkConfig",
@@ -59,8 +76,11 @@ SEVERITY: dict[str, str] = {
 }
 KINDS = tuple(SEVERITY)
 SEVERITIES = ("info", "warning", "critical")
-TYPES = ("webhook", "command")
-RESERVED_TYPES = ("telegram", "openalgo")  # names kept for sinks still to come
+HUMAN_TYPES = ("telegram", "openalgo")  # a message for people: bursts grouped, rate-limited
+TYPES = ("webhook", "command", *HUMAN_TYPES)
+TELEGRAM_TOKEN_ENV = "POSITIOND_TELEGRAM_TOKEN"
+TELEGRAM_API = "https://api.telegram.org"
+GROUP_WINDOW = 0.5  # default seconds a human sink waits to group a burst
 
 
 class AlertConfigError(ValueError):
@@ -84,6 +104,17 @@ class SinkConfig:
     headers: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
     headers_source: str = ""  # where the headers came from (shown instead of them)
     command: tuple[str, ...] = ()  # command
+    token: str = field(default="", repr=False, compare=False)  # telegram (a secret)
+    token_source: str = ""  # where the token came from (shown instead of it)
+    chat_id: str = ""  # telegram
+    api_url: str = TELEGRAM_API  # telegram
+    username: str = ""  # openalgo
+    group_window: float = GROUP_WINDOW  # telegram, openalgo
+
+    @property
+    def human(self) -> bool:
+        """A sink read by people: one message per burst, not one per alert."""
+        return self.type in HUMAN_TYPES
 
     def wants(self, kind: str) -> bool:
         """Does this sink subscribe to alerts of ``kind``?"""
@@ -137,11 +168,68 @@ def _headers_file(path: Path, name: str) -> dict[str, str]:
 
 _SINK_KEYS = {
     "name", "type", "events", "min_severity", "timeout", "url", "headers", "headers_file",
-    "command",
+    "command", "token_file", "chat_id", "api_url", "username", "group_window",
 }  # fmt: skip
+_HUMAN_KEYS = {"token_file", "chat_id", "api_url", "username", "group_window"}
 
 
-def _sink(raw: object, index: int) -> SinkConfig:
+def _token(raw: dict[str, Any], where: str, env: dict[str, str]) -> tuple[str, str]:
+    """The bot token and where it came from: ``token_file``, else $POSITIOND_TELEGRAM_TOKEN."""
+    if "token_file" in raw:
+        path = raw["token_file"]
+        if not isinstance(path, str):
+            raise AlertConfigError(f"{where}.token_file", "must be a path")
+        try:
+            text = Path(path).expanduser().read_text().strip()
+        except OSError as exc:
+            raise AlertConfigError(f"{where}.token_file", f"{path}: {exc.strerror}") from None
+        if not text:
+            raise AlertConfigError(f"{where}.token_file", f"{path} is empty")
+        return text.splitlines()[0].strip(), f"file {path}"
+    token = env.get(TELEGRAM_TOKEN_ENV, "").strip()
+    if not token:
+        raise AlertConfigError(
+            f"{where}.token_file", f"required: the bot token's file (or ${TELEGRAM_TOKEN_ENV})"
+        )
+    return token, f"${TELEGRAM_TOKEN_ENV}"
+
+
+def _human(raw: dict[str, Any], kind: str, where: str, env: dict[str, str]) -> dict[str, Any]:
+    options: dict[str, Any] = {}
+    options["group_window"] = _number(
+        raw.get("group_window", GROUP_WINDOW), f"{where}.group_window", 0, 60
+    )
+    if kind == "telegram":
+        if "username" in raw:
+            raise AlertConfigError(f"{where}.username", "is for openalgo sinks")
+        chat = raw.get("chat_id")
+        if isinstance(chat, int) and not isinstance(chat, bool):
+            chat = str(chat)
+        if not isinstance(chat, str) or not chat.strip():
+            raise AlertConfigError(f"{where}.chat_id", "required: the chat's id")
+        api = raw.get("api_url", TELEGRAM_API)
+        if not isinstance(api, str) or not api.startswith(("http://", "https://")):
+            raise AlertConfigError(f"{where}.api_url", "must be an http:// or https:// URL")
+        token, source = _token(raw, where, env)
+        options.update(
+            chat_id=chat.strip(), api_url=api.rstrip("/"), token=token, token_source=source
+        )
+    else:
+        for key in ("token_file", "chat_id", "api_url"):
+            if key in raw:
+                raise AlertConfigError(f"{where}.{key}", "is for telegram sinks")
+        user = raw.get("username")
+        if not isinstance(user, str) or not user.strip():
+            raise AlertConfigError(f"{where}.username", "required: the OpenAlgo user name")
+        options["username"] = user.strip()
+    if importlib.util.find_spec("httpx") is None:
+        raise AlertConfigError(
+            f"{where}.type", f"{kind} sinks need httpx: pip install 'positiond[alerts]'"
+        )
+    return options
+
+
+def _sink(raw: object, index: int, env: dict[str, str]) -> SinkConfig:
     where = f"alerts.sink[{index}]"
     if not isinstance(raw, dict):
         raise AlertConfigError(where, "must be a table ([[alerts.sink]])")
@@ -153,8 +241,6 @@ def _sink(raw: object, index: int) -> SinkConfig:
         raise AlertConfigError(f"{where}.name", "required: a non-empty string")
     where = f"alerts.sink {name!r}"
     kind = raw.get("type")
-    if kind in RESERVED_TYPES:
-        raise AlertConfigError(f"{where}.type", f"{kind!r} sinks are not available yet")
     if kind not in TYPES:
         raise AlertConfigError(f"{where}.type", f"must be one of {', '.join(TYPES)}")
     events = _strings(raw["events"], f"{where}.events") if "events" in raw else KINDS
@@ -168,7 +254,14 @@ def _sink(raw: object, index: int) -> SinkConfig:
         raise AlertConfigError(f"{where}.min_severity", f"must be one of {', '.join(SEVERITIES)}")
     timeout = _number(raw.get("timeout", 5.0), f"{where}.timeout", 0.1, 300)
     options: dict[str, Any] = {}
-    if kind == "webhook":
+    if kind in HUMAN_TYPES:
+        if "url" in raw or "headers" in raw or "headers_file" in raw or "command" in raw:
+            raise AlertConfigError(where, "url, headers and command are not for this type")
+        options = _human(raw, kind, where, env)
+    elif set(raw) & _HUMAN_KEYS:
+        key = sorted(set(raw) & _HUMAN_KEYS)[0]
+        raise AlertConfigError(f"{where}.{key}", "is for telegram and openalgo sinks")
+    elif kind == "webhook":
         url = raw.get("url")
         if not isinstance(url, str) or not url.startswith(("http://", "https://")):
             raise AlertConfigError(f"{where}.url", "required: an http:// or https:// URL")
@@ -205,8 +298,11 @@ def _sink(raw: object, index: int) -> SinkConfig:
     )
 
 
-def parse_alerts(raw: object) -> AlertsConfig:
-    """The ``[alerts]`` table as read from TOML; raises AlertConfigError naming the key."""
+def parse_alerts(raw: object, env: Mapping[str, str] | None = None) -> AlertsConfig:
+    """The ``[alerts]`` table as read from TOML; raises AlertConfigError naming the key.
+
+    ``env`` (default: the process's) is where $POSITIOND_TELEGRAM_TOKEN is looked up."""
+    environ = dict(os.environ if env is None else env)
     if not isinstance(raw, dict):
         raise AlertConfigError("alerts", "must be a table ([alerts] / [[alerts.sink]])")
     unknown = sorted(set(raw) - {"sink", "retry_for", "concurrency"})
@@ -215,7 +311,7 @@ def parse_alerts(raw: object) -> AlertsConfig:
     listed = raw.get("sink", [])
     if not isinstance(listed, list):
         raise AlertConfigError("alerts.sink", "must be an array of tables ([[alerts.sink]])")
-    sinks = tuple(_sink(s, i) for i, s in enumerate(listed))
+    sinks = tuple(_sink(s, i, environ) for i, s in enumerate(listed))
     names = [s.name for s in sinks]
     for name in names:
         if names.count(name) > 1:
@@ -257,4 +353,12 @@ def format_alerts(alerts: AlertsConfig) -> list[str]:
             lines.append(f"# headers: {names} (values hidden; from {sink.headers_source})")
         if sink.command:
             lines.append(f"command = {_toml(sink.command)}")
+        if sink.type == "telegram":
+            lines.append(f"chat_id = {_toml(sink.chat_id)}")
+            lines.append(f"api_url = {_toml(shown_url(sink.api_url))}")
+            lines.append(f"# token: hidden (from {sink.token_source})")
+        if sink.username:
+            lines.append(f"username = {_toml(sink.username)}")
+        if sink.human:
+            lines.append(f"group_window = {sink.group_window:g}")
     return lines

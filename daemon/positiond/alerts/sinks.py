@@ -4,7 +4,7 @@ was delivered, or a one-line reason why not (the worker retries it).
 A sink never raises for a failed delivery and never takes longer than its timeout (the worker
 enforces it too). ``webhook``: an HTTP POST of the body (httpx), any 2xx counts; ``command``:
 the program run with the body on stdin, exit status 0 counts. ``telegram`` and ``openalgo``
-are reserved names for sinks to come; they fit the same interface.
+(:mod:`positiond.alerts.human`) send one message for a group of alerts (``send_many``).
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ from positiond.alerts.settings import SinkConfig
 
 if TYPE_CHECKING:
     import httpx
+
+    from positiond.openalgo import Settings
 
 __all__ = ["CommandSink", "Sink", "WebhookSink", "build_sink"]
 
@@ -104,8 +106,14 @@ class CommandSink:
         return None
 
 
-def build_sink(config: SinkConfig) -> Sink:
-    """The sink for ``config.type``."""
+def build_sink(config: SinkConfig, openalgo: Settings | None = None) -> Sink:
+    """The sink for ``config.type`` (``openalgo``: with the ``[openalgo]`` settings)."""
+    from positiond.alerts.human import OpenAlgoSink, TelegramSink
+
+    if config.type == "telegram":
+        return TelegramSink(config)
+    if config.type == "openalgo":
+        return OpenAlgoSink(config, openalgo)
     if config.type == "webhook":
         return WebhookSink(config)
     if config.type == "command":
