@@ -1,6 +1,7 @@
 """A real webhook receiver for the alert tests: http.server on 127.0.0.1, port 0, in a thread.
 
-It records every POST (headers, JSON body); ``statuses`` lists the status codes of the first
+It records every POST (path, headers, JSON body, monotonic arrival time); it also stands in
+for the Telegram Bot API (tests/test_alert_human.py: the path holds ``/bot<token>/sendMessage``); ``statuses`` lists the status codes of the first
 answers (then 200); ``hang`` set makes it hold every request unanswered until :meth:`close`.
 """
 
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -18,6 +20,8 @@ class Receiver:
     def __init__(self, statuses: list[int] | None = None, hang: bool = False) -> None:
         self.posts: list[dict[str, Any]] = []
         self.headers: list[dict[str, str]] = []
+        self.paths: list[str] = []
+        self.times: list[float] = []
         self.statuses = list(statuses or [])
         self.hang = hang
         self.released = threading.Event()
@@ -31,6 +35,8 @@ class Receiver:
                 with receiver.lock:
                     receiver.posts.append(body)
                     receiver.headers.append(dict(self.headers))
+                    receiver.paths.append(self.path)
+                    receiver.times.append(time.monotonic())
                     status = receiver.statuses.pop(0) if receiver.statuses else 200
                 if receiver.hang:
                     receiver.released.wait(120)

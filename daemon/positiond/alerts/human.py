@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 MIN_INTERVAL = 1.0  # seconds between two messages of one human sink (Telegram: ~1/s per chat)
 MAX_LISTED = 10  # alerts spelled out in one message; the rest are counted
 MAX_CHARS = 3500  # under Telegram's 4096 limit for one message
+_HTTP_LOGGERS = ("httpx", "httpcore")  # they log request URLs; the bot token is in ours
 LEG_COLUMNS = ("symbol", "side", "qty", "entry", "stop", "highest", "trail")
 
 
@@ -127,6 +128,20 @@ class HumanSink:
         return None
 
 
+class _Redact(logging.Filter):
+    """Cuts ``secret`` out of log records: httpx logs every request's URL (token included)."""
+
+    def __init__(self, secret: str) -> None:
+        super().__init__()
+        self.secret = secret
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        if self.secret and self.secret in text:
+            record.msg, record.args = text.replace(self.secret, "<token>"), ()
+        return True
+
+
 class TelegramSink(HumanSink):
     """``POST {api_url}/bot{token}/sendMessage`` with ``chat_id`` and ``text``."""
 
@@ -137,6 +152,9 @@ class TelegramSink(HumanSink):
         self._client: httpx.AsyncClient = httpx.AsyncClient(
             timeout=config.timeout, follow_redirects=False
         )
+        self._redact = _Redact(config.token)
+        for name in _HTTP_LOGGERS:
+            logging.getLogger(name).addFilter(self._redact)
 
     def _hide(self, text: str) -> str:
         token = self.config.token
@@ -163,6 +181,8 @@ class TelegramSink(HumanSink):
 
     async def aclose(self) -> None:
         await self._client.aclose()
+        for name in _HTTP_LOGGERS:
+            logging.getLogger(name).removeFilter(self._redact)
 
 
 class OpenAlgoSink(HumanSink):

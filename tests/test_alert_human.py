@@ -1,0 +1,190 @@
+"""Human sinks against real HTTP servers: telegram (a fake Bot API, tests/alert_receiver.py) and
+openalgo (tests/fake_openalgo.py); a burst grouped into one message, rate-limited, every alert
+in it delivered exactly once per sink; the bot token never in an error."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+
+import orjson
+import pytest
+
+from positiond.alerts.delivery import Delivery
+from positiond.alerts.human import MAX_LISTED, message
+from positiond.alerts.settings import AlertsConfig, SinkConfig
+from positiond.openalgo import Settings
+from tests.alert_receiver import Receiver
+from tests.fake_openalgo import FakeOpenAlgo, Reply
+from tests.helpers import FACTOR
+from tests.test_alert_delivery import START, Scripted, crash
+
+TOKEN = "123456:bot-secret-token"
+
+
+@pytest.fixture
+def bot_api() -> Iterator[Receiver]:
+    receiver = Receiver()
+    yield receiver
+    receiver.close()
+
+
+def phone(api: Receiver, window: float = 0.2) -> SinkConfig:
+    base = api.url.rsplit("/", 1)[0]
+    return SinkConfig(
+        "phone", "telegram", token=TOKEN, chat_id="4242", api_url=base, group_window=window
+    )
+
+
+def deliveries(db: Path) -> list[tuple[str, str, int, str | None]]:
+    conn = sqlite3.connect(db)
+    try:
+        return conn.execute(
+            "SELECT sink, state, attempts, last_error FROM alert_deliveries ORDER BY sink, alert_id"
+        ).fetchall()
+    finally:
+        conn.close()
+
+
+def delivered(db: Path) -> bool:
+    rows = deliveries(db)
+    return bool(rows) and all(d[1] == "DELIVERED" for d in rows)
+
+
+async def run_until(delivery: Delivery, done: object, timeout: float = 10.0) -> None:
+    """Step the worker (real sinks, real time for the group window) until ``done()``."""
+    assert callable(done)
+    async with asyncio.timeout(timeout * FACTOR):
+        while not done():
+            await delivery.step()
+            await asyncio.sleep(0.02)
+        await delivery.settle()
+
+
+async def test_a_burst_of_20_crashes_is_one_telegram_message_and_20_machine_events(
+    tmp_path: Path, bot_api: Receiver
+) -> None:
+    db = tmp_path / "positiond.db"
+    for n in range(20):  # a host's 20 strategies dying together
+        crash(db, START + n * 0.01)
+    hook = SinkConfig("hook", "command", command=("unused",))
+    config = AlertsConfig((phone(bot_api), hook))
+    delivery = Delivery(db, config, now=lambda: START + 1)
+    await delivery.open()
+    machine = Scripted(hook, [True] * 20)
+    delivery.sinks["hook"] = machine
+    try:
+        await run_until(delivery, lambda: delivered(db))
+        await asyncio.sleep(0.3)  # a second group, if one were wrongly started, shows now
+        for _ in range(3):
+            await delivery.step()
+        await delivery.settle()
+    finally:
+        await delivery.close()
+    assert len(bot_api.posts) == 1
+    assert bot_api.paths == [f"/bot{TOKEN}/sendMessage"]
+    sent = bot_api.posts[0]
+    assert sent["chat_id"] == "4242" and "parse_mode" not in sent
+    text = sent["text"]
+    assert text.startswith("positiond: 20 alerts")
+    assert text.count("CRITICAL crashed: expiry_blast") == MAX_LISTED
+    assert f"and {20 - MAX_LISTED} more" in text
+    assert "symbol" in text and "trail" in text and "NIFTY28NOV2524000CE SELL 75" in text
+    # Each alert delivered exactly once per sink; the machine sink got one event per alert.
+    assert deliveries(db) == [("hook", "DELIVERED", 1, None)] * 20 + [
+        ("phone", "DELIVERED", 1, None)
+    ] * 20
+    assert len({orjson.loads(b)["id"] for b in machine.bodies}) == 20
+
+
+async def test_a_failed_group_is_retried_whole_a_second_later_without_the_token(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    db = tmp_path / "positiond.db"
+    for n in range(3):
+        crash(db, START)
+    api = Receiver(statuses=[401])
+    clock = [START]
+    delivery = Delivery(
+        db, AlertsConfig((phone(api, window=0),)), now=lambda: clock[0], min_interval=0.5
+    )
+    await delivery.open()
+    try:
+        await run_until(delivery, lambda: len(api.posts) == 1)
+        assert deliveries(db) == [("phone", "PENDING", 1, "HTTP 401")] * 3
+        clock[0] = START + 1  # the retry is due (backoff 1 s)
+        await run_until(delivery, lambda: delivered(db))
+    finally:
+        await delivery.close()
+        api.close()
+    assert len(api.posts) == 2 and api.posts[0]["text"] == api.posts[1]["text"]
+    assert api.times[1] - api.times[0] >= 0.5  # rate limit: not two messages within 0.5 s
+    assert deliveries(db) == [("phone", "DELIVERED", 2, None)] * 3
+    assert "retrying" in caplog.text and "bot-secret" not in caplog.text
+
+
+async def test_an_unreachable_bot_api_error_never_shows_the_token(tmp_path: Path) -> None:
+    db = tmp_path / "positiond.db"
+    crash(db, START)
+    api = Receiver()
+    api.close()  # nothing listens there any more: connection refused
+    delivery = Delivery(db, AlertsConfig((phone(api, window=0),)), now=lambda: START)
+    await delivery.open()
+    try:
+        await run_until(delivery, lambda: [d[2] for d in deliveries(db)] == [1])
+    finally:
+        await delivery.close()
+    error = deliveries(db)[0][3]
+    assert error and TOKEN not in error and "bot-secret" not in error
+
+
+async def test_openalgo_sink_sends_one_message_through_telegram_notify(tmp_path: Path) -> None:
+    db = tmp_path / "positiond.db"
+    for n in range(4):
+        crash(db, START)
+    key = tmp_path / "openalgo.key"
+    key.write_text("oa-secret-key\n")
+    bot = SinkConfig("openalgo-bot", "openalgo", username="my_openalgo_user", group_window=0.1)
+    with FakeOpenAlgo(api_key="oa-secret-key") as fake:
+        fake.reply(
+            "telegram/notify", Reply({"status": "error", "message": "user not linked"}, 400)
+        )
+        clock = [START]
+        delivery = Delivery(
+            db, AlertsConfig((bot,)), now=lambda: clock[0], openalgo=Settings(fake.url, key),
+            min_interval=0.1,
+        )  # fmt: skip
+        await delivery.open()
+        try:
+            await run_until(delivery, lambda: len(fake.received("telegram/notify")) == 1)
+            await delivery.settle()
+            errors = {d[3] for d in deliveries(db)}
+            assert errors == {"OpenAlgo telegram/notify: HTTP 400: user not linked"}
+            fake.reply("telegram/notify", Reply({"status": "success", "message": "sent"}))
+            clock[0] = START + 1
+            await run_until(delivery, lambda: delivered(db))
+        finally:
+            await delivery.close()
+        sent = fake.received("telegram/notify")
+    assert len(sent) == 2
+    assert sent[1]["apikey"] == "oa-secret-key" and sent[1]["username"] == "my_openalgo_user"
+    assert sent[1]["message"].startswith("positiond: 4 alerts")
+    assert deliveries(db) == [("openalgo-bot", "DELIVERED", 2, None)] * 4
+
+
+def test_the_message_lists_legs_and_counts_what_it_does_not_list() -> None:
+    leg = {"symbol": "BANKNIFTY", "side": "BUY", "quantity": 15, "entry_price": 100.5,
+           "stop_price": None, "highest_price": 101.0, "last_trail_level": 2.5}  # fmt: skip
+    body = {"id": "x", "event": "stalled", "severity": "warning", "strategy": "s",
+            "session_id": 3, "host": "h", "pid": 9, "reason": "no progress", "legs": [leg]}  # fmt: skip
+    one = message([orjson.dumps(body)])
+    assert one.splitlines()[:3] == [
+        "positiond: 1 alert", "", "WARNING stalled: s (session 3, h pid 9)",
+    ]  # fmt: skip
+    assert "BANKNIFTY BUY  15  100.5 -    101     2.5" in one and "more" not in one
+    many = message([orjson.dumps(body)] * 25)
+    assert many.count("WARNING stalled") == MAX_LISTED and "and 15 more" in many
