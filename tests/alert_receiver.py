@@ -1,7 +1,8 @@
 """A real webhook receiver for the alert tests: http.server on 127.0.0.1, port 0, in a thread.
 
 It records every POST (path, headers, JSON body, monotonic arrival time); it also stands in
-for the Telegram Bot API (tests/test_alert_human.py: the path holds ``/bot<token>/sendMessage``); ``statuses`` lists the status codes of the first
+for the Telegram Bot API (tests/test_alert_human.py: path ``/bot<token>/sendMessage``).
+``statuses`` lists the status codes of the first
 answers (then 200); ``hang`` set makes it hold every request unanswered until :meth:`close`.
 """
 

@@ -54,10 +54,10 @@ def delivered(db: Path) -> bool:
     return bool(rows) and all(d[1] == "DELIVERED" for d in rows)
 
 
-async def run_until(delivery: Delivery, done: object, timeout: float = 10.0) -> None:
+async def run_until(delivery: Delivery, done: object, within: float = 10.0) -> None:
     """Step the worker (real sinks, real time for the group window) until ``done()``."""
     assert callable(done)
-    async with asyncio.timeout(timeout * FACTOR):
+    async with asyncio.timeout(within * FACTOR):
         while not done():
             await delivery.step()
             await asyncio.sleep(0.02)
@@ -105,7 +105,7 @@ async def test_a_failed_group_is_retried_whole_a_second_later_without_the_token(
 ) -> None:
     caplog.set_level(logging.DEBUG)
     db = tmp_path / "positiond.db"
-    for n in range(3):
+    for _ in range(3):
         crash(db, START)
     api = Receiver(statuses=[401])
     clock = [START]
@@ -144,7 +144,7 @@ async def test_an_unreachable_bot_api_error_never_shows_the_token(tmp_path: Path
 
 async def test_openalgo_sink_sends_one_message_through_telegram_notify(tmp_path: Path) -> None:
     db = tmp_path / "positiond.db"
-    for n in range(4):
+    for _ in range(4):
         crash(db, START)
     key = tmp_path / "openalgo.key"
     key.write_text("oa-secret-key\n")
@@ -180,7 +180,8 @@ def test_the_message_lists_legs_and_counts_what_it_does_not_list() -> None:
     leg = {"symbol": "BANKNIFTY", "side": "BUY", "quantity": 15, "entry_price": 100.5,
            "stop_price": None, "highest_price": 101.0, "last_trail_level": 2.5}  # fmt: skip
     body = {"id": "x", "event": "stalled", "severity": "warning", "strategy": "s",
-            "session_id": 3, "host": "h", "pid": 9, "reason": "no progress", "legs": [leg]}  # fmt: skip
+            "session_id": 3, "host": "h", "pid": 9,
+            "reason": "no progress", "legs": [leg]}  # fmt: skip
     one = message([orjson.dumps(body)])
     assert one.splitlines()[:3] == [
         "positiond: 1 alert", "", "WARNING stalled: s (session 3, h pid 9)",
