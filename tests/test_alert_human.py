@@ -5,10 +5,15 @@ in it delivered exactly once per sink; the bot token never in an error."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import os
 import sqlite3
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -189,3 +194,54 @@ def test_the_message_lists_legs_and_counts_what_it_does_not_list() -> None:
     assert "BANKNIFTY BUY  15  100.5 -    101     2.5" in one and "more" not in one
     many = message([orjson.dumps(body)] * 25)
     assert many.count("WARNING stalled") == MAX_LISTED and "and 15 more" in many
+
+
+def posctl_alerts_test(config: Path, *args: str) -> tuple[int, Any]:
+    """``posctl --config FILE --json alerts test ARGS`` as an operator would run it."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("POSITIOND_", "POSCTL_"))}
+    run = subprocess.run(
+        [sys.executable, "-m", "positiond.ctl", "--config", str(config), "--json", "alerts",
+         "test", *args],
+        capture_output=True, text=True, env=env, timeout=60 * FACTOR,
+    )  # fmt: skip
+    assert run.stdout, run.stderr
+    return run.returncode, json.loads(run.stdout)
+
+
+def test_posctl_alerts_test_sends_through_each_sink_and_reports_each(
+    tmp_path: Path, bot_api: Receiver
+) -> None:
+    token, key = tmp_path / "telegram.token", tmp_path / "openalgo.key"
+    token.write_text(TOKEN + "\n")
+    key.write_text("oa-secret-key\n")
+    hook = Receiver()
+    with FakeOpenAlgo(api_key="oa-secret-key") as fake:
+        config = tmp_path / "positiond.toml"
+        config.write_text(
+            f'db = "{tmp_path / "positiond.db"}"\n'
+            f'[openalgo]\nhost = "{fake.url}"\napi_key_file = "{key}"\n'
+            f'[[alerts.sink]]\nname = "phone"\ntype = "telegram"\ntoken_file = "{token}"\n'
+            f'chat_id = "123456"\napi_url = "{bot_api.url.rsplit("/", 1)[0]}"\n'
+            f'[[alerts.sink]]\nname = "openalgo-bot"\ntype = "openalgo"\n'
+            f'username = "my_openalgo_user"\n'
+            f'[[alerts.sink]]\nname = "ops-hook"\ntype = "webhook"\nurl = "{hook.url}"\n'
+            f'[[alerts.sink]]\nname = "pager"\ntype = "command"\ncommand = ["false"]\n'
+        )
+        try:
+            code, out = posctl_alerts_test(config)
+            one_code, one = posctl_alerts_test(config, "--sink", "phone")
+        finally:
+            hook.close()
+        notified = fake.received("telegram/notify")
+    assert code == 1 and out["failed"] is True
+    assert [(r["sink"], r["ok"], r["error"]) for r in out["sinks"]] == [
+        ("phone", True, None),
+        ("openalgo-bot", True, None),
+        ("ops-hook", True, None),
+        ("pager", False, "exit status 1"),
+    ]
+    assert (one_code, [r["sink"] for r in one["sinks"]]) == (0, ["phone"])
+    assert len(bot_api.posts) == 2 and "INFO test" in bot_api.posts[0]["text"]
+    assert [n["username"] for n in notified] == ["my_openalgo_user"]
+    assert hook.posts[0]["event"] == "test" and hook.posts[0]["schema"] == 1
+    assert TOKEN not in json.dumps(out) and "oa-secret-key" not in json.dumps(out)

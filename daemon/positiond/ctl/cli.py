@@ -245,6 +245,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--exit-price", type=float, metavar="P", help="with --closed")
     sub.add_argument("--note", help="why (kept in the leg's audit trail)")
     sub = add("alerts", cmd_alerts)
+    sub.add_argument(
+        "action",
+        nargs="?",
+        choices=["test"],
+        help="test: send a test alert through each sink of the config file's [alerts] (from "
+        "posctl itself, not the daemon) and say per sink OK or why not",
+    )
+    sub.add_argument("--sink", metavar="NAME", help="with test: that sink only")
     sub.add_argument("--limit", type=int, default=50, help="at most the newest N (50)")
     sub = add("orphans", cmd_orphans)
     sub.add_argument("--all", action="store_true", help="also the resolved ones")
@@ -356,6 +364,7 @@ def _run(args: argparse.Namespace) -> int:
     )
     args.openalgo_settings = located.openalgo  # verify's default positionbook source
     args.openalgo_source = located.openalgo_source
+    args.alerts_config = located.alerts  # posctl alerts test
     if not ctl.json and args.func is not cmd_status:
         ctl.out.print(located.header(), markup=False, highlight=False)
     try:

@@ -26,9 +26,10 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from positiond.alerts.settings import AlertsConfig
 from positiond.config import DEFAULT_CONFIG_FILE, load
 from positiond.openalgo import Settings, settings_of
 from positiond_client.paths import DB_FILENAME, SOCKET_FILENAME, default_db_path, default_endpoint
@@ -59,6 +60,8 @@ class Located:
     # [openalgo] of the same config file (or POSITIOND_OPENALGO_*): posctl verify's default.
     openalgo: Settings | None = None
     openalgo_source: str | None = None
+    # [alerts] of the same config file: posctl alerts test sends through these sinks.
+    alerts: AlertsConfig = field(default_factory=AlertsConfig)
 
     def header(self) -> str:
         return f"database: {self.db} ({self.db_source})"
@@ -117,4 +120,6 @@ def locate(
     oa_source = layer("openalgo_host") if openalgo is not None else None
     if oa_source is not None:
         oa_source = oa_source.replace("openalgo_host in", "[openalgo] in")
-    return Located(db_path, db_source, ep, ep_source, loaded.file, openalgo, oa_source)
+    return Located(
+        db_path, db_source, ep, ep_source, loaded.file, openalgo, oa_source, loaded.config.alerts
+    )
