@@ -8,8 +8,8 @@ to every configured sink that wants it, apart from the hot path, at least once, 
 and backoff for a bounded time. The body is documented in docs/PROTOCOL.md ("Alerts").
 
 Modules: :mod:`.settings` (the ``[alerts]`` config section), :mod:`.outbox` (the SQL the worker
-and posctl use), :mod:`.sinks` (webhook, command; telegram and openalgo reserved),
-:mod:`.delivery` (the asyncio worker).
+and posctl use), :mod:`.sinks` (webhook, command), :mod:`.human` (telegram, openalgo: one message
+per burst), :mod:`.delivery` (the asyncio worker).
 """
 
 from __future__ import annotations
