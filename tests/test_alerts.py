@@ -7,6 +7,7 @@ import json
 import signal
 import sqlite3
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ import pytest
 
 from positiond_client import PositionPersistenceManager
 from tests.alert_receiver import Receiver
-from tests.helpers import DaemonProcess, rows, session_status, wait_for
+from tests.helpers import FACTOR, DaemonProcess, rows, session_status, wait_for
 from tests.test_ctl import BN, CE, FIN, PE, ctl, ctl_json, kill_a_strategy, positionbook
 from tests.test_daemon import Strategy
 
@@ -255,4 +256,48 @@ def test_the_daemon_alerts_when_its_writes_fail_and_when_they_work_again(
     finally:
         holder.close()
         pm.close()
+        daemon.stop()
+
+
+def test_kill_9_of_several_strategies_reaches_the_phone_as_one_message_fast(
+    workdir: Path,
+    receivers: list[Receiver],
+    strategies: list[Strategy],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    bot_api = Receiver()  # stands in for the Telegram Bot API (path /bot<token>/sendMessage)
+    receivers.append(bot_api)
+    token = workdir / "telegram.token"
+    token.write_text("777:phone-secret-token\n")
+    phone = (
+        f'[[alerts.sink]]\nname = "phone"\ntype = "telegram"\ntoken_file = "{token}"\n'
+        f'chat_id = "123456"\napi_url = "{bot_api.url.rsplit("/", 1)[0]}"\n'
+    )
+    daemon = start(workdir, write_config(workdir, phone))
+    try:
+        infos = []
+        for n in range(3):
+            monkeypatch.setenv("STRATEGY_KEY_PREFIX", f"s{n}-")
+            strategy = Strategy(daemon.endpoint, "hold")
+            strategies.append(strategy)
+            infos.append(strategy.info())
+        killed = time.monotonic()
+        for strategy in strategies:
+            strategy.proc.send_signal(signal.SIGKILL)
+        wait_for(lambda: bot_api.posts, 10, "the telegram message")
+        latency = bot_api.times[0] - killed
+        wait_for(
+            lambda: [r[3] for r in deliveries(daemon.db)] == ["DELIVERED"] * 3,
+            10,
+            "all three delivered to the phone",
+        )
+        assert len(bot_api.posts) == 1  # one message for the burst
+        text = bot_api.posts[0]["text"]
+        assert text.startswith("positiond: 3 alerts") and text.count("CRITICAL crashed") == 3
+        assert bot_api.paths[0] == "/bot777:phone-secret-token/sendMessage"
+        assert latency < 1.0 * FACTOR, latency  # group_window 0.5 s: kill -9 -> phone <= 1 s
+        assert [r[4] for r in deliveries(daemon.db)] == [1, 1, 1]
+        assert "phone-secret-token" not in daemon.output()
+        assert "phone-secret-token" not in (daemon.sock.parent / "status.json").read_text()
+    finally:
         daemon.stop()
