@@ -365,6 +365,8 @@ def build_parser() -> argparse.ArgumentParser:
         "underscores. Runs in the foreground and logs to stderr (syslog-style priorities "
         "under systemd). SIGTERM/SIGINT stop it gracefully (everything pending is written "
         "first); SIGHUP re-reads the config file and the allowed CURVE client keys. "
+        "Alerts ([[alerts.sink]] in the config file only: webhook, command, telegram, "
+        "openalgo; try them with posctl alerts test): docs/PROTOCOL.md section 10. "
         "Protocol: docs/PROTOCOL.md; deployment as a systemd service: docs/DEPLOY.md.",
     )
     parser.add_argument(
