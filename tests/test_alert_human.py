@@ -17,15 +17,18 @@ from typing import Any
 
 import orjson
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from positiond.alerts.delivery import Delivery
-from positiond.alerts.human import MAX_LISTED, message
+from positiond.alerts.human import MAX_LISTED, HumanSink, message
 from positiond.alerts.settings import AlertsConfig, SinkConfig
 from positiond.openalgo import Settings
+from positiond.store.schema import migrate
 from tests.alert_receiver import Receiver
 from tests.fake_openalgo import FakeOpenAlgo, Reply
 from tests.helpers import FACTOR
-from tests.test_alert_delivery import START, Scripted, crash
+from tests.test_alert_delivery import PROPERTY, START, Scripted, crash
 
 TOKEN = "123456:bot-secret-token"
 
@@ -245,3 +248,77 @@ def test_posctl_alerts_test_sends_through_each_sink_and_reports_each(
     assert [n["username"] for n in notified] == ["my_openalgo_user"]
     assert hook.posts[0]["event"] == "test" and hook.posts[0]["schema"] == 1
     assert TOKEN not in json.dumps(out) and "oa-secret-key" not in json.dumps(out)
+
+
+class ScriptedHuman(HumanSink):
+    """A human sink at the edge: each message answered as scripted (True: sent)."""
+
+    def __init__(self, config: SinkConfig, outcomes: list[bool]) -> None:
+        self.config = config
+        self.outcomes = list(outcomes)
+        self.groups: list[tuple[list[str], bool]] = []
+
+    async def send_many(self, bodies: list[bytes]) -> str | None:
+        ok = self.outcomes.pop(0) if self.outcomes else True
+        self.groups.append(([orjson.loads(b)["id"] for b in bodies], ok))
+        return None if ok else "HTTP 500"
+
+
+async def drive_groups(db: Path, waves: list[tuple[int, float]], outcomes: list[bool]) -> Any:
+    conn = sqlite3.connect(db, isolation_level=None)
+    migrate(conn)  # the schema, before any alert (a wave may bring none)
+    conn.close()
+    clock = [START]
+    config = SinkConfig("phone", "telegram", token="t", chat_id="1", group_window=0)
+    delivery = Delivery(db, AlertsConfig((config,), retry_for=86400), now=lambda: clock[0],
+                        min_interval=0)  # fmt: skip
+    sink = ScriptedHuman(config, outcomes)
+    delivery.sinks = {"phone": sink}
+    await delivery.open()
+    try:
+        for new, gap in waves:
+            for _ in range(new):
+                crash(db, clock[0])
+            await delivery.step()
+            await delivery.settle()
+            clock[0] += gap
+        for _ in range(len(outcomes) + 2):  # then long enough for every retry
+            clock[0] += 400
+            await delivery.step()
+            await delivery.settle()
+    finally:
+        await delivery.close()
+    return sink
+
+
+@PROPERTY
+@given(
+    waves=st.lists(
+        st.tuples(st.integers(0, 4), st.floats(min_value=0, max_value=5)), min_size=1, max_size=6
+    ),
+    outcomes=st.lists(st.booleans(), max_size=6),
+)
+def test_grouped_alerts_are_each_delivered_exactly_once_and_every_attempt_recorded(
+    tmp_path_factory: pytest.TempPathFactory,
+    waves: list[tuple[int, float]],
+    outcomes: list[bool],
+) -> None:
+    db = tmp_path_factory.mktemp("groups") / "positiond.db"
+    sink = asyncio.run(drive_groups(db, waves, outcomes))
+    conn = sqlite3.connect(db)
+    try:
+        ids = [r[0] for r in conn.execute("SELECT alert_id FROM alert_outbox ORDER BY id")]
+        rows = conn.execute(
+            "SELECT o.alert_id, d.state, d.attempts FROM alert_deliveries d "
+            "JOIN alert_outbox o ON o.id = d.alert_id"
+        ).fetchall()
+    finally:
+        conn.close()
+    assert sorted(r[0] for r in rows) == sorted(ids)  # each alert has its delivery
+    assert all(state == "DELIVERED" for _, state, _ in rows)  # none dropped
+    for alert_id, _, attempts in rows:
+        carried = [ok for group, ok in sink.groups if alert_id in group]
+        assert carried.count(True) == 1  # in exactly one successful message
+        assert carried[-1] is True  # and never sent again after it
+        assert len(carried) == attempts  # every message that carried it is recorded
+    assert all(len(set(group)) == len(group) for group, _ in sink.groups)
