@@ -194,16 +194,18 @@ class Delivery:
             await asyncio.to_thread(conn.close)
 
     async def step(self) -> int:
-        """Enqueue new alerts, start the due attempts; return how many were started."""
+        """Enqueue new alerts, start the due attempts and groups; return how many started."""
         sinks, after = self.config.sinks, self._after
         self._after = await self._db(lambda c: outbox.enqueue(c, sinks, after))
-        now, items = self.now(), []
+        now, items, groups = self.now(), [], 0
         for name, sink in self.sinks.items():  # each its own slots: one that hangs holds none
             if isinstance(sink, HumanSink):
                 if name not in self._grouping:
                     query = partial(outbox.due, now=now, sink=name, busy=set(), limit=1)
                     if await self._db(query):
+                        self._grouping.add(name)  # now, not when the task first runs
                         self._start(self._group(sink), name)
+                        groups += 1
                 continue
             busy = {row for row, sink in self._busy if sink == name}
             free = self.config.concurrency - len(busy)
@@ -213,7 +215,7 @@ class Delivery:
         for item in items:
             self._busy.add((item.row, item.sink))
             self._start(self._attempt(item), item.sink)
-        return len(items) + len(self._grouping)
+        return len(items) + groups
 
     def _start(self, work: Coroutine[Any, Any, None], sink: str) -> None:
         task = asyncio.get_running_loop().create_task(work, name=f"positiond-alert-{sink}")
@@ -223,7 +225,6 @@ class Delivery:
     async def _group(self, sink: HumanSink) -> None:
         """Wait for the burst, send it as one message, record every alert in it."""
         name, loop = sink.config.name, asyncio.get_running_loop()
-        self._grouping.add(name)
         try:
             earliest = self._last_message.get(name, -math.inf) + self.min_interval
             await asyncio.sleep(max(sink.config.group_window, earliest - loop.time()))
