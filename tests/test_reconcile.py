@@ -205,6 +205,7 @@ def test_drift_is_alerted_once_per_change_and_changes_no_leg(
         assert [a["event"] for a in listed["alerts"]] == ["drift"] * 2
         assert "drift" in ctl(daemon, "alerts").stdout
         wait_for(lambda: daemon.status().get("reconcile", {}).get("drift") == 2, 10, "status")
+        assert "2 drift(s) at the last check" in ctl(daemon, "status").stdout
         pm.close(1.0)
         pm_list.clear()
     finally:
