@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import crash, entry, footprint, ingest, load, outage, prune, seed, update
+from bench import alerts, crash, entry, footprint, ingest, load, outage, prune, seed, update
 from bench.report import Row, Scenario, markdown_table
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -56,6 +56,7 @@ SCENARIOS: list[tuple[str, Callable[[bool], Scenario], int]] = [
     ("load", load.run, 4),
     ("outage", outage.run, 8),
     ("prune", prune.run, 10),
+    ("alerts", alerts.run, 6),
 ]
 
 

@@ -21,10 +21,12 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import zmq
 
 from positiond.alerts.settings import AlertConfigError, AlertsConfig, format_alerts, parse_alerts
+from positiond.drift import parse_window
 from positiond.liveness import MIN_HEARTBEATS
 from positiond.store import Synchronous
 from positiond.store.schema import SCHEMA_VERSION
@@ -96,6 +98,11 @@ class Config:
     openalgo_host: str | None = None
     openalgo_api_key_file: Path | None = None
     openalgo_timeout: float = 10.0
+    # Periodic reconciliation (positiond.reconcile): every N seconds (0: off), inside the
+    # HH:MM-HH:MM window of local time in openalgo_timezone (unset: at any hour).
+    openalgo_reconcile_interval: float = 0.0
+    openalgo_reconcile_window: str | None = None
+    openalgo_timezone: str = "Asia/Kolkata"
     # The [alerts] section (file only): sinks and their filters (positiond.alerts.settings).
     alerts: AlertsConfig = field(default_factory=AlertsConfig)
 
@@ -141,6 +148,21 @@ class Config:
                     f"alerts.sink {sink.name!r}.type",
                     "an openalgo sink needs [openalgo] host (and api_key_file)",
                 )
+        if self.openalgo_reconcile_interval != 0:
+            _within("openalgo_reconcile_interval", self.openalgo_reconcile_interval, 1, 86400)
+            if self.openalgo_host is None:
+                raise ConfigError("openalgo_reconcile_interval", "needs host in [openalgo]")
+        if self.openalgo_reconcile_window is not None:
+            try:
+                parse_window(self.openalgo_reconcile_window)
+            except ValueError as exc:
+                raise ConfigError("openalgo_reconcile_window", str(exc)) from None
+        try:
+            ZoneInfo(self.openalgo_timezone)
+        except (ValueError, ZoneInfoNotFoundError):
+            raise ConfigError(
+                "openalgo_timezone", f"{self.openalgo_timezone!r}: no such zone"
+            ) from None
         if self.endpoint.startswith("tcp://"):
             if self.curve_secret_key is None or self.curve_clients is None:
                 raise ConfigError(
@@ -317,6 +339,30 @@ SETTINGS: tuple[_Setting, ...] = (
         "SECONDS",
         "how long an OpenAlgo call may take; TOML: timeout in [openalgo] (default: {})",
     ),
+    _Setting(
+        "openalgo_reconcile_interval",
+        _float,
+        _NUMBER,
+        "SECONDS",
+        "check every open leg against OpenAlgo's positionbook every SECONDS and alert "
+        "(event drift) on a difference; 0 is off; TOML: reconcile_interval in [openalgo] "
+        "(default: {})",
+    ),
+    _Setting(
+        "openalgo_reconcile_window",
+        str,
+        (),
+        "HH:MM-HH:MM",
+        "reconcile only inside this local-time window, e.g. 09:15-15:30; TOML: "
+        "reconcile_window in [openalgo] (default: at any hour)",
+    ),
+    _Setting(
+        "openalgo_timezone",
+        str,
+        (),
+        "ZONE",
+        "the time zone of reconcile_window; TOML: timezone in [openalgo] (default: {})",
+    ),
 )
 _BY_NAME = {s.name: s for s in SETTINGS}
 # setting -> environment variable (the client reads POSITIOND_ENDPOINT too)
@@ -488,7 +534,9 @@ def _read_toml(path: Path) -> dict[str, Any]:
     return data
 
 
-OPENALGO_KEYS = ("host", "api_key_file", "timeout")
+OPENALGO_KEYS = (
+    "host", "api_key_file", "timeout", "reconcile_interval", "reconcile_window", "timezone",
+)  # fmt: skip
 
 
 def _flatten_openalgo(data: dict[str, Any], path: Path) -> dict[str, Any]:

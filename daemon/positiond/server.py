@@ -41,6 +41,7 @@ from positiond.config import RELOADABLE, Config, changed
 from positiond.engine import Engine
 from positiond.notify import Notifier
 from positiond.openalgo import settings_of
+from positiond.reconcile import Reconciler, reconciler_of
 from positiond.router import Router
 from positiond.status import Progress, Reporter, status_file_for, status_line, version
 from positiond.store import Store, open_store
@@ -149,6 +150,7 @@ class Daemon:
         )
         self.listener = self.router.listener
         self.delivery: Delivery | None = None  # alerts to the configured sinks, if any
+        self.reconciler: Reconciler | None = None  # [openalgo] reconcile_interval, if set
 
     # ---- lifecycle -----------------------------------------------------------------------
 
@@ -192,6 +194,9 @@ class Daemon:
                 db, cfg.alerts, busy_timeout=cfg.busy_timeout, openalgo=settings_of(cfg)
             )
             self._tasks.append(loop.create_task(self.delivery.run(), name="positiond-alerts"))
+        self.reconciler = reconciler_of(cfg, self.delivery.wake if self.delivery else None)
+        if self.reconciler is not None:  # its own task, connection and HTTP client
+            self._tasks.append(loop.create_task(self.reconciler.run(), name="positiond-reconcile"))
         self.reporter.path = status_file_for(ipc_path(cfg.endpoint))
         self.started = self.monotonic()
         self.progress = Progress(self.started)
@@ -349,6 +354,7 @@ class Daemon:
                 **self.listener.counters,
                 **(self.delivery.counters if self.delivery is not None else {}),
             },
+            **({"reconcile": dict(self.reconciler.state)} if self.reconciler else {}),
         }
 
     # ---- reload --------------------------------------------------------------------------

@@ -70,6 +70,7 @@ SEVERITY: dict[str, str] = {
     "needs_review": "warning",
     "fenced": "warning",
     "orphan": "warning",
+    "drift": "warning",  # the positionbook differs from the legs (positiond.reconcile)
     "revived": "info",
     "unhealthy": "critical",  # the daemon itself (positiond.alerts.health)
     "healthy": "info",

@@ -421,4 +421,15 @@ def status_table(out: Console, health: Row, verdict: str) -> Group:
         ("snapshot written", datetime.fromtimestamp(float(written)).astimezone()
          .strftime("%Y-%m-%d %H:%M:%S %Z") if isinstance(written, int | float) else "—"),
     ]  # fmt: skip
+    recon = health.get("reconcile")  # [openalgo] reconcile_interval set
+    if isinstance(recon, dict):
+        error = recon.get("last_error")
+        pairs.append(
+            (
+                "reconcile",
+                f"{recon.get('drift')} drift(s) at the last check, "
+                f"{recon.get('alerts')} alert(s), {recon.get('checks')} check(s), "
+                f"{recon.get('refused')} refused" + (f"; last: {error}" if error else ""),
+            )
+        )
     return _pairs(out, pairs, f"positiond: {verdict}")
