@@ -29,6 +29,7 @@ from positiond.ctl.access import (
     Written,
     open_readonly,
 )
+from positiond.ctl.orphans import orphan_records
 from positiond.ctl.read import find_leg, position_columns
 from positiond.openalgo import (
     OpenAlgo,
@@ -224,14 +225,11 @@ _ORPHAN_KEY = ("symbol", "exchange", "product", "broker_quantity", "known_quanti
 def _decided_orphans(conn: sqlite3.Connection) -> dict[tuple[Any, ...], str]:
     """Orphans a human already acknowledged or adopted (posctl resolve-orphan), by what they
     were: the same position found again needs no attention (and is not recorded again)."""
-    try:
-        rows = conn.execute(
-            f"SELECT {', '.join(_ORPHAN_KEY)}, status FROM broker_orphans "
-            "WHERE status IN ('ACKNOWLEDGED', 'ADOPTED')"
-        ).fetchall()
-    except sqlite3.OperationalError:  # a database older than orphan resolution
-        return {}
-    return {tuple(r[k] for k in _ORPHAN_KEY): str(r["status"]) for r in rows}
+    return {
+        tuple(o[k] for k in _ORPHAN_KEY): str(o["status"])
+        for o in orphan_records(conn, unresolved=False)
+        if o["status"] in ("ACKNOWLEDGED", "ADOPTED")
+    }
 
 
 def _print_verify(
