@@ -13,11 +13,12 @@ import argparse
 import os
 import sqlite3
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import orjson
+from rich.console import Console, RenderableType
 
 from positiond.ctl import render
 from positiond.ctl.access import (
@@ -213,16 +214,24 @@ def cmd_sessions(ctl: Ctl, args: argparse.Namespace) -> int:
     finally:
         conn.close()
     sessions = [dict(r) for r in found[: args.limit]]
-    truncated = len(found) > args.limit
-    if ctl.json:
-        ctl.emit({"sessions": sessions, "truncated": truncated})
-    elif not sessions:
-        ctl.out.print("No sessions match.", markup=False)
-    else:
-        ctl.out.print(render.sessions_table(ctl.out, sessions))
-        if truncated:
-            ctl.out.print(f"(the newest {args.limit}; --limit shows more)", markup=False)
+    _show_newest(ctl, "sessions", sessions, len(found) > args.limit, args.limit,
+                 render.sessions_table, "No sessions match.")  # fmt: skip
     return EXIT_OK
+
+
+def _show_newest(
+    ctl: Ctl, name: str, rows: list[dict[str, Any]], truncated: bool, limit: int,
+    table: Callable[[Console, Sequence[dict[str, Any]]], RenderableType], empty: str,
+) -> None:  # fmt: skip
+    """Print ``rows`` (the newest ``limit``) as ``--json`` or as a table."""
+    if ctl.json:
+        ctl.emit({name: rows, "truncated": truncated})
+    elif not rows:
+        ctl.out.print(empty, markup=False)
+    else:
+        ctl.out.print(table(ctl.out, rows))
+        if truncated:
+            ctl.out.print(f"(the newest {limit}; --limit shows more)", markup=False)
 
 
 _POSITION_COLUMNS = """
@@ -264,15 +273,8 @@ def cmd_positions(ctl: Ctl, args: argparse.Namespace) -> int:
     finally:
         conn.close()
     legs = [leg_dict(r) for r in found[: args.limit]]
-    truncated = len(found) > args.limit
-    if ctl.json:
-        ctl.emit({"positions": legs, "truncated": truncated})
-    elif not legs:
-        ctl.out.print("No legs match.", markup=False)
-    else:
-        ctl.out.print(render.positions_table(ctl.out, legs))
-        if truncated:
-            ctl.out.print(f"(the newest {args.limit}; --limit shows more)", markup=False)
+    _show_newest(ctl, "positions", legs, len(found) > args.limit, args.limit,
+                 render.positions_table, "No legs match.")  # fmt: skip
     return EXIT_OK
 
 
