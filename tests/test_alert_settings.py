@@ -51,7 +51,9 @@ def test_sinks_are_typed_with_their_filters(tmp_path: Path) -> None:
     assert hook.headers == {"Authorization": "Bearer inline-secret", "X-Api-Key": "file-secret"}
     assert hook.kinds == ("crashed", "stalled", "needs_review")
     assert pager.command == ("/usr/local/bin/page-me", "--quiet")
-    assert pager.kinds == ("crashed", "not_returned", "unhealthy")  # critical only
+    assert pager.kinds == (
+        "crashed", "not_returned", "protect_failed", "protect_triggered", "unhealthy"
+    )  # critical only
     assert set(KINDS) >= {"crashed", "stalled", "revived", "needs_review", "orphan", "fenced"}
 
 

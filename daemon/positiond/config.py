@@ -28,6 +28,12 @@ import zmq
 from positiond.alerts.settings import AlertConfigError, AlertsConfig, format_alerts, parse_alerts
 from positiond.drift import parse_window
 from positiond.liveness import MIN_HEARTBEATS
+from positiond.protect.settings import (
+    ProtectConfig,
+    ProtectConfigError,
+    format_protect,
+    parse_protect,
+)
 from positiond.store import Synchronous
 from positiond.store.schema import SCHEMA_VERSION
 from positiond_client.paths import default_db_path, default_endpoint
@@ -105,6 +111,9 @@ class Config:
     openalgo_timezone: str = "Asia/Kolkata"
     # The [alerts] section (file only): sinks and their filters (positiond.alerts.settings).
     alerts: AlertsConfig = field(default_factory=AlertsConfig)
+    # The [protect] section (file only): protective stop orders for crashed legs
+    # (positiond.protect.settings; off by default).
+    protect: ProtectConfig = field(default_factory=ProtectConfig)
 
     def __post_init__(self) -> None:
         if not (self.endpoint.startswith("ipc://") or self.endpoint.startswith("tcp://")):
@@ -152,6 +161,10 @@ class Config:
             _within("openalgo_reconcile_interval", self.openalgo_reconcile_interval, 1, 86400)
             if self.openalgo_host is None:
                 raise ConfigError("openalgo_reconcile_interval", "needs host in [openalgo]")
+        if self.protect.enabled and self.openalgo_host is None:
+            raise ConfigError(
+                "protect.mode", f"{self.protect.mode!r} needs [openalgo] host (and api_key_file)"
+            )
         if self.openalgo_reconcile_window is not None:
             try:
                 parse_window(self.openalgo_reconcile_window)
@@ -413,6 +426,8 @@ def build_parser() -> argparse.ArgumentParser:
         "first); SIGHUP re-reads the config file and the allowed CURVE client keys. "
         "Alerts ([[alerts.sink]] in the config file only: webhook, command, telegram, "
         "openalgo; try them with posctl alerts test): docs/PROTOCOL.md section 10. "
+        "Protective stop orders for crashed legs ([protect] in the config file only; off by "
+        "default): docs/PROTECT.md. "
         "Protocol: docs/PROTOCOL.md; deployment as a systemd service: docs/DEPLOY.md.",
     )
     parser.add_argument(
@@ -468,6 +483,11 @@ def load(
             try:
                 values["alerts"] = parse_alerts(data.pop("alerts"), env)
             except AlertConfigError as exc:
+                raise ConfigError(exc.name, f"{exc.reason} (from {where})") from None
+        if "protect" in data:
+            try:
+                values["protect"] = parse_protect(data.pop("protect"))
+            except ProtectConfigError as exc:
                 raise ConfigError(exc.name, f"{exc.reason} (from {where})") from None
         for name, raw in data.items():
             values[name] = _from_toml(name, raw, where)
@@ -525,7 +545,7 @@ def _read_toml(path: Path) -> dict[str, Any]:
     except OSError as exc:
         raise ConfigError("config", f"{path}: {exc.strerror}") from None
     data = _flatten_openalgo(data, path)
-    unknown = sorted(set(data) - set(_BY_NAME) - {"alerts"})
+    unknown = sorted(set(data) - set(_BY_NAME) - {"alerts", "protect"})
     if unknown:
         raise ConfigError(
             unknown[0],
@@ -605,4 +625,6 @@ def format_config(loaded: Loaded) -> str:
     lines += [f"{line:<{width}}  # {source}" for line, source in body]
     if cfg.alerts.sinks:
         lines += format_alerts(cfg.alerts)
+    if cfg.protect.enabled:
+        lines += format_protect(cfg.protect)
     return "\n".join(lines) + "\n"

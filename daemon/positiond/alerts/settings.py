@@ -72,6 +72,14 @@ SEVERITY: dict[str, str] = {
     "orphan": "warning",
     "drift": "warning",  # the positionbook differs from the legs (positiond.reconcile)
     "revived": "info",
+    # protective stop orders (positiond.protect, docs/PROTECT.md)
+    "protect_planned": "info",
+    "protect_placed": "warning",  # an order positiond sent to the broker
+    "protect_failed": "critical",  # a crashed leg stays unprotected
+    "protect_skipped": "warning",
+    "protect_cancelled": "info",
+    "protect_kept": "info",
+    "protect_triggered": "critical",  # the broker closed the position at the stop
     "unhealthy": "critical",  # the daemon itself (positiond.alerts.health)
     "healthy": "info",
 }

@@ -241,8 +241,70 @@ BEGIN
 END;
 """
 
+# Protective stop orders (docs/PROTECT.md): what a session asked for at its start, and one row
+# per protective order positiond planned for a crashed leg. The row is written (PLANNED) before
+# the HTTP call that places the order, so a daemon killed in between finds it after a restart
+# and reconciles it against the broker's orderbook instead of placing a second one; at most one
+# PLANNED or PLACED row per leg (the partial unique index). ``release`` is set when the leg is
+# handed back (adopted, revived: CANCEL or KEEP) or resolved closed (CANCEL); the protect worker
+# acts on it. Every step is also a PROTECT_* leg event, and those raise alerts.
+_V7 = f"""
+ALTER TABLE strategy_sessions ADD COLUMN protect BOOLEAN;  -- NULL: follow the config; 0: opted out
+INSERT INTO event_types VALUES
+    ('PROTECT_PLANNED'), ('PROTECT_PLACED'), ('PROTECT_FAILED'), ('PROTECT_CANCELLED'),
+    ('PROTECT_TRIGGERED'), ('PROTECT_SKIPPED'), ('PROTECT_KEPT');
+
+CREATE TABLE protective_orders (
+    id              INTEGER PRIMARY KEY AUTOINCREMENT,
+    position_id     INTEGER NOT NULL REFERENCES strategy_positions(position_id),
+    session_id      INTEGER NOT NULL,       -- the crashed session whose leg it protects
+    crash_event_id  INTEGER NOT NULL UNIQUE,  -- the leg's CRASH event: one plan per crash
+    state           TEXT NOT NULL CHECK (state IN ('PLANNED', 'PLACED', 'FAILED', 'SKIPPED',
+                        'DRY_RUN', 'CANCELLED', 'TRIGGERED', 'KEPT')),
+    mode            TEXT NOT NULL CHECK (mode IN ('on', 'dry-run')),
+    symbol          TEXT NOT NULL,
+    exchange        TEXT NOT NULL,
+    product         TEXT NOT NULL,
+    action          TEXT NOT NULL CHECK (action IN ('BUY', 'SELL')),   -- opposite of the leg
+    quantity        INTEGER NOT NULL CHECK (quantity > 0),
+    pricetype       TEXT NOT NULL CHECK (pricetype IN ('SL-M', 'SL')),
+    trigger_price   REAL,                   -- the leg's saved stop (NULL: none, SKIPPED)
+    price           REAL,                   -- SL: the limit; SL-M: NULL
+    tag             TEXT NOT NULL,          -- OpenAlgo's strategy field
+    order_id        TEXT,                   -- the broker's, once known
+    planned_at      TEXT NOT NULL,
+    placed_at       TEXT,
+    updated_at      TEXT NOT NULL,
+    attempts        INTEGER NOT NULL DEFAULT 0,
+    reason          TEXT,                   -- why FAILED/SKIPPED, or what happened last
+    fill_price      REAL,                   -- TRIGGERED: the broker's average fill price
+    release         TEXT CHECK (release IN ('CANCEL', 'KEEP')),
+    release_session INTEGER                 -- the session the leg was handed to (if any)
+);
+CREATE UNIQUE INDEX protective_orders_live ON protective_orders(position_id)
+    WHERE state IN ('PLANNED', 'PLACED');
+CREATE INDEX protective_orders_state ON protective_orders(state);
+CREATE INDEX position_events_type ON position_events(event_type, id);
+
+CREATE TRIGGER alert_on_protect AFTER INSERT ON position_events
+WHEN NEW.event_type IN ('PROTECT_PLANNED', 'PROTECT_PLACED', 'PROTECT_FAILED',
+    'PROTECT_CANCELLED', 'PROTECT_TRIGGERED', 'PROTECT_SKIPPED', 'PROTECT_KEPT')
+BEGIN
+    INSERT INTO alert_outbox (alert_id, kind, created_at, event_id, session_id, body)
+    SELECT lower(hex(randomblob(16))), lower(NEW.event_type), NEW.event_time, NEW.id,
+        NEW.session_id,
+        json_object(
+            'strategy', s.strategy_name, 'session_id', s.id, 'session_key', s.session_key,
+            'reason', json_extract(NEW.payload, '$.reason'),
+            'host', s.client_host, 'pid', s.client_pid,
+            'legs', json(({_V6_LEGS} WHERE p.position_id = NEW.position_id)),
+            'detail', json(NEW.payload))
+    FROM strategy_sessions s WHERE s.id = NEW.session_id;
+END;
+"""
+
 # Index i holds the script that takes the schema from version i to i + 1.
-MIGRATIONS: list[str] = [_V1, _V2, _V3, _V4, _V5, _V6]
+MIGRATIONS: list[str] = [_V1, _V2, _V3, _V4, _V5, _V6, _V7]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
