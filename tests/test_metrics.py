@@ -24,7 +24,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
-from positiond.config import ConfigError, format_config, load
+from positiond.config import ConfigError, build_parser, format_config, load
 from positiond.metrics.listen import Listen, parse_listen
 from positiond_client import PositionPersistenceManager
 from tests.helpers import UNIT, DaemonProcess, wait_for
@@ -279,6 +279,9 @@ def test_the_endpoint_listens_where_told(workdir: Path, started: list[DaemonProc
     port = int(metrics_url(daemon).rsplit(":", 1)[1].split("/")[0])
     assert _listening_tcp_ports(daemon.pid) == [port]
     assert f"metrics: http://127.0.0.1:{port}/metrics" in daemon.output()
+    assert daemon.stop() == 0  # a graceful stop closes the endpoint with everything else
+    with pytest.raises(ConnectionRefusedError), socket.create_connection(("127.0.0.1", port)):
+        pass
 
 
 def test_a_taken_port_stops_the_start_with_one_line(workdir: Path) -> None:
@@ -310,6 +313,9 @@ def test_a_remote_address_is_refused_unless_allowed(workdir: Path) -> None:
 
 def test_settings_from_file_env_and_flag(tmp_path: Path) -> None:
     assert load([], {}, default_file=None).config.metrics_listen is None
+    text = " ".join(build_parser().format_help().split())
+    assert "--metrics-listen HOST:PORT" in text and "[POSITIOND_METRICS_LISTEN]" in text
+    assert "(default: false) [POSITIOND_METRICS_ALLOW_REMOTE]" in text
     path = tmp_path / "positiond.toml"
     path.write_text('metrics_listen = "127.0.0.1:9464"\n')
     loaded = load(["--config", str(path)], {}, default_file=None)

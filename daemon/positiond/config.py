@@ -411,6 +411,8 @@ ENV = {s.name: s.env for s in SETTINGS}
 
 
 def _show(name: str, value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
     if name == "socket_mode" and isinstance(value, int):
         return f"{value:04o}"
     if isinstance(value, float):
