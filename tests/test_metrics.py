@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import socket
+import sqlite3
 import sys
 import urllib.error
 import urllib.request
@@ -243,6 +244,60 @@ def test_bad_messages_are_counted(workdir: Path, started: list[DaemonProcess]) -
         sock.close(linger=0)
         ctx.term()
     assert value(scrape(url), "positiond_bad_messages_total") == 1
+
+
+# ---- writer health ---------------------------------------------------------------------------
+
+
+def test_a_held_write_lock_shows_as_a_stalled_unwritable_writer_and_clears(
+    workdir: Path, started: list[DaemonProcess], managers: list[PositionPersistenceManager]
+) -> None:
+    daemon = start(workdir, "--busy-timeout", "0.2")
+    started.append(daemon)
+    url = metrics_url(daemon)
+    pm = PositionPersistenceManager("locked", endpoint=daemon.endpoint, ack_timeout=0.3)
+    managers.append(pm)
+    assert pm.start_session() is not None
+    holder = sqlite3.connect(daemon.db, isolation_level=None)
+    try:
+        holder.execute("BEGIN IMMEDIATE")  # an operator's write lock: every commit now fails
+        pm.save_position_entry(symbol="X", entry_price=1.0, quantity=1)  # not acked: kept
+        m = until(
+            url, "an unwritable, stalled writer",
+            lambda m: value(m, "positiond_database_writable") == 0
+            and value(m, "positiond_writer_stalled_seconds") >= 0.5
+            and value(m, "positiond_pending_ops") >= 1
+            and value(m, "positiond_failed_commits_total") >= 1, 10,
+        )  # fmt: skip
+        assert value(m, "positiond_healthy") == 0
+        # The scrape reads on its own connection: a write lock does not hold it up.
+        assert value(m, "positiond_database_readable") == 1
+        assert value(m, "positiond_legs", status="ACTIVE") == 0  # the entry is not stored
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert pm.sync(5 * UNIT)
+    m = until(
+        url, "the writer back",
+        lambda m: value(m, "positiond_database_writable") == 1
+        and value(m, "positiond_writer_stalled_seconds") == 0
+        and value(m, "positiond_pending_ops") == 0
+        and value(m, "positiond_legs", status="ACTIVE") == 1,
+    )  # fmt: skip
+    assert value(m, "positiond_healthy") == 1
+
+
+def test_a_deleted_database_is_unwritable_for_good_and_the_scrape_still_answers(
+    workdir: Path, started: list[DaemonProcess]
+) -> None:
+    daemon = start(workdir)
+    started.append(daemon)
+    url = metrics_url(daemon)
+    daemon.db.unlink()
+    m = until(url, "a storage fault", lambda m: value(m, "positiond_database_writable") == 0)
+    assert value(m, "positiond_healthy") == 0
+    assert daemon.proc is not None and daemon.proc.poll() is None  # serving, not dead
+    assert value(scrape(url), "positiond_database_writable") == 0  # for good
 
 
 # ---- off by default, loopback only, a taken port ---------------------------------------------
