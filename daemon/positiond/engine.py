@@ -197,7 +197,7 @@ class Engine:
         self.counters["messages"] += 1
         raw = now
         kind = msg["type"]
-        self.by_type[kind] += 1
+        self.by_type[kind] = self.by_type.get(kind, 0) + 1
         key = msg.get("session")  # absent only on operator messages (posctl)
         session = self.sessions.get(key) if key is not None else None
         if session is not None and key is not None:

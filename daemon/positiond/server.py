@@ -498,7 +498,7 @@ class Daemon:
         finally:
             self.progress.end(self.monotonic(), committed=committed)
             self.stats.failed_commits += not committed
-        took = self.monotonic() - began
+        took, done = self.monotonic() - began, self.wall()
         if not self.healthy:
             log.warning("database writes work again")
             self.healthy = True
@@ -509,7 +509,7 @@ class Daemon:
             send(rid, payload)
         self.router.recheck()
         try:  # after the acks: counting must never cost one
-            self.stats.committed(batch, results, took, self.wall())
+            self.stats.committed(batch, results, took, done)
         except Exception:
             log.exception("internal error counting a batch for the metrics")
         return True
