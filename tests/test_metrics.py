@@ -356,6 +356,16 @@ def test_a_taken_port_stops_the_start_with_one_line(workdir: Path) -> None:
     assert not (workdir / "pd.sock").exists()  # nothing was bound
 
 
+def test_an_address_not_on_this_host_is_exit_2_not_retried(workdir: Path) -> None:
+    # 192.0.2.1 is TEST-NET-1: never a local address, so binding fails for good.
+    daemon = DaemonProcess(workdir, "--metrics-listen", "192.0.2.1:9464",
+                           "--metrics-allow-remote", "true")  # fmt: skip
+    with pytest.raises(AssertionError, match="exited with 2"):
+        daemon.start()
+    errors = [line for line in daemon.output().splitlines() if " ERROR " in line]
+    assert len(errors) == 1 and "cannot serve metrics on 192.0.2.1:9464" in errors[0]
+
+
 def test_a_remote_address_is_refused_unless_allowed(workdir: Path) -> None:
     daemon = DaemonProcess(workdir, "--metrics-listen", "0.0.0.0:9464")
     with pytest.raises(AssertionError, match="exited with 2"):

@@ -7,7 +7,8 @@ other users can write — found before anything is opened or bound, 3 for a data
 damaged or not a database (restore the backup), or a stop after the daemon stopped writing for
 good (its database deleted, replaced or damaged). The systemd unit restarts on neither 2 nor 3
 (``RestartPreventExitStatus=2 3``): a restart cannot fix them. Each failure is one line in the
-log, without a traceback. A metrics port (``metrics_listen``) already taken is exit 1 too.
+log, without a traceback. A metrics port (``metrics_listen``) already taken is exit 1 too; an
+address it can never bind (not this host's, a sandbox without TCP) is 2.
 """
 
 from __future__ import annotations
@@ -103,7 +104,7 @@ async def async_main(
         return EXIT_DATABASE
     except (AlreadyRunning, SchemaError, StoreError, MetricsError) as exc:
         log.error("%s", exc)
-        return EXIT_FAILED
+        return EXIT_CONFIG if isinstance(exc, MetricsError) and exc.permanent else EXIT_FAILED
     except UnsafeEndpoint as exc:
         log.error("%s", exc)
         return EXIT_CONFIG

@@ -7,6 +7,7 @@ never waits for it. A failing scrape is answered 500 and logged; it cannot stop 
 
 from __future__ import annotations
 
+import errno
 import logging
 import socket
 import threading
@@ -30,6 +31,8 @@ __all__ = ["MetricsEndpoint", "registry_for"]
 log = logging.getLogger(__name__)
 
 PATH = "/metrics"
+# socket() refused: RestrictAddressFamilies= (EAFNOSUPPORT) or a seccomp/LSM rule (EPERM, EACCES).
+SANDBOXED = (errno.EAFNOSUPPORT, errno.EPERM, errno.EACCES)
 StartResponse = Callable[..., Any]
 
 
@@ -82,7 +85,13 @@ class MetricsEndpoint:
                 host, port, self._app, server_class, handler_class=_Quiet
             )
         except OSError as exc:
-            raise MetricsError(f"cannot serve metrics on {host}:{port}: {exc.strerror}") from None
+            text = f"cannot serve metrics on {host}:{port}: {exc.strerror}"
+            if exc.errno in SANDBOXED:
+                text += (
+                    " (under systemd the unit allows unix sockets only: see "
+                    "docs/MONITORING.md, 'Under systemd')"
+                )
+            raise MetricsError(text, permanent=exc.errno != errno.EADDRINUSE) from None
         bound = httpd.socket.getsockname()[1]
         self._httpd = httpd
         self._thread = threading.Thread(

@@ -15,7 +15,16 @@ __all__ = ["Listen", "MetricsError", "available", "parse_listen"]
 
 
 class MetricsError(RuntimeError):
-    """The endpoint could not be opened (its port is taken): the daemon does not start."""
+    """The endpoint could not be opened: the daemon does not start.
+
+    ``permanent``: a restart cannot help (the address is not this host's, the sandbox allows
+    no TCP socket, the port is privileged), so the daemon exits 2 like for an invalid setting;
+    otherwise (the port is taken) 1, and systemd tries again.
+    """
+
+    def __init__(self, message: str, *, permanent: bool = False) -> None:
+        super().__init__(message)
+        self.permanent = permanent
 
 
 class Listen(NamedTuple):
