@@ -26,6 +26,7 @@ from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
 from positiond.config import ConfigError, build_parser, format_config, load
+from positiond.metrics.endpoint import IDLE_TIMEOUT
 from positiond.metrics.listen import Listen, parse_listen
 from positiond_client import PositionPersistenceManager
 from tests.helpers import UNIT, DaemonProcess, wait_for
@@ -225,6 +226,30 @@ def test_only_metrics_is_served(workdir: Path, started: list[DaemonProcess]) -> 
     caught.value.close()
     assert caught.value.code == 404
     assert "process_cpu_seconds_total" in names(scrape(url))  # the process' own, too
+
+
+def test_a_silent_scraper_holds_up_nothing_and_is_dropped(
+    workdir: Path, started: list[DaemonProcess], managers: list[PositionPersistenceManager]
+) -> None:
+    daemon = start(workdir)
+    started.append(daemon)
+    url = metrics_url(daemon)
+    port = int(url.rsplit(":", 1)[1].split("/")[0])
+    silent = [socket.create_connection(("127.0.0.1", port)) for _ in range(20)]
+    try:
+        # Scrapes and strategies go on while 20 connections say nothing.
+        assert value(scrape(url), "positiond_healthy") == 1
+        pm = PositionPersistenceManager("busy", endpoint=daemon.endpoint, ack_timeout=5)
+        managers.append(pm)
+        assert pm.start_session() is not None
+        # The endpoint drops them after its idle timeout (5 s): the server closes, recv -> b"".
+        for sock in silent:
+            sock.settimeout(IDLE_TIMEOUT * 2 * UNIT)
+            assert sock.recv(1) == b""
+    finally:
+        for sock in silent:
+            sock.close()
+    assert "Traceback" not in daemon.output()  # routine, not an error in the log
 
 
 def test_bad_messages_are_counted(workdir: Path, started: list[DaemonProcess]) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import logging
 import socket
+import sys
 import threading
 from collections.abc import Callable, Iterable
 from socketserver import ThreadingMixIn
@@ -33,16 +34,29 @@ log = logging.getLogger(__name__)
 PATH = "/metrics"
 # socket() refused: RestrictAddressFamilies= (EAFNOSUPPORT) or a seccomp/LSM rule (EPERM, EACCES).
 SANDBOXED = (errno.EAFNOSUPPORT, errno.EPERM, errno.EACCES)
+IDLE_TIMEOUT = 5.0  # seconds; a scrape takes milliseconds
 StartResponse = Callable[..., Any]
 
 
 class _Quiet(WSGIRequestHandler):
+    # A scraper that connects and says nothing (or stops reading) holds one thread: it is
+    # dropped after this many seconds of silence, so such connections cannot pile up.
+    timeout = IDLE_TIMEOUT
+
     def log_message(self, format: str, *args: Any) -> None:
         pass  # one line per scrape would drown the daemon's log
 
 
 class _Server(ThreadingMixIn, WSGIServer):
     daemon_threads = True  # a hung scraper never holds up the daemon's exit
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """Not socketserver's traceback on stderr: a scraper gone silent or away is routine."""
+        exc = sys.exc_info()[1]
+        if isinstance(exc, OSError):
+            log.debug("metrics: dropped the connection from %s: %s", client_address, exc)
+        else:
+            log.error("metrics: error serving %s", client_address, exc_info=exc)
 
 
 def registry_for(daemon: Daemon, counts: DatabaseCounts) -> CollectorRegistry:
