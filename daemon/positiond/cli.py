@@ -7,7 +7,8 @@ other users can write — found before anything is opened or bound, 3 for a data
 damaged or not a database (restore the backup), or a stop after the daemon stopped writing for
 good (its database deleted, replaced or damaged). The systemd unit restarts on neither 2 nor 3
 (``RestartPreventExitStatus=2 3``): a restart cannot fix them. Each failure is one line in the
-log, without a traceback.
+log, without a traceback. A metrics port (``metrics_listen``) already taken is exit 1 too; an
+address it can never bind (not this host's, a sandbox without TCP) is 2.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from positiond.activation import ActivationError, Inherited, inherited_socket, m
 from positiond.config import Config, ConfigError, Loaded, format_config, load
 from positiond.listener import UnsafeEndpoint
 from positiond.logs import set_level, setup_logging
+from positiond.metrics.listen import MetricsError
 from positiond.server import AlreadyRunning, Daemon
 from positiond.status import status_line
 from positiond.store.dbfile import CorruptDatabase, StoreError
@@ -100,9 +102,9 @@ async def async_main(
     except CorruptDatabase as exc:
         log.error("%s", exc)
         return EXIT_DATABASE
-    except (AlreadyRunning, SchemaError, StoreError) as exc:
+    except (AlreadyRunning, SchemaError, StoreError, MetricsError) as exc:
         log.error("%s", exc)
-        return EXIT_FAILED
+        return EXIT_CONFIG if isinstance(exc, MetricsError) and exc.permanent else EXIT_FAILED
     except UnsafeEndpoint as exc:
         log.error("%s", exc)
         return EXIT_CONFIG

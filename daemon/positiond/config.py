@@ -28,6 +28,8 @@ import zmq
 from positiond.alerts.settings import AlertConfigError, AlertsConfig, format_alerts, parse_alerts
 from positiond.drift import parse_window
 from positiond.liveness import MIN_HEARTBEATS
+from positiond.metrics.listen import available as metrics_available
+from positiond.metrics.listen import parse_listen
 from positiond.protect.settings import (
     ProtectConfig,
     ProtectConfigError,
@@ -114,6 +116,10 @@ class Config:
     # The [protect] section (file only): protective stop orders for crashed legs
     # (positiond.protect.settings; off by default).
     protect: ProtectConfig = field(default_factory=ProtectConfig)
+    # Prometheus /metrics at HOST:PORT (positiond.metrics); unset: no endpoint. Loopback only
+    # unless metrics_allow_remote.
+    metrics_listen: str | None = None
+    metrics_allow_remote: bool = False
 
     def __post_init__(self) -> None:
         if not (self.endpoint.startswith("ipc://") or self.endpoint.startswith("tcp://")):
@@ -176,6 +182,16 @@ class Config:
             raise ConfigError(
                 "openalgo_timezone", f"{self.openalgo_timezone!r}: no such zone"
             ) from None
+        if self.metrics_listen is not None:
+            try:
+                parse_listen(self.metrics_listen, allow_remote=self.metrics_allow_remote)
+            except ValueError as exc:
+                raise ConfigError("metrics_listen", str(exc)) from None
+            if not metrics_available():
+                raise ConfigError(
+                    "metrics_listen",
+                    "needs prometheus_client: pip install 'positiond[metrics]'",
+                )
         if self.endpoint.startswith("tcp://"):
             if self.curve_secret_key is None or self.curve_clients is None:
                 raise ConfigError(
@@ -216,6 +232,15 @@ def _path(raw: str) -> Path:
 
 def _upper(raw: str) -> str:
     return raw.strip().upper()
+
+
+def _bool(raw: str) -> bool:
+    text = raw.strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(raw)
 
 
 @dataclass(frozen=True)
@@ -376,6 +401,22 @@ SETTINGS: tuple[_Setting, ...] = (
         "ZONE",
         "the time zone of reconcile_window; TOML: timezone in [openalgo] (default: {})",
     ),
+    _Setting(
+        "metrics_listen",
+        str,
+        (),
+        "HOST:PORT",
+        "serve Prometheus metrics at http://HOST:PORT/metrics, e.g. 127.0.0.1:9464 (needs "
+        "positiond[metrics]; docs/MONITORING.md) (default: off)",
+    ),
+    _Setting(
+        "metrics_allow_remote",
+        _bool,
+        (bool,),
+        "BOOL",
+        "let metrics_listen be an address other hosts can reach (/metrics has no "
+        "authentication) (default: {})",
+    ),
 )
 _BY_NAME = {s.name: s for s in SETTINGS}
 # setting -> environment variable (the client reads POSITIOND_ENDPOINT too)
@@ -383,6 +424,8 @@ ENV = {s.name: s.env for s in SETTINGS}
 
 
 def _show(name: str, value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
     if name == "socket_mode" and isinstance(value, int):
         return f"{value:04o}"
     if isinstance(value, float):
@@ -585,7 +628,7 @@ def _parse(s: _Setting, raw: str, where: str) -> object:
 
 def _from_toml(name: str, raw: object, where: str) -> object:
     s = _BY_NAME[name]
-    if isinstance(raw, bool):  # bool is an int to Python, never a number in a config
+    if isinstance(raw, bool) and bool not in s.toml:  # bool is an int, never a number
         raise ConfigError(name, f"{raw!r} is not a valid value (from {where})")
     if s.toml and isinstance(raw, s.toml):
         return float(raw) if s.parse is _float else raw  # type: ignore[arg-type]
@@ -612,7 +655,9 @@ def format_config(loaded: Loaded) -> str:
         if value is None:
             body.append((f"# {s.name} (unset)", loaded.sources[s.name]))
             continue
-        if s.name == "socket_mode":
+        if isinstance(value, bool):
+            text = "true" if value else "false"
+        elif s.name == "socket_mode":
             text = f"0o{value:03o}"
         elif isinstance(value, Path):
             text = json.dumps(str(value))

@@ -96,7 +96,9 @@ class Engine:
         self.progress = ProgressWatch()
         self._fenced_seen: set[tuple[str, str, str]] = set()
         # Its own: the daemon's health merges them with the router's, the listener's, ...
-        self.counters: dict[str, int] = {"messages": 0, "updates": 0, "errors": 0}
+        self.counters: dict[str, int] = {"messages": 0, "updates": 0, "errors": 0, "acks": 0}
+        # Messages by type (positiond.metrics); every type a valid message can have, from 0.
+        self.by_type: dict[str, int] = dict.fromkeys(self._HANDLERS, 0)
 
     # ---- settings (SIGHUP) ---------------------------------------------------------------
 
@@ -195,6 +197,7 @@ class Engine:
         self.counters["messages"] += 1
         raw = now
         kind = msg["type"]
+        self.by_type[kind] = self.by_type.get(kind, 0) + 1
         key = msg.get("session")  # absent only on operator messages (posctl)
         session = self.sessions.get(key) if key is not None else None
         if session is not None and key is not None:
@@ -485,7 +488,7 @@ class Engine:
         self.queue.add(
             CrashOp(None, None, session.key, source, reason,
                     self.wall() if wall is None else wall, payload, finals,
-                    trail_events=trail)
+                    trail_events=trail, last_seen=session.last_wall)
         )  # fmt: skip
 
     # ---- time ----------------------------------------------------------------------------
@@ -578,6 +581,7 @@ class Engine:
             if op.rid is None:
                 continue
             if res.ok:
+                self.counters["acks"] += 1
                 replies.append((op.rid, ack_reply(op.seq, res.data)))
             else:
                 self.counters["errors"] += 1

@@ -145,6 +145,9 @@ class CrashOp(_Durable):
     token: str | None = None  # from the strategy; checked against the stored hash
     trail_events: list[TrailEvent] = field(default_factory=list)  # made by the final updates
     strategy: str | None = None  # for the daemon's log
+    # The daemon's verdicts: wall time of the session's last sign of life (not written; the
+    # crash-detection histogram of positiond.metrics measures from it).
+    last_seen: float | None = None
 
     def carry(self, key: str, older: dict[str, Any]) -> None:
         """Take older update fields of a leg (from a write that failed) under its own."""

@@ -15,6 +15,8 @@ Its tasks:
   queued) and the flush interval, and once a second lets the router's
   :class:`~positiond.listener.Listener` recount fds and check the socket file;
 - watch: checks between commits that the database files are still in place;
+- metrics (``metrics_listen`` only): a thread serving /metrics (:mod:`positiond.metrics`), which
+  reads the counters kept here and never waits for the event loop;
 - status: tells systemd how the daemon is doing (``STATUS=``, ``WATCHDOG=1`` while the writer
   makes progress, see :mod:`positiond.status`) and refreshes ``status.json``.
 
@@ -34,11 +36,13 @@ import sqlite3
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from positiond.alerts.delivery import Delivery
 from positiond.config import RELOADABLE, Config, changed
 from positiond.engine import Engine
+from positiond.metrics.listen import parse_listen
+from positiond.metrics.stats import WriterStats
 from positiond.notify import Notifier
 from positiond.openalgo import settings_of
 from positiond.reconcile import Reconciler, reconciler_of
@@ -58,6 +62,9 @@ from positiond.store.dbfile import (
     restore_advice,
 )
 from positiond_client.paths import ipc_path
+
+if TYPE_CHECKING:
+    from positiond.metrics.endpoint import MetricsEndpoint
 
 __all__ = ["AlreadyRunning", "Daemon"]
 
@@ -138,6 +145,8 @@ class Daemon:
         self.progress = Progress(self.started)
         self.reporter = Reporter(self.notifier, None, self.health)
         self.counters: dict[str, int] = {"batches": 0}  # the writer's; health() merges all
+        self.stats = WriterStats()  # per committed batch, for /metrics
+        self.metrics: MetricsEndpoint | None = None  # metrics_listen, if set
         self.router = Router(
             config,
             self.engine,
@@ -165,6 +174,12 @@ class Daemon:
             raise AlreadyRunning(f"another positiond is already running on database {db}") from None
         except OSError as exc:  # a directory we may not create, a full or read-only disk
             raise StoreError(f"cannot create or lock the database {db}: {exc}") from None
+        try:
+            self._open_metrics()  # first: a taken port fails the start before anything opens
+        except BaseException:
+            self._db_lock.close()
+            self._db_lock = None
+            raise
         self.listener.prepare()
         watch = FileWatch(db, self._db_lock.fd)
         self.store = await open_store(
@@ -210,6 +225,18 @@ class Daemon:
             self._tasks.append(loop.create_task(watchdog, name="positiond-watchdog"))
         log.info("positiond ready: database %s, endpoint %s", db, self.endpoint)
 
+    def _open_metrics(self) -> None:
+        cfg = self.config
+        if cfg.metrics_listen is None:
+            return
+        # Here, not at the top: prometheus_client is the optional metrics extra.
+        from positiond.metrics.endpoint import MetricsEndpoint
+
+        listen = parse_listen(cfg.metrics_listen, allow_remote=cfg.metrics_allow_remote)
+        endpoint = MetricsEndpoint(self, listen)
+        endpoint.start()
+        self.metrics = endpoint
+
     def _ensure_lock(self, path: Path) -> None:
         """Hold the lock at ``path`` (again, if the file we held was deleted)."""
         if not any(_same_file(handle, path) for handle in self._locks):
@@ -247,6 +274,9 @@ class Daemon:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks = []
+        if self.metrics is not None:
+            await asyncio.to_thread(self.metrics.stop)
+            self.metrics = None
         if self._writer is not None:
             self._wake.set()
             await self._final_flush(self._writer)
@@ -343,6 +373,7 @@ class Daemon:
             "writes_ok": self.healthy,
             "storage_fault": self.storage_fault,
             **listening,
+            "metrics": self.metrics.url if self.metrics is not None else None,
             "healthy": self.healthy
             and progressing
             and self.storage_fault is None
@@ -433,7 +464,8 @@ class Daemon:
         if not batch:
             self.progress.idle(self.monotonic())
             return True
-        self.progress.begin(self.monotonic())
+        began = self.monotonic()
+        self.progress.begin(began)
         committed = False
         try:
             results = await self.store.apply(batch)
@@ -465,6 +497,8 @@ class Daemon:
             return False
         finally:
             self.progress.end(self.monotonic(), committed=committed)
+            self.stats.failed_commits += not committed
+        took, done = self.monotonic() - began, self.wall()
         if not self.healthy:
             log.warning("database writes work again")
             self.healthy = True
@@ -474,6 +508,10 @@ class Daemon:
         for rid, payload in engine.committed(batch, results):
             send(rid, payload)
         self.router.recheck()
+        try:  # after the acks: counting must never cost one
+            self.stats.committed(batch, results, took, done)
+        except Exception:
+            log.exception("internal error counting a batch for the metrics")
         return True
 
     # ---- storage faults ------------------------------------------------------------------

@@ -21,6 +21,7 @@ a few of these belongs to a dead or hung daemon), ``uptime`` (seconds), ``endpoi
 nothing is written or acknowledged any more: the database file was deleted or replaced, or is
 damaged; it says what to do), ``listening`` (the ipc socket file is the one the daemon listens
 on; false when it was deleted and could not be bound again, e.g. under socket activation),
+``metrics`` (the URL of the Prometheus endpoint, null without ``metrics_listen``),
 ``healthy`` (writes succeed, the writer is not stalled, no storage fault, and the daemon is
 listening), ``counters``.
 """

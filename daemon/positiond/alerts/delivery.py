@@ -74,6 +74,12 @@ class Delivery:
         self._last_message: dict[str, float] = {}  # loop time of a human sink's last message
         self.sinks: dict[str, Sink] = {}
         self.counters = {"alerts_delivered": 0, "alerts_retried": 0, "alerts_failed": 0}
+        # The same by (sink name, result), every configured sink from 0 (positiond.metrics).
+        self.by_sink = {
+            (s.name, result): 0
+            for s in config.sinks
+            for result in ("delivered", "retried", "failed")
+        }
         self._conn: sqlite3.Connection | None = None
         self._db_lock = asyncio.Lock()  # one statement at a time on the connection
         self._busy: set[tuple[int, str]] = set()
@@ -107,15 +113,15 @@ class Delivery:
                 error = await self._send(sink, body)
             attempts += 1
             if error is None:
-                self.counters["alerts_delivered"] += 1
+                self._tally(sink.config.name, "delivered")
                 log.info("alert %s delivered to %s", kind, sink.config.name)
                 return
             wait = backoff(attempts)
             if self.now() + wait > start + self.config.retry_for:
-                self.counters["alerts_failed"] += 1
+                self._tally(sink.config.name, "failed")
                 log.error("alert %s to %s FAILED for good: %s", kind, sink.config.name, error)
                 return
-            self.counters["alerts_retried"] += 1
+            self._tally(sink.config.name, "retried")
             log.warning("alert %s to %s failed (%s); retrying", kind, sink.config.name, error)
             await asyncio.sleep(wait)
 
@@ -281,13 +287,17 @@ class Delivery:
         except TimeoutError:
             return f"no answer within {sink.config.timeout:g}s"
 
+    def _tally(self, sink: str, result: str) -> None:
+        self.counters[f"alerts_{result}"] += 1
+        self.by_sink[(sink, result)] = self.by_sink.get((sink, result), 0) + 1
+
     def _count(self, item: outbox.Due, state: str, error: str | None) -> None:
         if state == "DELIVERED":
-            self.counters["alerts_delivered"] += 1
+            self._tally(item.sink, "delivered")
             log.info("alert %s delivered to %s", item.row, item.sink)
         elif state == "FAILED":
-            self.counters["alerts_failed"] += 1
+            self._tally(item.sink, "failed")
             log.error("alert %s to %s FAILED for good: %s", item.row, item.sink, error)
         else:
-            self.counters["alerts_retried"] += 1
+            self._tally(item.sink, "retried")
             log.warning("alert %s to %s failed (%s); retrying", item.row, item.sink, error)
