@@ -52,6 +52,7 @@ class Replies:
     _updates: dict[str, dict[str, Any]]
     _legs: dict[str, dict[str, Any]]
     _fenced: dict[str, str]
+    _closed: dict[str, str]
     _session: str | None
     _start: Pending | None
     _announce: Pending | None
@@ -103,6 +104,17 @@ class Replies:
         for key in list(self._legs):
             if key not in pending_entries:
                 snapshot(key)
+
+    def _close_leg(self, key: str, reason: str) -> bool:
+        """The daemon closed this leg (its protective stop filled): every later call for it
+        raises. True the first time."""
+        if key in self._closed:
+            return False
+        log.warning("%s", reason)
+        self._closed[key] = reason
+        self._legs.pop(key, None)
+        self._updates.pop(key, None)
+        return True
 
     def _revived(self, revived: dict[str, Any]) -> dict[str, str]:
         """We were declared crashed and came back: legs not handed back are someone else's
@@ -186,6 +198,9 @@ class Replies:
             self._legs.pop(key, None)
             self._updates.pop(key, None)
             effects.append(("notice", "FENCED", {"key": key, "reason": reason}))
+        if code == "LEG_CLOSED" and key is not None and self._close_leg(key, reason):
+            # (the daemon's notice was missed, e.g. while disconnected: the refusal tells)
+            effects.append(("notice", "LEG_CLOSED", {"key": key, "reason": reason}))
         effects += [("finish", p, None, error) for p in failed]
         if seq is None:
             self.error_budget(error, now)

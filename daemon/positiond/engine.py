@@ -38,6 +38,7 @@ from positiond.ops import (
     FencedOp,
     LegRow,
     LiveSession,
+    ProtectCloseOp,
     ResolveOp,
     Result,
     StallOp,
@@ -46,6 +47,8 @@ from positiond.ops import (
     TrailEvent,
 )
 from positiond.progress import ProgressWatch
+from positiond.protect.handback import HandBack
+from positiond.protect.notices import ClosedByStop, closed_notice, release_notice
 from positiond.writequeue import WriteQueue, update_fields
 from positiond_client.protocol import ack_reply, error_reply
 
@@ -84,8 +87,13 @@ class Engine:
         *,
         monotonic: Callable[[], float] = _time.monotonic,
         wall: Callable[[], float] = _time.time,
+        protects: Callable[[str, bool | None], bool] | None = None,
     ) -> None:
         self.liveness = Liveness(heartbeat_timeout)
+        # [protect]: would this strategy's session, with this choice, be protected?
+        self._protects = protects or (lambda strategy, choice: False)
+        self._closed_by_stop = ClosedByStop()
+        self._released = 0  # protective orders handed back since take_released()
         self.clock = DaemonClock(monotonic())
         self.monotonic = monotonic
         self.wall = wall
@@ -251,6 +259,9 @@ class Engine:
         self, msg: dict[str, Any], leg: Leg | None, writer: Session, wall: float
     ) -> bytes:
         if leg is None:
+            closed = self._closed_by_stop.reason(msg["key"], writer.key)
+            if closed is not None:
+                return self._error(msg, "LEG_CLOSED", closed)
             return self._error(msg, "UNKNOWN_LEG", f"no open leg {msg['key']!r}")
         # Two monitors on one leg is how double exits happen: refuse, and keep a record of the
         # first refused write of each kind from each session (an exit is a fact at the broker).
@@ -328,6 +339,7 @@ class Engine:
                 # a session from before tokens takes the one this start carries (or a new one)
                 session.token or msg.get("token") or secrets.token_hex(16),
                 msg.get("progress_deadline"),
+                msg.get("protect"),
             )
         )
         self.progress.watch(key, msg.get("progress_deadline"), now)
@@ -564,6 +576,8 @@ class Engine:
                 self._entry_committed(op, res)
             elif isinstance(op, ResolveOp) and res.ok and res.legs:
                 self._adopted(res.legs)
+            elif isinstance(op, ProtectCloseOp):
+                replies += self._protect_closed(op, res)
             elif (
                 isinstance(op, CrashOp) and op.source == CLIENT and res.ok
                 and not res.data.get("duplicate")
@@ -575,6 +589,7 @@ class Engine:
                     res.data.get("session_id"), op.strategy or op.session_key, op.reason,
                     res.data.get("legs", 0),
                 )  # fmt: skip
+            self._released += res.released
             if op.rid is None:
                 continue
             if res.ok:
@@ -605,6 +620,8 @@ class Engine:
                 revived.get("crash_timestamp"), revived.get("crash_reason"),
             )  # fmt: skip
         res.data["heartbeat_timeout"] = self.liveness.timeout_for(session.key)
+        if op.protect is not None:  # what the daemon will do if this session crashes
+            res.data["protect"] = self._protects(session.strategy, op.protect)
         for row in res.legs:
             if row.key not in self.legs:
                 self._add_leg(row, session)
@@ -627,6 +644,84 @@ class Engine:
             session = self.sessions.get(op.session_key)
             if session is not None:
                 session.legs.discard(op.key)
+
+    # ---- protective stop orders handed back (positiond.protect) --------------------------
+
+    def take_released(self) -> int:
+        """Protective orders handed back (adopted, revived legs) since the last call: the
+        protect worker has cancels (or keeps) to make."""
+        released, self._released = self._released, 0
+        return released
+
+    def _holder(self, session_id: int) -> Session | None:
+        return next((s for s in self.sessions.values() if s.id == session_id), None)
+
+    def handback(self, hb: HandBack, wall: float | None = None) -> list[Reply]:
+        """The protect worker settled the order of a leg handed to session ``hb.session_id``.
+
+        Cancelled, kept, or its cancel refused: a notice to that session's client (if it is
+        connected; if not, its next start or recovery reply shows the order). Triggered: the
+        leg is closed (PROTECTIVE_STOP, at the fill) by a durable op and leaves memory now (its
+        updates are refused ``LEG_CLOSED``); the notice follows the commit. A report about a
+        leg or session that is gone changes nothing.
+        """
+        wall = self.wall() if wall is None else wall
+        session = self._holder(hb.session_id)
+        if hb.outcome == "triggered":
+            self._close_by_stop(hb, session, wall)
+            return []
+        notice = release_notice(hb)
+        if notice is None:
+            log.error("hand-back of leg %s: unknown outcome %r", hb.position_key, hb.outcome)
+            return []
+        if session is None or session.rid is None:
+            log.info(
+                "hand-back of leg %s (%s): session %s is not connected; its next start or "
+                "recovery reply shows the order", hb.position_key, hb.outcome, hb.session_id,
+            )  # fmt: skip
+            return []
+        return [(session.rid, notice)]
+
+    def _close_by_stop(self, hb: HandBack, session: Session | None, wall: float) -> None:
+        key = hb.position_key
+        leg = self.legs.get(key)
+        if leg is not None and (session is None or leg.session_key != session.key):
+            log.warning(
+                "protective stop of leg %s filled, but the leg is open in another session "
+                "than %s: left to that session", key, hb.session_id,
+            )  # fmt: skip
+            return
+        final: dict[str, Any] | None = None
+        trail: list[TrailEvent] = []
+        if leg is not None and session is not None:
+            final = self.queue.take_update(key)
+            trail = self.queue.final_trail({key: final} if final else {}, {key}, self.legs)
+            del self.legs[key]
+            session.legs.discard(key)
+            order = f"order {hb.order_id}" if hb.order_id else "its order"
+            self._closed_by_stop.add(
+                key, session.key,
+                f"leg {key!r} was closed at the broker by its protective stop ({order} filled "
+                f"at {hb.fill_price})",
+            )  # fmt: skip
+        log.warning(
+            "protective stop of leg %s filled at %s (order %s): closing the leg",
+            key, hb.fill_price, hb.order_id,
+        )  # fmt: skip
+        holder = session.key if session is not None else ""
+        op = ProtectCloseOp(
+            None, None, holder, key, hb.session_id, hb.fill_price, hb.protect_id, hb.order_id,
+            wall, final, trail,
+        )  # fmt: skip
+        self.queue.add(op)
+
+    def _protect_closed(self, op: ProtectCloseOp, res: Result) -> list[Reply]:
+        if not res.ok or not res.data.get("closed"):
+            return []
+        session = self.sessions.get(op.session_key) if op.session_key else None
+        if session is None or session.rid is None:
+            return []
+        return [(session.rid, closed_notice(op.key, op.protect_id, op.order_id, op.fill_price))]
 
     def requeue(self, batch: Batch) -> None:
         """The batch could not commit (storage fault): take it back, to be retried first."""
