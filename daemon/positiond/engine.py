@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any, ClassVar
 
 from positiond.commands import HealthQuery, Refusal, by_whom, command_op, unknown_session
+from positiond.handbacks import HandBacks, Reply
 from positiond.liveness import MIN_HEARTBEATS, DaemonClock, Liveness, Verdict
 from positiond.model import Leg, Peer, Session
 from positiond.ops import (
@@ -47,8 +48,7 @@ from positiond.ops import (
     TrailEvent,
 )
 from positiond.progress import ProgressWatch
-from positiond.protect.handback import HandBack
-from positiond.protect.notices import ClosedByStop, closed_notice, release_notice
+from positiond.protect.notices import ClosedByStop
 from positiond.writequeue import WriteQueue, update_fields
 from positiond_client.protocol import ack_reply, error_reply
 
@@ -56,7 +56,6 @@ __all__ = ["Engine", "HealthQuery", "Leg", "Peer", "Session", "health_reply"]
 
 log = logging.getLogger(__name__)
 
-Reply = tuple[bytes, bytes]  # (routing id, payload)
 
 
 Immediate = bytes | HealthQuery | None  # what a message gets back at once
@@ -72,7 +71,7 @@ def _clock_text(wall: float) -> str:
     return _time.strftime("%H:%M:%S", _time.localtime(wall)) + f".{int(wall * 10) % 10}"
 
 
-class Engine:
+class Engine(HandBacks):
     """In-memory model of live sessions and open legs, and the rules applied to each message.
 
     Monotonic time drives liveness (through the observed :attr:`clock`), wall time stamps what
@@ -644,84 +643,6 @@ class Engine:
             session = self.sessions.get(op.session_key)
             if session is not None:
                 session.legs.discard(op.key)
-
-    # ---- protective stop orders handed back (positiond.protect) --------------------------
-
-    def take_released(self) -> int:
-        """Protective orders handed back (adopted, revived legs) since the last call: the
-        protect worker has cancels (or keeps) to make."""
-        released, self._released = self._released, 0
-        return released
-
-    def _holder(self, session_id: int) -> Session | None:
-        return next((s for s in self.sessions.values() if s.id == session_id), None)
-
-    def handback(self, hb: HandBack, wall: float | None = None) -> list[Reply]:
-        """The protect worker settled the order of a leg handed to session ``hb.session_id``.
-
-        Cancelled, kept, or its cancel refused: a notice to that session's client (if it is
-        connected; if not, its next start or recovery reply shows the order). Triggered: the
-        leg is closed (PROTECTIVE_STOP, at the fill) by a durable op and leaves memory now (its
-        updates are refused ``LEG_CLOSED``); the notice follows the commit. A report about a
-        leg or session that is gone changes nothing.
-        """
-        wall = self.wall() if wall is None else wall
-        session = self._holder(hb.session_id)
-        if hb.outcome == "triggered":
-            self._close_by_stop(hb, session, wall)
-            return []
-        notice = release_notice(hb)
-        if notice is None:
-            log.error("hand-back of leg %s: unknown outcome %r", hb.position_key, hb.outcome)
-            return []
-        if session is None or session.rid is None:
-            log.info(
-                "hand-back of leg %s (%s): session %s is not connected; its next start or "
-                "recovery reply shows the order", hb.position_key, hb.outcome, hb.session_id,
-            )  # fmt: skip
-            return []
-        return [(session.rid, notice)]
-
-    def _close_by_stop(self, hb: HandBack, session: Session | None, wall: float) -> None:
-        key = hb.position_key
-        leg = self.legs.get(key)
-        if leg is not None and (session is None or leg.session_key != session.key):
-            log.warning(
-                "protective stop of leg %s filled, but the leg is open in another session "
-                "than %s: left to that session", key, hb.session_id,
-            )  # fmt: skip
-            return
-        final: dict[str, Any] | None = None
-        trail: list[TrailEvent] = []
-        if leg is not None and session is not None:
-            final = self.queue.take_update(key)
-            trail = self.queue.final_trail({key: final} if final else {}, {key}, self.legs)
-            del self.legs[key]
-            session.legs.discard(key)
-            order = f"order {hb.order_id}" if hb.order_id else "its order"
-            self._closed_by_stop.add(
-                key, session.key,
-                f"leg {key!r} was closed at the broker by its protective stop ({order} filled "
-                f"at {hb.fill_price})",
-            )  # fmt: skip
-        log.warning(
-            "protective stop of leg %s filled at %s (order %s): closing the leg",
-            key, hb.fill_price, hb.order_id,
-        )  # fmt: skip
-        holder = session.key if session is not None else ""
-        op = ProtectCloseOp(
-            None, None, holder, key, hb.session_id, hb.fill_price, hb.protect_id, hb.order_id,
-            wall, final, trail,
-        )  # fmt: skip
-        self.queue.add(op)
-
-    def _protect_closed(self, op: ProtectCloseOp, res: Result) -> list[Reply]:
-        if not res.ok or not res.data.get("closed"):
-            return []
-        session = self.sessions.get(op.session_key) if op.session_key else None
-        if session is None or session.rid is None:
-            return []
-        return [(session.rid, closed_notice(op.key, op.protect_id, op.order_id, op.fill_price))]
 
     def requeue(self, batch: Batch) -> None:
         """The batch could not commit (storage fault): take it back, to be retried first."""
