@@ -69,16 +69,20 @@ def protections(cur: sqlite3.Cursor, position_ids: Iterable[int]) -> dict[int, d
 def release(
     cur: sqlite3.Cursor, position_ids: Iterable[int], how: str, session_id: int, now: str
 ) -> int:
-    """Hand the live orders of these legs back to ``session_id``: ``how`` is ``CANCEL`` or
-    ``KEEP``. An order already released keeps its first release. Returns how many changed."""
+    """Hand the live orders of these legs to ``session_id``: ``how`` is ``CANCEL`` or ``KEEP``.
+
+    An order released before (its first holder died before the worker settled it) keeps its
+    first ``release`` — the worker may be acting on it already — and follows the leg to the
+    session holding it now (``release_session``), which the worker's report is for. Returns
+    how many changed."""
     ids = list(position_ids)
     if not ids or not _has_orders(cur):
         return 0
     changed = 0
     for pid in ids:
         changed += cur.execute(
-            "UPDATE protective_orders SET release = ?, release_session = ?, updated_at = ? "
-            f"WHERE position_id = ? AND state IN {HELD_STATES!r} AND release IS NULL",
+            "UPDATE protective_orders SET release = coalesce(release, ?), release_session = ?, "
+            f"updated_at = ? WHERE position_id = ? AND state IN {HELD_STATES!r}",
             (how, session_id, now, pid),
         ).rowcount
     return changed
