@@ -10,6 +10,7 @@ that database as the worker writes them (the worker itself is built apart).
 from __future__ import annotations
 
 import json
+import sqlite3
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -454,3 +455,89 @@ def test_a_leg_closed_refusal_closes_the_leg_and_tells_the_strategy_once() -> No
     assert ("notice", "LEG_CLOSED", {"key": "leg-1", "reason": "closed"}) in effects
     assert s.closed_reason("leg-1") == "closed" and not s.is_open("leg-1")
     assert not [e for e in s.receive(raw, 2.0) if e[0] == "notice"]  # once
+
+
+def test_a_client_that_missed_the_notice_learns_the_outcome_from_its_next_start(
+    inproc: InProcessDaemon,
+) -> None:
+    """The session's next start (here from a second connection, the session staying live)
+    shows every order handed to it, settled ones included."""
+    crash_a_leg(inproc)
+    protect_id = insert_protective_order(inproc.db, "leg-1")
+    first = RawClient(inproc.endpoint)
+    token = "fedcba9876543210fedcba9876543210"
+    start = {"type": "start", "session": "new", "token": token, "strategy": "s"}
+    try:
+        sid = first.ask({**start, "seq": 1})["session_id"]
+        first.ask({"type": "resolve", "session": "new", "token": token, "seq": 2,
+                   "key": "leg-1", "action": "adopt"})  # fmt: skip
+        # The worker cancels the order and reports it (the notice goes to `first`, unread).
+        conn = sqlite3.connect(inproc.db, timeout=10)
+        conn.execute("UPDATE protective_orders SET state = 'CANCELLED' WHERE id = ?",
+                     (protect_id,))  # fmt: skip
+        conn.commit()
+        conn.close()
+        inproc.handback(HandBack("leg-1", sid, "cancelled", protect_id, "OA-1001", 9.5))
+        second = RawClient(inproc.endpoint)
+        try:
+            ack = second.ask({**start, "seq": 3})
+        finally:
+            second.close()
+        assert ack["resumed"] is True and "revived" not in ack
+        assert ack["protection"] == {
+            "leg-1": {"id": protect_id, "state": "CANCELLED", "order_id": "OA-1001",
+                      "trigger_price": 9.5, "pricetype": "SL-M", "release": "CANCEL"}
+        }  # fmt: skip
+    finally:
+        first.close()
+
+
+def test_a_start_ack_showing_a_filled_order_closes_the_leg_locally() -> None:
+    s = ClientSession(0.0)
+    s.connected(0.0)
+    s.open_session({"v": 1, "type": "start", "session": "k", "token": TOKEN, "strategy": "s"})
+    payload = s.next_send(0.0)
+    assert payload is not None
+    s.sent(0.0)
+    s.open_leg("leg-1", {"current_price": 10.0})
+    s.open_leg("leg-2", {"current_price": 20.0})
+    order = {"id": 3, "state": "TRIGGERED", "order_id": "OA-9", "trigger_price": 9.5,
+             "pricetype": "SL-M", "release": "CANCEL"}  # fmt: skip
+    ack = {"v": 1, "type": "ack", "seq": json.loads(payload)["seq"], "session_id": 1,
+           "status": "RUNNING", "resumed": True, "token": TOKEN, "heartbeat_timeout": 3.0,
+           "protection": {"leg-1": order}}  # fmt: skip
+    effects = s.receive(json.dumps(ack).encode(), 1.0)
+    notices = [e[1:] for e in effects if e[0] == "notice"]
+    assert [code for code, _ in notices] == ["LEG_CLOSED", "PROTECTION"]
+    assert notices[1][1] == {"protection": {"leg-1": order}}
+    assert not s.is_open("leg-1") and s.is_open("leg-2")
+
+
+def test_the_managers_leg_handles_follow_the_notices(workdir: Path) -> None:
+    """What the I/O thread hands the manager (its on_notice) updates the handles it gave out,
+    and the strategy's own callback still gets every notice."""
+    seen = Notices()
+    pm = PositionPersistenceManager(
+        "s", endpoint=f"ipc://{workdir}/none.sock", ack_timeout=0.1, on_notice=seen
+    )
+    try:
+        pm.start_session()
+        leg = pm.save_position_entry("X", entry_price=10.0, stop_price=9.5, quantity=1)
+        order = {"id": 3, "state": "PLACED", "order_id": "OA-9", "trigger_price": 9.5,
+                 "pricetype": "SL-M", "release": "CANCEL"}  # fmt: skip
+        pm._on_notice("REVIVED", {"legs": [leg.key], "protection": {leg.key: order}})
+        assert leg.protection_pending and leg.protection is not None
+        pm._on_notice("PROTECTION", {"protection": {leg.key: {**order, "state": "KEPT"}}})
+        assert leg.protection.state == "KEPT" and leg.protection.live
+        assert not leg.protection_pending
+        pm._on_notice("PROTECTION_CANCEL_FAILED", {"key": leg.key, "reason": "refused"})
+        assert leg.protection.state == "CANCEL_FAILED" and leg.protection.live
+        pm._on_notice("LEG_CLOSED", {"key": leg.key, "reason": "filled"})
+        assert leg.protection.state == "TRIGGERED" and not leg.protection.live
+        pm._on_notice("PROTECTION_RELEASED", {"key": "unknown-leg", "outcome": "cancelled"})
+        assert [c for c, _ in seen.seen] == [
+            "REVIVED", "PROTECTION", "PROTECTION_CANCEL_FAILED", "LEG_CLOSED",
+            "PROTECTION_RELEASED",
+        ]  # fmt: skip
+    finally:
+        pm.close(0.0)

@@ -234,7 +234,7 @@ class Core:
 
     def _track_protection(self, code: str, details: dict[str, Any]) -> None:
         """Keep each leg handle's ``protection`` as the daemon reports it."""
-        if code == "REVIVED":
+        if code in ("REVIVED", "PROTECTION"):  # a start ack's map: key -> the order now
             shown = details.get("protection")
             for key, value in (shown.items() if isinstance(shown, dict) else ()):
                 handle = self._handles.get(key)

@@ -24,6 +24,7 @@ __all__ = [
     "EXIT_REASON",
     "HELD_STATES",
     "close_filled",
+    "handed_to",
     "protections",
     "release",
 ]
@@ -63,6 +64,31 @@ def protections(cur: sqlite3.Cursor, position_ids: Iterable[int]) -> dict[int, d
                 "pricetype": row[5],
                 "release": row[6],
             }
+    return found
+
+
+def handed_to(cur: sqlite3.Cursor, session_id: int) -> dict[str, dict[str, Any]]:
+    """position key -> the newest order handed to this session for that leg, in any state
+    (``CANCELLED``, ``KEPT``: settled; ``PLACED``: not yet, or its cancel was refused;
+    ``TRIGGERED``: it filled). What a client that missed the notices learns on its next start."""
+    if not _has_orders(cur):
+        return {}
+    found: dict[str, dict[str, Any]] = {}
+    rows = cur.execute(
+        "SELECT o.id, p.position_key, o.state, o.order_id, o.trigger_price, o.pricetype, "
+        "o.release FROM protective_orders o JOIN strategy_positions p "
+        "ON p.position_id = o.position_id WHERE o.release_session = ? ORDER BY o.id",
+        (session_id,),
+    ).fetchall()
+    for row in rows:
+        found[row[1]] = {
+            "id": row[0],
+            "state": row[2],
+            "order_id": row[3],
+            "trigger_price": row[4],
+            "pricetype": row[5],
+            "release": row[6],
+        }
     return found
 
 

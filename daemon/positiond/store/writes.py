@@ -217,6 +217,10 @@ def _start(cur: sqlite3.Cursor, op: StartOp, now: str) -> Result:
     if row["status"] in LIVE_SESSION_STATUSES:
         data["status"] = row["status"]
         _event(cur, None, sid, "SESSION_RESUMED", now, {"peer_pid": op.peer_pid})
+        # A client that was away may have missed notices about orders handed to it.
+        handed = protection.handed_to(cur, sid)
+        if handed:
+            data["protection"] = handed
     elif row["status"] == "CRASHED" and row["crash_source"] in REVIVABLE:
         crashed = cur.execute(
             "SELECT position_key, position_id FROM strategy_positions "
@@ -227,7 +231,7 @@ def _start(cur: sqlite3.Cursor, op: StartOp, now: str) -> Result:
         # The legs come back to their own strategy: their protective orders are cancelled
         # (never two stops live for one leg), and the ack says which it had.
         released = protection.release(cur, [r[1] for r in crashed], "CANCEL", sid, now)
-        shown = protection.protections(cur, [r[1] for r in crashed])
+        shown = protection.handed_to(cur, sid)
         cur.execute(
             "UPDATE strategy_positions SET status = 'ACTIVE', updated_at = ? "
             "WHERE session_id = ? AND status = 'CRASHED'",
@@ -244,7 +248,7 @@ def _start(cur: sqlite3.Cursor, op: StartOp, now: str) -> Result:
             "legs": revived,
         }
         if shown:
-            data["revived"]["protection"] = {r[0]: shown[r[1]] for r in crashed if r[1] in shown}
+            data["revived"]["protection"] = shown
         _event(cur, None, sid, "REVIVED", now, data["revived"])
     else:
         return Result.error(
