@@ -161,7 +161,7 @@ TEXT = {
     "notice": "positiond: {code} {key} {text}",
     "stopped": "tick {tick:3d}  {leg} closed at the broker by its protective stop: not managed",
     "hold": "tick {tick:3d}  {leg} stop hit, but positiond is still cancelling its protective "
-    "stop: holding",
+    "stop: no exit until it is released",
 }
 
 
@@ -191,6 +191,7 @@ class LegMonitor:
         self.level = int(leg.last_trail_level or 0)
         self.state = dict(leg.state)
         self.open = True
+        self.holding = False  # an exit waits for positiond to cancel its protective stop
 
     @classmethod
     def enter(
@@ -249,7 +250,9 @@ class LegMonitor:
             if self.leg.protection_pending:
                 # A broker stop positiond placed while we were dead is still live: exiting now
                 # could sell twice. Wait for PROTECTION_RELEASED (or LEG_CLOSED: it filled).
-                self.out.say("hold", tick=tick, leg=self.name)
+                if not self.holding:
+                    self.out.say("hold", tick=tick, leg=self.name)
+                self.holding = True
                 return
             self.exit(tick, "STOP_HIT")
 
@@ -369,7 +372,8 @@ def run(args: argparse.Namespace) -> int:
         for monitor in monitors:
             if monitor.open and pm.is_open(monitor.leg):  # intraday (MIS): square off
                 if monitor.leg.protection_pending:  # never two exits: positiond's stop is live
-                    out.say("hold", tick=broker.tick, leg=monitor.name)
+                    if not monitor.holding:
+                        out.say("hold", tick=broker.tick, leg=monitor.name)
                     continue
                 monitor.exit(broker.tick, "SQUARE_OFF")
     except BaseException as exc:  # the strategy's own crash: its legs stay for the next run
