@@ -20,7 +20,7 @@ import pytest
 
 from positiond.protect.handback import HandBack
 from positiond.protect.settings import ProtectConfig
-from positiond_client import LegError, PositionPersistenceManager
+from positiond_client import AsyncPositionPersistenceManager, LegError, PositionPersistenceManager
 from positiond_client.handles import Protection
 from positiond_client.session import ClientSession
 from tests.helpers import rows, wait_for
@@ -541,3 +541,18 @@ def test_the_managers_leg_handles_follow_the_notices(workdir: Path) -> None:
         ]  # fmt: skip
     finally:
         pm.close(0.0)
+
+
+async def test_the_asyncio_twin_takes_protect_and_keep_protection(
+    inproc: InProcessDaemon,
+) -> None:
+    crash_a_leg(inproc)
+    protect_id = insert_protective_order(inproc.db, "leg-1")
+    async with AsyncPositionPersistenceManager(
+        "s", endpoint=inproc.endpoint, ack_timeout=5
+    ) as pm, pm.session(protect=True):
+        assert pm.protected is True
+        leg = await pm.mark_position_recovered("leg-1", keep_protection=True)
+        assert leg.protection is not None and leg.protection.release == "KEEP"
+        assert release_of(inproc.db, protect_id) == ("KEEP", pm.session_id)
+        await pm.save_position_exit(leg, exit_price=10.0, exit_reason="MANUAL")
