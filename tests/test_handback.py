@@ -556,3 +556,27 @@ async def test_the_asyncio_twin_takes_protect_and_keep_protection(
         assert leg.protection is not None and leg.protection.release == "KEEP"
         assert release_of(inproc.db, protect_id) == ("KEEP", pm.session_id)
         await pm.save_position_exit(leg, exit_price=10.0, exit_reason="MANUAL")
+
+
+def test_a_fill_after_the_strategy_exited_the_leg_itself_is_logged_as_a_double_exit(
+    inproc: InProcessDaemon, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The strategy exited at the broker while its protective stop was still live (what the
+    rule in docs/INTEGRATION.md prevents), and the stop filled too: the leg keeps the
+    strategy's exit, and the daemon says loudly that the position may be reversed."""
+    notices = Notices()
+    pm, leg = adopted(inproc, notices)
+    try:
+        sid = pm.session_id
+        assert sid is not None and pm.save_position_exit(leg, 9.6, "STOP_HIT")
+        inproc.handback(HandBack("leg-1", sid, "triggered", leg.protection.id, "OA-1001", 9.5,
+                                 fill_price=9.4))  # fmt: skip
+        wait_for(
+            lambda: any("may now be reversed" in r.getMessage() for r in caplog.records),
+            what="the double exit logged",
+        )
+        stored = leg_row(inproc.db, "leg-1")
+        assert (stored["exit_reason"], stored["exit_price"]) == ("STOP_HIT", 9.6)
+        assert not [d for c, d in notices.seen if c == "LEG_CLOSED"]
+    finally:
+        pm.close()

@@ -17,7 +17,7 @@ from typing import Any
 from positiond.model import Leg, Session
 from positiond.ops import ProtectCloseOp, Result, TrailEvent
 from positiond.protect.handback import HandBack
-from positiond.protect.notices import ClosedByStop, closed_notice, release_notice
+from positiond.protect.notices import EXIT_REASON, ClosedByStop, closed_notice, release_notice
 from positiond.writequeue import WriteQueue
 
 __all__ = ["HandBacks", "Reply"]
@@ -107,6 +107,14 @@ class HandBacks:
         self.queue.add(op)
 
     def _protect_closed(self, op: ProtectCloseOp, res: Result) -> list[Reply]:
+        other = res.data.get("exit_reason")
+        if res.ok and other is not None and other != EXIT_REASON:
+            # Two exits at the broker: the leg's own (or an operator's) and its protective stop.
+            log.error(
+                "leg %s was already closed (%s) when its protective stop order %s filled at %s: "
+                "the broker position may now be reversed — check it", op.key, other,
+                op.order_id, op.fill_price,
+            )  # fmt: skip
         if not res.ok or not res.data.get("closed"):
             return []
         session = self.sessions.get(op.session_key) if op.session_key else None

@@ -125,14 +125,16 @@ def close_filled(
     last coalesced update (and its TRAIL_UPDATE) first, as an exit does.
     """
     leg = cur.execute(
-        "SELECT position_id, session_id, status FROM strategy_positions WHERE position_key = ?",
+        "SELECT position_id, session_id, status, exit_reason FROM strategy_positions "
+        "WHERE position_key = ?",
         (op.key,),
     ).fetchone()
     if leg is None:
         return Result(True, {"closed": False, "why": "unknown leg"})
-    pid, sid, status = leg
+    pid, sid, status, exit_reason = leg
     if status == "CLOSED":
-        return Result(True, {"closed": False, "why": "already closed"})
+        # (exited otherwise first: by its strategy, or an operator — and its stop filled too)
+        return Result(True, {"closed": False, "why": "already closed", "exit_reason": exit_reason})
     if sid != op.holder_id:
         return Result(True, {"closed": False, "why": f"the leg is held by session {sid}"})
     when = iso(op.time)
