@@ -8,6 +8,11 @@ answers ``positionbook()`` in OpenAlgo's format. Run it twice::
     python examples/expiry_blast.py --crash-after 55   # SIGKILLs itself with both legs open
     python examples/expiry_blast.py --crash-after 55   # finds, verifies and resumes them
 
+With ``--protect`` the session asks positiond for protective stop orders at the broker while it
+is dead (only where the daemon's ``[protect]`` allows: docs/PROTECT.md); the next run is handed
+them back, waits for positiond to cancel them before it exits a leg itself, and stops managing a
+leg whose protective stop filled.
+
 Only the public ``positiond_client`` API is used; docs/INTEGRATION.md walks through a crash day.
 """
 
@@ -26,7 +31,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from positiond_client import RESUME, Leg, PositionPersistenceManager, UnavailableError
+from positiond_client import RESUME, Leg, LegError, PositionPersistenceManager, UnavailableError
 
 STRATEGY = "expiry_blast"
 UNDERLYING, EXPIRY, ATM, LOT = "NIFTY", "28NOV25", 24000, 75
@@ -151,6 +156,12 @@ TEXT = {
     "crash": "tick {tick:3d}  CRASH (SIGKILL) with {count} leg(s) open; {summary}",
     "end": "session {session_id} completed at tick {tick}\n  broker: {summary}",
     "error": "not trading: {error}",
+    "protected": "  {leg} {key}: protective stop {order_id} ({state}) at the broker, trigger "
+    "{trigger}: {what}",
+    "notice": "positiond: {code} {key} {text}",
+    "stopped": "tick {tick:3d}  {leg} closed at the broker by its protective stop: not managed",
+    "hold": "tick {tick:3d}  {leg} stop hit, but positiond is still cancelling its protective "
+    "stop: no exit until it is released",
 }
 
 
@@ -180,6 +191,7 @@ class LegMonitor:
         self.level = int(leg.last_trail_level or 0)
         self.state = dict(leg.state)
         self.open = True
+        self.holding = False  # an exit waits for positiond to cancel its protective stop
 
     @classmethod
     def enter(
@@ -209,6 +221,10 @@ class LegMonitor:
         return {"leg": self.name, "stop": self.stop, "level": self.level, "highest": self.highest}
 
     def on_tick(self, tick: int) -> None:
+        if not self.pm.is_open(self.leg):  # closed by its protective stop (LEG_CLOSED)
+            self.open = False
+            self.out.say("stopped", tick=tick, leg=self.name)
+            return
         price = self.broker.ltp(self.leg.symbol)
         self.highest = max(self.highest, price)
         level = math.floor((self.highest - self.entry) / TRAIL_STEP)
@@ -217,15 +233,27 @@ class LegMonitor:
             self.stop = tick_round(self.entry - STOP_POINTS + level * TRAIL_STEP)
             self.out.say("trail", tick=tick, old_stop=old_stop, **self.levels())
         self.state = {**self.state, "tick": tick}
-        self.pm.queue_position_update(  # never blocks: the client coalesces and sends
-            self.leg,
-            current_price=price,
-            stop_price=self.stop,
-            highest_price=self.highest,
-            last_trail_level=self.level,
-            state=self.state,
-        )
+        try:
+            self.pm.queue_position_update(  # never blocks: the client coalesces and sends
+                self.leg,
+                current_price=price,
+                stop_price=self.stop,
+                highest_price=self.highest,
+                last_trail_level=self.level,
+                state=self.state,
+            )
+        except LegError:  # its protective stop filled just now: the position is gone
+            self.open = False
+            self.out.say("stopped", tick=tick, leg=self.name)
+            return
         if price <= self.stop:
+            if self.leg.protection_pending:
+                # A broker stop positiond placed while we were dead is still live: exiting now
+                # could sell twice. Wait for PROTECTION_RELEASED (or LEG_CLOSED: it filled).
+                if not self.holding:
+                    self.out.say("hold", tick=tick, leg=self.name)
+                self.holding = True
+                return
             self.exit(tick, "STOP_HIT")
 
     def exit(self, tick: int, reason: str) -> None:
@@ -240,14 +268,16 @@ class LegMonitor:
 
 
 def recover(
-    pm: PositionPersistenceManager, broker: SimBroker, out: Transcript
+    pm: PositionPersistenceManager, broker: SimBroker, out: Transcript, protect: bool
 ) -> tuple[list[LegMonitor], bool]:
     """Start the session, verify crashed legs with the broker, resume those still open there.
 
     Returns the resumed monitors, and whether a fresh entry is safe: not if any leg had crashed
     (the day's trade was taken) or another session holds legs of ours (another instance runs).
     """
-    report = pm.start_session(recover=True, positionbook=broker)
+    report = pm.start_session(
+        recover=True, positionbook=broker, protect=True if protect else None
+    )
     out.say("session", session_id=pm.session_id, crashed=len(report.verdicts))
     monitors = []
     for verdict in report.verdicts:
@@ -268,6 +298,13 @@ def recover(
         )
         handle = report.adopted.get(saved.position_key)
         if verdict.verdict == RESUME and handle is not None:
+            if handle.protection is not None:  # positiond protected it while we were dead
+                out.say(
+                    "protected", leg=saved.leg_type, key=handle.key,
+                    order_id=handle.protection.order_id, state=handle.protection.state,
+                    trigger=handle.protection.trigger_price,
+                    what="positiond cancels it" if handle.protection_pending else "settled",
+                )  # fmt: skip
             monitors.append(LegMonitor(pm, broker, out, handle))
             out.say("resume", tick=broker.tick + 1, key=handle.key, **monitors[-1].levels())
     for orphan in report.orphans:
@@ -299,11 +336,18 @@ def run(args: argparse.Namespace) -> int:
     broker = SimBroker(args.state_dir, Feed(args.seed))
     # progress_deadline: a main loop that stops sending updates with legs open is STALLED.
     deadline = max(5.0, 20 * args.tick_interval)
-    pm = PositionPersistenceManager(STRATEGY, endpoint=args.endpoint, progress_deadline=deadline)
+    def on_notice(code: str, details: dict[str, Any]) -> None:  # on the client's I/O thread
+        if code in ("PROTECTION_RELEASED", "PROTECTION_CANCEL_FAILED", "LEG_CLOSED"):
+            text = details.get("outcome") or details.get("reason") or details.get("exit_price")
+            out.say("notice", code=code, key=details.get("key"), text=text)
+
+    pm = PositionPersistenceManager(
+        STRATEGY, endpoint=args.endpoint, progress_deadline=deadline, on_notice=on_notice
+    )
     where = {"book": str(broker.path), "endpoint": pm.endpoint}
     out.say("start", strategy=STRATEGY, seed=args.seed, tick=broker.tick, ticks=args.ticks, **where)
     try:
-        monitors, may_enter = recover(pm, broker, out)
+        monitors, may_enter = recover(pm, broker, out, args.protect)
     except (UnavailableError, ValueError) as exc:  # no answer, or a broker error: never guess
         out.say("error", error=str(exc))
         if pm.session_id is not None:
@@ -326,7 +370,11 @@ def run(args: argparse.Namespace) -> int:
             if tick == args.crash_after:
                 die(pm, out, tick, monitors)
         for monitor in monitors:
-            if monitor.open:  # intraday (MIS): square off at the end of the day
+            if monitor.open and pm.is_open(monitor.leg):  # intraday (MIS): square off
+                if monitor.leg.protection_pending:  # never two exits: positiond's stop is live
+                    if not monitor.holding:
+                        out.say("hold", tick=broker.tick, leg=monitor.name)
+                    continue
                 monitor.exit(broker.tick, "SQUARE_OFF")
     except BaseException as exc:  # the strategy's own crash: its legs stay for the next run
         pm.handle_crash(exc)
@@ -355,6 +403,12 @@ def main(argv: list[str] | None = None) -> int:
     add("--seed", type=int, default=19, help="seed of the price feed (default: 19)")
     add("--crash-after", type=int, metavar="N", help="SIGKILL itself when the clock reaches tick N")
     add("--json", action="store_true", help="one JSON object per event instead of text")
+    add(
+        "--protect",
+        action="store_true",
+        help="ask positiond for protective stop orders at the broker while this strategy is "
+        "dead (only where its [protect] config allows; docs/PROTECT.md)",
+    )
     add("--positionbook", action="store_true", help="print the broker's positionbook and exit")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.helpers import UNIT, DaemonProcess, rows, session_status, wait_for
+from tests.inprocess import insert_protective_order
 from tests.test_daemon import SEED_CRASH_QUERY
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "expiry_blast.py"
@@ -154,3 +155,43 @@ def test_example_does_not_enter_while_another_session_holds_its_legs(
     held = events(second, "held")
     assert sorted((e["leg"], e["status"]) for e in held) == [("CE", "ACTIVE"), ("PE", "ACTIVE")]
     assert {e["session_id"] for e in held} == {events(first.events(), "session")[0]["session_id"]}
+
+
+def test_protected_example_is_handed_its_protective_orders_and_does_not_exit_over_them(
+    daemon: DaemonProcess, workdir: Path
+) -> None:
+    """--protect: the session asks for protection (stored); after its crash the next run is
+    shown the protective orders positiond placed (written here as the protect worker writes
+    them), positiond is told to cancel them, and while that is pending the strategy does not
+    exit a leg itself: a second exit at the broker could sell twice."""
+    state = workdir / "broker"
+    code, first = run_example(daemon, state, "--protect", "--crash-after", str(CRASH_AT))
+    assert code == -signal.SIGKILL, first
+    old = events(first, "session")[0]["session_id"]
+    [session] = rows(daemon.db, "SELECT protect FROM strategy_sessions WHERE id = ?", (old,))
+    assert session["protect"] == 1
+    wait_for(lambda: session_status(daemon.db, old) == "CRASHED", 5, "the session CRASHED")
+    crashed = rows(daemon.db, "SELECT leg_type, position_key FROM strategy_positions")
+    saved = {r["leg_type"]: r["position_key"] for r in crashed}
+    orders = {
+        name: insert_protective_order(daemon.db, key, order_id=f"OA-{name}", trigger_price=80.0)
+        for name, key in saved.items()
+    }
+
+    code, second = run_example(daemon, state, "--protect", "--crash-after", str(CRASH_AT))
+    assert code == 0, second
+    new = events(second, "session")[0]["session_id"]
+    shown = {e["leg"]: e for e in events(second, "protected")}
+    assert {n: (e["order_id"], e["state"], e["what"]) for n, e in shown.items()} == {
+        "CE": ("OA-CE", "PLACED", "positiond cancels it"),
+        "PE": ("OA-PE", "PLACED", "positiond cancels it"),
+    }
+    released = rows(daemon.db, "SELECT id, release, release_session FROM protective_orders")
+    assert {(r["id"], r["release"], r["release_session"]) for r in released} == {
+        (orders["CE"], "CANCEL", new), (orders["PE"], "CANCEL", new)
+    }
+    # Nobody settles the orders here (no protect worker): the stops hit, the legs are held.
+    assert events(second, "exit") == []
+    assert {e["leg"] for e in events(second, "hold")} == {"CE", "PE"}
+    legs = rows(daemon.db, "SELECT status, session_id FROM strategy_positions")
+    assert {(leg["status"], leg["session_id"]) for leg in legs} == {("ACTIVE", new)}

@@ -18,7 +18,10 @@ from positiond.engine import Engine
 from positiond.server import Daemon
 
 PACKAGE = Path(positiond.__file__).parent
-PURE = ("engine.py", "writequeue.py", "progress.py", "model.py", "commands.py", "liveness.py")
+PURE = (
+    "engine.py", "handbacks.py", "writequeue.py", "progress.py", "model.py", "commands.py",
+    "liveness.py",
+)  # fmt: skip
 DAEMON_IO = {"server", "router", "listener", "connections", "store", "dbfile", "notify", "status",
              "curve", "activation", "cli", "recovery_store", "schema"}  # fmt: skip
 FORBIDDEN_LIBS = {"zmq", "asyncio", "sqlite3", "aiosqlite"}

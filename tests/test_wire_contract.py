@@ -38,6 +38,7 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from positiond.engine import health_reply
+from positiond.protect.handback import HandBack
 from positiond.router import PING as SERVER_PING
 from positiond_client.channel import FINAL_SESSION_ERRORS
 from positiond_client.errors import ProtocolError
@@ -54,6 +55,8 @@ from positiond_client.protocol import (
     ping_reply,
 )
 from tests.helpers import UNIT, DaemonProcess, rows, wait_for
+from tests.inprocess import InProcessDaemon, RawClient, insert_protective_order
+from tests.test_handback import crash_a_leg
 
 ROOT = Path(__file__).parent.parent
 PROTOCOL = ROOT / "docs" / "PROTOCOL.md"
@@ -82,6 +85,7 @@ PROVOKED_BY: dict[str, str] = {
     "FENCED": "§9",
     "BAD_STATE": "§9",
     "UNKNOWN_ORPHAN": "§9",
+    "LEG_CLOSED": "test_leg_closed_for_a_leg_its_protective_stop_closed",
     "BUSY": "test_busy_for_a_connection_beyond_the_limit",
     "INTERNAL": "test_internal_when_the_database_refuses_one_operation",
 }
@@ -386,6 +390,40 @@ def test_internal_when_the_database_refuses_one_operation(daemon: DaemonProcess)
     assert replies[1] == {"v": 1, "type": "ack", "seq": 2, "recorded": 1, "already_recorded": 0}
     stored = rows(daemon.db, "SELECT symbol FROM broker_orphans")
     assert [r["symbol"] for r in stored] == ["OK"]
+
+
+def test_leg_closed_for_a_leg_its_protective_stop_closed(workdir: Path) -> None:
+    """LEG_CLOSED: an ``update`` (I, no ``seq``) and an ``exit`` (C) for a leg whose protective
+    stop order filled at the broker. Only the protect worker's report closes a leg that way, so
+    the daemon runs in this process and gets that report as the worker gives it (§5.4)."""
+    daemon = InProcessDaemon(workdir)
+    try:
+        crash_a_leg(daemon)
+        protect_id = insert_protective_order(daemon.db, "leg-1")
+        raw = RawClient(daemon.endpoint)
+        token = "ab" * 16
+        try:
+            sid = raw.ask({"type": "start", "session": "n", "token": token, "seq": 1,
+                           "strategy": "s"})["session_id"]  # fmt: skip
+            raw.ask({"type": "resolve", "session": "n", "token": token, "seq": 2,
+                     "key": "leg-1", "action": "adopt"})  # fmt: skip
+            daemon.handback(HandBack("leg-1", sid, "triggered", protect_id, "OA-1001", 9.5, 9.4))
+            assert raw.recv()["code"] == "LEG_CLOSED"  # the notice
+            raw.send({"type": "update", "session": "n", "token": token, "key": "leg-1",
+                      "stop_price": 9.0})  # fmt: skip
+            update = raw.recv()
+            exit_ = raw.ask({"type": "exit", "session": "n", "token": token, "seq": 3,
+                             "key": "leg-1", "exit_reason": "STOP_HIT"})  # fmt: skip
+        finally:
+            raw.close()
+    finally:
+        daemon.stop()
+    assert (update["type"], update["code"], update["key"], "seq" in update) == (
+        "error", "LEG_CLOSED", "leg-1", False,
+    )  # fmt: skip
+    assert (exit_["type"], exit_["code"], exit_["key"], exit_["seq"]) == (
+        "error", "LEG_CLOSED", "leg-1", 3,
+    )  # fmt: skip
 
 
 def test_busy_for_a_connection_beyond_the_limit(workdir: Path) -> None:

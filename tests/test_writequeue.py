@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from positiond.model import Leg
-from positiond.ops import CrashOp, EntryOp, SyncOp, TrailEvent
+from positiond.ops import CrashOp, EntryOp, ProtectCloseOp, SyncOp, TrailEvent
 from positiond.writequeue import WriteQueue
 from positiond_client.protocol import UPDATE_FIELDS
 from tests.test_engine import enter, make, send, started
@@ -130,6 +130,21 @@ def test_a_leg_gone_since_the_failed_batch_has_its_update_carried_by_its_crash()
     queue.requeue(failed, book)
     assert crash.final_updates == {"ce": {"current_price": 100.0, "stop_price": 92.0}}
     assert [e.after for e in crash.trail_events] == [(92.0, 1.0)]
+    assert queue.pending_updates == 0
+
+
+def test_a_leg_closed_by_its_protective_stop_since_the_failed_batch_carries_its_update() -> None:
+    """The protective close took the leg out of memory: it writes the failed batch's update."""
+    queue = WriteQueue(1.0, 0.0)
+    book = legs()
+    queue.update("s1", "ce", update(current_price=100.0, stop_price=92.0))
+    failed = queue.take(1.0, 0.0, book)
+    del book["ce"]  # its protective stop filled meanwhile
+    close = ProtectCloseOp(None, None, "s1", "ce", 7, 91.5, 1, "OA-1", 0.0)
+    queue.add(close)
+    queue.requeue(failed, book)
+    assert close.final_update == {"current_price": 100.0, "stop_price": 92.0}
+    assert [e.after for e in close.trail_events] == [(92.0, 1.0)]
     assert queue.pending_updates == 0
 
 

@@ -24,6 +24,7 @@ from positiond_client.errors import (
     StorageError,
     UnavailableError,
 )
+from positiond_client.handles import Protection
 from positiond_client.manager import AsyncPositionPersistenceManager, PositionPersistenceManager
 from positiond_client.pending import Delivery
 from positiond_client.recovery import (
@@ -51,6 +52,7 @@ __all__ = [
     "Orphan",
     "PositionPersistenceManager",
     "PositiondError",
+    "Protection",
     "ProtocolError",
     "SessionError",
     "StopRequested",

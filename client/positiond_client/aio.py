@@ -135,9 +135,11 @@ class AsyncPositionPersistenceManager(Core):
         """Every leg positiond knows open (ACTIVE, CRASHED, NEEDS_REVIEW), of any strategy."""
         return await self._drive(self._open_op(strategy_name))
 
-    async def mark_position_recovered(self, leg: CrashedLeg | Leg | str) -> Leg:
+    async def mark_position_recovered(
+        self, leg: CrashedLeg | Leg | str, *, keep_protection: bool = False
+    ) -> Leg:
         """Adopt a crashed leg into this session; returns its handle with the saved state."""
-        return await self._drive(self._adopt_op(leg))
+        return await self._drive(self._adopt_op(leg, keep_protection))
 
     async def close_crashed_position(
         self,
@@ -154,31 +156,49 @@ class AsyncPositionPersistenceManager(Core):
         """Set a crashed leg NEEDS_REVIEW with the reason."""
         return await self._drive(self._resolve_op(leg, "review", reason=reason))
 
-    async def recover(self, positionbook: Any) -> VerificationReport:
+    async def recover(
+        self, positionbook: Any, *, keep_protection: bool = False
+    ) -> VerificationReport:
         """Verify this strategy's crashed legs and act on what is safe (see the sync twin)."""
-        return await self._drive(self._recover_op(positionbook))
+        return await self._drive(self._recover_op(positionbook, keep_protection))
 
     @overload
     async def start_session(
-        self, session_key: str | None = None, *, recover: Literal[False] = False
+        self,
+        session_key: str | None = None,
+        *,
+        recover: Literal[False] = False,
+        protect: bool | None = None,
     ) -> int | None: ...
 
     @overload
     async def start_session(
-        self, session_key: str | None = None, *, recover: Literal[True], positionbook: Any
+        self,
+        session_key: str | None = None,
+        *,
+        recover: Literal[True],
+        positionbook: Any,
+        protect: bool | None = None,
+        keep_protection: bool = False,
     ) -> VerificationReport: ...
 
     async def start_session(
-        self, session_key: str | None = None, *, recover: bool = False, positionbook: Any = None
+        self,
+        session_key: str | None = None,
+        *,
+        recover: bool = False,
+        positionbook: Any = None,
+        protect: bool | None = None,
+        keep_protection: bool = False,
     ) -> int | VerificationReport | None:
         """Open a session; return its id, or with ``recover=True`` the recovery report."""
-        pending = self._start_pending(session_key)
+        pending = self._start_pending(session_key, protect)
         stored = await self._wait(pending, "session start")
         if not recover:
             return int(pending.result["session_id"]) if stored and pending.result else None
         if not stored:
             raise UnavailableError("cannot recover: positiond did not acknowledge the session")
-        return await self.recover(positionbook)
+        return await self.recover(positionbook, keep_protection=keep_protection)
 
     async def verify_with_broker(self, broker: Any) -> VerificationReport:
         """Verdicts for this strategy's crashed legs against the broker (changes nothing)."""
@@ -259,15 +279,17 @@ class AsyncPositionPersistenceManager(Core):
         recover: bool = False,
         positionbook: Any = None,
         stop_signals: Iterable[int] | None = None,
+        protect: bool | None = None,
+        keep_protection: bool = False,
     ) -> AsyncIterator[AsyncPositionPersistenceManager]:
         """Start a session (and recover, see the sync twin); end it on a normal exit or a
         requested stop (a cancellation after a stop request included), crash it otherwise."""
         restore = self.install_signal_handlers(stop_signals) if stop_signals else None
         try:
-            await self.start_session(session_key)
+            await self.start_session(session_key, protect=protect)
             try:
                 if recover:
-                    await self.recover(positionbook)
+                    await self.recover(positionbook, keep_protection=keep_protection)
                 yield self
             except BaseException as exc:
                 if ends_cleanly(exc, self.stop_requested):

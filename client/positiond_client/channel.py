@@ -180,6 +180,9 @@ class Channel:
     def fenced_reason(self, key: str) -> str | None:
         return self._s.fenced_reason(key)
 
+    def closed_reason(self, key: str) -> str | None:
+        return self._s.closed_reason(key)
+
     def open_session(self, msg: dict[str, Any]) -> Pending:
         """Queue the session's start; it is (re-)announced on every connection."""
         self.check_process()

@@ -23,7 +23,7 @@ import zmq.auth
 
 from positiond_client.channel import Channel
 from positiond_client.errors import LegError, PositiondError, SessionError, UnavailableError
-from positiond_client.handles import ClientStatus, Leg
+from positiond_client.handles import ClientStatus, Leg, Protection
 from positiond_client.paths import default_endpoint, socket_owner_warning
 from positiond_client.pending import Delivery, Pending
 from positiond_client.protocol import PROTOCOL_VERSION, check_fields, validate
@@ -128,13 +128,20 @@ class Core:
         self.progress_deadline = progress_deadline
         # The report of the last recover() / start_session(recover=True) / session(recover=True).
         self.recovery: VerificationReport | None = None
+        # What the daemon said of this session's protective stop orders (``start``'s ``protect``
+        # ack field; None: not asked).
+        self.protected: bool | None = None
+        self._protect: bool | None = None
+        # Every leg handle handed out, by key: the daemon's notices update their protection.
+        self._handles: weakref.WeakValueDictionary[str, Leg] = weakref.WeakValueDictionary()
+        self._user_notice = on_notice
         self._stop = StopControl()
         self._channel = Channel(
             self.endpoint,
             heartbeat_interval=heartbeat_interval,
             ack_timeout=ack_timeout,
             warn_every=warn_every,
-            on_notice=on_notice,
+            on_notice=self._on_notice,
             curve=_curve_keys(self.endpoint, curve_server_key, curve_client_cert),
         )
         self._closed = False
@@ -210,9 +217,49 @@ class Core:
         fenced = self._channel.fenced_reason(key)
         if fenced is not None:
             raise LegError(fenced, "FENCED")
+        closed = self._channel.closed_reason(key)
+        if closed is not None:
+            raise LegError(closed, "LEG_CLOSED")
         return key
 
-    def _start_pending(self, session_key: str | None) -> Pending:
+    # ---- notices (on the I/O thread: nothing here may raise into it) ---------------------
+
+    def _on_notice(self, code: str, details: dict[str, Any]) -> None:
+        try:
+            self._track_protection(code, details)
+        except Exception:
+            log.exception("handling the %s notice failed", code)
+        if self._user_notice is not None:
+            self._user_notice(code, details)
+
+    def _track_protection(self, code: str, details: dict[str, Any]) -> None:
+        """Keep each leg handle's ``protection`` as the daemon reports it."""
+        if code in ("REVIVED", "PROTECTION"):  # a start ack's map: key -> the order now
+            shown = details.get("protection")
+            for key, value in (shown.items() if isinstance(shown, dict) else ()):
+                handle = self._handles.get(key)
+                if handle is not None:
+                    handle.protection = Protection.from_wire(value)
+            return
+        key = details.get("key")
+        handle = self._handles.get(key) if isinstance(key, str) else None
+        if handle is None:
+            return
+        current = handle.protection
+        if current is None and code in ("PROTECTION_RELEASED", "PROTECTION_CANCEL_FAILED"):
+            current = Protection(
+                int(details.get("protect_id") or 0), "PLACED", details.get("order_id"), None,
+                "SL-M", "CANCEL",
+            )  # fmt: skip
+        if code == "PROTECTION_RELEASED" and current is not None:
+            kept = details.get("outcome") == "kept"
+            handle.protection = current.settled("KEPT" if kept else "CANCELLED")
+        elif code == "PROTECTION_CANCEL_FAILED" and current is not None:
+            handle.protection = current.settled("CANCEL_FAILED")
+        elif code == "LEG_CLOSED" and current is not None:
+            handle.protection = current.settled("TRIGGERED")
+
+    def _start_pending(self, session_key: str | None, protect: bool | None = None) -> Pending:
         self.session_key = session_key or uuid.uuid4().hex
         self.session_id = None
         # The session's secret: every message carries it, the daemon keeps only its hash, so
@@ -229,6 +276,9 @@ class Core:
         }
         if self.progress_deadline is not None:
             msg["progress_deadline"] = self.progress_deadline
+        if protect is not None:
+            msg["protect"] = protect
+        self._protect, self.protected = protect, None
         validate(msg | {"seq": 1})
         pending = self._channel.open_session(msg)
         pending.add_callback(self._on_started)
@@ -237,6 +287,8 @@ class Core:
     def _on_started(self, pending: Pending) -> None:
         if pending.result is not None:
             self.session_id = pending.result.get("session_id")
+            if "protect" in pending.result:
+                self.protected = bool(pending.result["protect"])
 
     def _entry_pending(
         self,
@@ -277,6 +329,7 @@ class Core:
             raise LegError(f"leg {msg['key']!r} is already open in this session", "KEY_CONFLICT")
         leg = Leg(msg)
         pending = self._channel.submit(msg)
+        self._handles[leg.key] = leg
 
         def filled(p: Pending) -> None:
             if p.result is not None:
@@ -446,10 +499,11 @@ class Core:
             )
         return [CrashedLeg.from_row(row) for row in result["legs"]]
 
-    def _adopt_op(self, leg: CrashedLeg | Leg | str) -> Step[Leg]:
+    def _adopt_op(self, leg: CrashedLeg | Leg | str, keep_protection: bool = False) -> Step[Leg]:
         key = _key_of(leg)
         self._base("resolve")  # adopting needs our session
-        pending = self._request("resolve", key=key, action="adopt")
+        keep = True if keep_protection else None  # (absent: the default, cancel)
+        pending = self._request("resolve", key=key, action="adopt", keep_protection=keep)
         result = yield pending
         if result is None:
             # A write, unlike a read: the daemon may have it queued and still commit it. Keep
@@ -463,7 +517,16 @@ class Core:
             )
         handle = Leg.from_saved(result["leg"])
         self._channel.open_leg(key, handle.snapshot())
+        self._handles[key] = handle
         log.info("adopted leg %s (%s %s %d)", key, handle.symbol, handle.side, handle.quantity)
+        if handle.protection is not None and handle.protection.pending:
+            log.warning(
+                "adopted leg %s has a protective stop order live at the broker (order %s, "
+                "trigger %s): %s", key, handle.protection.order_id,
+                handle.protection.trigger_price,
+                "it is yours to manage now" if handle.protection.release == "KEEP"
+                else "positiond is cancelling it; do not exit the leg until it is released",
+            )  # fmt: skip
         return handle
 
     def _adopted_late(self, pending: Pending) -> None:
@@ -497,7 +560,9 @@ class Core:
             return 0
         return int(result["recorded"])
 
-    def _recover_op(self, positionbook: Any) -> Step[VerificationReport]:
+    def _recover_op(
+        self, positionbook: Any, keep_protection: bool = False
+    ) -> Step[VerificationReport]:
         """Verify this strategy's crashed legs; adopt RESUME, close CLOSED_AT_BROKER, flag the
         rest for review, record orphans. Each leg's outcome is in ``report.actions``."""
         report = yield from self._verify_op(positionbook)
@@ -505,7 +570,7 @@ class Core:
             key = verdict.leg.position_key
             try:
                 if verdict.verdict == RESUME:
-                    report.adopted[key] = yield from self._adopt_op(key)
+                    report.adopted[key] = yield from self._adopt_op(key, keep_protection)
                     report.actions[key] = "adopted"
                 elif verdict.verdict == CLOSED_AT_BROKER:
                     done = yield from self._resolve_op(key, "close", reason=verdict.stored_reason)

@@ -52,7 +52,9 @@ class PositionPersistenceManager(Core):
     ``endpoint`` defaults to ``$POSITIOND_ENDPOINT``, else the daemon's default ipc socket.
     ``heartbeat_interval`` must be well below the daemon's heartbeat timeout (default 3 s).
     ``on_notice(code, info)`` is called on the I/O thread when the daemon reports something
-    about the session (``REVIVED``: it had been declared crashed and is running again).
+    about the session (``REVIVED``: it had been declared crashed and is running again;
+    ``PROTECTION_RELEASED``, ``PROTECTION_CANCEL_FAILED``, ``LEG_CLOSED``: a leg's protective
+    stop order at the broker, see docs/INTEGRATION.md).
     ``ack_timeout`` (2 s) bounds a durable call's wait while the daemon may answer; while it
     is known unreachable the call returns at once (``pm.connected``, ``pm.status()``), and
     the outage is logged when it starts and every ``warn_every`` (30) seconds.
@@ -109,29 +111,51 @@ class PositionPersistenceManager(Core):
 
     @overload
     def start_session(
-        self, session_key: str | None = None, *, recover: Literal[False] = False
+        self,
+        session_key: str | None = None,
+        *,
+        recover: Literal[False] = False,
+        protect: bool | None = None,
     ) -> int | None: ...
 
     @overload
     def start_session(
-        self, session_key: str | None = None, *, recover: Literal[True], positionbook: Any
+        self,
+        session_key: str | None = None,
+        *,
+        recover: Literal[True],
+        positionbook: Any,
+        protect: bool | None = None,
+        keep_protection: bool = False,
     ) -> VerificationReport: ...
 
     def start_session(
-        self, session_key: str | None = None, *, recover: bool = False, positionbook: Any = None
+        self,
+        session_key: str | None = None,
+        *,
+        recover: bool = False,
+        positionbook: Any = None,
+        protect: bool | None = None,
+        keep_protection: bool = False,
     ) -> int | VerificationReport | None:
         """Open a session; return its id (None if the daemon did not answer in time).
 
         ``recover=True`` (with ``positionbook``: OpenAlgo's response, its rows, or the OpenAlgo
-        client itself) then runs :meth:`recover` and returns its report instead.
+        client itself) then runs :meth:`recover` and returns its report instead
+        (``keep_protection``: see :meth:`mark_position_recovered`).
+
+        ``protect``: protective stop orders at the broker for this session's legs if it
+        crashes (docs/PROTECT.md). None (default) follows the daemon's ``[protect]``; False
+        opts out; True asks, but only where ``[protect]`` allows — a session can only narrow
+        it. When given, ``pm.protected`` then says what the daemon will do.
         """
-        pending = self._start_pending(session_key)
+        pending = self._start_pending(session_key, protect)
         stored = self._wait(pending, "session start")
         if not recover:
             return int(pending.result["session_id"]) if stored and pending.result else None
         if not stored:
             raise UnavailableError("cannot recover: positiond did not acknowledge the session")
-        return self.recover(positionbook)
+        return self.recover(positionbook, keep_protection=keep_protection)
 
     # ---- recovery ------------------------------------------------------------------------
 
@@ -158,13 +182,21 @@ class PositionPersistenceManager(Core):
         """
         return self._drive(self._verify_op(broker))
 
-    def mark_position_recovered(self, leg: CrashedLeg | Leg | str) -> Leg:
+    def mark_position_recovered(
+        self, leg: CrashedLeg | Leg | str, *, keep_protection: bool = False
+    ) -> Leg:
         """Adopt a crashed leg into this session (ACTIVE, owned by us; RECOVERY event).
 
         Returns a handle carrying the saved entry, stop, highest price, trail level and state;
         the old session can no longer write it (FENCED).
+
+        If positiond placed a protective stop order for the leg while it was crashed,
+        ``leg.protection`` shows it; positiond cancels it (notice ``PROTECTION_RELEASED``;
+        ``leg.protection_pending`` until then), or with ``keep_protection=True`` leaves it live
+        for you to manage. If it had filled, the leg is closed (notice ``LEG_CLOSED``, and
+        ``LegError`` on the next call for it).
         """
-        return self._drive(self._adopt_op(leg))
+        return self._drive(self._adopt_op(leg, keep_protection))
 
     def close_crashed_position(
         self,
@@ -183,14 +215,16 @@ class PositionPersistenceManager(Core):
         """Record broker positions nobody explains (``report.orphans``); return how many new."""
         return self._drive(self._orphans_op(orphans))
 
-    def recover(self, positionbook: Any) -> VerificationReport:
+    def recover(
+        self, positionbook: Any, *, keep_protection: bool = False
+    ) -> VerificationReport:
         """Verify this strategy's crashed legs and act on what is safe.
 
         RESUME legs are adopted (their handles in ``report.adopted``), CLOSED_AT_BROKER legs
         closed, MISMATCH legs flagged NEEDS_REVIEW, orphans recorded; ``report.actions`` says
         what happened to each leg.
         """
-        return self._drive(self._recover_op(positionbook))
+        return self._drive(self._recover_op(positionbook, keep_protection))
 
     def save_position_entry(
         self,
@@ -262,6 +296,8 @@ class PositionPersistenceManager(Core):
         recover: bool = False,
         positionbook: Any = None,
         stop_signals: Iterable[int] | None = None,
+        protect: bool | None = None,
+        keep_protection: bool = False,
     ) -> Iterator[PositionPersistenceManager]:
         """Start a session; ``end_session`` on a normal exit or a requested stop,
         ``handle_crash`` on an exception (the rule: :mod:`positiond_client.stop`).
@@ -273,10 +309,10 @@ class PositionPersistenceManager(Core):
         """
         restore = self.install_signal_handlers(stop_signals) if stop_signals else None
         try:
-            self.start_session(session_key)
+            self.start_session(session_key, protect=protect)
             try:
                 if recover:
-                    self.recover(positionbook)
+                    self.recover(positionbook, keep_protection=keep_protection)
                 yield self
             except BaseException as exc:
                 if ends_cleanly(exc, self.stop_requested):

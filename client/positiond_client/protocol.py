@@ -47,6 +47,7 @@ __all__ = [
     "CLIENT_ONLY_CODES",
     "DURABLE_TYPES",
     "MAX_MESSAGE_BYTES",
+    "NOTICE_CODES",
     "ORPHAN_ACTIONS",
     "PROTOCOL_VERSION",
     "QUERIES",
@@ -101,6 +102,7 @@ class ErrorCode(StrEnum):
     UNKNOWN_SESSION = "UNKNOWN_SESSION"  # the session is not live in the daemon (re-announce)
     SESSION_CLOSED = "SESSION_CLOSED"  # the session is over for good: use a new key
     UNKNOWN_LEG = "UNKNOWN_LEG"  # no (open) leg with this key
+    LEG_CLOSED = "LEG_CLOSED"  # the leg was closed by its protective stop at the broker
     KEY_CONFLICT = "KEY_CONFLICT"  # the position key belongs to another session
     FENCED = "FENCED"  # the leg belongs to another session
     BAD_STATE = "BAD_STATE"  # ``resolve``: the leg's status does not allow the action
@@ -110,7 +112,7 @@ class ErrorCode(StrEnum):
 
 
 # Codes of the client library's own errors (errors.py): never on the wire.
-CLIENT_ONLY_CODES: Final = frozenset({"LEG_CLOSED", "STORAGE", "UNAVAILABLE"})
+CLIENT_ONLY_CODES: Final = frozenset({"STORAGE", "UNAVAILABLE"})
 # An error answering a session's (re-)announcing ``start`` with one of these ends the session
 # for this client: it must stop (other codes answering a ``start`` are passing: announce again).
 SESSION_FINAL_CODES: Final = frozenset(
@@ -175,6 +177,12 @@ def _integer(low: int, high: int) -> Checker:
         return None
 
     return check
+
+
+def _boolean(value: Any) -> str | None:
+    if type(value) is not bool:
+        return "must be true or false"
+    return None
 
 
 def _one_of(values: frozenset[str]) -> Checker:
@@ -276,6 +284,9 @@ _SCHEMAS: dict[str, tuple[dict[str, Checker], frozenset[str]]] = {
             "heartbeat_interval": _number(0.01, 3600.0),
             "progress_deadline": _number(1.0, 86400.0),
             "time": _TIME,
+            # protective stop orders for this session's legs if it crashes (docs/PROTECT.md):
+            # absent follows the daemon's [protect]; false opts out; true can only narrow.
+            "protect": _boolean,
         },
         frozenset({"strategy"}),
     ),
@@ -351,6 +362,8 @@ _SCHEMAS: dict[str, tuple[dict[str, Checker], frozenset[str]]] = {
             "exit_reason": _text(64),
             "reason": _text(500),
             "by": _text(200),
+            # adopt: leave the leg's protective order live for the adopter (default: cancel it)
+            "keep_protection": _boolean,
         },
         frozenset({"key", "action"}),
     ),
@@ -488,6 +501,10 @@ def notice_reply(code: str, details: Mapping[str, Any] | None = None) -> bytes:
 
 
 REPLY_TYPES: Final = frozenset({"ack", "error", "ping", "notice"})
+# The notices the daemon sends (§5.4), all about a leg's protective stop order at the broker:
+# released (cancelled, or kept for the strategy), its cancel refused (a stop may still be live),
+# or it filled (the leg is closed: exit_reason PROTECTIVE_STOP).
+NOTICE_CODES: Final = frozenset({"PROTECTION_RELEASED", "PROTECTION_CANCEL_FAILED", "LEG_CLOSED"})
 
 
 def decode_reply(raw: bytes) -> dict[str, Any]:

@@ -46,6 +46,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from positiond_client.handles import Protection
+
 __all__ = [
     "CLOSED_AT_BROKER",
     "MISMATCH",
@@ -125,6 +127,8 @@ class CrashedLeg:
     # The status of the session the leg belongs to (RUNNING, STALLED, CRASHED, COMPLETED):
     # an ACTIVE leg is certain at the broker only while its session is RUNNING.
     session_status: str | None = None
+    # The protective stop order positiond placed for it at the broker (None: none).
+    protection: Protection | None = None
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> CrashedLeg:
@@ -132,6 +136,7 @@ class CrashedLeg:
         values: dict[str, Any] = {k: row.get(k) for k in names}
         values["state"] = dict(row.get("state") or {})
         values["was_crashed"] = bool(row.get("was_crashed"))
+        values["protection"] = Protection.from_wire(row.get("protection"))
         return cls(**values)
 
     @property

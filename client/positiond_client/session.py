@@ -54,6 +54,14 @@ OUTBOX_WARN = 10_000
 Effect = tuple[Any, ...]
 
 
+def _closed_text(msg: dict[str, Any]) -> str:
+    order = msg.get("order_id") or "?"
+    return (
+        f"leg {msg['key']!r} was closed at the broker by its protective stop order {order} "
+        f"(filled at {msg.get('exit_price')}): it is no longer open"
+    )
+
+
 class ClientSession(Replies):
     """Session, outbox, leg states and link of one client connection; no I/O."""
 
@@ -82,6 +90,7 @@ class ClientSession(Replies):
         self._updates: dict[str, dict[str, Any]] = {}  # leg key -> fields not yet sent
         self._legs: dict[str, dict[str, Any]] = {}  # leg key -> newest full state
         self._fenced: dict[str, str] = {}
+        self._closed: dict[str, str] = {}  # legs the daemon closed (protective stop filled)
         self._session: str | None = None
         self._token: str | None = None
         self._start: Pending | None = None  # the session's start (the announce to re-send)
@@ -206,6 +215,7 @@ class ClientSession(Replies):
         """Open a leg adopted from a crashed session: updates for it are accepted from now on."""
         self._legs[key] = state
         self._fenced.pop(key, None)
+        self._closed.pop(key, None)
 
     def forget(self, pending: Pending) -> None:
         """Drop an unanswered read from the outbox (a stale answer would help nobody)."""
@@ -229,6 +239,10 @@ class ClientSession(Replies):
 
     def fenced_reason(self, key: str) -> str | None:
         return self._fenced.get(key)
+
+    def closed_reason(self, key: str) -> str | None:
+        """Why the daemon closed this leg (its protective stop filled), if it did."""
+        return self._closed.get(key)
 
     def session_key(self) -> str | None:
         return self._session
@@ -365,6 +379,8 @@ class ClientSession(Replies):
         if kind == "error":
             return self._on_error(msg, now)
         if kind == "notice":
+            if msg["code"] == "LEG_CLOSED" and type(msg.get("key")) is str:
+                self._close_leg(msg["key"], _closed_text(msg))
             return [("notice", msg["code"], msg)]
         return []  # ping, or a type this client does not know (§1.3)
 

@@ -52,6 +52,7 @@ class Replies:
     _updates: dict[str, dict[str, Any]]
     _legs: dict[str, dict[str, Any]]
     _fenced: dict[str, str]
+    _closed: dict[str, str]
     _session: str | None
     _start: Pending | None
     _announce: Pending | None
@@ -104,6 +105,17 @@ class Replies:
             if key not in pending_entries:
                 snapshot(key)
 
+    def _close_leg(self, key: str, reason: str) -> bool:
+        """The daemon closed this leg (its protective stop filled): every later call for it
+        raises. True the first time."""
+        if key in self._closed:
+            return False
+        log.warning("%s", reason)
+        self._closed[key] = reason
+        self._legs.pop(key, None)
+        self._updates.pop(key, None)
+        return True
+
     def _revived(self, revived: dict[str, Any]) -> dict[str, str]:
         """We were declared crashed and came back: legs not handed back are someone else's
         now. Returns the legs fenced this way, with the reason."""
@@ -142,12 +154,34 @@ class Replies:
                 effects += [
                     ("notice", "FENCED", {"key": k, "reason": r}) for k, r in fenced.items()
                 ]
+            effects += self._protection_shown(msg, revived)
         pending = self._outbox.pop(seq, None)
         if pending is not None:
             if pending.kind in ("crash", "end"):
                 self._on_session_acked()
             pending.sent_at = pending.sent_at or now
             effects.insert(0, ("finish", pending, msg, None))
+        return effects
+
+    def _protection_shown(self, msg: dict[str, Any], revived: Any) -> list[Effect]:
+        """A start ack shows the protective orders handed to this session (``protection``:
+        resumed; ``revived.protection``: revived). One that filled closes its leg here too; a
+        resumed session's map is handed on as the client's own ``PROTECTION`` notice (what was
+        settled while it was away)."""
+        shown = revived.get("protection") if isinstance(revived, dict) else msg.get("protection")
+        if not isinstance(shown, dict):
+            return []
+        effects: list[Effect] = []
+        for key, order in shown.items():
+            if isinstance(order, dict) and order.get("state") == "TRIGGERED" and key in self._legs:
+                reason = (
+                    f"leg {key!r} was closed at the broker by its protective stop order "
+                    f"{order.get('order_id') or '?'}: it is no longer open"
+                )
+                if self._close_leg(key, reason):
+                    effects.append(("notice", "LEG_CLOSED", {"key": key, "reason": reason}))
+        if not isinstance(revived, dict):
+            effects.append(("notice", "PROTECTION", {"protection": shown}))
         return effects
 
     def _on_error(self, msg: dict[str, Any], now: float) -> list[Effect]:
@@ -186,6 +220,9 @@ class Replies:
             self._legs.pop(key, None)
             self._updates.pop(key, None)
             effects.append(("notice", "FENCED", {"key": key, "reason": reason}))
+        if code == "LEG_CLOSED" and key is not None and self._close_leg(key, reason):
+            # (the daemon's notice was missed, e.g. while disconnected: the refusal tells)
+            effects.append(("notice", "LEG_CLOSED", {"key": key, "reason": reason}))
         effects += [("finish", p, None, error) for p in failed]
         if seq is None:
             self.error_budget(error, now)

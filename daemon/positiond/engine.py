@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any, ClassVar
 
 from positiond.commands import HealthQuery, Refusal, by_whom, command_op, unknown_session
+from positiond.handbacks import HandBacks, Reply
 from positiond.liveness import MIN_HEARTBEATS, DaemonClock, Liveness, Verdict
 from positiond.model import Leg, Peer, Session
 from positiond.ops import (
@@ -38,6 +39,7 @@ from positiond.ops import (
     FencedOp,
     LegRow,
     LiveSession,
+    ProtectCloseOp,
     ResolveOp,
     Result,
     StallOp,
@@ -46,6 +48,7 @@ from positiond.ops import (
     TrailEvent,
 )
 from positiond.progress import ProgressWatch
+from positiond.protect.notices import ClosedByStop
 from positiond.writequeue import WriteQueue, update_fields
 from positiond_client.protocol import ack_reply, error_reply
 
@@ -53,7 +56,6 @@ __all__ = ["Engine", "HealthQuery", "Leg", "Peer", "Session", "health_reply"]
 
 log = logging.getLogger(__name__)
 
-Reply = tuple[bytes, bytes]  # (routing id, payload)
 
 
 Immediate = bytes | HealthQuery | None  # what a message gets back at once
@@ -69,7 +71,7 @@ def _clock_text(wall: float) -> str:
     return _time.strftime("%H:%M:%S", _time.localtime(wall)) + f".{int(wall * 10) % 10}"
 
 
-class Engine:
+class Engine(HandBacks):
     """In-memory model of live sessions and open legs, and the rules applied to each message.
 
     Monotonic time drives liveness (through the observed :attr:`clock`), wall time stamps what
@@ -84,8 +86,13 @@ class Engine:
         *,
         monotonic: Callable[[], float] = _time.monotonic,
         wall: Callable[[], float] = _time.time,
+        protects: Callable[[str, bool | None], bool] | None = None,
     ) -> None:
         self.liveness = Liveness(heartbeat_timeout)
+        # [protect]: would this strategy's session, with this choice, be protected?
+        self._protects = protects or (lambda strategy, choice: False)
+        self._closed_by_stop = ClosedByStop()
+        self._released = 0  # protective orders handed back since take_released()
         self.clock = DaemonClock(monotonic())
         self.monotonic = monotonic
         self.wall = wall
@@ -254,6 +261,9 @@ class Engine:
         self, msg: dict[str, Any], leg: Leg | None, writer: Session, wall: float
     ) -> bytes:
         if leg is None:
+            closed = self._closed_by_stop.reason(msg["key"], writer.key)
+            if closed is not None:
+                return self._error(msg, "LEG_CLOSED", closed)
             return self._error(msg, "UNKNOWN_LEG", f"no open leg {msg['key']!r}")
         # Two monitors on one leg is how double exits happen: refuse, and keep a record of the
         # first refused write of each kind from each session (an exit is a fact at the broker).
@@ -331,6 +341,7 @@ class Engine:
                 # a session from before tokens takes the one this start carries (or a new one)
                 session.token or msg.get("token") or secrets.token_hex(16),
                 msg.get("progress_deadline"),
+                msg.get("protect"),
             )
         )
         self.progress.watch(key, msg.get("progress_deadline"), now)
@@ -567,6 +578,8 @@ class Engine:
                 self._entry_committed(op, res)
             elif isinstance(op, ResolveOp) and res.ok and res.legs:
                 self._adopted(res.legs)
+            elif isinstance(op, ProtectCloseOp):
+                replies += self._protect_closed(op, res)
             elif (
                 isinstance(op, CrashOp) and op.source == CLIENT and res.ok
                 and not res.data.get("duplicate")
@@ -578,6 +591,7 @@ class Engine:
                     res.data.get("session_id"), op.strategy or op.session_key, op.reason,
                     res.data.get("legs", 0),
                 )  # fmt: skip
+            self._released += res.released
             if op.rid is None:
                 continue
             if res.ok:
@@ -609,6 +623,8 @@ class Engine:
                 revived.get("crash_timestamp"), revived.get("crash_reason"),
             )  # fmt: skip
         res.data["heartbeat_timeout"] = self.liveness.timeout_for(session.key)
+        if op.protect is not None:  # what the daemon will do if this session crashes
+            res.data["protect"] = self._protects(session.strategy, op.protect)
         for row in res.legs:
             if row.key not in self.legs:
                 self._add_leg(row, session)

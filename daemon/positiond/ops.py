@@ -31,6 +31,7 @@ __all__ = [
     "Op",
     "OrphanResolveOp",
     "OrphansOp",
+    "ProtectCloseOp",
     "PruneOp",
     "QueryOp",
     "ResolveOp",
@@ -111,6 +112,7 @@ class StartOp(_Durable):
     peer_pid: int | None = None
     token: str = ""  # the one the sender offered (resume), else a fresh one (new session)
     progress_deadline: float | None = None
+    protect: bool | None = None  # the session's [protect] choice (None: follow the config)
 
 
 @dataclass(slots=True)
@@ -194,6 +196,7 @@ class ResolveOp(_Operator):
     exit_price: float | None = None
     exit_reason: str = "CLOSED_AT_BROKER"
     reason: str | None = None
+    keep_protection: bool = False  # adopt: leave the leg's protective order to the adopter
 
 
 @dataclass(slots=True)
@@ -227,6 +230,29 @@ class PruneOp(_Operator):
 
 
 @dataclass(slots=True)
+class ProtectCloseOp(_Durable):
+    """A leg's protective stop order filled at the broker: close the leg (PROTECTIVE_STOP).
+
+    ``session_key`` is the live session holding the leg (may be "" when none is live);
+    ``holder_id`` the session it was handed to (``protective_orders.release_session``): a leg
+    found in any other session is not closed (a stale report).
+    """
+
+    key: str
+    holder_id: int
+    fill_price: float | None
+    protect_id: int
+    order_id: str | None
+    time: float
+    final_update: dict[str, Any] | None = None  # the leg's pending coalesced update, if any
+    trail_events: list[TrailEvent] = field(default_factory=list)
+
+    def carry(self, key: str, older: dict[str, Any]) -> None:
+        """Take older update fields of the leg (from a write that failed) under its own."""
+        self.final_update = {**older, **(self.final_update or {})}
+
+
+@dataclass(slots=True)
 class FencedOp(_Operator):
     """Record a write refused because the leg belongs to another session now."""
 
@@ -249,6 +275,7 @@ Op = (
     | PruneOp
     | FencedOp
     | StallOp
+    | ProtectCloseOp
 )
 
 
@@ -287,6 +314,7 @@ class Result:
     code: str = ""
     reason: str = ""
     legs: list[LegRow] = field(default_factory=list)  # StartOp: the session's open legs
+    released: int = 0  # protective orders this op handed back (the protect worker has work)
 
     @classmethod
     def error(cls, code: str, reason: str) -> Result:
@@ -311,6 +339,7 @@ def operator_op(msg: dict[str, Any], rid: bytes | None, by: str, wall: float) ->
         return ResolveOp(
             rid, seq, session, by, msg["key"], msg["action"], wall, msg.get("exit_price"),
             msg.get("exit_reason", "CLOSED_AT_BROKER"), msg.get("reason"),
+            msg.get("keep_protection", False),
         )  # fmt: skip
     if kind == "orphans":
         return OrphansOp(rid, seq, session, by, msg["rows"], wall)

@@ -45,6 +45,7 @@ from positiond.metrics.listen import parse_listen
 from positiond.metrics.stats import WriterStats
 from positiond.notify import Notifier
 from positiond.openalgo import settings_of
+from positiond.protect.handback import HandBack
 from positiond.reconcile import Reconciler, reconciler_of
 from positiond.router import Router
 from positiond.status import Progress, Reporter, status_file_for, status_line, version
@@ -123,8 +124,15 @@ class Daemon:
         self.monotonic = monotonic
         self.wall = wall
         self.engine = Engine(
-            config.heartbeat_timeout, config.flush_interval, monotonic=monotonic, wall=wall
+            config.heartbeat_timeout,
+            config.flush_interval,
+            monotonic=monotonic,
+            wall=wall,
+            protects=config.protect.protects,
         )
+        # The protect worker's wake (set where the worker is started): a commit that handed
+        # protective orders back (adoption, revival) calls it, so the cancels go out at once.
+        self.protect_wake: Callable[[], None] | None = None
         self.store: Store | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -507,12 +515,30 @@ class Daemon:
         send = self.router.send
         for rid, payload in engine.committed(batch, results):
             send(rid, payload)
+        if engine.take_released() and self.protect_wake is not None:
+            self.protect_wake()
         self.router.recheck()
         try:  # after the acks: counting must never cost one
             self.stats.committed(batch, results, took, done)
         except Exception:
             log.exception("internal error counting a batch for the metrics")
         return True
+
+    # ---- protective stop orders ----------------------------------------------------------
+
+    def handback(self, hb: HandBack) -> None:
+        """The protect worker's callback once it settled the order of a handed-back leg (on
+        the daemon's loop): notices to the session's client now, or a protective close for
+        the writer (``Engine.handback``). Never raises: a bad report is logged and dropped."""
+        try:
+            replies = self.engine.handback(hb, self.wall())
+        except Exception:  # the daemon never dies from a report
+            log.exception("hand-back of leg %s failed", hb.position_key)
+            return
+        for rid, payload in replies:
+            self.router.send(rid, payload)
+        if self.engine.pending_ops:
+            self._wake.set()
 
     # ---- storage faults ------------------------------------------------------------------
 

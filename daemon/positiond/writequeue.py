@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from positiond.model import Leg
-from positiond.ops import Batch, CrashOp, EndOp, ExitOp, Op, SyncOp, TrailEvent
+from positiond.ops import Batch, CrashOp, EndOp, ExitOp, Op, ProtectCloseOp, SyncOp, TrailEvent
 from positiond_client.protocol import UPDATE_FIELDS
 
 __all__ = ["WriteQueue", "update_fields"]
@@ -29,10 +29,11 @@ def update_fields(msg: Mapping[str, Any]) -> dict[str, Any]:
 
 def _final_carrier(
     ops: list[Op], key: str, session_key: str | None
-) -> ExitOp | CrashOp | EndOp | None:
-    """The op that took a leg out of memory: its exit, or its session's crash or end."""
+) -> ExitOp | ProtectCloseOp | CrashOp | EndOp | None:
+    """The op that took a leg out of memory: its exit (or its protective stop's fill), or its
+    session's crash or end."""
     for op in ops:
-        if isinstance(op, ExitOp) and op.key == key:
+        if isinstance(op, ExitOp | ProtectCloseOp) and op.key == key:
             return op
         if isinstance(op, CrashOp | EndOp) and op.session_key == session_key:
             return op
@@ -138,7 +139,7 @@ class WriteQueue:
         """
         since = self._ops
         self._ops = batch.ops + since
-        carriers: dict[str, ExitOp | CrashOp | EndOp] = {}
+        carriers: dict[str, ExitOp | ProtectCloseOp | CrashOp | EndOp] = {}
         for key, upd in batch.updates.items():
             owner = batch.update_owners.get(key)
             if key not in legs:

@@ -24,6 +24,7 @@ from positiond.ops import (
     ResolveOp,
     Result,
 )
+from positiond.store import protection
 from positiond.store.schema import iso, trail_level_sql
 
 __all__ = [
@@ -107,6 +108,9 @@ def query(cur: sqlite3.Cursor, op: QueryOp, now: str) -> Result:
         params,
     ).fetchall()
     legs = [leg_dict(r) for r in rows[:MAX_QUERY_ROWS]]
+    shown = protection.protections(cur, (leg["position_id"] for leg in legs))
+    for leg in legs:
+        leg["protection"] = shown.get(leg["position_id"])
     return Result(True, {"legs": legs, "truncated": len(rows) > MAX_QUERY_ROWS})
 
 
@@ -199,6 +203,7 @@ def _adopt(
     pid = leg["position_id"]
     if leg["session_key"] == op.session_key and leg["status"] == "ACTIVE":
         data = leg_dict(leg)
+        data["protection"] = protection.protections(cur, [pid]).get(pid)
         return Result(
             True, {"position_id": pid, "status": "ACTIVE", "duplicate": True, "leg": data}
         )
@@ -216,13 +221,22 @@ def _adopt(
         (adopter["id"], now, pid),
     )
     audit |= {"from_session": leg["session_id"], "from_strategy": leg["strategy_name"]}
+    # Its protective order (if any) is handed to the adopter: cancelled, or left live for it.
+    how = "KEEP" if op.keep_protection else "CANCEL"
+    released = protection.release(cur, [pid], how, adopter["id"], now)
+    if released:
+        audit["protection"] = how
     _event(cur, pid, adopter["id"], "RECOVERY", now, audit)
     data = leg_dict(leg) | {
-        "status": "ACTIVE", "session_id": adopter["id"], "session_status": adopter["status"]
+        "status": "ACTIVE", "session_id": adopter["id"], "session_status": adopter["status"],
+        "protection": protection.protections(cur, [pid]).get(pid),
     }  # fmt: skip
     row = LegRow(op.key, op.session_key, leg["stop_price"], leg["last_trail_level"])
     return Result(
-        True, {"position_id": pid, "status": "ACTIVE", "duplicate": False, "leg": data}, legs=[row]
+        True,
+        {"position_id": pid, "status": "ACTIVE", "duplicate": False, "leg": data},
+        legs=[row],
+        released=released,
     )
 
 

@@ -34,6 +34,7 @@ from positiond.ops import (
     Op,
     OrphanResolveOp,
     OrphansOp,
+    ProtectCloseOp,
     PruneOp,
     QueryOp,
     ResolveOp,
@@ -44,7 +45,7 @@ from positiond.ops import (
     TrailEvent,
     token_hash,
 )
-from positiond.store import recovery
+from positiond.store import protection, recovery
 from positiond.store.schema import is_int, iso, trail_level_sql
 
 __all__ = ["apply_batch", "load_live"]
@@ -133,7 +134,7 @@ def _session(cur: sqlite3.Cursor, session_key: str) -> sqlite3.Row | None:
 
 def _leg(cur: sqlite3.Cursor, key: str) -> sqlite3.Row | None:
     row: sqlite3.Row | None = cur.execute(
-        "SELECT p.position_id, p.status, p.session_id, s.session_key "
+        "SELECT p.position_id, p.status, p.session_id, s.session_key, p.exit_reason "
         "FROM strategy_positions p JOIN strategy_sessions s ON s.id = p.session_id "
         "WHERE p.position_key = ?",
         (key,),
@@ -176,8 +177,8 @@ def _start(cur: sqlite3.Cursor, op: StartOp, now: str) -> Result:
         cur.execute(
             "INSERT INTO strategy_sessions (session_key, strategy_name, status, start_time, "
             "last_heartbeat, client_host, client_pid, peer_uid, peer_pid, heartbeat_interval, "
-            "token_hash, progress_deadline) "
-            "VALUES (?, ?, 'RUNNING', ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "token_hash, progress_deadline, protect) "
+            "VALUES (?, ?, 'RUNNING', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 op.session_key,
                 op.strategy,
@@ -190,6 +191,7 @@ def _start(cur: sqlite3.Cursor, op: StartOp, now: str) -> Result:
                 op.heartbeat_interval,
                 token_hash(op.token),
                 op.progress_deadline,
+                op.protect,
             ),
         )
         sid = cur.lastrowid
@@ -205,6 +207,7 @@ def _start(cur: sqlite3.Cursor, op: StartOp, now: str) -> Result:
     refused = _token_refused(row, op.token)
     if refused is not None:
         return refused
+    released = 0
     data: dict[str, Any] = {
         "session_id": sid,
         "status": "RUNNING",
@@ -214,15 +217,21 @@ def _start(cur: sqlite3.Cursor, op: StartOp, now: str) -> Result:
     if row["status"] in LIVE_SESSION_STATUSES:
         data["status"] = row["status"]
         _event(cur, None, sid, "SESSION_RESUMED", now, {"peer_pid": op.peer_pid})
+        # A client that was away may have missed notices about orders handed to it.
+        handed = protection.handed_to(cur, sid)
+        if handed:
+            data["protection"] = handed
     elif row["status"] == "CRASHED" and row["crash_source"] in REVIVABLE:
-        revived = [
-            r[0]
-            for r in cur.execute(
-                "SELECT position_key FROM strategy_positions "
-                "WHERE session_id = ? AND status = 'CRASHED'",
-                (sid,),
-            )
-        ]
+        crashed = cur.execute(
+            "SELECT position_key, position_id FROM strategy_positions "
+            "WHERE session_id = ? AND status = 'CRASHED'",
+            (sid,),
+        ).fetchall()
+        revived = [r[0] for r in crashed]
+        # The legs come back to their own strategy: their protective orders are cancelled
+        # (never two stops live for one leg), and the ack says which it had.
+        released = protection.release(cur, [r[1] for r in crashed], "CANCEL", sid, now)
+        shown = protection.handed_to(cur, sid)
         cur.execute(
             "UPDATE strategy_positions SET status = 'ACTIVE', updated_at = ? "
             "WHERE session_id = ? AND status = 'CRASHED'",
@@ -238,6 +247,8 @@ def _start(cur: sqlite3.Cursor, op: StartOp, now: str) -> Result:
             "crash_reason": row["crash_reason"],
             "legs": revived,
         }
+        if shown:
+            data["revived"]["protection"] = shown
         _event(cur, None, sid, "REVIVED", now, data["revived"])
     else:
         return Result.error(
@@ -249,10 +260,12 @@ def _start(cur: sqlite3.Cursor, op: StartOp, now: str) -> Result:
     cur.execute(
         "UPDATE strategy_sessions SET last_heartbeat = ?, peer_uid = coalesce(?, peer_uid), "
         "peer_pid = coalesce(?, peer_pid), token_hash = coalesce(token_hash, ?), "
-        "progress_deadline = ? WHERE id = ?",
-        (now, op.peer_uid, op.peer_pid, token_hash(op.token), op.progress_deadline, sid),
-    )
-    return Result(True, data, legs=_open_legs(cur, sid, op.session_key))
+        "progress_deadline = ?, protect = ? WHERE id = ?",
+        (now, op.peer_uid, op.peer_pid, token_hash(op.token), op.progress_deadline, op.protect,
+         sid),
+    )  # fmt: skip
+    legs = _open_legs(cur, sid, op.session_key)
+    return Result(True, data, legs=legs, released=released)
 
 
 def _entry(cur: sqlite3.Cursor, op: EntryOp, now: str) -> Result:
@@ -311,6 +324,14 @@ def _exit(cur: sqlite3.Cursor, op: ExitOp, now: str) -> Result:
         return Result.error("FENCED", f"leg {op.key!r} belongs to session {leg['session_id']}")
     data = {"position_id": leg["position_id"], "status": "CLOSED"}
     if leg["status"] == "CLOSED":
+        if leg["exit_reason"] == protection.EXIT_REASON and op.exit_reason != leg["exit_reason"]:
+            # Not a resend of this exit: the leg's protective stop closed it at the broker. An
+            # exit the strategy placed too would be a second one there: say so.
+            return Result.error(
+                "LEG_CLOSED",
+                f"leg {op.key!r} was closed at the broker by its protective stop order "
+                f"({protection.EXIT_REASON})",
+            )
         return Result(True, {**data, "duplicate": True})
     exit_time = iso(op.time)
     if op.final_update:
@@ -407,6 +428,15 @@ def _end(cur: sqlite3.Cursor, op: EndOp, now: str) -> Result:
     return Result(True, {"session_id": sid, "status": "COMPLETED", "open_legs": len(open_legs)})
 
 
+def _protect_close(cur: sqlite3.Cursor, op: ProtectCloseOp, now: str) -> Result:
+    def write_final() -> None:
+        if op.final_update:
+            _write_updates(cur, {op.key: op.final_update}, now)
+            _write_final_trail(cur, op.trail_events, iso(op.time))
+
+    return protection.close_filled(cur, op, now, write_final)
+
+
 def _sync(cur: sqlite3.Cursor, op: SyncOp, now: str) -> Result:
     return Result(True, {})
 
@@ -441,6 +471,7 @@ _APPLY: dict[type, Callable[[sqlite3.Cursor, Any, str], Result]] = {
     ExitOp: _exit,
     CrashOp: _crash,
     EndOp: _end,
+    ProtectCloseOp: _protect_close,
 }
 
 
