@@ -39,6 +39,7 @@ __all__ = [
     "StartOp",
     "SyncOp",
     "TrailEvent",
+    "WatchOp",
     "operator_op",
     "token_hash",
 ]
@@ -232,6 +233,14 @@ class FencedOp(_Operator):
     message: dict[str, Any]
 
 
+@dataclass(slots=True)
+class WatchOp(_Operator):
+    """A watcher subscribes: the store reads its snapshot in the writer's order, so every
+    change committed after it reaches the watcher as a ``changes`` frame (positiond.watch)."""
+
+    strategy: str | None = None
+
+
 Op = (
     StartOp
     | EntryOp
@@ -246,6 +255,7 @@ Op = (
     | PruneOp
     | FencedOp
     | StallOp
+    | WatchOp
 )
 
 

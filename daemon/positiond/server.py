@@ -57,6 +57,7 @@ from positiond.store.dbfile import (
     open_error,
     restore_advice,
 )
+from positiond.watchers import WatchHub
 from positiond_client.paths import ipc_path
 
 __all__ = ["AlreadyRunning", "Daemon"]
@@ -145,10 +146,13 @@ class Daemon:
             ensure_lock=self._ensure_lock,
             wake=self._wake.set,
             health=self.health,  # answers `query what=health` from memory
+            watching=self._watching,
             monotonic=monotonic,
             wall=wall,
         )
         self.listener = self.router.listener
+        # posctl watch and scripts: fed from committed batches, sent from the tick
+        self.watchers = WatchHub(self.router.send)
         self.delivery: Delivery | None = None  # alerts to the configured sinks, if any
         self.reconciler: Reconciler | None = None  # [openalgo] reconcile_interval, if set
 
@@ -353,9 +357,18 @@ class Daemon:
                 **self.counters,
                 **self.listener.counters,
                 **(self.delivery.counters if self.delivery is not None else {}),
+                **self.watchers.counters,
             },
             **({"reconcile": dict(self.reconciler.state)} if self.reconciler else {}),
         }
+
+    # ---- watchers -------------------------------------------------------------------------
+
+    def _watching(self, rid: bytes, n: int) -> bytes | None:
+        return self.watchers.progress(rid, n)
+
+    def _peer_alive(self, rid: bytes) -> bool:
+        return rid in self.engine.peers
 
     # ---- reload --------------------------------------------------------------------------
 
@@ -427,9 +440,7 @@ class Daemon:
         engine = self.engine
         if self.storage_fault is not None:
             return False  # nothing more goes into a file that may not be the database
-        batch = engine.take_batch(
-            self.monotonic(), wall=self.wall(), flush_updates=flush_updates
-        )
+        batch = engine.take_batch(self.monotonic(), wall=self.wall(), flush_updates=flush_updates)
         if not batch:
             self.progress.idle(self.monotonic())
             return True
@@ -470,6 +481,7 @@ class Daemon:
             self.healthy = True
         self.counters["batches"] += 1
         self.last_flush = time.time()
+        self.watchers.publish(batch, results, self.monotonic())  # before the acks: may refuse
         send = self.router.send
         for rid, payload in engine.committed(batch, results):
             send(rid, payload)
@@ -545,3 +557,5 @@ class Daemon:
             if self.engine.tick(self.monotonic(), self.wall()):
                 self._wake.set()
             self.router.tick(self.monotonic())
+            if self.watchers:
+                self.watchers.tick(self.monotonic(), self._peer_alive, self.health)

@@ -42,10 +42,12 @@ from positiond.ops import (
     StartOp,
     SyncOp,
     TrailEvent,
+    WatchOp,
     token_hash,
 )
 from positiond.store import recovery
 from positiond.store.schema import is_int, iso, trail_level_sql
+from positiond.store.snapshot import watch_snapshot
 
 __all__ = ["apply_batch", "load_live"]
 
@@ -441,6 +443,7 @@ _APPLY: dict[type, Callable[[sqlite3.Cursor, Any, str], Result]] = {
     ExitOp: _exit,
     CrashOp: _crash,
     EndOp: _end,
+    WatchOp: watch_snapshot,
 }
 
 
