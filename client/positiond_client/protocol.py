@@ -509,9 +509,12 @@ def changes_frame(n: int, events: list[dict[str, Any]]) -> bytes:
     return orjson.dumps({"v": PROTOCOL_VERSION, "type": "changes", "n": n, "events": events})
 
 
-def health_frame(n: int, health: Mapping[str, Any]) -> bytes:
-    """A watcher's keepalive (§5.5): the daemon's health; ``n`` of the last ``changes`` sent."""
-    return orjson.dumps({"v": PROTOCOL_VERSION, "type": "health", "n": n, "health": health})
+def health_frame(n: int, health: Mapping[str, Any], seen: Mapping[str, str]) -> bytes:
+    """A watcher's keepalive (§5.5): the daemon's health, ``n`` of the last ``changes`` sent,
+    ``seen``: session key -> its latest sign of life written since the previous one."""
+    return orjson.dumps(
+        {"v": PROTOCOL_VERSION, "type": "health", "n": n, "health": health, "seen": seen}
+    )
 
 
 def dropped_frame(reason: str) -> bytes:

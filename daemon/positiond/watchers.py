@@ -16,7 +16,8 @@ What a watcher may cost, at most:
 - per watcher, coalesced changes: a leg's updates between two frames are merged into one event
   (so at most one per open leg) and other events are capped at :data:`MAX_PENDING`;
 - at most :data:`RATE` frames a second: ``changes``, and a ``health`` frame (the daemon's
-  health, the last ``n``) every :data:`KEEPALIVE` seconds even when nothing changes;
+  health, the last ``n``, the sessions seen since the last one) every :data:`KEEPALIVE`
+  seconds even when nothing changes;
 - a watcher reports its progress (``watching n``) at least every few seconds: one more than
   :data:`WINDOW` ``changes`` frames behind, silent for :data:`SILENCE` seconds, with more
   pending than :data:`MAX_PENDING`, or whose queue in ZeroMQ is full, is dropped (told with a
@@ -94,6 +95,7 @@ class Watcher:
     last_health: float = 0.0
     legs: dict[str, dict[str, Any]] = field(default_factory=dict)  # coalesced updates by leg
     events: list[dict[str, Any]] = field(default_factory=list)
+    seen: dict[str, str] = field(default_factory=dict)  # session key -> its last heartbeat
 
 
 class WatchHub:
@@ -150,6 +152,8 @@ class WatchHub:
             self._queue_update(key, owners.get(key, ""), {**fields, "time": when})
         for trail in batch.trail_events:
             self._queue(_trail(trail, when, self._strategies.get(trail.session_key)))
+        for session, wall in batch.heartbeats.items():  # "last seen": in the health frames
+            self._queue_seen(session, iso(wall))
 
     def _register(self, op: WatchOp, res: Result, now: float) -> None:
         assert op.rid is not None
@@ -224,6 +228,12 @@ class WatchHub:
             else:
                 pending.update(fields)
 
+    def _queue_seen(self, session: str, when: str) -> None:
+        strategy = self._strategies.get(session)
+        for watcher in self.watchers.values():
+            if watcher.strategy is None or strategy == watcher.strategy:
+                watcher.seen[session] = when
+
     # ---- the watcher's side --------------------------------------------------------------
 
     def progress(self, rid: bytes, n: int) -> bytes | None:
@@ -256,8 +266,8 @@ class WatchHub:
                 if shown is None:
                     full = health()
                     shown = {k: full[k] for k in HEALTH_FIELDS if k in full}
-                frame = health_frame(watcher.sent, shown)
-                watcher.last_health = now
+                frame = health_frame(watcher.sent, shown, watcher.seen)
+                watcher.last_health, watcher.seen = now, {}
             elif watcher.events or watcher.legs:
                 events = watcher.events + list(watcher.legs.values())
                 frame = changes_frame(watcher.sent + 1, events)
