@@ -41,6 +41,7 @@ from positiond.config import RELOADABLE, Config, changed
 from positiond.engine import Engine
 from positiond.notify import Notifier
 from positiond.openalgo import settings_of
+from positiond.ops import Batch, Result
 from positiond.reconcile import Reconciler, reconciler_of
 from positiond.router import Router
 from positiond.status import Progress, Reporter, status_file_for, status_line, version
@@ -364,6 +365,20 @@ class Daemon:
 
     # ---- watchers -------------------------------------------------------------------------
 
+    def _publish(self, batch: Batch, results: list[Result]) -> None:
+        try:
+            self.watchers.publish(batch, results, self.monotonic())
+        except Exception:  # a bug here must cost the watchers, never an ack or the writer
+            log.exception("internal error publishing to watchers; every watcher is dropped")
+            self.watchers.drop_all()
+
+    def _tick_watchers(self) -> None:
+        try:
+            self.watchers.tick(self.monotonic(), self._peer_alive, self.health)
+        except Exception:  # nor the tick loop (liveness verdicts run there)
+            log.exception("internal error sending to watchers; every watcher is dropped")
+            self.watchers.drop_all()
+
     def _watching(self, rid: bytes, n: int) -> bytes | None:
         return self.watchers.progress(rid, n)
 
@@ -481,7 +496,7 @@ class Daemon:
             self.healthy = True
         self.counters["batches"] += 1
         self.last_flush = time.time()
-        self.watchers.publish(batch, results, self.monotonic())  # before the acks: may refuse
+        self._publish(batch, results)  # before the acks: a watcher beyond the limit is refused
         send = self.router.send
         for rid, payload in engine.committed(batch, results):
             send(rid, payload)
@@ -558,4 +573,4 @@ class Daemon:
                 self._wake.set()
             self.router.tick(self.monotonic())
             if self.watchers:
-                self.watchers.tick(self.monotonic(), self._peer_alive, self.health)
+                self._tick_watchers()

@@ -93,6 +93,7 @@ class Watcher:
     heard: float = 0.0  # monotonic: its last ``watching`` (or its subscription)
     next_frame: float = 0.0  # monotonic: no frame before this
     last_health: float = 0.0
+    beat: bool = False  # the last frame sent was a health frame
     legs: dict[str, dict[str, Any]] = field(default_factory=dict)  # coalesced updates by leg
     events: list[dict[str, Any]] = field(default_factory=list)
     seen: dict[str, str] = field(default_factory=dict)  # session key -> its last heartbeat
@@ -262,17 +263,19 @@ class WatchHub:
                 continue
             if now < watcher.next_frame:
                 continue
-            if now - watcher.last_health >= KEEPALIVE:
+            pending = bool(watcher.events or watcher.legs)
+            # health when due, but never twice in a row while changes wait (slow ticks)
+            if now - watcher.last_health >= KEEPALIVE and not (pending and watcher.beat):
                 if shown is None:
                     full = health()
                     shown = {k: full[k] for k in HEALTH_FIELDS if k in full}
                 frame = health_frame(watcher.sent, shown, watcher.seen)
-                watcher.last_health, watcher.seen = now, {}
-            elif watcher.events or watcher.legs:
+                watcher.last_health, watcher.seen, watcher.beat = now, {}, True
+            elif pending:
                 events = watcher.events + list(watcher.legs.values())
                 frame = changes_frame(watcher.sent + 1, events)
                 watcher.sent += 1
-                watcher.events, watcher.legs = [], {}
+                watcher.events, watcher.legs, watcher.beat = [], {}, False
             else:
                 continue
             if not self.send(rid, frame):
@@ -289,6 +292,12 @@ class WatchHub:
         if len(watcher.events) + len(watcher.legs) > self.max_pending:
             return f"more than {self.max_pending} changes waiting"
         return None
+
+    def drop_all(self) -> None:
+        """Forget every watcher (each learns it from ``NOT_WATCHING`` or its silence)."""
+        self.counters["watchers_dropped"] += len(self.watchers)
+        self.watchers.clear()
+        self._strategies.clear()
 
     def _drop(self, watcher: Watcher, reason: str | None) -> None:
         del self.watchers[watcher.rid]
