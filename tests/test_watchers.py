@@ -16,7 +16,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from positiond.config import Config
-from positiond.ops import Batch, EntryOp, Result, WatchOp
+from positiond.ctl.board import Board
+from positiond.ops import Batch, EntryOp, Result, StartOp, WatchOp
 from positiond.server import Daemon
 from positiond.watchers import KEEPALIVE, SILENCE, WatchHub
 from tests import conftest
@@ -176,3 +177,23 @@ async def test_a_bug_in_publishing_costs_the_watchers_never_an_ack(
         ctx.term()
         daemon.request_stop()
         await daemon.stop()
+
+
+def test_a_revival_reaches_the_board_with_its_legs_active_again() -> None:
+    edge = Edge()
+    hub = WatchHub(edge.send, monotonic=lambda: 0.0)
+    _subscribe(hub, b"w", 0.0)
+    crashed_at = {"crash_timestamp": "2025-11-28T10:00:00.000Z", "crash_reason": "missed"}
+    start = StartOp(None, 1, "s-1", "alpha", "box", 42, None, 1.0)
+    revived = Result(True, {"session_id": 7, "revived": {**crashed_at, "legs": ["leg-1"]}})
+    hub.publish(Batch(ops=[start], time=1.0), [revived], 0.0)
+    hub.tick(0.5, lambda rid: True, lambda: {})
+    (frame,) = [f for f in edge.frames[b"w"] if f["type"] == "changes"]
+    board = Board()
+    board.load({"sessions": [{"session": "s-1", "id": 7, "strategy": "alpha",
+                              "status": "CRASHED"}],
+                "legs": [{"key": "leg-1", "session": "s-1", "status": "CRASHED"}]})  # fmt: skip
+    board.apply(frame)
+    assert board.sessions["s-1"]["status"] == "RUNNING"
+    assert board.legs["leg-1"]["status"] == "ACTIVE"
+    assert not board.attention()

@@ -175,11 +175,14 @@ class WatchHub:
             return None
         if isinstance(op, StartOp):
             self._strategies[op.session_key] = op.strategy
-            return {
+            event = {
                 "event": "session", "session": op.session_key, "strategy": op.strategy,
                 "id": data.get("session_id"), "status": "RUNNING", "host": op.host,
                 "pid": op.pid, "revived": bool(data.get("revived")), "time": when,
             }  # fmt: skip
+            if data.get("revived"):  # its CRASHED legs are ACTIVE again
+                event["legs"] = list(data["revived"].get("legs", ()))
+            return event
         strategy = self._strategies.get(op.session_key) if op.session_key else None
         base = {"session": op.session_key, "strategy": strategy, "time": when}
         if isinstance(op, EntryOp):

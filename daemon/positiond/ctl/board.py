@@ -109,6 +109,9 @@ class Board:
                 id=ev.get("id"), strategy=who, status="RUNNING", host=ev.get("host"),
                 pid=ev.get("pid"), last_heartbeat=ev.get("time"),
             )  # fmt: skip
+            for revived in ev.get("legs") or ():
+                if revived in self.legs:
+                    self.legs[revived]["status"] = "ACTIVE"
             line = f"{who} session {ev.get('id')} {'REVIVED' if ev.get('revived') else 'started'}"
         elif kind == "entry" and isinstance(key, str):
             fields = {k: v for k, v in ev.items() if k not in ("event", "time")}
