@@ -165,6 +165,11 @@ class PtyProgram:
         with self._lock:
             return self.screen.text()
 
+    def redraws(self) -> int:
+        """How often the program moved to the top left corner (a full-screen redraw)."""
+        with self._lock:
+            return "".join(self.raw).count("\x1b[H")
+
     def type(self, keys: bytes) -> None:
         os.write(self.master, keys)
 

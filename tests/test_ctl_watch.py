@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from rich.console import Console
 
 from positiond.ctl.board import Board, render
 from positiond_client import PositionPersistenceManager
-from tests.helpers import UNIT, DaemonProcess
+from tests.helpers import UNIT, DaemonProcess, wait_for
 from tests.screen import PtyProgram, Screen
 from tests.test_daemon import Strategy
 
@@ -82,8 +83,14 @@ def test_the_board_shows_a_stop_change_and_a_crash_follows_a_restart_and_quits_o
     assert board.screen.left_alternate  # the terminal is back as it was
 
 
-def test_ctrl_c_quits_the_board_cleanly(daemon: DaemonProcess, board: PtyProgram) -> None:
+def test_the_board_redraws_often_and_ctrl_c_quits_it_cleanly(
+    daemon: DaemonProcess, board: PtyProgram
+) -> None:
     board.wait_for(r"● healthy")
+    # at least twice a second: each redraw starts at the top left (ESC [ H)
+    before, began = board.redraws(), time.monotonic()
+    wait_for(lambda: board.redraws() - before >= 8, 10, "8 redraws")
+    assert (board.redraws() - before) / (time.monotonic() - began) >= 2 / UNIT
     board.type(b"\x03")  # the terminal turns it into SIGINT
     assert board.proc.wait(10 * UNIT) == 0
     assert board.screen.left_alternate
