@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from positiond.config import Config
 from positiond.ctl.board import Board
-from positiond.ops import Batch, EntryOp, Result, StartOp, WatchOp
+from positiond.ops import Batch, EntryOp, ExitOp, Result, StartOp, WatchOp
 from positiond.server import Daemon
 from positiond.watchers import KEEPALIVE, SILENCE, WatchHub
 from tests import conftest
@@ -197,3 +197,26 @@ def test_a_revival_reaches_the_board_with_its_legs_active_again() -> None:
     assert board.sessions["s-1"]["status"] == "RUNNING"
     assert board.legs["leg-1"]["status"] == "ACTIVE"
     assert not board.attention()
+
+
+def test_a_filtered_watcher_gets_nothing_of_sessions_from_before_it_of_other_strategies() -> None:
+    edge = Edge()
+    hub = WatchHub(edge.send, monotonic=lambda: 0.0)
+    snapshot = {"snapshot": {"sessions": [{"session": "a-1", "strategy": "alpha"}]}}
+    hub.publish(Batch(ops=[WatchOp(b"w", 1, None, "t", "alpha")], time=1.0),
+                [Result(True, snapshot)], 0.0)  # fmt: skip
+    # "b-1" (strategy beta) was live before: this watcher's snapshot did not name it
+    other = ExitOp(None, 2, "b-1", "leg-b", 9.0, "STOP_HIT", 1.0)
+    mine = EntryOp(None, 3, "a-1", "leg-a", {"symbol": "A"}, 1.0)
+    batch = Batch(ops=[other, mine], time=1.0)
+    batch.updates = {"leg-b2": {"stop_price": 1.0}, "leg-a": {"stop_price": 2.0}}
+    batch.update_owners = {"leg-b2": "b-1", "leg-a": "a-1"}
+    batch.heartbeats = {"b-1": 1.0, "a-1": 1.0}
+    hub.publish(batch, [Result(True, {}), Result(True, {"status": "ACTIVE"})], 0.0)
+    hub.tick(0.5, lambda rid: True, lambda: {})
+    (frame,) = [f for f in edge.frames[b"w"] if f["type"] == "changes"]
+    assert {(e["event"], e["key"]) for e in frame["events"]} == {
+        ("entry", "leg-a"), ("update", "leg-a"),
+    }  # fmt: skip
+    hub.tick(1.5, lambda rid: True, lambda: {})
+    assert edge.frames[b"w"][-1]["seen"] == {"a-1": "1970-01-01T00:00:01.000Z"}

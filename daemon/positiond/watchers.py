@@ -177,8 +177,9 @@ class WatchHub:
             self._strategies[op.session_key] = op.strategy
             event = {
                 "event": "session", "session": op.session_key, "strategy": op.strategy,
-                "id": data.get("session_id"), "status": "RUNNING", "host": op.host,
-                "pid": op.pid, "revived": bool(data.get("revived")), "time": when,
+                "id": data.get("session_id"), "status": data.get("status", "RUNNING"),
+                "host": op.host, "pid": op.pid, "revived": bool(data.get("revived")),
+                "time": when,
             }  # fmt: skip
             if data.get("revived"):  # its CRASHED legs are ACTIVE again
                 event["legs"] = list(data["revived"].get("legs", ()))
@@ -211,7 +212,15 @@ class WatchHub:
         return None
 
     def _wants(self, watcher: Watcher, event: Mapping[str, Any]) -> bool:
-        return watcher.strategy is None or event.get("strategy") in (watcher.strategy, None)
+        # a session it does not know is not its strategy's (they all were in its snapshot)
+        strategy = event.get("strategy")
+        return (
+            watcher.strategy is None
+            or strategy == watcher.strategy
+            # no strategy known: orphans, an operator's resolve of a leg not live (a board that
+            # does not show that leg ignores it)
+            or (strategy is None and event["event"] in ("orphans", "resolve"))
+        )
 
     def _queue(self, event: dict[str, Any]) -> None:
         for watcher in self.watchers.values():
