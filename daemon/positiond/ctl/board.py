@@ -70,7 +70,8 @@ class Board:
         self.events: deque[str] = deque(maxlen=EVENT_LINES)
         self.health: dict[str, Any] | None = None
         self.live = False  # fed by a running daemon (else: the database, read-only)
-        self.note = "connecting…"
+        self.down = False  # the daemon is known to be away (the board shows the database)
+        self.note = ""
         self.stale_orphans = False  # an ``orphans`` event came: read them again
 
     # ---- in ------------------------------------------------------------------------------
@@ -197,10 +198,13 @@ def _header(board: Board, now: float) -> Text:
     elif board.live:
         text.append("positiond ", style="bold")
         text.append("● connected", style="green")
-    else:
+    elif board.down:
         text.append("positiond ", style="bold")
         text.append("● DOWN", style="bold red")
         text.append(f"  {board.note}")
+    else:
+        text.append("positiond ", style="bold")
+        text.append("● connecting…", style="yellow")
     stamp = Text(time.strftime("%H:%M:%S ", time.localtime(now)), style="dim")
     return stamp + text
 

@@ -207,15 +207,15 @@ def _board(ctl: Ctl, feed: Feed) -> int:
                 kind = item["type"]
                 if kind == "snapshot":
                     board.load(item["snapshot"])
-                    board.live, board.health = True, None
+                    board.live, board.down, board.health = True, False, None
                 elif kind in ("changes", "health"):
                     board.apply(item)
                 elif kind == "down":
-                    board.live, board.note, read_at = False, item["reason"], 0.0
+                    board.live, board.down, read_at = False, True, 0.0
             if board.stale_orphans and feed.live:
                 feed.resubscribe(now)  # the next snapshot brings the orphans as they are
                 board.stale_orphans = False
-            if not board.live and not feed.live and now >= read_at:
+            if board.down and now >= read_at:
                 state = feed.database()
                 read_at = now + DB_EVERY
                 if isinstance(state, dict):
