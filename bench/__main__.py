@@ -13,7 +13,19 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from bench import alerts, crash, entry, footprint, ingest, load, outage, prune, scrape, update
+from bench import (
+    alerts,
+    crash,
+    entry,
+    footprint,
+    ingest,
+    load,
+    outage,
+    prune,
+    scrape,
+    update,
+    watch,
+)
 from bench.common import environment
 from bench.report import Row, Scenario, markdown_table
 
@@ -28,6 +40,7 @@ SCENARIOS: dict[str, Callable[[bool], Scenario]] = {
     "prune": prune.run,
     "alerts": alerts.run,
     "scrape": scrape.run,
+    "watch": watch.run,
 }
 
 

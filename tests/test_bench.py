@@ -28,6 +28,7 @@ from bench import (
     scrape,
     seed,
     update,
+    watch,
 )
 from bench.report import Row, Scenario, markdown_table
 
@@ -70,6 +71,7 @@ SCENARIOS: list[tuple[str, Callable[[bool], Scenario], int]] = [
     ("prune", prune.run, 10),
     ("alerts", alerts.run, 6),
     ("scrape", scrape.run, 12),
+    ("watch", watch.run, 4),
 ]
 
 

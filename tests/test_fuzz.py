@@ -69,6 +69,7 @@ SESSIONS = ["fz-a", "fz-b", "fz-c"]
 TOKENS = {key: f"{i:032x}" for i, key in enumerate(SESSIONS, 1)}
 LEG_KEYS = ["fz-leg-0", "fz-leg-1", "fz-leg-2", "fz-leg-3"]
 SESSIONLESS = ("query", "resolve", "orphans", "resolve_orphan", "prune")
+WATCHER = ("watch", "watching")  # no session ever (a watcher is none)
 # Every field name any message type knows (docs/PROTOCOL.md §4), for "a known field, wrong value".
 FIELDS = sorted(
     {"v", "type", "session", "token", "seq", "strategy", "host", "pid", "heartbeat_interval",
@@ -207,7 +208,7 @@ def valid_message(c: Chooser) -> dict[str, Any]:
     """A message valid as far as its shape goes (the daemon may still refuse it)."""
     kind = c.choice(sorted(TYPES))
     msg: dict[str, Any] = {"v": PROTOCOL_VERSION, "type": kind}
-    if kind not in SESSIONLESS or c.boolean():
+    if kind not in WATCHER and (kind not in SESSIONLESS or c.boolean()):
         session = c.choice(SESSIONS)
         msg["session"] = session
         msg["token"] = TOKENS[session]
@@ -260,6 +261,10 @@ def valid_message(c: Chooser) -> dict[str, Any]:
         maybe(strategy=lambda: "fuzz", adopt_session=lambda: c.integer(1, 3))
     elif kind == "prune":
         msg["before"] = when()
+    elif kind == "watch":
+        maybe(strategy=lambda: "fuzz")
+    elif kind == "watching":
+        msg["n"] = c.integer(0, 2**53)
     return msg
 
 
@@ -565,7 +570,8 @@ class Fuzzer:
             if not self.sock.poll(int(timeout * UNIT * 1000)):
                 raise AssertionError("the daemon did not answer")
             msg: dict[str, Any] = orjson.loads(self.sock.recv())
-            if msg.get("type") != "ping":
+            # a fuzzed valid ``watch`` subscribes this socket: its stream is no answer
+            if msg.get("type") not in ("ping", "changes", "health", "dropped"):
                 return msg
 
     def check_error(self, reply: dict[str, Any], code: str | None = None) -> None:
@@ -590,7 +596,9 @@ class Fuzzer:
             tally.disconnects += 1
             while self.sock.poll(0):  # a ping may come (PROTOCOL.md §5.3), an answer may not
                 got = orjson.loads(self.sock.recv())
-                assert got.get("type") == "ping", f"an oversized message was answered: {got}"
+                assert got.get("type") in ("ping", "changes", "health", "dropped"), (
+                    f"an oversized message was answered: {got}"
+                )
             self._reconnect()
             return
         if len(wire.frames) > 1:
@@ -667,7 +675,7 @@ class Fuzzer:
                 i += 1
             while sock.poll(0 if i < len(payloads) else int(200 * UNIT)):
                 reply = orjson.loads(sock.recv())
-                if reply.get("type") != "ping":
+                if reply.get("type") not in ("ping", "changes", "health", "dropped"):
                     self.check_error(reply)
                     got += 1
             if i == len(payloads) and not sock.poll(int(1000 * UNIT)):  # all answered or dropped

@@ -115,8 +115,9 @@ def test_each_component_owns_its_counters_and_health_merges_them(tmp_path: Path)
     daemon = Daemon(config)
     engine, router, listener = daemon.engine, daemon.router, daemon.listener
     assert not hasattr(engine, "health")
-    dicts = [engine.counters, router.counters, listener.counters, daemon.counters]
-    assert len({id(d) for d in dicts}) == 4
+    dicts = [engine.counters, router.counters, listener.counters, daemon.counters,
+             daemon.watchers.counters]  # fmt: skip
+    assert len({id(d) for d in dicts}) == 5
     assert not set(engine.counters) & set(router.counters) & set(listener.counters)
     engine.counters["messages"] += 3
     router.counters["bad_messages"] += 2

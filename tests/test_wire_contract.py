@@ -6,7 +6,8 @@
 - ``→ TEXT``  the current connection sends TEXT as one frame, byte for byte (so invalid JSON can
   be shown); a JSON array is sent as several frames, one per element (a string as its bytes, an
   object as JSON).
-- ``← JSON``  the next message the daemon sends on the current connection (``ping``s skipped),
+- ``← JSON``  the next message the daemon sends on the current connection (``ping``s and a
+  watcher's ``health`` frames skipped),
   compared with JSON exactly: same keys, same values, same JSON types. Inside a string,
   ``<name>`` matches any text and captures it; a name seen before must match the same text again,
   and in a ``→`` line it is replaced by what it captured.
@@ -86,6 +87,7 @@ PROVOKED_BY: dict[str, str] = {
     "BAD_STATE": "§9",
     "UNKNOWN_ORPHAN": "§9",
     "LEG_CLOSED": "test_leg_closed_for_a_leg_its_protective_stop_closed",
+    "NOT_WATCHING": "§9",
     "BUSY": "test_busy_for_a_connection_beyond_the_limit",
     "INTERNAL": "test_internal_when_the_database_refuses_one_operation",
 }
@@ -248,7 +250,8 @@ class Replay:
         sock = self.sock()
         while sock.poll(int(timeout * UNIT * 1000)):
             msg: dict[str, Any] = orjson.loads(sock.recv())
-            if msg.get("type") != "ping":  # §5.3: a client ignores pings
+            # §5.3: a client ignores pings; §9.8: a watcher's health beats are left out
+            if msg.get("type") not in ("ping", "health"):
                 return msg
         return None
 
@@ -256,7 +259,8 @@ class Replay:
         for name, sock in self.conns.items():
             while sock.poll(0):
                 msg = orjson.loads(sock.recv())
-                assert msg.get("type") == "ping", f"{where}: unexpected on {name}: {msg}"
+                kind = msg.get("type")
+                assert kind in ("ping", "health"), f"{where}: unexpected on {name}: {msg}"
 
     def row(self, table: str, key: str) -> sqlite3.Row | None:
         sql = {

@@ -43,6 +43,7 @@ CODES: dict[str, str] = {
     "FENCED": "the leg now belongs to another session",
     "BAD_STATE": "the leg's status does not allow this (e.g. adopting a leg that is not CRASHED)",
     "UNKNOWN_ORPHAN": "no recorded orphan with this id exists",
+    "NOT_WATCHING": "this connection is no watcher (any more): send watch again",
     "STORAGE": "the daemon could not write to its database; nothing was committed",
     "INTERNAL": "an unexpected error in the daemon",
     "BUSY": "the daemon is at its connection limit: this connection is refused and closed",

@@ -22,10 +22,14 @@ type         acked    purpose
 ``orphans``  yes      record broker positions nobody can explain; ``session`` optional
 ``resolve_orphan`` yes  acknowledge / adopt / close one recorded orphan; ``session`` optional
 ``prune``    yes      delete finished sessions older than a cutoff; ``session`` optional
+``watch``    yes      subscribe to the change stream: a snapshot in the ack, then ``changes``
+``watching`` no       a watcher's progress (the last ``changes`` frame it read)
 ===========  =======  =================================================================
 
 Daemon -> client: ``ack`` (after commit), ``error``, ``notice`` (something happened to the
-session, e.g. it was declared crashed and came back) and ``ping`` (a liveness probe; ignore it).
+session, e.g. it was declared crashed and came back) and ``ping`` (a liveness probe; ignore it);
+to a watcher, ``changes`` (what committed since its snapshot), ``health`` (each second) and
+``dropped`` (it was unsubscribed).
 
 Durable messages carry ``seq``, a positive integer the client chooses (unique among its
 unanswered messages); the ack or error that answers it echoes the same ``seq``.
@@ -60,11 +64,14 @@ __all__ = [
     "UPDATE_FIELDS",
     "ErrorCode",
     "ack_reply",
+    "changes_frame",
     "check_fields",
     "decode",
     "decode_reply",
+    "dropped_frame",
     "encode",
     "error_reply",
+    "health_frame",
     "notice_reply",
     "ping_reply",
     "seq_of",
@@ -107,6 +114,7 @@ class ErrorCode(StrEnum):
     FENCED = "FENCED"  # the leg belongs to another session
     BAD_STATE = "BAD_STATE"  # ``resolve``: the leg's status does not allow the action
     UNKNOWN_ORPHAN = "UNKNOWN_ORPHAN"  # ``resolve_orphan``: no orphan record with this id
+    NOT_WATCHING = "NOT_WATCHING"  # ``watching`` from a connection that is no watcher (any more)
     BUSY = "BUSY"  # a connection accepted beyond the daemon's connection limit: reconnect later
     INTERNAL = "INTERNAL"  # a bug, or the database refused this one operation
 
@@ -388,15 +396,24 @@ _SCHEMAS: dict[str, tuple[dict[str, Checker], frozenset[str]]] = {
         frozenset({"before"}),
     ),
     "hb": (dict(_COMMON), frozenset()),
+    # A watcher is no session: neither ``session`` nor ``token`` (docs/PROTOCOL.md §4.14).
+    "watch": (
+        {"v": _VERSION, "type": _TYPE, "seq": _SEQ, "strategy": _text(100), "by": _text(200)},
+        frozenset(),
+    ),
+    "watching": ({"v": _VERSION, "type": _TYPE, "n": _integer(0, MAX_SEQ)}, frozenset({"n"})),
 }
 TYPES: Final = frozenset(_SCHEMAS)
 # Answered with an ack (after commit) or an error; they carry ``seq``.
 DURABLE_TYPES: Final = frozenset(
     {"start", "entry", "exit", "crash", "end", "sync", "query", "resolve", "orphans",
-     "resolve_orphan", "prune"}
+     "resolve_orphan", "prune", "watch"}
 )  # fmt: skip
-# Operator and recovery messages may come from a tool that has no session (posctl).
-SESSIONLESS_TYPES: Final = frozenset({"query", "resolve", "orphans", "resolve_orphan", "prune"})
+# Operator and recovery messages may come from a tool that has no session (posctl); a watcher
+# has none either.
+SESSIONLESS_TYPES: Final = frozenset(
+    {"query", "resolve", "orphans", "resolve_orphan", "prune", "watch", "watching"}
+)
 _REQUIRED: dict[str, frozenset[str]] = {
     name: required
     | {"v", "type"}
@@ -500,11 +517,31 @@ def notice_reply(code: str, details: Mapping[str, Any] | None = None) -> bytes:
     return orjson.dumps(msg)
 
 
-REPLY_TYPES: Final = frozenset({"ack", "error", "ping", "notice"})
 # The notices the daemon sends (§5.4), all about a leg's protective stop order at the broker:
 # released (cancelled, or kept for the strategy), its cancel refused (a stop may still be live),
 # or it filled (the leg is closed: exit_reason PROTECTIVE_STOP).
 NOTICE_CODES: Final = frozenset({"PROTECTION_RELEASED", "PROTECTION_CANCEL_FAILED", "LEG_CLOSED"})
+def changes_frame(n: int, events: list[dict[str, Any]]) -> bytes:
+    """A watcher's ``n``-th frame of committed changes (§5.5)."""
+    return orjson.dumps({"v": PROTOCOL_VERSION, "type": "changes", "n": n, "events": events})
+
+
+def health_frame(n: int, health: Mapping[str, Any], seen: Mapping[str, str]) -> bytes:
+    """A watcher's keepalive (§5.5): the daemon's health, ``n`` of the last ``changes`` sent,
+    ``seen``: session key -> its latest sign of life written since the previous one."""
+    return orjson.dumps(
+        {"v": PROTOCOL_VERSION, "type": "health", "n": n, "health": health, "seen": seen}
+    )
+
+
+def dropped_frame(reason: str) -> bytes:
+    """The daemon unsubscribed this watcher (§5.6): it may send ``watch`` again."""
+    return orjson.dumps({"v": PROTOCOL_VERSION, "type": "dropped", "reason": reason})
+
+
+REPLY_TYPES: Final = frozenset(
+    {"ack", "error", "ping", "notice", "changes", "health", "dropped"}
+)
 
 
 def decode_reply(raw: bytes) -> dict[str, Any]:

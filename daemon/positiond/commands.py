@@ -15,7 +15,15 @@ from typing import Any
 from positiond.model import Leg, Session
 from positiond.ops import Op, operator_op
 
-__all__ = ["COMMANDS", "HealthQuery", "Refusal", "by_whom", "command_op", "unknown_session"]
+__all__ = [
+    "COMMANDS",
+    "HealthQuery",
+    "Refusal",
+    "WatchProgress",
+    "by_whom",
+    "command_op",
+    "unknown_session",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,6 +33,14 @@ class HealthQuery:
     health check."""
 
     seq: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class WatchProgress:
+    """``watching``: a watcher read its ``n``-th ``changes`` frame; answered by whoever holds
+    the watchers (:class:`positiond.watch.WatchHub`), not the engine: a watcher is no session."""
+
+    n: int
 
 
 @dataclass(frozen=True, slots=True)

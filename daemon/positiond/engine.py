@@ -24,7 +24,14 @@ import time as _time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, ClassVar
 
-from positiond.commands import HealthQuery, Refusal, by_whom, command_op, unknown_session
+from positiond.commands import (
+    HealthQuery,
+    Refusal,
+    WatchProgress,
+    by_whom,
+    command_op,
+    unknown_session,
+)
 from positiond.handbacks import HandBacks, Reply
 from positiond.liveness import MIN_HEARTBEATS, DaemonClock, Liveness, Verdict
 from positiond.model import Leg, Peer, Session
@@ -46,19 +53,20 @@ from positiond.ops import (
     StartOp,
     SyncOp,
     TrailEvent,
+    WatchOp,
 )
 from positiond.progress import ProgressWatch
 from positiond.protect.notices import ClosedByStop
 from positiond.writequeue import WriteQueue, update_fields
 from positiond_client.protocol import ack_reply, error_reply
 
-__all__ = ["Engine", "HealthQuery", "Leg", "Peer", "Session", "health_reply"]
+__all__ = ["Engine", "HealthQuery", "Leg", "Peer", "Session", "WatchProgress", "health_reply"]
 
 log = logging.getLogger(__name__)
 
 
 
-Immediate = bytes | HealthQuery | None  # what a message gets back at once
+Immediate = bytes | HealthQuery | WatchProgress | None  # what a message gets back at once
 _Handler = Callable[["Engine", Session | None, bytes, dict[str, Any], float, float], Immediate]
 
 
@@ -447,6 +455,19 @@ class Engine(HandBacks):
         self.queue.add(out)
         return None
 
+    def _on_watch(
+        self, session: Session | None, rid: bytes, msg: dict[str, Any], now: float, wall: float
+    ) -> Immediate:
+        # Read in the writer's order: the snapshot and the later changes fit together.
+        by = msg.get("by", "watcher")
+        self.queue.add(WatchOp(rid, msg["seq"], None, by, msg.get("strategy")))
+        return None
+
+    def _on_watching(
+        self, session: Session | None, rid: bytes, msg: dict[str, Any], now: float, wall: float
+    ) -> Immediate:
+        return WatchProgress(msg["n"])
+
     _HANDLERS: ClassVar[dict[str, _Handler]] = {
         "query": _on_command,
         "resolve": _on_command,
@@ -461,6 +482,8 @@ class Engine(HandBacks):
         "crash": _on_crash,
         "end": _on_end,
         "sync": _on_sync,
+        "watch": _on_watch,
+        "watching": _on_watching,
     }
 
     def _retire(self, session: Session) -> tuple[dict[str, dict[str, Any]], list[TrailEvent]]:

@@ -40,6 +40,7 @@ __all__ = [
     "StartOp",
     "SyncOp",
     "TrailEvent",
+    "WatchOp",
     "operator_op",
     "token_hash",
 ]
@@ -261,6 +262,14 @@ class FencedOp(_Operator):
     message: dict[str, Any]
 
 
+@dataclass(slots=True)
+class WatchOp(_Operator):
+    """A watcher subscribes: the store reads its snapshot in the writer's order, so every
+    change committed after it reaches the watcher as a ``changes`` frame (positiond.watch)."""
+
+    strategy: str | None = None
+
+
 Op = (
     StartOp
     | EntryOp
@@ -276,6 +285,7 @@ Op = (
     | FencedOp
     | StallOp
     | ProtectCloseOp
+    | WatchOp
 )
 
 

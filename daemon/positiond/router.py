@@ -11,7 +11,8 @@
   probe tells whether the peer behind it is really gone (the engine then crashes its sessions).
 
 The daemon wires it with callables: ``wake()`` when the writer has work, ``health()`` to answer
-``query what=health`` (the engine returns a :class:`~positiond.engine.HealthQuery` for it).
+``query what=health`` (the engine returns a :class:`~positiond.engine.HealthQuery` for it),
+``watching(rid, n)`` for a watcher's progress (:class:`~positiond.engine.WatchProgress`).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import zmq.asyncio
 from positiond.config import Config
 from positiond.connections import shutdown_connection
 from positiond.curve import ServerCurve, secure_server
-from positiond.engine import Engine, HealthQuery, health_reply
+from positiond.engine import Engine, HealthQuery, WatchProgress, health_reply
 from positiond.listener import Listener
 from positiond_client.errors import ProtocolError
 from positiond_client.protocol import decode, error_reply, ping_reply
@@ -95,6 +96,7 @@ class Router:
         ensure_lock: Callable[[Path], None],
         wake: Callable[[], None],
         health: Callable[[], dict[str, Any]],
+        watching: Callable[[bytes, int], bytes | None] | None = None,
         monotonic: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
     ) -> None:
@@ -102,6 +104,7 @@ class Router:
         self.engine = engine
         self.wake = wake
         self.health = health
+        self.watching = watching
         self.monotonic = monotonic
         self.wall = wall
         self.is_ipc = config.endpoint.startswith("ipc://")
@@ -243,6 +246,10 @@ class Router:
                     continue
                 if isinstance(reply, HealthQuery):
                     reply = health_reply(reply.seq, self.health())
+                elif isinstance(reply, WatchProgress) and (
+                    self.watching is None or (reply := self.watching(rid, reply.n)) is None
+                ):
+                    continue
             except Exception:  # a bug must not take the daemon down with it
                 log.exception("internal error handling a %s message", msg.get("type"))
                 reply = error_reply(

@@ -6,7 +6,9 @@ The parts it wires together, none of which knows the daemon:
   drains it, decodes, hands each message to the engine and sends the replies; turns a dropped
   ipc connection into "process exited" within milliseconds;
 - the :class:`~positiond.engine.Engine`: the rules, and what waits to be written;
-- the :class:`~positiond.store.Store`: one SQLite connection on its own thread.
+- the :class:`~positiond.store.Store`: one SQLite connection on its own thread;
+- the :class:`~positiond.watchers.WatchHub`: ``posctl watch`` and scripts, fed from committed
+  batches by the writer, sent to by the tick.
 
 Its tasks:
 
@@ -45,6 +47,7 @@ from positiond.metrics.listen import parse_listen
 from positiond.metrics.stats import WriterStats
 from positiond.notify import Notifier
 from positiond.openalgo import settings_of
+from positiond.ops import Batch, Result
 from positiond.protect.handback import HandBack
 from positiond.reconcile import Reconciler, reconciler_of
 from positiond.router import Router
@@ -62,6 +65,7 @@ from positiond.store.dbfile import (
     open_error,
     restore_advice,
 )
+from positiond.watchers import WatchHub
 from positiond_client.paths import ipc_path
 
 if TYPE_CHECKING:
@@ -162,10 +166,13 @@ class Daemon:
             ensure_lock=self._ensure_lock,
             wake=self._wake.set,
             health=self.health,  # answers `query what=health` from memory
+            watching=self._watching,
             monotonic=monotonic,
             wall=wall,
         )
         self.listener = self.router.listener
+        # posctl watch and scripts: fed from committed batches, sent from the tick
+        self.watchers = WatchHub(self.router.send)
         self.delivery: Delivery | None = None  # alerts to the configured sinks, if any
         self.reconciler: Reconciler | None = None  # [openalgo] reconcile_interval, if set
 
@@ -392,9 +399,32 @@ class Daemon:
                 **self.counters,
                 **self.listener.counters,
                 **(self.delivery.counters if self.delivery is not None else {}),
+                **self.watchers.counters,
             },
             **({"reconcile": dict(self.reconciler.state)} if self.reconciler else {}),
         }
+
+    # ---- watchers -------------------------------------------------------------------------
+
+    def _publish(self, batch: Batch, results: list[Result]) -> None:
+        try:
+            self.watchers.publish(batch, results, self.monotonic())
+        except Exception:  # a bug here must cost the watchers, never an ack or the writer
+            log.exception("internal error publishing to watchers; every watcher is dropped")
+            self.watchers.drop_all()
+
+    def _tick_watchers(self) -> None:
+        try:
+            self.watchers.tick(self.monotonic(), self._peer_alive, self.health)
+        except Exception:  # nor the tick loop (liveness verdicts run there)
+            log.exception("internal error sending to watchers; every watcher is dropped")
+            self.watchers.drop_all()
+
+    def _watching(self, rid: bytes, n: int) -> bytes | None:
+        return self.watchers.progress(rid, n)
+
+    def _peer_alive(self, rid: bytes) -> bool:
+        return rid in self.engine.peers
 
     # ---- reload --------------------------------------------------------------------------
 
@@ -466,9 +496,7 @@ class Daemon:
         engine = self.engine
         if self.storage_fault is not None:
             return False  # nothing more goes into a file that may not be the database
-        batch = engine.take_batch(
-            self.monotonic(), wall=self.wall(), flush_updates=flush_updates
-        )
+        batch = engine.take_batch(self.monotonic(), wall=self.wall(), flush_updates=flush_updates)
         if not batch:
             self.progress.idle(self.monotonic())
             return True
@@ -512,6 +540,7 @@ class Daemon:
             self.healthy = True
         self.counters["batches"] += 1
         self.last_flush = time.time()
+        self._publish(batch, results)  # before the acks: a watcher beyond the limit is refused
         send = self.router.send
         for rid, payload in engine.committed(batch, results):
             send(rid, payload)
@@ -609,3 +638,5 @@ class Daemon:
             if self.engine.tick(self.monotonic(), self.wall()):
                 self._wake.set()
             self.router.tick(self.monotonic())
+            if self.watchers:
+                self._tick_watchers()

@@ -61,6 +61,7 @@ __all__ = [
     "Outcome",
     "Written",
     "ask_health",
+    "listening",
     "open_readonly",
     "who",
     "write",
@@ -186,7 +187,7 @@ def _direct(db: Path, messages: list[dict[str, Any]], by: str) -> list[Outcome]:
     return [Outcome(r.ok, r.data, r.code, r.reason) for r in results]
 
 
-def _listening(path: Path) -> bool:
+def listening(path: Path) -> bool:
     """Does anything accept connections on this unix socket? (A stopped daemon's file may stay.)"""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
         probe.settimeout(1.0)
@@ -203,7 +204,7 @@ def _ask_daemon(
     endpoint: str, messages: list[dict[str, Any]], timeout: float, why: str
 ) -> list[Outcome]:
     sock_file = ipc_path(endpoint)
-    if sock_file is not None and not _listening(sock_file):
+    if sock_file is not None and not listening(sock_file):
         raise CtlError(EXIT_UNREACHABLE, f"{why}, and no daemon listens on {endpoint}")
     outcomes = []
     ctx = zmq.Context()

@@ -31,6 +31,7 @@ from positiond.ctl.change import cmd_prune, cmd_resolve, cmd_verify
 from positiond.ctl.locate import locate
 from positiond.ctl.orphans import cmd_orphans, cmd_resolve_orphan
 from positiond.ctl.read import cmd_crashed, cmd_events, cmd_positions, cmd_sessions, cmd_status
+from positiond.ctl.watch import cmd_watch
 from positiond.ops import PRUNE_CHUNK, PRUNE_MAX_CHUNK
 from positiond.store.schema import iso
 
@@ -285,6 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"sessions per transaction ({PRUNE_CHUNK}; at most {PRUNE_MAX_CHUNK})",
     )
     add("status", cmd_status)
+    sub = add("watch", cmd_watch)
+    sub.add_argument("--strategy", metavar="S", help="only this strategy's sessions and legs")
     keys.add_arguments(add("keys", keys.cmd_keys))
     return parser
 
@@ -365,7 +368,7 @@ def _run(args: argparse.Namespace) -> int:
     args.openalgo_settings = located.openalgo  # verify's default positionbook source
     args.openalgo_source = located.openalgo_source
     args.alerts_config = located.alerts  # posctl alerts test
-    if not ctl.json and args.func is not cmd_status:
+    if not ctl.json and args.func not in (cmd_status, cmd_watch):
         ctl.out.print(located.header(), markup=False, highlight=False)
     try:
         code: int = args.func(ctl, args)

@@ -43,10 +43,12 @@ from positiond.ops import (
     StartOp,
     SyncOp,
     TrailEvent,
+    WatchOp,
     token_hash,
 )
 from positiond.store import protection, recovery
 from positiond.store.schema import is_int, iso, trail_level_sql
+from positiond.store.snapshot import watch_snapshot
 
 __all__ = ["apply_batch", "load_live"]
 
@@ -472,6 +474,7 @@ _APPLY: dict[type, Callable[[sqlite3.Cursor, Any, str], Result]] = {
     CrashOp: _crash,
     EndOp: _end,
     ProtectCloseOp: _protect_close,
+    WatchOp: watch_snapshot,
 }
 
 
