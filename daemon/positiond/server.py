@@ -41,6 +41,9 @@ from positiond.config import RELOADABLE, Config, changed
 from positiond.engine import Engine
 from positiond.notify import Notifier
 from positiond.openalgo import settings_of
+from positiond.ops import Op
+from positiond.protect.handback import HandBack
+from positiond.protect.worker import Protector
 from positiond.reconcile import Reconciler, reconciler_of
 from positiond.router import Router
 from positiond.status import Progress, Reporter, status_file_for, status_line, version
@@ -151,6 +154,7 @@ class Daemon:
         self.listener = self.router.listener
         self.delivery: Delivery | None = None  # alerts to the configured sinks, if any
         self.reconciler: Reconciler | None = None  # [openalgo] reconcile_interval, if set
+        self.protector: Protector | None = None  # [protect] mode on or dry-run
 
     # ---- lifecycle -----------------------------------------------------------------------
 
@@ -197,6 +201,13 @@ class Daemon:
         self.reconciler = reconciler_of(cfg, self.delivery.wake if self.delivery else None)
         if self.reconciler is not None:  # its own task, connection and HTTP client
             self._tasks.append(loop.create_task(self.reconciler.run(), name="positiond-reconcile"))
+        openalgo = settings_of(cfg)
+        if cfg.protect.enabled and openalgo is not None:  # its own task, connection and client
+            self.protector = Protector(
+                db, cfg.protect, openalgo, submit=self.submit, handback=self._handback,
+                busy_timeout=cfg.busy_timeout,
+            )  # fmt: skip
+            self._tasks.append(loop.create_task(self.protector.run(), name="positiond-protect"))
         self.reporter.path = status_file_for(ipc_path(cfg.endpoint))
         self.started = self.monotonic()
         self.progress = Progress(self.started)
@@ -209,6 +220,16 @@ class Daemon:
             watchdog = self.reporter.watchdog_loop(self.writer_progressing)
             self._tasks.append(loop.create_task(watchdog, name="positiond-watchdog"))
         log.info("positiond ready: database %s, endpoint %s", db, self.endpoint)
+
+    def submit(self, op: Op) -> None:
+        """Queue an op of the daemon's own (the protect worker's) for the writer."""
+        self.engine.queue.add(op)
+        self._wake.set()
+
+    def _handback(self, handback: HandBack) -> None:
+        log.info("protect: hand-back of leg %s to session %d: %s (order %s)",
+                 handback.position_key, handback.session_id, handback.outcome,
+                 handback.order_id)  # fmt: skip
 
     def _ensure_lock(self, path: Path) -> None:
         """Hold the lock at ``path`` (again, if the file we held was deleted)."""
@@ -355,6 +376,7 @@ class Daemon:
                 **(self.delivery.counters if self.delivery is not None else {}),
             },
             **({"reconcile": dict(self.reconciler.state)} if self.reconciler else {}),
+            **({"protect": dict(self.protector.state)} if self.protector else {}),
         }
 
     # ---- reload --------------------------------------------------------------------------
@@ -440,6 +462,8 @@ class Daemon:
             committed = True
             if batch.ops and self.delivery is not None:
                 self.delivery.wake()  # a verdict may have written an alert: look now
+            if batch.ops and self.protector is not None:
+                self.protector.wake()  # a verdict may have crashed legs, or released one
         except DatabaseLost as exc:
             engine.requeue(batch)  # committed into a lost file: not one ack for it
             self.storage_lost(exc.lost)
