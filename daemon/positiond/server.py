@@ -223,7 +223,7 @@ class Daemon:
 
     def submit(self, op: Op) -> None:
         """Queue an op of the daemon's own (the protect worker's) for the writer."""
-        self.engine.queue.add(op)
+        self.engine.submit(op)
         self._wake.set()
 
     def _handback(self, handback: HandBack) -> None:
