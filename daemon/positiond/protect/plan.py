@@ -151,8 +151,10 @@ class RateLimit:
 
     def delay(self, now: float) -> float:
         """Seconds to wait before the next call; 0: take it now (it is counted)."""
-        self.times = [t for t in self.times if t > now - self.span - self.margin]
-        if len(self.times) < self.size:
-            self.times.append(now)
-            return 0.0
-        return self.times[-self.size] + self.span + self.margin - now
+        if len(self.times) >= self.size:
+            wait = self.times[-self.size] + self.span + self.margin - now
+            if wait > 1e-9:
+                return wait
+        self.times.append(now)
+        del self.times[: -self.size]
+        return 0.0
