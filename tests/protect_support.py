@@ -50,7 +50,8 @@ def start_daemon(
         f"timeout = {timeout * UNIT}\n\n[protect]\npoll_interval = 0.1\n{protect}\n"
     )
     return DaemonProcess(
-        workdir, "--flush-interval", "0.05", "--config", str(config), heartbeat_timeout=1.0
+        workdir, "--flush-interval", "0.05", "--config", str(config), "--status-interval", "0.2",
+        heartbeat_timeout=1.0,
     ).start()
 
 

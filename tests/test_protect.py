@@ -29,7 +29,7 @@ from tests.protect_support import (
     settled,
     start_daemon,
 )
-from tests.test_ctl import ctl
+from tests.test_ctl import ctl, ctl_json
 
 BN = "BANKNIFTY28NOV2552000CE"
 
@@ -88,6 +88,17 @@ def test_kill_9_places_one_stop_per_leg_a_fill_closes_it_and_resolve_cancels(
             "ORDER BY id")]  # fmt: skip
         assert sorted(events) == ["PROTECT_PLACED"] * 2 + ["PROTECT_PLANNED"] * 2
         assert len(alerts(daemon.db, "protect_placed")) == 2
+        code, shown = ctl_json(daemon, "crashed")
+        assert code == 1
+        seen = {g["position_key"]: g["protection"] for c in shown["crashes"] for g in c["legs"]}
+        assert {k: (p["state"], p["order_id"], p["trigger_price"]) for k, p in seen.items()} == {
+            k: ("PLACED", o["order_id"], o["trigger_price"]) for k, o in by_key.items()
+        }  # fmt: skip
+        table = ctl(daemon, "positions").stdout
+        assert f"PLACED {by_key['ce']['order_id']}" in table, table
+        code, listed = ctl_json(daemon, "positions")
+        assert {g["position_key"]: g["protection"]["state"] for g in listed["positions"]} == {
+            "ce": "PLACED", "pe": "PLACED"}  # fmt: skip
 
         # The broker fills the CE stop: the leg is closed at the fill price.
         fake.orders.trigger(by_key["ce"]["order_id"], 92.1)
@@ -106,6 +117,8 @@ def test_kill_9_places_one_stop_per_leg_a_fill_closes_it_and_resolve_cancels(
         pe_row = order_of(daemon.db, "pe")
         assert pe_row["release"] == "CANCEL" and pe_row["release_session"] is None
         assert len(fake.received("placeorder")) == 2  # never a second order for one leg
+        wait_for(lambda: daemon.status().get("protect", {}).get("triggered") == 1, 10, "status")
+        assert "on: 2 placed, 1 triggered, 0 failed" in ctl(daemon, "status").stdout
     finally:
         daemon.stop()
 
