@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from bench import alerts, crash, entry, footprint, ingest, load, outage, prune, update
+from bench import alerts, crash, entry, footprint, ingest, load, outage, protect, prune, update
 from bench.common import environment
 from bench.report import Row, Scenario, markdown_table
 
@@ -27,6 +27,7 @@ SCENARIOS: dict[str, Callable[[bool], Scenario]] = {
     "outage": outage.run,
     "prune": prune.run,
     "alerts": alerts.run,
+    "protect": protect.run,
 }
 
 

@@ -16,7 +16,19 @@ from pathlib import Path
 
 import pytest
 
-from bench import alerts, crash, entry, footprint, ingest, load, outage, prune, seed, update
+from bench import (
+    alerts,
+    crash,
+    entry,
+    footprint,
+    ingest,
+    load,
+    outage,
+    protect,
+    prune,
+    seed,
+    update,
+)
 from bench.report import Row, Scenario, markdown_table
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -57,6 +69,7 @@ SCENARIOS: list[tuple[str, Callable[[bool], Scenario], int]] = [
     ("outage", outage.run, 8),
     ("prune", prune.run, 10),
     ("alerts", alerts.run, 6),
+    ("protect", protect.run, 3),
 ]
 
 
