@@ -55,8 +55,7 @@ ORDER BY o.id
 
 
 def connect(path: str, busy_timeout: float) -> sqlite3.Connection:
-    conn = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None,
-                           check_same_thread=False)  # fmt: skip
+    conn = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None)
     conn.row_factory = sqlite3.Row
     return conn
 

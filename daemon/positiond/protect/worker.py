@@ -30,7 +30,9 @@ import logging
 import sqlite3
 import time
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 from zoneinfo import ZoneInfo
@@ -98,7 +100,9 @@ class Protector:
         self.tz = ZoneInfo(config.timezone)
         self.rate = RateLimit(config.rate)
         self._rate_lock = asyncio.Lock()
-        self._db_lock = asyncio.Lock()
+        # One thread for every database call, in order: a call still running when the task is
+        # cancelled (a stop) finishes before the connection is closed, in that same thread.
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="positiond-protect-db")
         self._slots = asyncio.Semaphore(concurrency)
         self._wake = asyncio.Event()
         self._conn: sqlite3.Connection | None = None
@@ -137,10 +141,10 @@ class Protector:
             for task in list(self._tasks):
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
+            self._executor.submit(self._close_db)
+            self._executor.shutdown(wait=False)
             if self._client is not None:
                 await self._client.aclose()
-            if self._conn is not None:
-                self._conn.close()
 
     async def cycle(self) -> None:
         """One look: new crashed legs, PLANNED rows nobody is placing, PLACED rows."""
@@ -161,10 +165,19 @@ class Protector:
     # ---- helpers -----------------------------------------------------------------------
 
     async def _db(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        async with self._db_lock:
-            if self._conn is None:
-                self._conn = db.connect(str(self.path), self.busy_timeout)
-            return await asyncio.to_thread(fn, self._conn, *args, **kwargs)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, partial(self._in_thread, fn, *args,
+                                                                  **kwargs))  # fmt: skip
+
+    def _in_thread(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        if self._conn is None:
+            self._conn = db.connect(str(self.path), self.busy_timeout)
+        return fn(self._conn, *args, **kwargs)
+
+    def _close_db(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
 
     async def _call(self, what: Callable[[AsyncOpenAlgo], Awaitable[T]], name: str) -> T:
         if self._client is None:
