@@ -102,7 +102,7 @@ class Protector:
         self._rate_lock = asyncio.Lock()
         # One thread for every database call, in order: a call still running when the task is
         # cancelled (a stop) finishes before the connection is closed, in that same thread.
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="positiond-protect-db")
+        self._executor: ThreadPoolExecutor | None = None  # made by run()
         self._slots = asyncio.Semaphore(concurrency)
         self._wake = asyncio.Event()
         self._conn: sqlite3.Connection | None = None
@@ -124,6 +124,7 @@ class Protector:
 
     async def run(self) -> None:
         """Plan, settle and watch; wait for a wake or ``poll_interval``; until cancelled."""
+        self._executor = executor = _executor()
         try:
             while True:
                 self._wake.clear()
@@ -141,10 +142,11 @@ class Protector:
             for task in list(self._tasks):
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
-            self._executor.submit(self._close_db)
-            self._executor.shutdown(wait=False)
+            executor.submit(self._close_db)
+            executor.shutdown(wait=False)
             if self._client is not None:
                 await self._client.aclose()
+                self._client = None
 
     async def cycle(self) -> None:
         """One look: new crashed legs, PLANNED rows nobody is placing, PLACED rows."""
@@ -165,8 +167,9 @@ class Protector:
     # ---- helpers -----------------------------------------------------------------------
 
     async def _db(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, partial(self._in_thread, fn, *args,
+        loop, executor = asyncio.get_running_loop(), self._executor
+        assert executor is not None, "database calls run inside run()"
+        return await loop.run_in_executor(executor, partial(self._in_thread, fn, *args,
                                                                   **kwargs))  # fmt: skip
 
     def _in_thread(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -479,6 +482,10 @@ class Protector:
             ))  # fmt: skip
         except Exception:
             log.exception("protect: the hand-back of order %s failed", row["order_id"])
+
+
+def _executor() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(1, thread_name_prefix="positiond-protect-db")
 
 
 def _row(conn: sqlite3.Connection, row_id: int) -> dict[str, Any] | None:
