@@ -446,7 +446,8 @@ class Protector:
         )  # fmt: skip
         if not done:
             return
-        self.state["cancelled" if state == "CANCELLED" else "skipped"] += state != "KEPT"
+        if state == "CANCELLED":
+            self.state["cancelled"] += 1
         log.warning("protect: order %s of leg %s %s: %s", row["order_id"], row["position_key"],
                     state, reason)  # fmt: skip
         if row["release_session"] is not None:
