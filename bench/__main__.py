@@ -21,6 +21,7 @@ from bench import (
     ingest,
     load,
     outage,
+    protect,
     prune,
     scrape,
     update,
@@ -41,6 +42,7 @@ SCENARIOS: dict[str, Callable[[bool], Scenario]] = {
     "alerts": alerts.run,
     "scrape": scrape.run,
     "watch": watch.run,
+    "protect": protect.run,
 }
 
 

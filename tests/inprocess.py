@@ -27,6 +27,14 @@ from tests.helpers import UNIT, wait_for
 __all__ = ["InProcessDaemon", "RawClient", "insert_protective_order", "wait_until_crashed"]
 
 
+class _WithoutWorker(Daemon):
+    """The daemon with the test standing in for its protect worker (the worker's own tests run
+    it against the fake broker: tests/test_protect*.py)."""
+
+    def open_protector(self, db: Path) -> None:
+        return None
+
+
 class InProcessDaemon:
     """``Daemon`` on a loop thread; ``stop()`` to end it (the fixture does)."""
 
@@ -48,7 +56,7 @@ class InProcessDaemon:
         self.wakes = 0  # protect worker wakes
 
     async def _start(self) -> Daemon:
-        daemon = Daemon(self.config)
+        daemon = _WithoutWorker(self.config)
         daemon.protect_wake = self._woken
         await daemon.start()
         return daemon

@@ -24,6 +24,7 @@ from bench import (
     ingest,
     load,
     outage,
+    protect,
     prune,
     scrape,
     seed,
@@ -72,6 +73,7 @@ SCENARIOS: list[tuple[str, Callable[[bool], Scenario], int]] = [
     ("alerts", alerts.run, 6),
     ("scrape", scrape.run, 12),
     ("watch", watch.run, 4),
+    ("protect", protect.run, 3),
 ]
 
 

@@ -46,6 +46,7 @@ from positiond.ops import (
     FencedOp,
     LegRow,
     LiveSession,
+    Op,
     ProtectCloseOp,
     ResolveOp,
     Result,
@@ -670,6 +671,11 @@ class Engine(HandBacks):
             session = self.sessions.get(op.session_key)
             if session is not None:
                 session.legs.discard(op.key)
+
+    def submit(self, op: Op) -> None:
+        """An op of the daemon's own making (the protect worker's close or review): in the
+        next batch, answered to nobody (``rid`` None)."""
+        self.queue.add(op)
 
     def requeue(self, batch: Batch) -> None:
         """The batch could not commit (storage fault): take it back, to be retried first."""

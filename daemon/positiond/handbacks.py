@@ -117,7 +117,19 @@ class HandBacks:
             )  # fmt: skip
         if not res.ok or not res.data.get("closed"):
             return []
-        session = self.sessions.get(op.session_key) if op.session_key else None
+        session = self._holder(op.holder_id)
+        leg = self.legs.get(op.key)
+        if leg is not None and session is not None and leg.session_key == session.key:
+            # Taken back into memory after the report (its session revived in between, the
+            # leg CRASHED then): closed now, it must not take updates any more.
+            self.queue.take_update(op.key)
+            del self.legs[op.key]
+            session.legs.discard(op.key)
+            self._closed_by_stop.add(
+                op.key, session.key,
+                f"leg {op.key!r} was closed at the broker by its protective stop (order "
+                f"{op.order_id} filled at {op.fill_price})",
+            )  # fmt: skip
         if session is None or session.rid is None:
             return []
         return [(session.rid, closed_notice(op.key, op.protect_id, op.order_id, op.fill_price))]

@@ -47,8 +47,9 @@ from positiond.metrics.listen import parse_listen
 from positiond.metrics.stats import WriterStats
 from positiond.notify import Notifier
 from positiond.openalgo import settings_of
-from positiond.ops import Batch, Result
+from positiond.ops import Batch, Op, Result
 from positiond.protect.handback import HandBack
+from positiond.protect.worker import Protector
 from positiond.reconcile import Reconciler, reconciler_of
 from positiond.router import Router
 from positiond.status import Progress, Reporter, status_file_for, status_line, version
@@ -175,6 +176,7 @@ class Daemon:
         self.watchers = WatchHub(self.router.send)
         self.delivery: Delivery | None = None  # alerts to the configured sinks, if any
         self.reconciler: Reconciler | None = None  # [openalgo] reconcile_interval, if set
+        self.protector: Protector | None = None  # [protect] mode on or dry-run
 
     # ---- lifecycle -----------------------------------------------------------------------
 
@@ -227,6 +229,7 @@ class Daemon:
         self.reconciler = reconciler_of(cfg, self.delivery.wake if self.delivery else None)
         if self.reconciler is not None:  # its own task, connection and HTTP client
             self._tasks.append(loop.create_task(self.reconciler.run(), name="positiond-reconcile"))
+        self.open_protector(db)
         self.reporter.path = status_file_for(ipc_path(cfg.endpoint))
         self.started = self.monotonic()
         self.progress = Progress(self.started)
@@ -251,6 +254,25 @@ class Daemon:
         endpoint = MetricsEndpoint(self, listen)
         endpoint.start()
         self.metrics = endpoint
+
+    def open_protector(self, db: Path) -> None:
+        """Start the protect worker when ``[protect]`` is on (its own task, connection and
+        HTTP client); it is woken after commits through ``protect_wake``."""
+        cfg, openalgo = self.config, settings_of(self.config)
+        if not cfg.protect.enabled or openalgo is None:
+            return
+        self.protector = Protector(
+            db, cfg.protect, openalgo, submit=self.submit, handback=self.handback,
+            busy_timeout=cfg.busy_timeout,
+        )  # fmt: skip
+        self.protect_wake = self.protector.wake
+        loop = asyncio.get_running_loop()
+        self._tasks.append(loop.create_task(self.protector.run(), name="positiond-protect"))
+
+    def submit(self, op: Op) -> None:
+        """Queue an op of the daemon's own (the protect worker's) for the writer."""
+        self.engine.submit(op)
+        self._wake.set()
 
     def _ensure_lock(self, path: Path) -> None:
         """Hold the lock at ``path`` (again, if the file we held was deleted)."""
@@ -402,6 +424,7 @@ class Daemon:
                 **self.watchers.counters,
             },
             **({"reconcile": dict(self.reconciler.state)} if self.reconciler else {}),
+            **({"protect": dict(self.protector.state)} if self.protector else {}),
         }
 
     # ---- watchers -------------------------------------------------------------------------
@@ -508,6 +531,8 @@ class Daemon:
             committed = True
             if batch.ops and self.delivery is not None:
                 self.delivery.wake()  # a verdict may have written an alert: look now
+            if batch.ops and self.protector is not None:
+                self.protector.wake()  # a verdict may have crashed legs, or released one
         except DatabaseLost as exc:
             engine.requeue(batch)  # committed into a lost file: not one ack for it
             self.storage_lost(exc.lost)

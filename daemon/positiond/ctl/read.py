@@ -33,6 +33,7 @@ from positiond.ctl.access import (
     open_readonly,
 )
 from positiond.ctl.orphans import orphan_records
+from positiond.ctl.protection import attach
 from positiond.status import STATUS_FILENAME
 from positiond.store.recovery import leg_dict, read_legs
 from positiond.store.schema import trail_level_sql
@@ -128,6 +129,7 @@ def cmd_crashed(ctl: Ctl, args: argparse.Namespace) -> int:
                     "legs": [],
                 }
             crashes[sid]["legs"].append(CrashedLeg.from_row(leg).to_dict())
+        attach(conn, [g for c in crashes.values() for g in c["legs"]] + review)
         if crashes:
             for row in conn.execute(
                 "SELECT id, crash_source, client_host, client_pid, start_time "
@@ -273,6 +275,11 @@ def cmd_positions(ctl: Ctl, args: argparse.Namespace) -> int:
     finally:
         conn.close()
     legs = [leg_dict(r) for r in found[: args.limit]]
+    conn = open_readonly(ctl.db)
+    try:
+        attach(conn, legs)  # each leg's protective order (docs/PROTECT.md), if any
+    finally:
+        conn.close()
     _show_newest(ctl, "positions", legs, len(found) > args.limit, args.limit,
                  render.positions_table, "No legs match.")  # fmt: skip
     return EXIT_OK

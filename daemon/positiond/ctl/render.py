@@ -24,6 +24,7 @@ from rich.table import Table
 from rich.text import Text
 
 from positiond.ctl.layout import Col, Row, layout
+from positiond.ctl.protection import protection_text
 
 __all__ = [
     "actions_table",
@@ -121,6 +122,11 @@ def _instrument(r: Row) -> Text:
     return text
 
 
+def _protection(leg: Row) -> Text:
+    """The leg's protective order at the broker (docs/PROTECT.md), ``—`` when none."""
+    return _text(protection_text(leg.get("protection")))
+
+
 _CRASHED = [
     Col("leg", _leg_name, "fold"),
     Col("instrument", _instrument, "wrap"),
@@ -128,6 +134,7 @@ _CRASHED = [
     Col("qty", lambda r: _text(r["quantity"]), "num"),
     *_levels(),
     Col("entered", lambda r: _text(local_time(r["entry_time"])), "wrap"),
+    Col("protection", _protection, "wrap"),
 ]
 
 
@@ -166,6 +173,7 @@ _REVIEW = [
     Col("stop", lambda r: _text(price(r["stop_price"]), "bold"), "num"),
     Col("trail", lambda r: _text(level(r["last_trail_level"])), "num"),
     Col("why", lambda r: _text(r["review_reason"]), "wrap"),
+    Col("protection", _protection, "wrap"),
 ]  # fmt: skip
 
 _STRANDED = [
@@ -245,6 +253,7 @@ _POSITIONS = [
     Col("status", lambda r: _status(r["status"])),
     *_levels(),
     Col("note", _note, "wrap"),
+    Col("protection", _protection, "wrap"),
 ]  # fmt: skip
 
 
@@ -432,4 +441,9 @@ def status_table(out: Console, health: Row, verdict: str) -> Group:
                 f"{recon.get('refused')} refused" + (f"; last: {error}" if error else ""),
             )
         )
+    guard = health.get("protect")  # [protect] mode on or dry-run
+    if isinstance(guard, dict):
+        pairs.append(("protect", f"{guard.get('mode')}: {guard.get('placed')} placed, "
+                      f"{guard.get('triggered')} triggered, {guard.get('failed')} failed, "
+                      f"{guard.get('skipped')} skipped"))  # fmt: skip
     return _pairs(out, pairs, f"positiond: {verdict}")

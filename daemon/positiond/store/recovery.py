@@ -165,6 +165,12 @@ def resolve(cur: sqlite3.Cursor, op: ResolveOp, now: str) -> Result:
         )
         audit |= {"exit_price": op.exit_price, "exit_reason": op.exit_reason}
         _event(cur, pid, leg["session_id"], "EXIT", iso(op.time), audit)
+        # Closed: an outstanding protective order is cancelled by the protect worker.
+        cur.execute(
+            "UPDATE protective_orders SET release = 'CANCEL', updated_at = ? "
+            "WHERE position_id = ? AND state IN ('PLANNED', 'PLACED') AND release IS NULL",
+            (now, pid),
+        )
         return Result(True, {"position_id": pid, "status": "CLOSED", "duplicate": False})
     if status not in ("CRASHED", "NEEDS_REVIEW") and not stranded:
         return Result.error("BAD_STATE", f"leg {op.key!r} is {status}")
