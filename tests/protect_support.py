@@ -40,14 +40,14 @@ def leg(symbol: str, stop: float | None, quantity: int = 75, side: str = "BUY",
 
 def start_daemon(
     workdir: Path, fake: FakeOpenAlgo, protect: str = 'mode = "on"\nstrategies = ["guarded"]',
-    *, timeout: float = 0.5,
+    *, timeout: float = 0.5, poll_interval: float = 0.1,
 ) -> DaemonProcess:  # fmt: skip
     key_file = workdir / "openalgo.key"
     key_file.write_text(KEY + "\n")
     config = workdir / "positiond.toml"
     config.write_text(
         f'[openalgo]\nhost = "{fake.url}"\napi_key_file = "{key_file}"\n'
-        f"timeout = {timeout * UNIT}\n\n[protect]\npoll_interval = 0.1\n{protect}\n"
+        f"timeout = {timeout * UNIT}\n\n[protect]\npoll_interval = {poll_interval}\n{protect}\n"
     )
     return DaemonProcess(
         workdir, "--flush-interval", "0.05", "--config", str(config), "--status-interval", "0.2",
