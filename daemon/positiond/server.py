@@ -57,6 +57,7 @@ from positiond.store.dbfile import (
     open_error,
     restore_advice,
 )
+from positiond.store.dsn import PgDsn
 from positiond_client.paths import ipc_path
 
 __all__ = ["AlreadyRunning", "Daemon"]
@@ -157,19 +158,15 @@ class Daemon:
     async def start(self) -> None:
         """Lock, open and migrate the database, load live sessions, bind, start the tasks."""
         cfg = self.config
-        db = Path(cfg.db)
-        try:
-            # Locked by what the path leads to (symlinks, hard links): see positiond.store.dbfile.
-            self._db_lock = lock_database(db, create=True)
-        except DatabaseLocked:
-            raise AlreadyRunning(f"another positiond is already running on database {db}") from None
-        except OSError as exc:  # a directory we may not create, a full or read-only disk
-            raise StoreError(f"cannot create or lock the database {db}: {exc}") from None
-        self.listener.prepare()
-        watch = FileWatch(db, self._db_lock.fd)
-        self.store = await open_store(
-            db, cfg.synchronous, busy_timeout=cfg.busy_timeout, watch=watch
-        )
+        db = cfg.db
+        if isinstance(db, PgDsn):  # the server's lock: an advisory lock (positiond.store.postgres)
+            self.listener.prepare()
+            try:
+                self.store = await open_store(db, busy_timeout=cfg.busy_timeout)
+            except DatabaseLocked as exc:
+                raise AlreadyRunning(str(exc)) from None
+        else:
+            self.store = await self._open_sqlite(db)
         try:
             sessions, legs = await self.store.load_live()
         except sqlite3.Error as exc:  # damage the bounded quick_check did not reach
@@ -189,7 +186,8 @@ class Daemon:
         self.router.attach(loop)
         self._tasks = [loop.create_task(self._tick_loop(), name="positiond-tick")]
         self._tasks.append(loop.create_task(self._watch_loop(), name="positiond-watch"))
-        if cfg.alerts.sinks:  # apart from the writer: its own task and connection
+        # Apart from the writer: its own task and connection (PostgreSQL: refused by Config).
+        if cfg.alerts.sinks and isinstance(db, Path):
             self.delivery = Delivery(
                 db, cfg.alerts, busy_timeout=cfg.busy_timeout, openalgo=settings_of(cfg)
             )
@@ -209,6 +207,19 @@ class Daemon:
             watchdog = self.reporter.watchdog_loop(self.writer_progressing)
             self._tasks.append(loop.create_task(watchdog, name="positiond-watchdog"))
         log.info("positiond ready: database %s, endpoint %s", db, self.endpoint)
+
+    async def _open_sqlite(self, db: Path) -> Store:
+        cfg = self.config
+        try:
+            # Locked by what the path leads to (symlinks, hard links): see positiond.store.dbfile.
+            self._db_lock = lock_database(db, create=True)
+        except DatabaseLocked:
+            raise AlreadyRunning(f"another positiond is already running on database {db}") from None
+        except OSError as exc:  # a directory we may not create, a full or read-only disk
+            raise StoreError(f"cannot create or lock the database {db}: {exc}") from None
+        self.listener.prepare()
+        watch = FileWatch(db, self._db_lock.fd)
+        return await open_store(db, cfg.synchronous, busy_timeout=cfg.busy_timeout, watch=watch)
 
     def _ensure_lock(self, path: Path) -> None:
         """Hold the lock at ``path`` (again, if the file we held was deleted)."""
@@ -320,11 +331,13 @@ class Daemon:
         now, wall = self.monotonic(), time.time()
         progressing = self.writer_progressing()
         listening = self.listener.health()
-        db = Path(self.config.db)
-        size = 0
-        for path in (db, db.with_name(db.name + "-wal")):
-            with contextlib.suppress(OSError):
-                size += path.stat().st_size
+        db = self.config.db
+        size: int | None = None  # PostgreSQL: not known here (the server keeps its files)
+        if isinstance(db, Path):
+            size = 0
+            for path in (db, db.with_name(db.name + "-wal")):
+                with contextlib.suppress(OSError):
+                    size += path.stat().st_size
         return {
             "pid": os.getpid(),
             "version": version(),

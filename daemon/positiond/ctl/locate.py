@@ -30,8 +30,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from positiond.alerts.settings import AlertsConfig
-from positiond.config import DEFAULT_CONFIG_FILE, load
+from positiond.config import DEFAULT_CONFIG_FILE, ConfigError, load
 from positiond.openalgo import Settings, settings_of
+from positiond.store.dsn import PgDsn
 from positiond_client.paths import DB_FILENAME, SOCKET_FILENAME, default_db_path, default_endpoint
 
 __all__ = [
@@ -95,9 +96,13 @@ def locate(
         return None
 
     service = state.is_dir()
+    named = db if db is not None else loaded.config.db if layer("db") else None
+    if isinstance(named, PgDsn) or str(named).startswith(("postgresql:", "postgres:")):
+        raise ConfigError("db", "posctl does not read a PostgreSQL store yet (issue 14)")
     if db is not None:
         db_path, db_source = db, "--db"
     elif (source := layer("db")) is not None:
+        assert isinstance(loaded.config.db, Path)
         db_path, db_source = loaded.config.db, source
     elif service:
         db_path = state / DB_FILENAME

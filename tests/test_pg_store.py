@@ -1,0 +1,242 @@
+"""The PostgreSQL store (issue 14) against a real server: what differs from SQLite.
+
+The rules themselves run on both backends in tests/test_store.py, tests/test_daemon.py and
+tests/test_recovery_daemon.py (``@both_backends``); here: the schema is the same, the server's
+own faults (a lock held, a connection lost, a second daemon), values only one of the two
+engines takes, the configuration that selects it and what it refuses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from positiond.config import ConfigError, load
+from positiond.ops import Batch, EntryOp, Result, StartOp
+from positiond.store import open_store
+from positiond.store.dbfile import DatabaseLocked
+from positiond.store.dsn import PgDsn, parse_db
+from positiond.store.schema import SCHEMA_VERSION, SchemaError
+from tests.helpers import DaemonProcess, rows
+from tests.pg import admin_dsn, fresh_database
+
+psycopg = pytest.importorskip("psycopg")
+
+from positiond.store import pgschema  # noqa: E402  (needs nothing, kept beside its siblings)
+from positiond.store.pgconn import translate  # noqa: E402
+from positiond.store.postgres import PostgresStore  # noqa: E402
+
+TOKEN = "c" * 32
+
+
+@pytest.fixture
+def pg() -> Iterator[PgDsn]:
+    with fresh_database(admin_dsn()) as dsn:
+        yield dsn
+
+
+@pytest.fixture
+async def store(pg: PgDsn) -> AsyncIterator[PostgresStore]:
+    opened = await PostgresStore.open(pg, busy_timeout=0.2)
+    yield opened
+    await opened.close()
+
+
+def start(key: str = "s1") -> StartOp:
+    return StartOp(b"r", 1, key, "expiry_blast", "host", 123, 0.5, 1.7e9, token=TOKEN)
+
+
+def entry(key: str, **extra: Any) -> EntryOp:
+    fields = {"symbol": "NIFTY", "exchange": "NFO", "product": "MIS", "side": "BUY",
+              "quantity": 75, "entry_price": 100.0, "stop_price": 90.0, **extra}  # fmt: skip
+    return EntryOp(b"r", 2, "s1", key, fields, 1.7e9)
+
+
+async def apply(store: Any, *ops: Any, **kw: Any) -> list[Result]:
+    results: list[Result] = await store.apply(Batch(ops=list(ops), time=1.7e9, **kw))
+    return results
+
+
+# ---- the schema ------------------------------------------------------------------------------
+
+
+def test_both_backends_have_the_same_migrations() -> None:
+    # A step added to one backend's schema (store/schema.py) must be added to the other's.
+    assert pgschema.SCHEMA_VERSION == SCHEMA_VERSION
+
+
+async def test_same_tables_and_columns_as_sqlite(store: PostgresStore, workdir: Path) -> None:
+    lite = await open_store(workdir / "p.db")
+    await lite.close()
+    conn = sqlite3.connect(workdir / "p.db")
+    tables = [r[0] for r in conn.execute(
+        "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'"
+    )]  # fmt: skip
+    expected = {t: [r[1] for r in conn.execute(f"PRAGMA table_info({t})")] for t in tables}
+    conn.close()
+    found = rows(
+        store.path,
+        "SELECT table_name, column_name FROM information_schema.columns "
+        "WHERE table_schema = 'public' AND table_name != 'schema_version' "
+        "ORDER BY table_name, ordinal_position",
+    )
+    actual: dict[str, list[str]] = {}
+    for r in found:
+        actual.setdefault(r["table_name"], []).append(r["column_name"])
+    assert actual == expected
+    statuses = "SELECT name FROM {} ORDER BY name"
+    for lookup in ("session_statuses", "position_statuses", "event_types"):
+        lite_rows = [r[0] for r in rows(workdir / "p.db", statuses.format(lookup))]
+        assert [r[0] for r in rows(store.path, statuses.format(lookup))] == lite_rows
+
+
+async def test_versions_are_recorded_and_a_newer_database_is_refused(pg: PgDsn) -> None:
+    store = await PostgresStore.open(pg)
+    assert await store.migrate() == SCHEMA_VERSION
+    await store.close()
+    versions = [r[0] for r in rows(pg, "SELECT version FROM schema_version ORDER BY version")]
+    assert versions == list(range(1, SCHEMA_VERSION + 1))
+    with psycopg.connect(pg.url, autocommit=True) as conn:
+        conn.execute("INSERT INTO schema_version (version) VALUES (%s)", (SCHEMA_VERSION + 1,))
+    with pytest.raises(SchemaError, match="newer"):
+        await PostgresStore.open(pg)
+
+
+# ---- the server's faults ---------------------------------------------------------------------
+
+
+async def test_a_second_store_on_the_database_is_refused(store: PostgresStore) -> None:
+    with pytest.raises(DatabaseLocked, match="another positiond"):
+        await PostgresStore.open(store.path)
+
+
+async def test_a_held_lock_fails_the_batch_and_commits_nothing(store: PostgresStore) -> None:
+    await apply(store, start())
+    with psycopg.connect(store.path.url) as other:  # an operator holding a table lock
+        other.execute("LOCK TABLE strategy_positions IN EXCLUSIVE MODE")
+        with pytest.raises(sqlite3.OperationalError, match="lock timeout"):
+            await apply(store, entry("ce"))
+        other.rollback()
+    assert rows(store.path, "SELECT COUNT(*) AS n FROM strategy_positions")[0]["n"] == 0
+    (res,) = await apply(store, entry("ce"))  # the retry goes through once the lock is gone
+    assert res.ok
+
+
+async def test_a_lost_connection_fails_one_batch_then_reconnects(store: PostgresStore) -> None:
+    await apply(store, start())
+    with psycopg.connect(store.path.url, autocommit=True) as admin:
+        admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE application_name = 'positiond' AND datname = current_database()"
+        )
+    with pytest.raises(sqlite3.OperationalError):
+        await apply(store, entry("ce"))
+    (res,) = await apply(store, entry("ce"))  # reconnected, the lock taken again
+    assert res.ok and res.data["duplicate"] is False
+    with pytest.raises(DatabaseLocked):
+        await PostgresStore.open(store.path)
+
+
+async def test_a_value_postgresql_cannot_store_refuses_only_its_op(store: PostgresStore) -> None:
+    # SQLite keeps a NUL inside text, PostgreSQL refuses it: that op alone, never a batch retried
+    # forever (which would stall every later ack).
+    results = await apply(store, start(), entry("bad", symbol="NIF\x00TY"), entry("good"))
+    assert [r.ok for r in results] == [True, False, True]
+    assert results[1].code == "INTERNAL"
+    keys = rows(store.path, "SELECT position_key FROM strategy_positions")
+    assert [r["position_key"] for r in keys] == ["good"]
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    level=st.one_of(
+        st.integers(min_value=-(2**53), max_value=2**53),
+        st.floats(allow_nan=False, allow_infinity=False),
+    )
+)
+def test_a_trail_level_comes_back_as_it_was_sent(pg: PgDsn, level: int | float) -> None:
+    # 12 stays 12 and 12.0 stays 12.0 (the strategy compares them), as on SQLite.
+    async def round_trip() -> Any:
+        store = await PostgresStore.open(pg)
+        try:
+            key = f"k-{type(level).__name__}-{level!r}"
+            await apply(store, start(), entry(key, last_trail_level=level))
+            legs = (await store.query("open"))["legs"]
+            return next(leg["last_trail_level"] for leg in legs if leg["position_key"] == key)
+        finally:
+            await store.close()
+
+    back = asyncio.run(round_trip())
+    assert type(back) is type(level) and back == level
+
+
+# ---- the SQL translation ---------------------------------------------------------------------
+
+
+def test_placeholders_are_translated_and_literals_left_alone() -> None:
+    assert translate("SELECT ? , ?, '?', ':x' WHERE a = :b AND c = :b AND d::text = ?2") == (
+        "SELECT $1 , $2, '?', ':x' WHERE a = $1 AND c = $1 AND d::text = $2",
+        ("b",),
+    )
+    assert translate("SELECT 1 ORDER BY t DESC")[0] == "SELECT 1 ORDER BY t DESC NULLS LAST"
+
+
+# ---- configuration ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("scheme", ["postgresql", "postgres"])
+def test_a_url_selects_postgresql_and_anything_else_is_a_path(scheme: str) -> None:
+    url = f"{scheme}://pd:s3cret@db.example:5432/book?sslmode=require"
+    parsed = parse_db(url)
+    assert parsed == PgDsn(url)
+    assert "s3cret" not in str(parsed) and "db.example:5432/book" in str(parsed)
+    assert load(["--db", url], {}, None).config.db == PgDsn(url)
+    assert load([], {"POSITIOND_DB": url}, None).config.db == PgDsn(url)
+    assert load(["--db", "postgresql.db"], {}, None).config.db == Path("postgresql.db")
+
+
+def test_what_postgresql_does_not_support_yet_is_refused(tmp_path: Path) -> None:
+    file = tmp_path / "positiond.toml"
+    file.write_text(
+        'db = "postgresql:///book"\n[[alerts.sink]]\nname = "ops"\ntype = "webhook"\n'
+        'url = "http://127.0.0.1:9/hook"\n'
+    )
+    with pytest.raises(ConfigError, match="alerts with a PostgreSQL store are not supported"):
+        load(["--config", str(file)], {}, None)
+    reconcile = ["--db", "postgresql:///book", "--openalgo-host", "http://127.0.0.1:9",
+                 "--openalgo-reconcile-interval", "60"]  # fmt: skip
+    with pytest.raises(ConfigError, match="reconciliation with a PostgreSQL store"):
+        load(reconcile, {}, None)
+
+
+def test_posctl_refuses_a_postgresql_store_with_a_clear_error(tmp_path: Path) -> None:
+    from positiond.ctl.locate import locate
+
+    env = {"POSITIOND_DB": "postgresql:///book", "POSITIOND_STATE_DIRECTORY": str(tmp_path)}
+    with pytest.raises(ConfigError, match="posctl does not read a PostgreSQL store yet"):
+        locate(None, None, None, env)
+    with pytest.raises(ConfigError, match="posctl does not read a PostgreSQL store yet"):
+        locate(Path("postgresql://pd@db/book"), None, None, {})
+
+
+def test_the_daemon_runs_on_postgresql_alone(workdir: Path, pg: PgDsn) -> None:
+    daemon = DaemonProcess(workdir, "--status-interval", "0.2", db=pg).start()
+    try:
+        (workdir / "second").mkdir()
+        second = DaemonProcess(workdir / "second", db=pg)
+        with pytest.raises(AssertionError, match="another positiond is already running"):
+            second.start(timeout=5)
+        health = daemon.status()
+        assert health["db"] == str(pg) and health["db_size"] is None
+        assert not list(workdir.glob("*.db*")) and not list(Path.cwd().glob("postgres*"))
+    finally:
+        daemon.stop()
