@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -24,8 +25,10 @@ from positiond.store import open_store
 from positiond.store.dbfile import DatabaseLocked
 from positiond.store.dsn import PgDsn, parse_db
 from positiond.store.schema import SCHEMA_VERSION, SchemaError
-from tests.helpers import DaemonProcess, rows
+from positiond_client.protocol import encode
+from tests.helpers import UNIT, DaemonProcess, rows, wait_for
 from tests.pg import admin_dsn, fresh_database
+from tests.test_daemon import decode_reply
 
 psycopg = pytest.importorskip("psycopg")
 
@@ -239,4 +242,44 @@ def test_the_daemon_runs_on_postgresql_alone(workdir: Path, pg: PgDsn) -> None:
         assert health["db"] == str(pg) and health["db_size"] is None
         assert not list(workdir.glob("*.db*")) and not list(Path.cwd().glob("postgres*"))
     finally:
+        daemon.stop()
+
+
+def test_an_outage_of_postgresql_acks_nothing_and_writing_resumes_by_itself(
+    workdir: Path, pg: PgDsn
+) -> None:
+    daemon = DaemonProcess(
+        workdir, "--flush-interval", "0.05", "--status-interval", "0.2", db=pg
+    ).start()
+    admin = psycopg.connect(admin_dsn(), autocommit=True)
+    name = pg.url.split("/")[3].split("?")[0]
+    try:
+        with zmq.Context() as ctx, ctx.socket(zmq.DEALER) as raw:
+            raw.setsockopt(zmq.LINGER, 0)
+            raw.connect(daemon.endpoint)
+            raw.send(encode({"v": 1, "type": "start", "seq": 1, "session": "o", "strategy": "s"}))
+            assert raw.poll(5000 * UNIT)
+            token = decode_reply(raw.recv())["token"]
+            # The database goes away: no new connection, the daemon's own one cut.
+            admin.execute(f"ALTER DATABASE {name} ALLOW_CONNECTIONS false")
+            admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s",
+                (name,),
+            )
+            entry = {"v": 1, "type": "entry", "seq": 2, "session": "o", "token": token,
+                     "key": "o-1", "symbol": "X", "exchange": "NFO", "product": "MIS",
+                     "side": "BUY", "quantity": 75, "entry_price": 10.0}  # fmt: skip
+            raw.send(encode(entry))
+            assert not raw.poll(1500 * UNIT), "acked while the database was unreachable"
+            wait_for(lambda: daemon.status()["writes_ok"] is False, 10, "health turns bad")
+            admin.execute(f"ALTER DATABASE {name} ALLOW_CONNECTIONS true")
+            assert raw.poll(10000 * UNIT), "not acked once the database was back"
+            reply = decode_reply(raw.recv())
+            assert reply["seq"] == 2 and reply["duplicate"] is False, reply
+        assert rows(pg, "SELECT position_key FROM strategy_positions")[0][0] == "o-1"
+        wait_for(lambda: daemon.status()["writes_ok"] is True, 10, "health back to good")
+        assert daemon.proc is not None and daemon.proc.poll() is None
+    finally:
+        admin.execute(f"ALTER DATABASE {name} ALLOW_CONNECTIONS true")
+        admin.close()
         daemon.stop()
