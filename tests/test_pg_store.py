@@ -9,7 +9,10 @@ engines takes, the configuration that selects it and what it refuses.
 from __future__ import annotations
 
 import asyncio
+import os
 import sqlite3
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -27,7 +30,7 @@ from positiond.store.dsn import PgDsn, parse_db
 from positiond.store.schema import SCHEMA_VERSION, SchemaError
 from positiond_client.protocol import encode
 from tests.helpers import UNIT, DaemonProcess, rows, wait_for
-from tests.pg import admin_dsn, fresh_database
+from tests.pg import ENV, admin_dsn, fresh_database
 from tests.test_daemon import decode_reply
 
 psycopg = pytest.importorskip("psycopg")
@@ -37,6 +40,7 @@ from positiond.store.pgconn import translate  # noqa: E402
 from positiond.store.postgres import PostgresStore  # noqa: E402
 
 TOKEN = "c" * 32
+ROOT = Path(__file__).parent.parent
 
 
 @pytest.fixture
@@ -283,3 +287,32 @@ def test_an_outage_of_postgresql_acks_nothing_and_writing_resumes_by_itself(
         admin.execute(f"ALTER DATABASE {name} ALLOW_CONNECTIONS true")
         admin.close()
         daemon.stop()
+
+
+def test_an_unreachable_server_at_start_is_a_one_line_error(workdir: Path) -> None:
+    url = f"postgresql:///book?host={workdir}&user=pd&password=s3cret"  # no server there
+    done = subprocess.run(
+        [sys.executable, "-m", "positiond", "--db", url, "--endpoint", f"ipc://{workdir}/s"],
+        capture_output=True, text=True, timeout=30 * UNIT,
+    )  # fmt: skip
+    assert done.returncode != 0
+    assert "cannot connect to the database postgresql:///book" in done.stderr, done.stderr
+    assert "s3cret" not in done.stderr + done.stdout and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("ci", [True, False])
+def test_without_a_server_the_postgresql_tests_skip_but_fail_under_ci(ci: bool) -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("CI", ENV)}
+    if ci:
+        env["CI"] = "true"
+    test = "tests/test_store.py::test_each_store_is_a_store[postgres]"
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:randomly", "-p", "no:cacheprovider",
+         "-rs", test],
+        capture_output=True, text=True, timeout=60 * UNIT, env=env, cwd=ROOT,
+    )  # fmt: skip
+    if ci:
+        assert done.returncode == 1 and "CI runs every PostgreSQL test" in done.stdout, done.stdout
+    else:
+        assert done.returncode == 0 and "1 skipped" in done.stdout, done.stdout
+        assert "POSITIOND_TEST_PG_DSN is unset" in done.stdout
