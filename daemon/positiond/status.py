@@ -14,7 +14,7 @@ and monitoring (``posctl status``) without a round trip to the daemon. Its field
 
 ``pid``, ``version``, ``time`` (Unix seconds when written), ``status_interval`` (a file older than
 a few of these belongs to a dead or hung daemon), ``uptime`` (seconds), ``endpoint``, ``db``,
-``db_size`` (bytes, database plus WAL; null with PostgreSQL), ``sessions`` (live), ``legs`` (open), ``pending_ops``
+``db_size`` (bytes, database plus WAL; null for PostgreSQL), ``sessions``, ``legs``, ``pending_ops``
 (durable messages not committed yet), ``pending_updates`` (coalesced leg updates not written yet),
 ``last_flush_age`` (seconds since the last commit, null before the first), ``writer_stalled``
 (seconds since the writer last committed or had nothing to do), ``storage_fault`` (null, or why
