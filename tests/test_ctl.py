@@ -26,8 +26,10 @@ import zmq
 
 from positiond.ctl.access import who
 from positiond.ctl.change import RESUME_ACTION
+from positiond.store.dsn import PgDsn
 from positiond_client import PositionPersistenceManager
 from tests.helpers import UNIT, DaemonProcess, rows, session_status, wait_for
+from tests.pg import both_backends
 from tests.test_daemon import Strategy
 
 CE, PE = "NIFTY28NOV2524000CE", "NIFTY28NOV2524000PE"
@@ -36,12 +38,13 @@ ZONE = "Asia/Kolkata"  # posctl shows local time: run it in a zone that is not U
 
 
 def posctl(
-    db: Path, endpoint: str, *args: str, stdin: str | None = None
+    db: Path | PgDsn, endpoint: str, *args: str, stdin: str | None = None
 ) -> subprocess.CompletedProcess[str]:
     """``python -m positiond.ctl --db DB --endpoint E ARGS`` as an operator would run it."""
     env = {**os.environ, "TZ": ZONE, "COLUMNS": "200"}
+    where = db.url if isinstance(db, PgDsn) else str(db)
     return subprocess.run(
-        [sys.executable, "-m", "positiond.ctl", "--db", str(db), "--endpoint", endpoint, *args],
+        [sys.executable, "-m", "positiond.ctl", "--db", where, "--endpoint", endpoint, *args],
         input=stdin,
         capture_output=True,
         text=True,
@@ -125,6 +128,7 @@ def crash_in_process(
 # ---- reads ---------------------------------------------------------------------------------
 
 
+@both_backends
 def test_crashed_lists_each_crash_with_its_legs_and_levels(
     daemon: DaemonProcess, strategies: list[Strategy], managers: list[PositionPersistenceManager]
 ) -> None:
@@ -169,8 +173,9 @@ def test_crashed_lists_each_crash_with_its_legs_and_levels(
     assert run.returncode == 1 and json.loads(run.stdout)["count"] == 3
 
 
+@both_backends
 def test_reads_and_a_direct_resolve_with_the_daemon_stopped(
-    daemon: DaemonProcess, strategies: list[Strategy]
+    daemon: DaemonProcess, strategies: list[Strategy], backend: str
 ) -> None:
     killed = kill_a_strategy(daemon, strategies)
     assert daemon.stop() == 0
@@ -207,6 +212,14 @@ def test_reads_and_a_direct_resolve_with_the_daemon_stopped(
     human = ctl(daemon, "events", "ce-1")
     assert "stop_price 90 → 104" in human.stdout and "TRAIL_UPDATE" in human.stdout
 
+    if backend == "postgres":  # no direct write there yet: a clear refusal, nothing changed
+        run = ctl(daemon, "resolve", "ce-1", "--closed")
+        assert run.returncode == 3 and "only through a running daemon" in run.stderr, run.stderr
+        assert leg_row(daemon, "ce-1")["status"] == "CRASHED"
+        daemon.start()
+        code, data = ctl_json(daemon, "resolve", "ce-1", "--closed", "--exit-price", "104.5")
+        assert (code, data["via"], data["result"]["status"]) == (0, "daemon", "CLOSED")
+        return
     # A change with no daemon: written directly, under the daemon's lock, with its store code.
     code, data = ctl_json(daemon, "resolve", "ce-1", "--closed", "--exit-price", "104.5",
                           "--note", "exited by hand in the broker terminal")  # fmt: skip
@@ -229,6 +242,7 @@ def test_reads_and_a_direct_resolve_with_the_daemon_stopped(
     assert (code, data["via"]) == (0, "daemon")
 
 
+@both_backends
 def test_resolve_goes_through_the_running_daemon(
     daemon: DaemonProcess, strategies: list[Strategy], managers: list[PositionPersistenceManager]
 ) -> None:
@@ -391,6 +405,7 @@ def test_prune_never_removes_live_crashed_or_review_data(
 # ---- status and exit codes -----------------------------------------------------------------
 
 
+@both_backends
 def test_status_reads_the_running_daemons_snapshot(daemon: DaemonProcess) -> None:
     wait_for((daemon.workdir / "status.json").exists, 5, "status.json")
     code, data = ctl_json(daemon, "status")

@@ -66,6 +66,12 @@ def entry(key: str, **extra: Any) -> EntryOp:
     return EntryOp(b"r", 2, "s1", key, fields, 1.7e9)
 
 
+async def migrated(dsn: PgDsn) -> None:
+    """Create the schema in ``dsn`` (a daemon's first start does it)."""
+    store = await PostgresStore.open(dsn)
+    await store.close()
+
+
 async def apply(store: Any, *ops: Any, **kw: Any) -> list[Result]:
     results: list[Result] = await store.apply(Batch(ops=list(ops), time=1.7e9, **kw))
     return results
@@ -121,7 +127,10 @@ async def test_versions_are_recorded_and_a_newer_database_is_refused(pg: PgDsn) 
 
 async def test_a_second_store_on_the_database_is_refused(store: PostgresStore) -> None:
     with pytest.raises(DatabaseLocked, match="another positiond"):
-        await PostgresStore.open(store.path)
+        await PostgresStore.open(store.path, busy_timeout=0.2)
+    await store.close()  # released: the next daemon (a restart) gets it
+    again = await asyncio.wait_for(PostgresStore.open(store.path, busy_timeout=0), 5 * UNIT)
+    await again.close()
 
 
 async def test_a_held_lock_fails_the_batch_and_commits_nothing(store: PostgresStore) -> None:
@@ -148,7 +157,7 @@ async def test_a_lost_connection_fails_one_batch_then_reconnects(store: Postgres
     (res,) = await apply(store, entry("ce"))  # reconnected, the lock taken again
     assert res.ok and res.data["duplicate"] is False
     with pytest.raises(DatabaseLocked):
-        await PostgresStore.open(store.path)
+        await PostgresStore.open(store.path, busy_timeout=0.2)
 
 
 async def test_a_value_postgresql_cannot_store_refuses_only_its_op(store: PostgresStore) -> None:
@@ -225,21 +234,24 @@ def test_what_postgresql_does_not_support_yet_is_refused(tmp_path: Path) -> None
         load(reconcile, {}, None)
 
 
-def test_posctl_refuses_a_postgresql_store_with_a_clear_error(tmp_path: Path) -> None:
-    from positiond.ctl.locate import locate
+def test_posctl_on_postgresql_what_it_cannot_read_or_do(pg: PgDsn, workdir: Path) -> None:
+    from tests.test_ctl import posctl
 
-    env = {"POSITIOND_DB": "postgresql:///book", "POSITIOND_STATE_DIRECTORY": str(tmp_path)}
-    with pytest.raises(ConfigError, match="posctl does not read a PostgreSQL store yet"):
-        locate(None, None, None, env)
-    with pytest.raises(ConfigError, match="posctl does not read a PostgreSQL store yet"):
-        locate(Path("postgresql://pd@db/book"), None, None, {})
+    empty = posctl(pg, f"ipc://{workdir}/none.sock", "sessions")
+    assert empty.returncode == 3 and "is not a positiond database" in empty.stderr, empty.stderr
+    gone = posctl(PgDsn(f"postgresql:///x?host={workdir}"), "ipc:///nowhere", "crashed")
+    assert gone.returncode == 3 and "cannot open postgresql:///x" in gone.stderr, gone.stderr
+    asyncio.run(migrated(pg))
+    alerts = posctl(pg, f"ipc://{workdir}/none.sock", "alerts")
+    assert alerts.returncode == 2 and "alerts with a PostgreSQL store" in alerts.stderr
+    assert "Traceback" not in empty.stderr + gone.stderr + alerts.stderr
 
 
 def test_the_daemon_runs_on_postgresql_alone(workdir: Path, pg: PgDsn) -> None:
     daemon = DaemonProcess(workdir, "--status-interval", "0.2", db=pg).start()
     try:
         (workdir / "second").mkdir()
-        second = DaemonProcess(workdir / "second", db=pg)
+        second = DaemonProcess(workdir / "second", "--busy-timeout", "0.2", db=pg)
         with pytest.raises(AssertionError, match="another positiond is already running"):
             second.start(timeout=5)
         health = daemon.status()

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from positiond.alerts.settings import AlertsConfig
-from positiond.config import DEFAULT_CONFIG_FILE, ConfigError, load
+from positiond.config import DEFAULT_CONFIG_FILE, load
 from positiond.openalgo import Settings, settings_of
 from positiond.store.dsn import PgDsn
 from positiond_client.paths import DB_FILENAME, SOCKET_FILENAME, default_db_path, default_endpoint
@@ -53,7 +53,7 @@ RUNTIME_ENV = "POSCTL_SYSTEM_RUNTIME_DIR"
 class Located:
     """The database and endpoint posctl uses, each with where it came from (for the header)."""
 
-    db: Path
+    db: Path | PgDsn
     db_source: str
     endpoint: str
     endpoint_source: str
@@ -73,7 +73,7 @@ def _readable_dir(path: Path) -> bool:
 
 
 def locate(
-    db: Path | None,
+    db: Path | PgDsn | None,
     endpoint: str | None,
     config: str | None,
     env: Mapping[str, str] | None = None,
@@ -96,13 +96,10 @@ def locate(
         return None
 
     service = state.is_dir()
-    named = db if db is not None else loaded.config.db if layer("db") else None
-    if isinstance(named, PgDsn) or str(named).startswith(("postgresql:", "postgres:")):
-        raise ConfigError("db", "posctl does not read a PostgreSQL store yet (issue 14)")
+    db_path: Path | PgDsn
     if db is not None:
         db_path, db_source = db, "--db"
     elif (source := layer("db")) is not None:
-        assert isinstance(loaded.config.db, Path)
         db_path, db_source = loaded.config.db, source
     elif service:
         db_path = state / DB_FILENAME

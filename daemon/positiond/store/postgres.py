@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -92,6 +93,17 @@ def migrate(conn: psycopg.Connection[Any]) -> int:
             conn.execute("INSERT INTO schema_version (version) VALUES (%s)", (version + 1,))
 
 
+def _release(conn: PgConnection) -> None:
+    """Unlock, then close: the next daemon need not wait for this backend to exit."""
+    try:
+        if not conn.broken:
+            conn.raw.execute("SELECT pg_advisory_unlock_all()")
+    except psycopg.Error as exc:  # closing anyway: the server releases it with the session
+        log.debug("could not release the database lock before closing: %s", exc)
+    finally:
+        conn.close()
+
+
 class PostgresStore:
     """The daemon's writer connection: a :class:`positiond.store.Store` on PostgreSQL.
 
@@ -134,11 +146,7 @@ class PostgresStore:
         except psycopg.Error as exc:
             raise StoreError(f"cannot connect to the database {self.path}: {exc}") from None
         try:
-            row = raw.execute("SELECT pg_try_advisory_lock(%s)", (LOCK_ID,)).fetchone()
-            if not (row and row[0]):
-                raise DatabaseLocked(
-                    f"another positiond is already running on database {self.path}"
-                )
+            self._lock(raw)
             migrate(raw)
         except psycopg.Error as exc:
             raw.close()
@@ -148,6 +156,20 @@ class PostgresStore:
             raise
         self._conn = PgConnection(raw)
         return self._conn
+
+    def _lock(self, raw: psycopg.Connection[Any]) -> None:
+        """Take the database's advisory lock, waiting up to ``busy_timeout`` for it: the
+        server lets go of a stopped daemon's lock only once its backend has exited."""
+        deadline = time.monotonic() + self._busy_timeout
+        while True:
+            row = raw.execute("SELECT pg_try_advisory_lock(%s)", (LOCK_ID,)).fetchone()
+            if row and row[0]:
+                return
+            if time.monotonic() >= deadline:
+                raise DatabaseLocked(
+                    f"another positiond is already running on database {self.path}"
+                )
+            time.sleep(0.05)
 
     def _call(self, fn: Callable[..., T], *args: Any) -> T:
         """On the writer thread: ``fn(connection, *args)``; a lost connection (or one that
@@ -185,5 +207,5 @@ class PostgresStore:
         """Close the connection (which releases the lock); every commit is already durable."""
         conn, self._conn = self._conn, None
         if conn is not None:
-            await self._run(conn.close)
+            await self._run(_release, conn)
         self._thread.shutdown(wait=True)
