@@ -287,7 +287,13 @@ def test_resolve_goes_through_the_running_daemon(
 # ---- verify --------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("daemon_running", [True, False], ids=["daemon", "direct"])
+# PostgreSQL: through the daemon only (posctl writes no PostgreSQL store directly yet).
+@pytest.mark.parametrize(
+    ("daemon_running", "backend"),
+    [(True, "sqlite"), (False, "sqlite"), (True, "postgres")],
+    ids=["daemon", "direct", "daemon-postgres"],
+    indirect=["backend"],
+)
 def test_verify_judges_crashed_legs_and_apply_acts_on_safe_verdicts(
     daemon: DaemonProcess,
     strategies: list[Strategy],
