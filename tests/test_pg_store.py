@@ -31,9 +31,12 @@ from positiond.store.schema import SCHEMA_VERSION, SchemaError
 from positiond_client.protocol import encode
 from tests.helpers import UNIT, DaemonProcess, rows, wait_for
 from tests.pg import ENV, admin_dsn, fresh_database
+from tests.tcp_cut import CutProxy
 from tests.test_daemon import decode_reply
 
 psycopg = pytest.importorskip("psycopg")
+
+from psycopg.conninfo import make_conninfo  # noqa: E402
 
 from positiond.store import pgschema  # noqa: E402  (needs nothing, kept beside its siblings)
 from positiond.store.pgconn import translate  # noqa: E402
@@ -328,3 +331,30 @@ def test_without_a_server_the_postgresql_tests_skip_but_fail_under_ci(ci: bool) 
     else:
         assert done.returncode == 0 and "1 skipped" in done.stdout, done.stdout
         assert "POSITIOND_TEST_PG_DSN is unset" in done.stdout
+
+
+async def test_a_cut_connection_whose_server_session_lives_on_does_not_block_writing(
+    pg: PgDsn,
+) -> None:
+    # The writer's connection is cut but its server process keeps the database's lock (until
+    # the server's keepalives notice, hours by default): the store ends that session of its own
+    # and writes again at the next batch.
+    with psycopg.connect(pg.url) as probe:
+        host, port, name = probe.info.host, probe.info.port, probe.info.dbname
+    upstream = f"{host}/.s.PGSQL.{port}" if host.startswith("/") else (host, int(port))
+    proxy = CutProxy(upstream)
+    try:
+        # The same role and database, through the proxy (a key=value DSN: libpq takes both).
+        via = PgDsn(make_conninfo(pg.url, host="127.0.0.1", port=str(proxy.port), dbname=name))
+        store = await PostgresStore.open(via, busy_timeout=0.5)
+        try:
+            await apply(store, start())
+            proxy.cut()
+            with pytest.raises(sqlite3.OperationalError):
+                await apply(store, entry("ce"))
+            (res,) = await apply(store, entry("ce"))
+            assert res.ok and res.data["duplicate"] is False
+        finally:
+            await store.close()
+    finally:
+        proxy.close()

@@ -12,8 +12,9 @@ once ``apply`` returns). Whether that commit survives the loss of the primary is
 
 One daemon per database: the writer's connection holds a session advisory lock
 (:data:`~positiond.store.pgschema.LOCK_ID`); a second daemon is refused at start, and a daemon
-that lost its connection writes again only once it holds the lock again. A lost connection is a
-retried write (nothing acknowledged): the next batch reconnects.
+that lost its connection writes again only once it holds the lock again (ending its own previous
+server session if that one still holds it). A lost connection is a retried write (nothing
+acknowledged): the next batch reconnects.
 
 Not supported yet with PostgreSQL, refused by the configuration (:class:`positiond.config.Config`
 raises ``ConfigError``, the daemon does not start): alert sinks and periodic reconciliation (both
@@ -116,6 +117,9 @@ class PostgresStore:
         self.path = dsn
         self._busy_timeout = busy_timeout
         self._conn: PgConnection | None = None
+        # The server process of the writer's connection (pid, start): after the connection was
+        # cut it may live on, holding the lock, until the server notices (tcp_keepalives_*).
+        self._backend: tuple[int, Any] | None = None
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="positiond-pg")
 
     @classmethod
@@ -148,6 +152,10 @@ class PostgresStore:
         try:
             self._lock(raw)
             migrate(raw)
+            row = raw.execute(
+                "SELECT pid, backend_start FROM pg_stat_activity WHERE pid = pg_backend_pid()"
+            ).fetchone()
+            self._backend = (row[0], row[1]) if row else None
         except psycopg.Error as exc:
             raw.close()
             raise StoreError(f"cannot prepare the database {self.path}: {exc}") from None
@@ -165,11 +173,32 @@ class PostgresStore:
             row = raw.execute("SELECT pg_try_advisory_lock(%s)", (LOCK_ID,)).fetchone()
             if row and row[0]:
                 return
+            if self._backend is not None:
+                self._end_stale_backend(raw, *self._backend)
+                self._backend = None
+                continue
             if time.monotonic() >= deadline:
                 raise DatabaseLocked(
                     f"another positiond is already running on database {self.path}"
                 )
             time.sleep(0.05)
+
+    def _end_stale_backend(self, raw: psycopg.Connection[Any], pid: int, started: Any) -> None:
+        """Our lost connection's server process, still holding the lock (the connection was
+        cut, not closed: a partition, a proxy or a NAT dropped it): end it, so that writing
+        resumes now instead of when the server notices. Whatever it was doing was never
+        acknowledged; matched by pid and start time, so never another process."""
+        ended = raw.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE pid = %s AND backend_start = %s",
+            (pid, started),
+        ).fetchone()
+        if ended and ended[0]:
+            log.warning(
+                "ended this daemon's previous PostgreSQL session (pid %d): its connection was "
+                "lost but it still held the database's lock",
+                pid,
+            )
 
     def _call(self, fn: Callable[..., T], *args: Any) -> T:
         """On the writer thread: ``fn(connection, *args)``; a lost connection (or one that
