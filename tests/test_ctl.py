@@ -175,7 +175,7 @@ def test_crashed_lists_each_crash_with_its_legs_and_levels(
 
 @both_backends
 def test_reads_and_a_direct_resolve_with_the_daemon_stopped(
-    daemon: DaemonProcess, strategies: list[Strategy], backend: str
+    daemon: DaemonProcess, strategies: list[Strategy]
 ) -> None:
     killed = kill_a_strategy(daemon, strategies)
     assert daemon.stop() == 0
@@ -212,14 +212,6 @@ def test_reads_and_a_direct_resolve_with_the_daemon_stopped(
     human = ctl(daemon, "events", "ce-1")
     assert "stop_price 90 → 104" in human.stdout and "TRAIL_UPDATE" in human.stdout
 
-    if backend == "postgres":  # no direct write there yet: a clear refusal, nothing changed
-        run = ctl(daemon, "resolve", "ce-1", "--closed")
-        assert run.returncode == 3 and "only through a running daemon" in run.stderr, run.stderr
-        assert leg_row(daemon, "ce-1")["status"] == "CRASHED"
-        daemon.start()
-        code, data = ctl_json(daemon, "resolve", "ce-1", "--closed", "--exit-price", "104.5")
-        assert (code, data["via"], data["result"]["status"]) == (0, "daemon", "CLOSED")
-        return
     # A change with no daemon: written directly, under the daemon's lock, with its store code.
     code, data = ctl_json(daemon, "resolve", "ce-1", "--closed", "--exit-price", "104.5",
                           "--note", "exited by hand in the broker terminal")  # fmt: skip
@@ -287,13 +279,8 @@ def test_resolve_goes_through_the_running_daemon(
 # ---- verify --------------------------------------------------------------------------------
 
 
-# PostgreSQL: through the daemon only (posctl writes no PostgreSQL store directly yet).
-@pytest.mark.parametrize(
-    ("daemon_running", "backend"),
-    [(True, "sqlite"), (False, "sqlite"), (True, "postgres")],
-    ids=["daemon", "direct", "daemon-postgres"],
-    indirect=["backend"],
-)
+@pytest.mark.parametrize("daemon_running", [True, False], ids=["daemon", "direct"])
+@both_backends
 def test_verify_judges_crashed_legs_and_apply_acts_on_safe_verdicts(
     daemon: DaemonProcess,
     strategies: list[Strategy],
@@ -363,6 +350,7 @@ def test_verify_refuses_a_positionbook_it_cannot_trust(
 
 
 @pytest.mark.parametrize("daemon_running", [True, False], ids=["daemon", "direct"])
+@both_backends
 def test_prune_never_removes_live_crashed_or_review_data(
     daemon: DaemonProcess,
     strategies: list[Strategy],

@@ -23,8 +23,9 @@ not a wait for the timeout.
 
 A PostgreSQL store (``db`` a ``postgresql://`` URL, :mod:`positiond.store.postgres`) is read in
 one read-only REPEATABLE READ transaction (one snapshot) through the store's
-:class:`~positiond.store.pgconn.PgConnection`, with the same SQL; changes go to the daemon only
-(a direct write without a running daemon is not supported yet).
+:class:`~positiond.store.pgconn.PgConnection`, with the same SQL; changes go to the daemon
+when it runs, else directly under the same advisory lock the daemon takes
+(:func:`positiond.store.postgres.apply_direct`).
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ import zmq
 from rich.console import Console
 
 from positiond.commands import HealthQuery, Refusal, command_op
-from positiond.ops import Batch
+from positiond.ops import Batch, Result
 from positiond.store.dbfile import DatabaseLocked, lock_database, lock_file_for
 from positiond.store.dsn import PgDsn
 from positiond.store.schema import SCHEMA_VERSION, SchemaError
@@ -206,7 +207,25 @@ class Written:
     outcomes: list[Outcome]
 
 
-def _direct(db: Path, messages: list[dict[str, Any]], by: str) -> list[Outcome]:
+class _Locked(Exception):
+    """A daemon holds the PostgreSQL database: the change goes to it."""
+
+
+def _apply_direct(db: Path | PgDsn, batch: Batch) -> list[Result]:
+    if not isinstance(db, PgDsn):
+        return apply_direct(db, batch)
+    try:
+        from positiond.store import postgres
+    except ImportError as exc:
+        need = "pip install 'positiond[postgres]'"
+        raise CtlError(EXIT_UNREACHABLE, f"writing {db} needs psycopg ({exc}): {need}") from None
+    try:
+        return postgres.apply_direct(db, batch)
+    except DatabaseLocked:
+        raise _Locked from None
+
+
+def _direct(db: Path | PgDsn, messages: list[dict[str, Any]], by: str) -> list[Outcome]:
     """Apply the messages as the daemon would (its ops, its SQL), in one transaction."""
     now = time.time()
     ops = []
@@ -219,7 +238,7 @@ def _direct(db: Path, messages: list[dict[str, Any]], by: str) -> list[Outcome]:
             raise CtlError(EXIT_USAGE, "a health query goes to the daemon")
         ops.append(out)
     try:
-        results = apply_direct(db, Batch(ops=ops, time=now))
+        results = _apply_direct(db, Batch(ops=ops, time=now))
     except SchemaError as exc:
         raise CtlError(EXIT_UNREACHABLE, f"{db}: {exc}") from None
     except sqlite3.Error as exc:
@@ -304,7 +323,11 @@ def write(
             raise CtlError(EXIT_USAGE, exc.reason, exc.code) from None
         checked.append(msg)
     if isinstance(db, PgDsn):
-        why = f"posctl changes a PostgreSQL store ({db}) only through a running daemon"
+        direct_by = f"{by} (direct write: daemon not running)"
+        try:
+            return Written("direct", direct_by, _direct(db, checked, direct_by))
+        except _Locked:
+            why = f"the database's lock on {db} is held (by a running positiond?)"
     elif db.is_file():
         with _daemon_lock(db) as ours:
             if ours:

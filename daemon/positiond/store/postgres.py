@@ -29,7 +29,7 @@ import sqlite3
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import psycopg
 
@@ -42,7 +42,7 @@ from positiond.store.pgschema import LOCK_ID, MIGRATIONS, SCHEMA_VERSION
 from positiond.store.schema import SchemaError
 from positiond.store.writes import apply_batch, load_live
 
-__all__ = ["PostgresStore", "connect", "migrate"]
+__all__ = ["PostgresStore", "apply_direct", "connect", "migrate"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -103,6 +103,27 @@ def _release(conn: PgConnection) -> None:
         log.debug("could not release the database lock before closing: %s", exc)
     finally:
         conn.close()
+
+
+def apply_direct(dsn: PgDsn, batch: Batch) -> list[Result]:
+    """Apply one batch with a connection of its own when no daemon holds the database's lock
+    (posctl's write when no daemon runs); raises :class:`DatabaseLocked` when one does, and
+    ``sqlite3.Error`` or :class:`SchemaError` as :func:`positiond.store.sqlite.apply_direct`."""
+    try:
+        raw = connect(dsn)
+    except psycopg.Error as exc:
+        raise sqlite3.OperationalError(f"cannot connect to {dsn}: {exc}") from None
+    conn = PgConnection(raw)
+    try:
+        row = raw.execute("SELECT pg_try_advisory_lock(%s)", (LOCK_ID,)).fetchone()
+        if not (row and row[0]):
+            raise DatabaseLocked(f"another positiond is running on database {dsn}")
+        migrate(raw)
+        return apply_batch(cast(sqlite3.Connection, conn), batch)  # its surface: .pgconn
+    except psycopg.Error as exc:
+        raise translated_error(exc) from exc
+    finally:
+        _release(conn)
 
 
 class PostgresStore:
