@@ -22,7 +22,7 @@ import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from positiond.config import ConfigError, load
+from positiond.config import ConfigError, format_config, load
 from positiond.ops import Batch, EntryOp, Result, StartOp
 from positiond.store import open_store
 from positiond.store.dbfile import DatabaseLocked
@@ -221,6 +221,8 @@ def test_a_url_selects_postgresql_and_anything_else_is_a_path(scheme: str) -> No
     assert load(["--db", url], {}, None).config.db == PgDsn(url)
     assert load([], {"POSITIOND_DB": url}, None).config.db == PgDsn(url)
     assert load(["--db", "postgresql.db"], {}, None).config.db == Path("postgresql.db")
+    shown = format_config(load(["--db", url], {}, None))
+    assert f'db = "{parsed}"' in shown and "s3cret" not in shown
 
 
 def test_what_postgresql_does_not_support_yet_is_refused(tmp_path: Path) -> None:

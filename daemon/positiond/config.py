@@ -605,7 +605,7 @@ def format_config(loaded: Loaded) -> str:
             continue
         if s.name == "socket_mode":
             text = f"0o{value:03o}"
-        elif isinstance(value, Path):
+        elif isinstance(value, Path | PgDsn):  # a PgDsn's str() hides its password
             text = json.dumps(str(value))
         elif isinstance(value, str):
             text = json.dumps(value)
