@@ -6,7 +6,7 @@ The parts it wires together, none of which knows the daemon:
   drains it, decodes, hands each message to the engine and sends the replies; turns a dropped
   ipc connection into "process exited" within milliseconds;
 - the :class:`~positiond.engine.Engine`: the rules, and what waits to be written;
-- the :class:`~positiond.store.Store`: one SQLite connection on its own thread.
+- the :class:`~positiond.store.Store`: one SQLite (or PostgreSQL) connection on its own thread.
 
 Its tasks:
 
