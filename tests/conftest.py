@@ -8,7 +8,9 @@ from typing import Any
 
 import pytest
 
+from positiond.store.dsn import PgDsn
 from tests.helpers import DaemonProcess
+from tests.pg import admin_dsn, fresh_database
 
 # `pytest --soak` runs the fault and fuzz tests long: every count the tests scale with
 # Soak.count() is multiplied by --soak-scale (kills of the daemon: 20 -> 2000 by default).
@@ -78,9 +80,27 @@ def workdir() -> Iterator[Path]:
 
 
 @pytest.fixture
-def daemon(workdir: Path) -> Iterator[DaemonProcess]:
-    """A real positiond process with a 1 s heartbeat timeout."""
-    proc = DaemonProcess(workdir, "--flush-interval", "0.05", heartbeat_timeout=1.0).start()
+def backend(request: pytest.FixtureRequest) -> str:
+    """``sqlite`` unless a test runs on both (``@both_backends``, tests/pg.py)."""
+    return str(getattr(request, "param", "sqlite"))
+
+
+@pytest.fixture
+def db(backend: str, workdir: Path) -> Iterator[Path | PgDsn]:
+    """The database a test's daemon or store uses: a SQLite file in ``workdir``, or a fresh
+    PostgreSQL database (skipped without a server, failed under CI: tests/pg.py)."""
+    if backend == "sqlite":
+        yield workdir / "positiond.db"
+        return
+    with fresh_database(admin_dsn()) as dsn:
+        yield dsn
+
+
+@pytest.fixture
+def daemon(workdir: Path, db: Path | PgDsn) -> Iterator[DaemonProcess]:
+    """A real positiond process with a 1 s heartbeat timeout, on ``db``."""
+    proc = DaemonProcess(workdir, "--flush-interval", "0.05", heartbeat_timeout=1.0, db=db)
+    proc.start()
     try:
         yield proc
     finally:

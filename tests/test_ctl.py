@@ -26,8 +26,10 @@ import zmq
 
 from positiond.ctl.access import who
 from positiond.ctl.change import RESUME_ACTION
+from positiond.store.dsn import PgDsn
 from positiond_client import PositionPersistenceManager
 from tests.helpers import UNIT, DaemonProcess, rows, session_status, wait_for
+from tests.pg import both_backends
 from tests.test_daemon import Strategy
 
 CE, PE = "NIFTY28NOV2524000CE", "NIFTY28NOV2524000PE"
@@ -36,12 +38,13 @@ ZONE = "Asia/Kolkata"  # posctl shows local time: run it in a zone that is not U
 
 
 def posctl(
-    db: Path, endpoint: str, *args: str, stdin: str | None = None
+    db: Path | PgDsn, endpoint: str, *args: str, stdin: str | None = None
 ) -> subprocess.CompletedProcess[str]:
     """``python -m positiond.ctl --db DB --endpoint E ARGS`` as an operator would run it."""
     env = {**os.environ, "TZ": ZONE, "COLUMNS": "200"}
+    where = db.url if isinstance(db, PgDsn) else str(db)
     return subprocess.run(
-        [sys.executable, "-m", "positiond.ctl", "--db", str(db), "--endpoint", endpoint, *args],
+        [sys.executable, "-m", "positiond.ctl", "--db", where, "--endpoint", endpoint, *args],
         input=stdin,
         capture_output=True,
         text=True,
@@ -125,6 +128,7 @@ def crash_in_process(
 # ---- reads ---------------------------------------------------------------------------------
 
 
+@both_backends
 def test_crashed_lists_each_crash_with_its_legs_and_levels(
     daemon: DaemonProcess, strategies: list[Strategy], managers: list[PositionPersistenceManager]
 ) -> None:
@@ -169,6 +173,7 @@ def test_crashed_lists_each_crash_with_its_legs_and_levels(
     assert run.returncode == 1 and json.loads(run.stdout)["count"] == 3
 
 
+@both_backends
 def test_reads_and_a_direct_resolve_with_the_daemon_stopped(
     daemon: DaemonProcess, strategies: list[Strategy]
 ) -> None:
@@ -229,6 +234,7 @@ def test_reads_and_a_direct_resolve_with_the_daemon_stopped(
     assert (code, data["via"]) == (0, "daemon")
 
 
+@both_backends
 def test_resolve_goes_through_the_running_daemon(
     daemon: DaemonProcess, strategies: list[Strategy], managers: list[PositionPersistenceManager]
 ) -> None:
@@ -274,6 +280,7 @@ def test_resolve_goes_through_the_running_daemon(
 
 
 @pytest.mark.parametrize("daemon_running", [True, False], ids=["daemon", "direct"])
+@both_backends
 def test_verify_judges_crashed_legs_and_apply_acts_on_safe_verdicts(
     daemon: DaemonProcess,
     strategies: list[Strategy],
@@ -343,6 +350,7 @@ def test_verify_refuses_a_positionbook_it_cannot_trust(
 
 
 @pytest.mark.parametrize("daemon_running", [True, False], ids=["daemon", "direct"])
+@both_backends
 def test_prune_never_removes_live_crashed_or_review_data(
     daemon: DaemonProcess,
     strategies: list[Strategy],
@@ -391,6 +399,7 @@ def test_prune_never_removes_live_crashed_or_review_data(
 # ---- status and exit codes -----------------------------------------------------------------
 
 
+@both_backends
 def test_status_reads_the_running_daemons_snapshot(daemon: DaemonProcess) -> None:
     wait_for((daemon.workdir / "status.json").exists, 5, "status.json")
     code, data = ctl_json(daemon, "status")

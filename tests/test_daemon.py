@@ -1,4 +1,5 @@
-"""End to end: real daemon process, real strategy processes, real sockets and SQLite."""
+"""End to end: real daemon process, real strategy processes, real sockets and SQLite (the key
+tests also on PostgreSQL: ``@both_backends``)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import zmq.auth
 from positiond_client import PositionPersistenceManager
 from positiond_client.protocol import encode
 from tests.helpers import UNIT, DaemonProcess, rows, session_status, wait_for
+from tests.pg import both_backends
 
 STRATEGY = Path(__file__).with_name("strategy_proc.py")
 
@@ -96,6 +98,7 @@ class Strategy:
                 stream.close()
 
 
+@both_backends
 def test_kill_9_marks_crashed_and_seed_query_lists_open_legs(
     daemon: DaemonProcess, strategies: list[Strategy]
 ) -> None:
@@ -138,6 +141,7 @@ def test_kill_9_marks_crashed_and_seed_query_lists_open_legs(
     assert len(events) == 3  # one for the session, one per open leg
 
 
+@both_backends
 def test_handle_crash_records_the_exception(
     daemon: DaemonProcess, strategies: list[Strategy]
 ) -> None:
@@ -158,6 +162,7 @@ def test_handle_crash_records_the_exception(
     assert [(r["status"], r["was_crashed"]) for r in legs] == [("CRASHED", 1)]
 
 
+@both_backends
 def test_end_session_is_never_crashed_afterwards(daemon: DaemonProcess) -> None:
     pm = PositionPersistenceManager("expiry_blast", endpoint=daemon.endpoint, ack_timeout=5)
     sid = pm.start_session()
@@ -214,6 +219,7 @@ def test_sigstop_is_declared_crashed_after_the_timeout_then_revived(
     assert json.loads(revived[0]["payload"])["legs"] == ["ce-1", "pe-1"]
 
 
+@both_backends
 def test_daemon_restart_keeps_a_live_session_running_and_its_updates_flowing(
     daemon: DaemonProcess, strategies: list[Strategy]
 ) -> None:
@@ -246,6 +252,7 @@ def test_daemon_restart_keeps_a_live_session_running_and_its_updates_flowing(
     assert rows(daemon.db, SEED_RECOVERY_QUERY) == []
 
 
+@both_backends
 def test_session_that_does_not_return_after_restart_is_crashed(
     daemon: DaemonProcess, strategies: list[Strategy]
 ) -> None:
@@ -289,6 +296,7 @@ def test_coalescing_stores_the_newest_state(daemon: DaemonProcess) -> None:
     pm.close()
 
 
+@both_backends
 def test_duplicate_entry_and_exit_are_idempotent(daemon: DaemonProcess) -> None:
     with zmq.Context() as ctx, ctx.socket(zmq.DEALER) as raw:
         raw.setsockopt(zmq.LINGER, 0)
@@ -366,6 +374,7 @@ def decode_reply(raw: bytes) -> dict[str, object]:
         ),
     ],
 )
+@both_backends
 def test_malformed_messages_get_errors_and_the_daemon_keeps_serving(
     daemon: DaemonProcess, payload: bytes, code: str
 ) -> None:

@@ -18,6 +18,7 @@ from positiond_client import (
 )
 from positiond_client.protocol import encode
 from tests.helpers import UNIT, DaemonProcess, rows, session_status, wait_for
+from tests.pg import both_backends
 from tests.test_daemon import SEED_CRASH_QUERY, Strategy, decode_reply
 
 CE, PE = "NIFTY28NOV2524000CE", "NIFTY28NOV2524000PE"
@@ -57,6 +58,7 @@ def crash_a_strategy(daemon: DaemonProcess, strategies: list[Strategy]) -> int:
     return sid
 
 
+@both_backends
 def test_get_crashed_positions_has_everything_to_rebuild_a_monitor(
     daemon: DaemonProcess, strategies: list[Strategy], manager: PositionPersistenceManager
 ) -> None:
@@ -85,6 +87,7 @@ def test_get_crashed_positions_has_everything_to_rebuild_a_monitor(
     assert len(manager.get_crashed_positions(all_strategies=True)) == 2
 
 
+@both_backends
 def test_auto_recovery_adopts_closes_and_records_orphans(
     daemon: DaemonProcess, strategies: list[Strategy], manager: PositionPersistenceManager
 ) -> None:
@@ -131,6 +134,7 @@ def test_auto_recovery_adopts_closes_and_records_orphans(
     assert again.verdicts == [] and len(rows(daemon.db, "SELECT * FROM broker_orphans")) == 1
 
 
+@both_backends
 def test_mismatch_is_flagged_for_review_and_can_be_requeued(
     daemon: DaemonProcess, strategies: list[Strategy], manager: PositionPersistenceManager
 ) -> None:
@@ -146,6 +150,7 @@ def test_mismatch_is_flagged_for_review_and_can_be_requeued(
     assert info.value.code == "BAD_STATE"
 
 
+@both_backends
 def test_fencing_a_frozen_strategy_that_comes_back(
     daemon: DaemonProcess, strategies: list[Strategy], manager: PositionPersistenceManager
 ) -> None:
@@ -206,6 +211,7 @@ def test_reads_raise_when_the_daemon_is_away(workdir: Any) -> None:
         pm.close(0)
 
 
+@both_backends
 def test_writes_for_an_adopted_leg_are_refused_and_recorded(
     daemon: DaemonProcess, manager: PositionPersistenceManager
 ) -> None:

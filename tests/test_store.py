@@ -25,14 +25,17 @@ from positiond.store.dbfile import (
     lock_database,
     lock_file_for,
 )
+from positiond.store.dsn import PgDsn
 from positiond.store.schema import SCHEMA_VERSION, SchemaError
 from positiond.store.sqlite import AIOSQLITE_VERSIONS, SQLiteStore, run_on_thread
 from tests.helpers import rows
+from tests.pg import both_backends
 
 
 @pytest.fixture
-async def store(workdir: Path) -> AsyncIterator[Store]:
-    opened = await open_store(workdir / "p.db", busy_timeout=0.1)
+async def store(db: Path | PgDsn) -> AsyncIterator[Store]:
+    """The store on ``db``: SQLite, or PostgreSQL for the tests marked ``@both_backends``."""
+    opened = await open_store(db, busy_timeout=0.1)
     yield opened
     await opened.close()
 
@@ -95,16 +98,20 @@ async def test_run_on_thread_runs_one_callable_on_the_connection_thread(workdir:
         await conn.close()
 
 
-async def test_the_sqlite_store_is_a_store(store: Store) -> None:
-    # The interface a PostgreSQL store will also satisfy (mypy checks open_store's return too).
-    assert isinstance(store, SQLiteStore)
+@both_backends
+async def test_each_store_is_a_store(store: Store, backend: str) -> None:
+    # One interface, two implementations (mypy checks open_store's return too).
+    if backend == "sqlite":
+        assert isinstance(store, SQLiteStore)
+    else:
+        assert type(store).__name__ == "PostgresStore"
     assert isinstance(store, Store)
     assert await store.migrate() == SCHEMA_VERSION
     assert await store.query("crashed") == {"legs": [], "truncated": False}
 
 
 async def test_schema_is_versioned_wal_and_private(store: Store, workdir: Path) -> None:
-    db = workdir / "p.db"
+    db = workdir / "positiond.db"  # the store fixture's file
     assert stat.S_IMODE(db.stat().st_mode) == 0o600
     conn = sqlite3.connect(db)
     try:
@@ -123,6 +130,7 @@ async def test_newer_schema_is_refused(workdir: Path) -> None:
         await open_store(db)
 
 
+@both_backends
 async def test_entry_is_idempotent_by_key_and_conflicts_across_sessions(store: Store) -> None:
     _, first, again = await apply(store, start(), entry("ce"), entry("ce"))
     assert first.data == {"position_id": 1, "status": "ACTIVE", "duplicate": False}
@@ -133,6 +141,7 @@ async def test_entry_is_idempotent_by_key_and_conflicts_across_sessions(store: S
     assert found[0]["n"] == 1
 
 
+@both_backends
 async def test_exit_applies_final_state_once(store: Store) -> None:
     await apply(store, start(), entry("ce"))
     exit_op = ExitOp(b"r", 3, "s1", "ce", 96.0, "STOP_HIT", 1.7e9, {"stop_price": 96.0})
@@ -152,6 +161,7 @@ async def test_exit_applies_final_state_once(store: Store) -> None:
     assert exits[0]["n"] == 1
 
 
+@both_backends
 async def test_crash_marks_open_legs_and_the_verdict_never_beats_an_end(store: Store) -> None:
     await apply(store, start(), entry("ce"), entry("pe"), start("s2"))
     await apply(store, ExitOp(b"r", 3, "s1", "pe", 80.0, "TARGET", 1.7e9))
@@ -180,6 +190,7 @@ async def test_crash_marks_open_legs_and_the_verdict_never_beats_an_end(store: S
     assert [r["status"] for r in sessions] == ["CRASHED", "COMPLETED"]
 
 
+@both_backends
 async def test_strategy_report_replaces_a_daemon_verdict_but_not_the_reverse(store: Store) -> None:
     await apply(store, start())
     await apply(store, CrashOp(None, None, "s1", "HEARTBEAT", "missed heartbeats", 1.7e9))
@@ -191,6 +202,7 @@ async def test_strategy_report_replaces_a_daemon_verdict_but_not_the_reverse(sto
     assert refused.code == "SESSION_CLOSED"
 
 
+@both_backends
 async def test_start_revives_a_session_the_daemon_declared_dead(store: Store) -> None:
     await apply(store, start(), entry("ce"))
     await apply(store, CrashOp(None, None, "s1", "HEARTBEAT", "missed heartbeats", 1.7e9))
@@ -201,6 +213,7 @@ async def test_start_revives_a_session_the_daemon_declared_dead(store: Store) ->
     assert (leg["status"], leg["was_crashed"]) == ("ACTIVE", 1)
 
 
+@both_backends
 async def test_one_bad_op_is_refused_while_the_rest_commits(store: Store) -> None:
     bad = entry("bad", side="SIDEWAYS")  # past the protocol, the CHECK constraint stops it
     results = await apply(store, start(), bad, entry("good"), SyncOp(b"r", 9, "s1"))
@@ -225,6 +238,7 @@ async def test_a_locked_database_fails_the_batch_and_commits_nothing(store: Stor
     assert res.ok
 
 
+@both_backends
 async def test_updates_touch_only_the_named_fields_of_active_legs(store: Store) -> None:
     await apply(store, start(), entry("ce", state={"atm": 1}), entry("pe"))
     await apply(store, ExitOp(b"r", 3, "s1", "pe", 1.0, "X", 1.7e9))
@@ -256,6 +270,7 @@ async def test_concurrent_readers_do_not_block_the_writer(store: Store) -> None:
         reader.close()
 
 
+@both_backends
 async def test_only_the_token_holder_resumes_ends_or_crashes_a_session(store: Store) -> None:
     await apply(store, start())
     stored = rows(store.path, "SELECT token_hash FROM strategy_sessions")[0]["token_hash"]

@@ -37,6 +37,7 @@ from positiond.protect.settings import (
     parse_protect,
 )
 from positiond.store import Synchronous
+from positiond.store.dsn import PgDsn, parse_db
 from positiond.store.schema import SCHEMA_VERSION
 from positiond_client.paths import default_db_path, default_endpoint
 from positiond_client.protocol import MAX_MESSAGE_BYTES, PROTOCOL_VERSION
@@ -81,7 +82,8 @@ class ConfigError(ValueError):
 class Config:
     """Everything the daemon can be told. Paths default to the user's state/runtime dirs."""
 
-    db: Path = field(default_factory=default_db_path)
+    # A SQLite file, or a postgresql:// URL: the PostgreSQL store (positiond.store.postgres).
+    db: Path | PgDsn = field(default_factory=default_db_path)
     endpoint: str = field(default_factory=default_endpoint)
     heartbeat_timeout: float = 3.0
     flush_interval: float = 1.0
@@ -148,6 +150,24 @@ class Config:
                 "give access through a group (0660) instead",
             )
         _within("busy_timeout", self.busy_timeout, 0.0, 3600)
+        if isinstance(self.db, PgDsn):  # what the PostgreSQL store cannot do yet (issue 14)
+            if self.alerts.sinks:
+                raise ConfigError("alerts", "alerts with a PostgreSQL store are not supported yet")
+            if self.openalgo_reconcile_interval > 0:
+                raise ConfigError(
+                    "openalgo_reconcile_interval",
+                    "periodic reconciliation with a PostgreSQL store is not supported yet",
+                )
+            if self.protect.enabled:
+                raise ConfigError(
+                    "protect.mode",
+                    "protective stop orders with a PostgreSQL store are not supported yet",
+                )
+            if self.metrics_listen is not None:
+                raise ConfigError(
+                    "metrics_listen",
+                    "the metrics endpoint with a PostgreSQL store is not supported yet",
+                )
         _within("status_interval", self.status_interval, 0.1, 3600)
         _within("max_connections", self.max_connections, 0, 1 << 20)
         if self.openalgo_host is not None and not self.openalgo_host.startswith(
@@ -264,11 +284,12 @@ _NUMBER = (int, float)
 SETTINGS: tuple[_Setting, ...] = (
     _Setting(
         "db",
-        _path,
+        parse_db,
         (),
-        "PATH",
+        "PATH|URL",
         "SQLite database (default: $STATE_DIRECTORY, else $XDG_STATE_HOME/positiond, else "
-        "~/.local/state/positiond; file positiond.db)",
+        "~/.local/state/positiond; file positiond.db), or a postgresql://user@host:port/dbname "
+        "URL: the PostgreSQL store (pip install 'positiond[postgres]')",
     ),
     _Setting(
         "endpoint",
@@ -659,7 +680,7 @@ def format_config(loaded: Loaded) -> str:
             text = "true" if value else "false"
         elif s.name == "socket_mode":
             text = f"0o{value:03o}"
-        elif isinstance(value, Path):
+        elif isinstance(value, Path | PgDsn):  # a PgDsn's str() hides its password
             text = json.dumps(str(value))
         elif isinstance(value, str):
             text = json.dumps(value)

@@ -46,9 +46,11 @@ def reconciler_of(config: Config, wake: Callable[[], None] | None) -> Reconciler
     settings = settings_of(config)
     if settings is None or config.openalgo_reconcile_interval <= 0:
         return None
+    if not isinstance(config.db, Path):  # PostgreSQL: refused by Config already
+        return None
     window = config.openalgo_reconcile_window
     return Reconciler(
-        Path(config.db), settings, config.openalgo_reconcile_interval,
+        config.db, settings, config.openalgo_reconcile_interval,
         None if window is None else parse_window(window), ZoneInfo(config.openalgo_timezone),
         busy_timeout=config.busy_timeout, wake=wake,
     )  # fmt: skip

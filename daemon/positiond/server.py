@@ -6,7 +6,7 @@ The parts it wires together, none of which knows the daemon:
   drains it, decodes, hands each message to the engine and sends the replies; turns a dropped
   ipc connection into "process exited" within milliseconds;
 - the :class:`~positiond.engine.Engine`: the rules, and what waits to be written;
-- the :class:`~positiond.store.Store`: one SQLite connection on its own thread;
+- the :class:`~positiond.store.Store`: one SQLite (or PostgreSQL) connection on its own thread;
 - the :class:`~positiond.watchers.WatchHub`: ``posctl watch`` and scripts, fed from committed
   batches by the writer, sent to by the tick.
 
@@ -66,6 +66,7 @@ from positiond.store.dbfile import (
     open_error,
     restore_advice,
 )
+from positiond.store.dsn import PgDsn
 from positiond.watchers import WatchHub
 from positiond_client.paths import ipc_path
 
@@ -183,25 +184,15 @@ class Daemon:
     async def start(self) -> None:
         """Lock, open and migrate the database, load live sessions, bind, start the tasks."""
         cfg = self.config
-        db = Path(cfg.db)
-        try:
-            # Locked by what the path leads to (symlinks, hard links): see positiond.store.dbfile.
-            self._db_lock = lock_database(db, create=True)
-        except DatabaseLocked:
-            raise AlreadyRunning(f"another positiond is already running on database {db}") from None
-        except OSError as exc:  # a directory we may not create, a full or read-only disk
-            raise StoreError(f"cannot create or lock the database {db}: {exc}") from None
-        try:
-            self._open_metrics()  # first: a taken port fails the start before anything opens
-        except BaseException:
-            self._db_lock.close()
-            self._db_lock = None
-            raise
-        self.listener.prepare()
-        watch = FileWatch(db, self._db_lock.fd)
-        self.store = await open_store(
-            db, cfg.synchronous, busy_timeout=cfg.busy_timeout, watch=watch
-        )
+        db = cfg.db
+        if isinstance(db, PgDsn):  # the server's lock: an advisory lock (positiond.store.postgres)
+            self.listener.prepare()
+            try:
+                self.store = await open_store(db, busy_timeout=cfg.busy_timeout)
+            except DatabaseLocked as exc:
+                raise AlreadyRunning(str(exc)) from None
+        else:
+            self.store = await self._open_sqlite(db)
         try:
             sessions, legs = await self.store.load_live()
         except sqlite3.Error as exc:  # damage the bounded quick_check did not reach
@@ -221,7 +212,8 @@ class Daemon:
         self.router.attach(loop)
         self._tasks = [loop.create_task(self._tick_loop(), name="positiond-tick")]
         self._tasks.append(loop.create_task(self._watch_loop(), name="positiond-watch"))
-        if cfg.alerts.sinks:  # apart from the writer: its own task and connection
+        # Apart from the writer: its own task and connection (PostgreSQL: refused by Config).
+        if cfg.alerts.sinks and isinstance(db, Path):
             self.delivery = Delivery(
                 db, cfg.alerts, busy_timeout=cfg.busy_timeout, openalgo=settings_of(cfg)
             )
@@ -255,11 +247,12 @@ class Daemon:
         endpoint.start()
         self.metrics = endpoint
 
-    def open_protector(self, db: Path) -> None:
+    def open_protector(self, db: Path | PgDsn) -> None:
         """Start the protect worker when ``[protect]`` is on (its own task, connection and
-        HTTP client); it is woken after commits through ``protect_wake``."""
+        HTTP client); it is woken after commits through ``protect_wake``. (SQLite only: the
+        config refuses ``[protect]`` with a PostgreSQL store.)"""
         cfg, openalgo = self.config, settings_of(self.config)
-        if not cfg.protect.enabled or openalgo is None:
+        if not cfg.protect.enabled or openalgo is None or isinstance(db, PgDsn):
             return
         self.protector = Protector(
             db, cfg.protect, openalgo, submit=self.submit, handback=self.handback,
@@ -273,6 +266,25 @@ class Daemon:
         """Queue an op of the daemon's own (the protect worker's) for the writer."""
         self.engine.submit(op)
         self._wake.set()
+
+    async def _open_sqlite(self, db: Path) -> Store:
+        cfg = self.config
+        try:
+            # Locked by what the path leads to (symlinks, hard links): see positiond.store.dbfile.
+            self._db_lock = lock_database(db, create=True)
+        except DatabaseLocked:
+            raise AlreadyRunning(f"another positiond is already running on database {db}") from None
+        except OSError as exc:  # a directory we may not create, a full or read-only disk
+            raise StoreError(f"cannot create or lock the database {db}: {exc}") from None
+        try:
+            self._open_metrics()  # first: a taken port fails the start before anything opens
+        except BaseException:
+            self._db_lock.close()
+            self._db_lock = None
+            raise
+        self.listener.prepare()
+        watch = FileWatch(db, self._db_lock.fd)
+        return await open_store(db, cfg.synchronous, busy_timeout=cfg.busy_timeout, watch=watch)
 
     def _ensure_lock(self, path: Path) -> None:
         """Hold the lock at ``path`` (again, if the file we held was deleted)."""
@@ -387,11 +399,13 @@ class Daemon:
         now, wall = self.monotonic(), time.time()
         progressing = self.writer_progressing()
         listening = self.listener.health()
-        db = Path(self.config.db)
-        size = 0
-        for path in (db, db.with_name(db.name + "-wal")):
-            with contextlib.suppress(OSError):
-                size += path.stat().st_size
+        db = self.config.db
+        size: int | None = None  # PostgreSQL: not known here (the server keeps its files)
+        if isinstance(db, Path):
+            size = 0
+            for path in (db, db.with_name(db.name + "-wal")):
+                with contextlib.suppress(OSError):
+                    size += path.stat().st_size
         return {
             "pid": os.getpid(),
             "version": version(),

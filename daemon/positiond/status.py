@@ -12,18 +12,17 @@ lock or a dead disk has to get the daemon restarted, not kept alive by a timer t
 :meth:`positiond.server.Daemon.health`, replaced atomically every status interval, for operators
 and monitoring (``posctl status``) without a round trip to the daemon. Its fields:
 
-``pid``, ``version``, ``time`` (Unix seconds when written), ``status_interval`` (a file older than
-a few of these belongs to a dead or hung daemon), ``uptime`` (seconds), ``endpoint``, ``db``,
-``db_size`` (bytes, database plus WAL), ``sessions`` (live), ``legs`` (open), ``pending_ops``
-(durable messages not committed yet), ``pending_updates`` (coalesced leg updates not written yet),
-``last_flush_age`` (seconds since the last commit, null before the first), ``writer_stalled``
-(seconds since the writer last committed or had nothing to do), ``storage_fault`` (null, or why
-nothing is written or acknowledged any more: the database file was deleted or replaced, or is
-damaged; it says what to do), ``listening`` (the ipc socket file is the one the daemon listens
-on; false when it was deleted and could not be bound again, e.g. under socket activation),
-``metrics`` (the URL of the Prometheus endpoint, null without ``metrics_listen``),
-``healthy`` (writes succeed, the writer is not stalled, no storage fault, and the daemon is
-listening), ``counters``.
+``pid``, ``version``, ``time`` (Unix seconds when written), ``status_interval`` (a file older than a
+few of these belongs to a dead or hung daemon), ``uptime`` (seconds), ``endpoint``, ``db``,
+``db_size`` (bytes, database plus WAL; null for PostgreSQL), ``sessions`` (live), ``legs`` (open),
+``pending_ops`` (durable messages not committed yet), ``pending_updates`` (coalesced leg updates not
+written yet), ``last_flush_age`` (seconds since the last commit, null before the first),
+``writer_stalled`` (seconds since the writer last committed or had nothing to do), ``storage_fault``
+(null, or why nothing is written or acknowledged any more: the database file was deleted or
+replaced, or is damaged; it says what to do), ``listening`` (the ipc socket file is the one the
+daemon listens on; false when it was deleted and could not be bound again, e.g. under socket
+activation), ``healthy`` (writes succeed, the writer is not stalled, no storage fault, and the
+daemon is listening), ``counters``.
 """
 
 from __future__ import annotations

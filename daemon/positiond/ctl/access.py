@@ -20,6 +20,12 @@ names it) while it runs:
 
 A socket file nobody listens on (a daemon stopped or killed leaves it) is "not running" at once,
 not a wait for the timeout.
+
+A PostgreSQL store (``db`` a ``postgresql://`` URL, :mod:`positiond.store.postgres`) is read in
+one read-only REPEATABLE READ transaction (one snapshot) through the store's
+:class:`~positiond.store.pgconn.PgConnection`, with the same SQL; changes go to the daemon
+when it runs, else directly under the same advisory lock the daemon takes
+(:func:`positiond.store.postgres.apply_direct`).
 """
 
 from __future__ import annotations
@@ -34,15 +40,16 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import orjson
 import zmq
 from rich.console import Console
 
 from positiond.commands import HealthQuery, Refusal, command_op
-from positiond.ops import Batch
+from positiond.ops import Batch, Result
 from positiond.store.dbfile import DatabaseLocked, lock_database, lock_file_for
+from positiond.store.dsn import PgDsn
 from positiond.store.schema import SCHEMA_VERSION, SchemaError
 from positiond.store.sqlite import apply_direct, connect_readonly
 from positiond_client.errors import ProtocolError
@@ -88,8 +95,10 @@ class CtlError(Exception):
         self.code = code  # the wire error code, for a refusal
 
 
-def open_readonly(db: Path) -> sqlite3.Connection:
+def open_readonly(db: Path | PgDsn) -> sqlite3.Connection:
     """A read-only connection inside one read transaction; CtlError(3) when it cannot be read."""
+    if isinstance(db, PgDsn):
+        return _open_postgres(db)
     if not db.is_file():
         parent = db.parent
         if parent.is_dir() and not os.access(parent, os.R_OK | os.X_OK):
@@ -123,6 +132,39 @@ def open_readonly(db: Path) -> sqlite3.Connection:
         conn.close()
         raise CtlError(EXIT_UNREACHABLE, problem)
     return conn
+
+
+def _open_postgres(db: PgDsn) -> sqlite3.Connection:
+    """:func:`open_readonly` for PostgreSQL: a :class:`~positiond.store.pgconn.PgConnection`,
+    which offers the part of ``sqlite3.Connection`` posctl's reads use (hence the cast)."""
+    try:
+        import psycopg
+
+        from positiond.store.pgconn import PgConnection
+    except ImportError as exc:
+        need = "pip install 'positiond[postgres]'"
+        raise CtlError(EXIT_UNREACHABLE, f"reading {db} needs psycopg ({exc}): {need}") from None
+    try:
+        raw = psycopg.connect(db.url, autocommit=True, connect_timeout=5, application_name="posctl")
+    except psycopg.Error as exc:
+        raise CtlError(EXIT_UNREACHABLE, f"cannot open {db}: {str(exc).strip()}") from None
+    conn = PgConnection(raw)
+    try:
+        conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        known = conn.execute("SELECT to_regclass('schema_version') IS NOT NULL").fetchone()[0]
+        version = int(conn.execute("PRAGMA user_version").fetchone()[0]) if known else 0
+    except sqlite3.Error as exc:
+        conn.close()
+        raise CtlError(EXIT_UNREACHABLE, f"cannot read {db}: {exc}") from None
+    problem = None
+    if version == 0:
+        problem = f"{db} is not a positiond database (no schema)"
+    elif version > SCHEMA_VERSION:
+        problem = f"{db} has schema version {version}, newer than this posctl; upgrade positiond"
+    if problem is not None:
+        conn.close()
+        raise CtlError(EXIT_UNREACHABLE, problem)
+    return cast(sqlite3.Connection, conn)
 
 
 @contextlib.contextmanager
@@ -166,7 +208,25 @@ class Written:
     outcomes: list[Outcome]
 
 
-def _direct(db: Path, messages: list[dict[str, Any]], by: str) -> list[Outcome]:
+class _Locked(Exception):
+    """A daemon holds the PostgreSQL database: the change goes to it."""
+
+
+def _apply_direct(db: Path | PgDsn, batch: Batch) -> list[Result]:
+    if not isinstance(db, PgDsn):
+        return apply_direct(db, batch)
+    try:
+        from positiond.store import postgres
+    except ImportError as exc:
+        need = "pip install 'positiond[postgres]'"
+        raise CtlError(EXIT_UNREACHABLE, f"writing {db} needs psycopg ({exc}): {need}") from None
+    try:
+        return postgres.apply_direct(db, batch)
+    except DatabaseLocked:
+        raise _Locked from None
+
+
+def _direct(db: Path | PgDsn, messages: list[dict[str, Any]], by: str) -> list[Outcome]:
     """Apply the messages as the daemon would (its ops, its SQL), in one transaction."""
     now = time.time()
     ops = []
@@ -179,7 +239,7 @@ def _direct(db: Path, messages: list[dict[str, Any]], by: str) -> list[Outcome]:
             raise CtlError(EXIT_USAGE, "a health query goes to the daemon")
         ops.append(out)
     try:
-        results = apply_direct(db, Batch(ops=ops, time=now))
+        results = _apply_direct(db, Batch(ops=ops, time=now))
     except SchemaError as exc:
         raise CtlError(EXIT_UNREACHABLE, f"{db}: {exc}") from None
     except sqlite3.Error as exc:
@@ -252,7 +312,7 @@ def ask_health(endpoint: str, timeout: float) -> dict[str, Any] | None:
 
 
 def write(
-    db: Path, endpoint: str, messages: list[dict[str, Any]], *, by: str, timeout: float
+    db: Path | PgDsn, endpoint: str, messages: list[dict[str, Any]], *, by: str, timeout: float
 ) -> Written:
     """Apply sessionless messages through the running daemon, or directly when none runs."""
     checked = []
@@ -263,7 +323,13 @@ def write(
         except ProtocolError as exc:
             raise CtlError(EXIT_USAGE, exc.reason, exc.code) from None
         checked.append(msg)
-    if db.is_file():
+    if isinstance(db, PgDsn):
+        direct_by = f"{by} (direct write: daemon not running)"
+        try:
+            return Written("direct", direct_by, _direct(db, checked, direct_by))
+        except _Locked:
+            why = f"the database's lock on {db} is held (by a running positiond?)"
+    elif db.is_file():
         with _daemon_lock(db) as ours:
             if ours:
                 direct_by = f"{by} (direct write: daemon not running)"
@@ -287,7 +353,7 @@ def who() -> str:
 class Ctl:
     """What every command gets: where the data is, how to print, who is asking."""
 
-    db: Path
+    db: Path | PgDsn
     endpoint: str
     json: bool
     timeout: float

@@ -29,6 +29,7 @@ from positiond.alerts.sinks import build_sink
 from positiond.ctl import render
 from positiond.ctl.access import EXIT_ATTENTION, EXIT_OK, EXIT_USAGE, Ctl, CtlError, open_readonly
 from positiond.openalgo import Settings
+from positiond.store.dsn import PgDsn
 from positiond.store.schema import iso
 
 __all__ = ["alert_records", "cmd_alerts", "send_tests", "test_body"]
@@ -58,6 +59,8 @@ def cmd_alerts(ctl: Ctl, args: argparse.Namespace) -> int:
     one failed."""
     if args.action == "test":
         return _cmd_test(ctl, args)
+    if isinstance(ctl.db, PgDsn):
+        raise CtlError(EXIT_USAGE, "alerts with a PostgreSQL store are not supported yet")
     conn = open_readonly(ctl.db)
     try:
         shown = alert_records(conn, args.limit)

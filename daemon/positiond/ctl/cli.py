@@ -19,7 +19,6 @@ import time
 from collections.abc import Callable, Sequence
 from datetime import datetime
 from importlib import metadata
-from pathlib import Path
 from typing import Any
 
 from positiond import __version__
@@ -33,6 +32,7 @@ from positiond.ctl.orphans import cmd_orphans, cmd_resolve_orphan
 from positiond.ctl.read import cmd_crashed, cmd_events, cmd_positions, cmd_sessions, cmd_status
 from positiond.ctl.watch import cmd_watch
 from positiond.ops import PRUNE_CHUNK, PRUNE_MAX_CHUNK
+from positiond.store.dsn import parse_db
 from positiond.store.schema import iso
 
 __all__ = ["main"]
@@ -133,12 +133,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--db",
-        type=Path,
-        metavar="PATH",
+        type=parse_db,
+        metavar="PATH|URL",
         default=None,
-        help="the database (default: POSITIOND_DB, else db in the config file, else the "
-        "service's /var/lib/positiond/positiond.db if that directory exists, else the "
-        "daemon's default for this user)",
+        help="the database: a SQLite file or a postgresql:// URL (default: POSITIOND_DB, else "
+        "db in the config file, else the service's /var/lib/positiond/positiond.db if that "
+        "directory exists, else the daemon's default for this user)",
     )
     parser.add_argument(
         "--endpoint",

@@ -32,6 +32,7 @@ from pathlib import Path
 from positiond.alerts.settings import AlertsConfig
 from positiond.config import DEFAULT_CONFIG_FILE, load
 from positiond.openalgo import Settings, settings_of
+from positiond.store.dsn import PgDsn
 from positiond_client.paths import DB_FILENAME, SOCKET_FILENAME, default_db_path, default_endpoint
 
 __all__ = [
@@ -52,7 +53,7 @@ RUNTIME_ENV = "POSCTL_SYSTEM_RUNTIME_DIR"
 class Located:
     """The database and endpoint posctl uses, each with where it came from (for the header)."""
 
-    db: Path
+    db: Path | PgDsn
     db_source: str
     endpoint: str
     endpoint_source: str
@@ -72,7 +73,7 @@ def _readable_dir(path: Path) -> bool:
 
 
 def locate(
-    db: Path | None,
+    db: Path | PgDsn | None,
     endpoint: str | None,
     config: str | None,
     env: Mapping[str, str] | None = None,
@@ -95,6 +96,7 @@ def locate(
         return None
 
     service = state.is_dir()
+    db_path: Path | PgDsn
     if db is not None:
         db_path, db_source = db, "--db"
     elif (source := layer("db")) is not None:

@@ -45,9 +45,9 @@ def orphan_records(
     sql = "SELECT * FROM broker_orphans"
     if unresolved:
         sql += " WHERE status = 'ORPHANED'"
-    sql += " ORDER BY id DESC LIMIT ?"
+    sql += " ORDER BY id DESC" + ("" if limit is None else f" LIMIT {int(limit)}")
     records = []
-    for row in reversed(conn.execute(sql, (-1 if limit is None else limit,)).fetchall()):
+    for row in reversed(conn.execute(sql).fetchall()):
         record = dict(row)
         for name in _RESOLUTION_COLUMNS:
             record.setdefault(name, None)

@@ -193,7 +193,7 @@ def cmd_sessions(ctl: Ctl, args: argparse.Namespace) -> int:
     many of their legs are open, crashed, or in all."""
     conn = open_readonly(ctl.db)
     try:
-        where, params = ["1"], []
+        where, params = ["TRUE"], []
         statuses = _statuses(conn, "session_statuses", args.status)
         if statuses:
             where.append(_in("s.status", statuses))
@@ -259,7 +259,7 @@ def cmd_positions(ctl: Ctl, args: argparse.Namespace) -> int:
         statuses = _statuses(
             conn, "position_statuses", args.status or ["ACTIVE,CRASHED,NEEDS_REVIEW"]
         )
-        where, params = ["1"], []
+        where, params = ["TRUE"], []
         if statuses:
             where.append(_in("p.status", statuses))
             params += statuses

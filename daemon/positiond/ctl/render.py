@@ -420,7 +420,8 @@ def status_table(out: Console, health: Row, verdict: str) -> Group:
         ("version", health.get("version")),
         ("uptime", f"{float(health.get('uptime') or 0):.0f}s"),
         ("endpoint", health.get("endpoint")),
-        ("database", f"{health.get('db')} ({_size(int(health.get('db_size') or 0))})"),
+        ("database", f"{health.get('db')}" + ("" if health.get("db_size") is None else
+                     f" ({_size(int(health.get('db_size') or 0))})")),  # None: PostgreSQL
         ("live sessions", health.get("sessions")),
         ("open legs", health.get("legs")),
         ("pending", f"{health.get('pending_ops', 0)} message(s), "

@@ -29,6 +29,7 @@ from rich.live import Live
 
 from positiond.ctl.access import EXIT_OK, Ctl, listening, open_readonly
 from positiond.ctl.board import Board, render
+from positiond.store.dsn import PgDsn
 from positiond.store.snapshot import read_snapshot
 from positiond_client.paths import ipc_path
 from positiond_client.protocol import PROTOCOL_VERSION
@@ -44,7 +45,9 @@ DB_EVERY = 2.0  # while the daemon is down, the database is read again this ofte
 class Feed:
     """One subscription to the daemon, renewed as needed; ``poll`` yields what came."""
 
-    def __init__(self, db: Path, endpoint: str, strategy: str | None, by: str) -> None:
+    def __init__(
+        self, db: Path | PgDsn, endpoint: str, strategy: str | None, by: str
+    ) -> None:
         self.db, self.endpoint, self.strategy, self.by = db, endpoint, strategy, by
         self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         self.sock: zmq.Socket[bytes] | None = None

@@ -25,8 +25,10 @@ database in messages; ``watch`` is the file watch of a file-backed store (None f
 Modules: :mod:`.sqlite` (the aiosqlite implementation, and :func:`.sqlite.apply_direct` for
 posctl's write when no daemon runs), :mod:`.writes` (a batch as SQL), :mod:`.recovery` (the
 recovery and operator ops), :mod:`.schema` (tables and migrations), :mod:`.dbfile` (the file:
-lock, watch, integrity). A PostgreSQL store sits beside :mod:`.sqlite` and satisfies the same
-:class:`Store`; tests/test_store.py checks that the SQLite one does.
+lock, watch, integrity). :mod:`.postgres` is the PostgreSQL store (``db`` a
+``postgresql://`` URL, :mod:`.dsn`), running the same :mod:`.writes` and :mod:`.recovery`
+through :mod:`.pgconn`, with its migrations in :mod:`.pgschema`; tests/test_store.py checks
+both against :class:`Store`.
 """
 
 from __future__ import annotations
@@ -35,7 +37,8 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from positiond.ops import Batch, LegRow, LiveSession, Result
-from positiond.store.dbfile import FileWatch, Lost
+from positiond.store.dbfile import FileWatch, Lost, StoreError
+from positiond.store.dsn import PgDsn
 from positiond.store.sqlite import INTEGRITY_CHECK_SECONDS, SQLiteStore, Synchronous
 
 __all__ = ["Store", "Synchronous", "open_store"]
@@ -45,8 +48,15 @@ __all__ = ["Store", "Synchronous", "open_store"]
 class Store(Protocol):
     """The daemon's storage: the writer's one connection (see the module docstring)."""
 
-    path: Path
-    watch: FileWatch | None
+    @property
+    def path(self) -> Path | PgDsn:
+        """The database, for messages: a SQLite file or a PostgreSQL URL."""
+        ...
+
+    @property
+    def watch(self) -> FileWatch | None:
+        """The file watch of a file-backed store (None for a server)."""
+        ...
 
     async def migrate(self) -> int:
         """Bring the schema to this version's; return the version."""
@@ -74,14 +84,24 @@ class Store(Protocol):
 
 
 async def open_store(
-    path: Path,
+    path: Path | PgDsn,
     synchronous: Synchronous = "NORMAL",
     busy_timeout: float = 5.0,
     *,
     watch: FileWatch | None = None,
     check_seconds: float = INTEGRITY_CHECK_SECONDS,
 ) -> Store:
-    """Open the store at ``path`` (today always SQLite: :meth:`SQLiteStore.open`)."""
+    """Open the store at ``path``: a :class:`PgDsn` is PostgreSQL
+    (:meth:`~positiond.store.postgres.PostgresStore.open`, where ``synchronous``, ``watch`` and
+    ``check_seconds`` do not apply), anything else SQLite (:meth:`SQLiteStore.open`)."""
+    if isinstance(path, PgDsn):
+        try:
+            from positiond.store.postgres import PostgresStore
+        except ImportError as exc:
+            raise StoreError(
+                f"the PostgreSQL store needs psycopg ({exc}): pip install 'positiond[postgres]'"
+            ) from None
+        return await PostgresStore.open(path, busy_timeout)
     return await SQLiteStore.open(
         path, synchronous, busy_timeout, watch=watch, check_seconds=check_seconds
     )

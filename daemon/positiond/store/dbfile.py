@@ -39,6 +39,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from positiond.store.dsn import PgDsn
+
 __all__ = [
     "CorruptDatabase",
     "DatabaseLock",
@@ -218,7 +220,7 @@ def is_corruption(exc: BaseException) -> bool:
     return isinstance(code, int) and code & 0xFF in (_SQLITE_CORRUPT, _SQLITE_NOTADB)
 
 
-def restore_advice(path: Path) -> str:
+def restore_advice(path: Path | PgDsn) -> str:
     """What an operator does with a damaged database (one clause, for a log line)."""
     return (
         f"stop positiond, move {path} and its -wal and -shm files aside, and restore the latest "
@@ -226,7 +228,7 @@ def restore_advice(path: Path) -> str:
     )
 
 
-def open_error(path: Path, exc: BaseException) -> StoreError:
+def open_error(path: Path | PgDsn, exc: BaseException) -> StoreError:
     """The one-line error for a database that could not be opened."""
     if is_corruption(exc):
         return CorruptDatabase(

@@ -107,15 +107,15 @@ def _write_final_trail(cur: sqlite3.Cursor, events: list[TrailEvent], when: str)
 
 def _update_row(key: str, upd: dict[str, Any], now: str) -> tuple[Any, ...]:
     row: list[Any] = []
-    for name in _PRICE_FIELDS:
+    for name in _PRICE_FIELDS:  # the flags are booleans: PostgreSQL's CASE WHEN needs one
         if name in upd:
-            row += (1, upd[name])
+            row += (True, upd[name])
         else:
-            row += (0, None)
+            row += (False, None)
     if "state" in upd:
-        row += (1, _json(upd["state"]))
+        row += (True, _json(upd["state"]))
     else:
-        row += (0, None)
+        row += (False, None)
     row += (now, key, is_int(upd.get("last_trail_level")))
     return tuple(row)
 

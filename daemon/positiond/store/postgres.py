@@ -1,0 +1,261 @@
+"""The PostgreSQL store (issue 14): the same :class:`positiond.store.Store` on a server.
+
+``--db postgresql://user@host:port/dbname`` (or ``postgres://``) selects it; it needs
+``pip install 'positiond[postgres]'`` (psycopg 3).
+
+How it works: one psycopg connection, used by one thread of its own, as aiosqlite does for
+SQLite. A batch is one call on that thread: :func:`positiond.store.writes.apply_batch` itself,
+through :class:`~positiond.store.pgconn.PgConnection`, so the rules are the same code on both
+backends and the acks are sent after PostgreSQL's COMMIT returned (the writer sends them only
+once ``apply`` returns). Whether that commit survives the loss of the primary is the server's
+``synchronous_commit`` and replication settings (docs/DATABASE.md).
+
+One daemon per database: the writer's connection holds a session advisory lock
+(:data:`~positiond.store.pgschema.LOCK_ID`); a second daemon is refused at start, and a daemon
+that lost its connection writes again only once it holds the lock again (ending its own previous
+server session if that one still holds it). A lost connection is a retried write (nothing
+acknowledged): the next batch reconnects.
+
+Not supported yet with PostgreSQL, refused by the configuration (:class:`positiond.config.Config`
+raises ``ConfigError``, the daemon does not start): alert sinks and periodic reconciliation (both
+read the database through SQLite connections of their own); posctl refuses a PostgreSQL ``db``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar, cast
+
+import psycopg
+
+from positiond.ops import Batch, LegRow, LiveSession, Result
+from positiond.store import recovery
+from positiond.store.dbfile import DatabaseLocked, Lost, StoreError
+from positiond.store.dsn import PgDsn
+from positiond.store.pgconn import PgConnection, translated_error
+from positiond.store.pgschema import LOCK_ID, MIGRATIONS, SCHEMA_VERSION
+from positiond.store.schema import SchemaError
+from positiond.store.writes import apply_batch, load_live
+
+__all__ = ["PostgresStore", "apply_direct", "connect", "migrate"]
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+CONNECT_TIMEOUT = 5  # seconds; libpq's connect_timeout
+# TCP keepalives: a server gone without a FIN (host lost, partition) is noticed in ~20 s.
+_KEEPALIVES: dict[str, Any] = {"keepalives": 1, "keepalives_idle": 5, "keepalives_interval": 5,
+               "keepalives_count": 3}  # fmt: skip
+
+
+def connect(dsn: PgDsn, busy_timeout: float = 5.0) -> psycopg.Connection[Any]:
+    """An autocommit connection (the store says BEGIN and COMMIT itself); ``busy_timeout``
+    bounds how long a statement waits for a lock, as SQLite's busy timeout does."""
+    options = f"-c lock_timeout={int(busy_timeout * 1000)}"
+    return psycopg.connect(
+        dsn.url,
+        autocommit=True,
+        connect_timeout=CONNECT_TIMEOUT,
+        application_name="positiond",
+        options=options,
+        **_KEEPALIVES,
+    )
+
+
+def migrate(conn: psycopg.Connection[Any]) -> int:
+    """Bring the database to SCHEMA_VERSION, each step in its own transaction; return it.
+
+    Concurrent migrators wait for each other (a transaction advisory lock); a database newer
+    than this positiond raises :class:`SchemaError`.
+    """
+    version = 0
+    while True:
+        with conn.transaction():
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (LOCK_ID + 1,))
+            conn.execute(
+                "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER PRIMARY KEY, "
+                "applied_at TIMESTAMPTZ NOT NULL DEFAULT now())"
+            )
+            row = conn.execute("SELECT coalesce(max(version), 0) FROM schema_version").fetchone()
+            version = int(row[0]) if row else 0
+            if version > SCHEMA_VERSION:
+                raise SchemaError(
+                    f"database schema version {version} is newer than this positiond knows "
+                    f"({SCHEMA_VERSION}); upgrade positiond"
+                )
+            if version == SCHEMA_VERSION:
+                return version
+            conn.execute(MIGRATIONS[version].encode())
+            conn.execute("INSERT INTO schema_version (version) VALUES (%s)", (version + 1,))
+
+
+def _release(conn: PgConnection) -> None:
+    """Unlock, then close: the next daemon need not wait for this backend to exit."""
+    try:
+        if not conn.broken:
+            conn.raw.execute("SELECT pg_advisory_unlock_all()")
+    except psycopg.Error as exc:  # closing anyway: the server releases it with the session
+        log.debug("could not release the database lock before closing: %s", exc)
+    finally:
+        conn.close()
+
+
+def apply_direct(dsn: PgDsn, batch: Batch) -> list[Result]:
+    """Apply one batch with a connection of its own when no daemon holds the database's lock
+    (posctl's write when no daemon runs); raises :class:`DatabaseLocked` when one does, and
+    ``sqlite3.Error`` or :class:`SchemaError` as :func:`positiond.store.sqlite.apply_direct`."""
+    try:
+        raw = connect(dsn)
+    except psycopg.Error as exc:
+        raise sqlite3.OperationalError(f"cannot connect to {dsn}: {exc}") from None
+    conn = PgConnection(raw)
+    try:
+        row = raw.execute("SELECT pg_try_advisory_lock(%s)", (LOCK_ID,)).fetchone()
+        if not (row and row[0]):
+            raise DatabaseLocked(f"another positiond is running on database {dsn}")
+        migrate(raw)
+        return apply_batch(cast(sqlite3.Connection, conn), batch)  # its surface: .pgconn
+    except psycopg.Error as exc:
+        raise translated_error(exc) from exc
+    finally:
+        _release(conn)
+
+
+class PostgresStore:
+    """The daemon's writer connection: a :class:`positiond.store.Store` on PostgreSQL.
+
+    Open with :meth:`open` (or :func:`positiond.store.open_store`), close with :meth:`close`.
+    """
+
+    watch = None  # no file to watch: the server keeps its own files
+
+    def __init__(self, dsn: PgDsn, busy_timeout: float) -> None:
+        self.path = dsn
+        self._busy_timeout = busy_timeout
+        self._conn: PgConnection | None = None
+        # The server process of the writer's connection (pid, start): after the connection was
+        # cut it may live on, holding the lock, until the server notices (tcp_keepalives_*).
+        self._backend: tuple[int, Any] | None = None
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="positiond-pg")
+
+    @classmethod
+    async def open(cls, dsn: PgDsn, busy_timeout: float = 5.0) -> PostgresStore:
+        """Connect, take the database's lock, migrate. Raises :class:`DatabaseLocked` when
+        another positiond holds it, :class:`StoreError` with a one-line reason otherwise."""
+        store = cls(dsn, busy_timeout)
+        try:
+            await store._run(store._connection)
+        except BaseException:
+            await store.close()
+            raise
+        return store
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
+
+    def _connection(self) -> PgConnection:
+        """The writer's connection, made again (lock included) if it was lost."""
+        if self._conn is not None and not self._conn.broken:
+            return self._conn
+        if self._conn is not None:
+            log.warning("the connection to PostgreSQL %s was lost; connecting again", self.path)
+            self._conn.close()
+            self._conn = None
+        try:
+            raw = connect(self.path, self._busy_timeout)
+        except psycopg.Error as exc:
+            raise StoreError(f"cannot connect to the database {self.path}: {exc}") from None
+        try:
+            self._lock(raw)
+            migrate(raw)
+            row = raw.execute(
+                "SELECT pid, backend_start FROM pg_stat_activity WHERE pid = pg_backend_pid()"
+            ).fetchone()
+            self._backend = (row[0], row[1]) if row else None
+        except psycopg.Error as exc:
+            raw.close()
+            raise StoreError(f"cannot prepare the database {self.path}: {exc}") from None
+        except BaseException:
+            raw.close()
+            raise
+        self._conn = PgConnection(raw)
+        return self._conn
+
+    def _lock(self, raw: psycopg.Connection[Any]) -> None:
+        """Take the database's advisory lock, waiting up to ``busy_timeout`` for it: the
+        server lets go of a stopped daemon's lock only once its backend has exited."""
+        deadline = time.monotonic() + self._busy_timeout
+        while True:
+            row = raw.execute("SELECT pg_try_advisory_lock(%s)", (LOCK_ID,)).fetchone()
+            if row and row[0]:
+                return
+            if self._backend is not None:
+                self._end_stale_backend(raw, *self._backend)
+                self._backend = None
+                continue
+            if time.monotonic() >= deadline:
+                raise DatabaseLocked(
+                    f"another positiond is already running on database {self.path}"
+                )
+            time.sleep(0.05)
+
+    def _end_stale_backend(self, raw: psycopg.Connection[Any], pid: int, started: Any) -> None:
+        """Our lost connection's server process, still holding the lock (the connection was
+        cut, not closed: a partition, a proxy or a NAT dropped it): end it, so that writing
+        resumes now instead of when the server notices. Whatever it was doing was never
+        acknowledged; matched by pid and start time, so never another process."""
+        ended = raw.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE pid = %s AND backend_start = %s",
+            (pid, started),
+        ).fetchone()
+        if ended and ended[0]:
+            log.warning(
+                "ended this daemon's previous PostgreSQL session (pid %d): its connection was "
+                "lost but it still held the database's lock",
+                pid,
+            )
+
+    def _call(self, fn: Callable[..., T], *args: Any) -> T:
+        """On the writer thread: ``fn(connection, *args)``; a lost connection (or one that
+        cannot be made) is ``sqlite3.OperationalError``, as a busy SQLite database is."""
+        try:
+            conn = self._connection()
+        except (StoreError, DatabaseLocked) as exc:
+            raise sqlite3.OperationalError(str(exc)) from None
+        try:
+            return fn(conn, *args)
+        except psycopg.Error as exc:
+            raise translated_error(exc) from exc
+
+    async def migrate(self) -> int:
+        """Bring the schema to this version's (done by :meth:`open` already); return it."""
+        return await self._run(self._call, lambda conn: migrate(conn.raw))
+
+    async def apply(self, batch: Batch) -> list[Result]:
+        """Commit a batch; one :class:`Result` per durable op (after PostgreSQL's COMMIT)."""
+        return await self._run(self._call, apply_batch, batch)
+
+    async def query(self, what: str, strategy: str | None = None) -> dict[str, Any]:
+        """``crashed`` legs (the seed's recovery query) or every ``open`` one."""
+        return await self._run(self._call, recovery.read_legs, what, strategy)
+
+    async def load_live(self) -> tuple[list[LiveSession], list[LegRow]]:
+        """RUNNING sessions and their ACTIVE legs."""
+        return await self._run(self._call, load_live)
+
+    async def save(self, lost: Lost) -> str:
+        """Nothing to save: no file of PostgreSQL's is watched (``watch`` is None)."""
+        return f"nothing to save: {self.path} is a PostgreSQL server"
+
+    async def close(self) -> None:
+        """Close the connection (which releases the lock); every commit is already durable."""
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            await self._run(_release, conn)
+        self._thread.shutdown(wait=True)
