@@ -29,13 +29,15 @@ RULE_TESTS = ROOT / "docs" / "prometheus" / "alerts_test.yml"
 ALERTS = {
     "PositiondDown", "PositiondStrategyCrashed", "PositiondLegsNeedAttention",
     "PositiondWriterStalled", "PositiondDatabaseNotWritable", "PositiondAlertDeliveryFailing",
+    "PositiondProtectiveOrderFailed",
 }  # fmt: skip
 METRIC = re.compile(r"\b((?:positiond|process)_[a-z_]+)\b|\b(up)\{")
 
 
 @pytest.fixture(scope="module")
 def exposition() -> Iterator[str]:
-    """One scrape of a daemon with everything optional on: alert sinks, reconciliation."""
+    """One scrape of a daemon with everything optional on: alert sinks, reconciliation,
+    protective orders (dry-run)."""
     workdir = Path(tempfile.mkdtemp(prefix="pd-", dir="/tmp"))
     key_file = workdir / "openalgo.key"
     key_file.write_text("k" * 32 + "\n")
@@ -47,6 +49,7 @@ def exposition() -> Iterator[str]:
             "reconcile_interval = 1\n"
             '[[alerts.sink]]\nname = "pager"\ntype = "command"\n'
             f"command = {json.dumps([sys.executable, '-c', 'pass'])}\n"
+            '[protect]\nmode = "dry-run"\nstrategies = ["*"]\n'
         )
         daemon = DaemonProcess(workdir, "--config", str(config), "--metrics-listen",
                                "127.0.0.1:0")  # fmt: skip
@@ -91,6 +94,8 @@ def test_labelled_series_start_at_zero_and_carry_no_ids(exposition: str) -> None
                       "schema", "python", "sqlite"}  # fmt: skip
     assert 'positiond_alert_deliveries_total{result="failed",sink="pager"} 0.0' in exposition
     assert "positiond_reconcile_drift 0.0" in exposition
+    for result in ("planned", "placed", "skipped", "failed", "triggered", "cancelled"):
+        assert f'positiond_protective_orders_total{{result="{result}"}} 0.0' in exposition
 
 
 def test_the_dashboard_names_only_exposed_metrics(exposition: str) -> None:

@@ -353,3 +353,24 @@ async def test_the_integrity_check_at_open_is_bounded_in_time(
     reopened = await open_store(db, check_seconds=1e-9)
     await reopened.close()
     assert "integrity check stopped" in caplog.text
+
+
+@both_backends
+async def test_a_read_that_fails_is_its_own_answer_and_never_holds_up_the_writes(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A bug in reading a watcher's snapshot (on PostgreSQL the shim once lacked a cursor's
+    # `description`): the writes of the same batch commit and are acknowledged; were the read
+    # a write, the batch would be kept and retried instead.
+    from positiond.ops import WatchOp
+    from positiond.store import writes
+
+    def broken(cur: Any, op: Any, now: str) -> Result:
+        cur.execute("SELECT 1")
+        raise RuntimeError("a bug in a read")
+
+    monkeypatch.setitem(writes._APPLY, WatchOp, broken)
+    results = await apply(store, start(), WatchOp(b"w", 3, None, "watcher"), entry("leg-1"))
+    assert [r.ok for r in results] == [True, False, True]
+    assert results[1].code == "INTERNAL" and "a bug in a read" in results[1].reason
+    assert [leg["position_key"] for leg in (await store.query("open"))["legs"]] == ["leg-1"]

@@ -16,6 +16,7 @@ from positiond.ctl.access import ask_health
 from positiond.watchers import MAX_WATCHERS, SILENCE, WINDOW
 from positiond_client import PositionPersistenceManager
 from tests.helpers import UNIT, DaemonProcess, wait_for
+from tests.pg import both_backends
 from tests.test_daemon import Strategy
 from tests.watch_support import RawWatcher, kinds
 
@@ -37,6 +38,7 @@ def _counter(daemon: DaemonProcess, name: str) -> int:
     return int(health["counters"][name])
 
 
+@both_backends
 def test_snapshot_first_then_every_committed_change(
     daemon: DaemonProcess, ctx: zmq.Context[zmq.Socket[bytes]], strategies: list[Strategy]
 ) -> None:

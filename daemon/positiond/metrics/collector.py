@@ -39,6 +39,10 @@ if TYPE_CHECKING:
 __all__ = ["DaemonCollector", "healthy", "writer_stalled"]
 
 
+# positiond_protective_orders_total{result}: the protect worker's counters.
+PROTECT_RESULTS = ("planned", "placed", "skipped", "failed", "triggered", "cancelled")
+
+
 def _counter(name: str, doc: str, value: float) -> CounterMetricFamily:
     return CounterMetricFamily(name, doc, value=value)
 
@@ -106,9 +110,22 @@ class DaemonCollector(Collector):
         yield from self._traffic()
         yield from self._writer()
         yield from self._alerts()
-        # Protective orders (placed at the broker for a crashed strategy's legs), when the
-        # daemon has them: positiond_protective_orders_total{result}, each result from 0, read
-        # here from their component's counters like the alerts' above. Not built yet.
+        yield from self._protective_orders()
+
+    def _protective_orders(self) -> Iterator[Metric]:
+        """``[protect]`` on: what the protect worker did, each result from 0 (its counters)."""
+        protector = self.daemon.protector
+        if protector is None:
+            return
+        state = dict(protector.state)
+        family = CounterMetricFamily(
+            "positiond_protective_orders",
+            "protective stop orders for crashed legs by result: planned (dry-run: recorded "
+            "only), placed at the broker, skipped (flat, ambiguous, no stop, outside the "
+            "window), failed (the leg stays unprotected), triggered (filled), cancelled",
+            labels=["result"],
+        )
+        yield _labelled(family, {r: int(state.get(r) or 0) for r in PROTECT_RESULTS})
 
     def _identity(self) -> Iterator[Metric]:
         info = GaugeMetricFamily(

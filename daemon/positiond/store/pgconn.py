@@ -148,6 +148,11 @@ class PgCursor:
     def rowcount(self) -> int:
         return self._cur.rowcount
 
+    @property
+    def description(self) -> Any:
+        """The columns of the last query (name first in each entry), as sqlite3's."""
+        return self._cur.description
+
     def execute(self, sql: str, params: Sequence[Any] | Mapping[str, Any] = ()) -> PgCursor:
         query, names = translate(sql)
         args = _args(params, names)

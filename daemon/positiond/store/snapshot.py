@@ -73,7 +73,7 @@ def read_snapshot(
         "s.strategy_name AS strategy, p.position_key AS key, p.symbol FROM position_events e "
         "JOIN strategy_sessions s ON s.id = e.session_id "
         "LEFT JOIN strategy_positions p ON p.position_id = e.position_id "
-        f"WHERE 1 {where} ORDER BY e.id DESC LIMIT ?",
+        f"WHERE TRUE {where} ORDER BY e.id DESC LIMIT ?",
         (*args, EVENTS),
     )
     events.reverse()  # oldest first, as they scroll

@@ -494,8 +494,19 @@ def _apply_op(cur: sqlite3.Cursor, op: Op, now: str) -> Result:
         cur.execute("ROLLBACK TO op")
         log.error("%s for %s refused by the database: %s", type(op).__name__, op.session_key, exc)
         result = Result.error("INTERNAL", f"the database refused this message: {exc}")
+    except Exception as exc:
+        if type(op) not in _READS:
+            raise  # a write: the batch is kept and retried (nothing acked, nothing lost)
+        # A read (a watcher's snapshot, a recovery query) writes nothing: its failure is its
+        # own answer and must never hold up the acks of the writes beside it.
+        cur.execute("ROLLBACK TO op")
+        log.exception("%s failed; answered with an error", type(op).__name__)
+        result = Result.error("INTERNAL", f"could not read the database: {exc}")
     cur.execute("RELEASE op")
     return result
+
+
+_READS = (WatchOp, QueryOp)  # ops that only read: a failure is their own answer
 
 
 def apply_batch(conn: sqlite3.Connection, batch: Batch) -> list[Result]:
