@@ -329,3 +329,33 @@ def test_the_targets_triggers_do_not_fire_for_copied_rows_and_stay_enabled(
     assert counts(pg)["position_events"] == len(table(source, "position_events", source))
     state = pg_rows(pg, "SELECT tgenabled FROM pg_trigger WHERE tgname = 'refuse_events'")
     assert state[0][0] == "O"  # enabled again for the daemon's own inserts
+
+
+def test_an_older_source_is_migrated_in_its_copy_and_never_written(
+    workdir: Path, pg: PgDsn
+) -> None:
+    from positiond.store import schema
+
+    old = workdir / "old.db"
+    conn = sqlite3.connect(old, isolation_level=None)
+    for version, script in enumerate(schema.MIGRATIONS[:5], start=1):
+        conn.executescript(f"BEGIN;\n{script}\nPRAGMA user_version = {version};\nCOMMIT;")
+    conn.execute(
+        "INSERT INTO strategy_sessions (session_key, strategy_name, status, start_time) "
+        "VALUES ('k1', 'expiry_blast', 'CRASHED', '2026-01-01T09:15:00.000Z')"
+    )
+    conn.execute("DELETE FROM sqlite_sequence")
+    conn.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('strategy_sessions', 40)")
+    conn.close()
+    before = old.read_bytes()
+    run = posctl(old, "ipc:///nowhere", "--json", "migrate", "--to", pg.url)
+    assert run.returncode == 0, run.stderr
+    done = json.loads(run.stdout)["migrated"]
+    assert done["schema_version"] == schema.SCHEMA_VERSION and done["live_source"] is False
+    assert done["tables"]["strategy_sessions"] == 1
+    # SQLite had handed out ids up to 40 (the rest pruned): PostgreSQL continues after 40.
+    assert done["sequences"]["strategy_sessions"] == 40
+    assert old.read_bytes() == before  # the source itself stays at version 5
+    assert [tuple(r) for r in pg_rows(pg, "SELECT id, session_key FROM strategy_sessions")] == [
+        (1, "k1")
+    ]

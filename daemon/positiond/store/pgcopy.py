@@ -37,12 +37,13 @@ import psycopg
 from psycopg import sql
 
 from positiond.store import schema
-from positiond.store.dbfile import DatabaseLocked, lock_database
+from positiond.store.dbfile import DatabaseLock, DatabaseLocked, lock_database
 from positiond.store.dsn import PgDsn
 from positiond.store.pgschema import LOCK_ID
 from positiond.store.postgres import connect
 from positiond.store.postgres import migrate as migrate_pg
 from positiond.store.schema import iso
+from positiond.store.sqlite import connect_readonly
 
 __all__ = [
     "LOOKUPS",
@@ -90,27 +91,31 @@ def snapshot(source: Path, into: Path) -> tuple[int, bool]:
     running daemon held the source). Raises FileNotFoundError, MigrateError, sqlite3.Error."""
     if not source.is_file():
         raise FileNotFoundError(f"no SQLite database at {source}")
+    held: DatabaseLock | None = None
     live = False
     try:
-        lock_database(source).close()
+        held = lock_database(source)  # no daemon starts on it while the snapshot is taken
     except DatabaseLocked:
-        live = True  # the backup below is one consistent read: the daemon may go on writing
+        live = True  # a daemon runs: the backup below is one consistent read all the same
     except PermissionError:
-        pass  # we may read, not lock: the backup is consistent all the same
-    src = sqlite3.connect(f"file:{source}?mode=ro", uri=True, timeout=10)
-    dst = sqlite3.connect(into)
+        log.debug("cannot lock %s (not ours to write): reading it without the lock", source)
     try:
-        version = int(src.execute("PRAGMA user_version").fetchone()[0])
-        if version == 0:
-            raise MigrateError(f"{source} is not a positiond database (no schema)")
-        src.backup(dst)
-        dst.isolation_level = None
-        return schema.migrate(dst), live
-    except schema.SchemaError as exc:
-        raise SchemaMismatch(str(exc)) from None
+        src = connect_readonly(source, busy_timeout=10.0)
+        dst = sqlite3.connect(into, isolation_level=None)
+        try:
+            version = int(src.execute("PRAGMA user_version").fetchone()[0])
+            if version == 0:
+                raise MigrateError(f"{source} is not a positiond database (no schema)")
+            src.backup(dst)  # one step: one read transaction, the WAL's pages included
+            return schema.migrate(dst), live
+        except schema.SchemaError as exc:
+            raise SchemaMismatch(str(exc)) from None
+        finally:
+            src.close()
+            dst.close()
     finally:
-        src.close()
-        dst.close()
+        if held is not None:
+            held.close()
 
 
 def _source_tables(conn: sqlite3.Connection) -> dict[str, list[str]]:
@@ -189,7 +194,7 @@ def copy_database(source: Path, target: PgDsn, *, workdir: Path | None = None) -
         copy = Path(tmp) / "snapshot.db"
         at = iso(time.time())
         version, live = snapshot(source, copy)
-        src = sqlite3.connect(f"file:{copy}?mode=ro", uri=True)
+        src = connect_readonly(copy)
         try:
             result = _copy(src, target, version)
         finally:
