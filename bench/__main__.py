@@ -21,6 +21,7 @@ from bench import (
     ingest,
     load,
     outage,
+    pgstore,
     protect,
     prune,
     scrape,
@@ -43,6 +44,7 @@ SCENARIOS: dict[str, Callable[[bool], Scenario]] = {
     "scrape": scrape.run,
     "watch": watch.run,
     "protect": protect.run,
+    "pgstore": pgstore.run,
 }
 
 

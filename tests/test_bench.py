@@ -24,6 +24,7 @@ from bench import (
     ingest,
     load,
     outage,
+    pgstore,
     protect,
     prune,
     scrape,
@@ -82,6 +83,15 @@ def test_scenario_runs_at_tiny_size(
     name: str, scenario: Callable[[bool], Scenario], min_rows: int
 ) -> None:
     _check(scenario(True), name, min_rows)
+
+
+def test_pgstore_runs_at_tiny_size_on_the_test_server() -> None:
+    from tests.pg import admin_dsn
+
+    admin_dsn()  # skips without a server (fails under CI); the scenario takes the same one
+    result = pgstore.run(True)
+    _check(result, "pgstore", 4)
+    assert result.raw["per_run"]["postgres_ingest"][0] > 0
 
 
 def test_entry_baseline_without_sqlalchemy(monkeypatch: pytest.MonkeyPatch) -> None:

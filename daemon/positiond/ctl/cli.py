@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Sequence
 from datetime import datetime
 from importlib import metadata
+from pathlib import Path
 from typing import Any
 
 from positiond import __version__
@@ -28,6 +29,7 @@ from positiond.ctl.access import EXIT_USAGE, Ctl, CtlError, who
 from positiond.ctl.alerts import cmd_alerts
 from positiond.ctl.change import cmd_prune, cmd_resolve, cmd_verify
 from positiond.ctl.locate import locate
+from positiond.ctl.migrate import cmd_migrate
 from positiond.ctl.orphans import cmd_orphans, cmd_resolve_orphan
 from positiond.ctl.read import cmd_crashed, cmd_events, cmd_positions, cmd_sessions, cmd_status
 from positiond.ctl.watch import cmd_watch
@@ -289,6 +291,17 @@ def build_parser() -> argparse.ArgumentParser:
     sub = add("watch", cmd_watch)
     sub.add_argument("--strategy", metavar="S", help="only this strategy's sessions and legs")
     keys.add_arguments(add("keys", keys.cmd_keys))
+    sub = add("migrate", cmd_migrate)
+    sub.add_argument(
+        "--to", required=True, metavar="URL", help="the PostgreSQL database: postgresql://..."
+    )
+    sub.add_argument(
+        "--from",
+        dest="source",
+        type=Path,
+        metavar="PATH",
+        help="the SQLite database to copy (default: the one posctl locates: --db, ...)",
+    )
     return parser
 
 
