@@ -151,8 +151,6 @@ class Config:
             )
         _within("busy_timeout", self.busy_timeout, 0.0, 3600)
         if isinstance(self.db, PgDsn):  # what the PostgreSQL store cannot do yet (issue 14)
-            if self.alerts.sinks:
-                raise ConfigError("alerts", "alerts with a PostgreSQL store are not supported yet")
             if self.openalgo_reconcile_interval > 0:
                 raise ConfigError(
                     "openalgo_reconcile_interval",

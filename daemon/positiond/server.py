@@ -212,8 +212,8 @@ class Daemon:
         self.router.attach(loop)
         self._tasks = [loop.create_task(self._tick_loop(), name="positiond-tick")]
         self._tasks.append(loop.create_task(self._watch_loop(), name="positiond-watch"))
-        # Apart from the writer: its own task and connection (PostgreSQL: refused by Config).
-        if cfg.alerts.sinks and isinstance(db, Path):
+        # Apart from the writer: its own task and connection (either backend).
+        if cfg.alerts.sinks:
             self.delivery = Delivery(
                 db, cfg.alerts, busy_timeout=cfg.busy_timeout, openalgo=settings_of(cfg)
             )

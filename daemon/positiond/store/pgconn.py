@@ -10,6 +10,7 @@ PostgreSQL connection, so every rule is written once:
 - ``BEGIN IMMEDIATE`` is ``BEGIN``; ``PRAGMA user_version`` reads ``schema_version``; the page
   counters ``PRAGMA page_size``/``freelist_count`` read 0 (PostgreSQL reuses space itself);
 - ``ORDER BY … DESC`` puts NULLs last, as SQLite does;
+- ``INSERT OR IGNORE`` is ``INSERT … ON CONFLICT DO NOTHING``;
 - an ``INSERT`` into a table with an identity key gets ``RETURNING`` its key: ``lastrowid``;
 - the trail level as the strategy sent it (:func:`positiond.store.schema.trail_level_sql`):
   PostgreSQL's CASE has one type, so the whole level comes back as JSON (an integer) and any
@@ -53,6 +54,7 @@ _TRAIL_PG = (
     r"AND abs(\1.last_trail_level) < 9.2e18 THEN to_jsonb(\1.last_trail_level::bigint) "
     r"ELSE to_jsonb(\1.last_trail_level::text) END"
 )
+_IGNORE = re.compile(r"^\s*INSERT\s+OR\s+IGNORE\s+INTO\b", re.IGNORECASE)
 _DESC = re.compile(r"\bDESC\b(?!\s+NULLS)", re.IGNORECASE)
 _PRAGMAS = {
     "PRAGMA user_version": "SELECT coalesce(max(version), 0) FROM schema_version",
@@ -92,6 +94,8 @@ def translate(sql: str) -> tuple[str, tuple[str, ...] | None]:
     out = _TOKEN.sub(placeholder, sql)
     out = _TRAIL.sub(_TRAIL_PG, out)
     out = _DESC.sub("DESC NULLS LAST", out)
+    if _IGNORE.match(out):
+        out = _IGNORE.sub("INSERT INTO", out).rstrip().rstrip(";") + " ON CONFLICT DO NOTHING"
     return out, (tuple(names) if names else None)
 
 
@@ -214,6 +218,9 @@ class PgConnection:
 
     def execute(self, sql: str, params: Sequence[Any] | Mapping[str, Any] = ()) -> PgCursor:
         return self.cursor().execute(sql, params)
+
+    def executemany(self, sql: str, seq: Sequence[Sequence[Any]]) -> PgCursor:
+        return self.cursor().executemany(sql, seq)
 
     def close(self) -> None:
         self.raw.close()
