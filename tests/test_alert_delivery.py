@@ -8,6 +8,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sqlite3
+import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, cast
 
@@ -15,6 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from positiond.alerts import outbox
 from positiond.alerts.delivery import Delivery, backoff
 from positiond.alerts.outbox import body
 from positiond.alerts.settings import AlertsConfig, SinkConfig
@@ -335,3 +338,35 @@ async def test_a_lost_postgres_connection_is_made_again_and_the_alert_delivered(
         with contextlib.suppress(asyncio.CancelledError):
             await task
     assert len(sink.bodies) == 1
+
+
+@pytest.mark.parametrize("backend", ["postgres"], indirect=True)
+def test_an_alert_committed_after_a_later_one_is_not_skipped(db: PgDsn) -> None:
+    """PostgreSQL commits out of id order: the verdict's alert (id 2) still open while the
+    reconciliation's drift (id 3) commits. The worker's read waits for the verdict, so it never
+    moves past id 2 before seeing it."""
+    crash(db, START)  # alert 1
+    verdict, drift, reader = connect(db), connect(db), connect(db)
+    try:
+        verdict.execute("BEGIN")
+        verdict.execute(
+            "INSERT INTO position_events (session_id, event_type, event_time, payload) "
+            "VALUES (1, 'STALLED', ?, '{}')",
+            (iso(START),),
+        )
+        drift.execute(
+            "INSERT INTO alert_outbox (alert_id, kind, created_at, body) "
+            "VALUES (?, 'drift', ?, '{}')",
+            (uuid.uuid4().hex, iso(START)),
+        )
+        hook = SinkConfig("hook", "command", command=("unused",))
+        with ThreadPoolExecutor(1) as pool:
+            read = pool.submit(outbox.enqueue, reader, (hook,), 0)
+            waiting = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+            wait_for(lambda: rows(db, waiting)[0][0] == 1, 10, "the read waiting for the verdict")
+            verdict.execute("COMMIT")
+            assert read.result(timeout=10) == 3
+    finally:
+        for conn in (verdict, drift, reader):
+            conn.close()
+    assert [r[0] for r in rows(db, "SELECT alert_id FROM alert_deliveries ORDER BY 1")] == [1, 2, 3]

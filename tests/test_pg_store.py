@@ -22,7 +22,7 @@ import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from positiond.config import ConfigError, format_config, load
+from positiond.config import format_config, load
 from positiond.ops import Batch, CrashOp, EndOp, EntryOp, ExitOp, Result, StartOp
 from positiond.store import open_store
 from positiond.store.dbfile import DatabaseLocked
@@ -225,7 +225,7 @@ def test_a_url_selects_postgresql_and_anything_else_is_a_path(scheme: str) -> No
     assert f'db = "{parsed}"' in shown and "s3cret" not in shown
 
 
-def test_what_postgresql_does_not_support_yet_is_refused(tmp_path: Path) -> None:
+def test_alerts_and_reconciliation_are_accepted_with_postgresql(tmp_path: Path) -> None:
     file = tmp_path / "positiond.toml"
     file.write_text(
         'db = "postgresql:///book"\n[[alerts.sink]]\nname = "ops"\ntype = "webhook"\n'
@@ -235,8 +235,7 @@ def test_what_postgresql_does_not_support_yet_is_refused(tmp_path: Path) -> None
     assert [sink.name for sink in loaded.config.alerts.sinks] == ["ops"]
     reconcile = ["--db", "postgresql:///book", "--openalgo-host", "http://127.0.0.1:9",
                  "--openalgo-reconcile-interval", "60"]  # fmt: skip
-    with pytest.raises(ConfigError, match="reconciliation with a PostgreSQL store"):
-        load(reconcile, {}, None)
+    assert load(reconcile, {}, None).config.openalgo_reconcile_interval == 60  # works too
 
 
 def test_posctl_on_postgresql_what_it_cannot_read_or_do(pg: PgDsn, workdir: Path) -> None:

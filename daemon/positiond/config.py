@@ -151,11 +151,6 @@ class Config:
             )
         _within("busy_timeout", self.busy_timeout, 0.0, 3600)
         if isinstance(self.db, PgDsn):  # what the PostgreSQL store cannot do yet (issue 14)
-            if self.openalgo_reconcile_interval > 0:
-                raise ConfigError(
-                    "openalgo_reconcile_interval",
-                    "periodic reconciliation with a PostgreSQL store is not supported yet",
-                )
             if self.protect.enabled:
                 raise ConfigError(
                     "protect.mode",

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["TRIGGERS", "install"]
+__all__ = ["BARRIER", "OUTBOX_LOCK", "TRIGGERS", "install"]
 
 # A double as SQLite's json_object writes it: a whole one keeps its ".0" (100.0, not 100), so
 # a consumer sees the same JSON types from both backends.
@@ -140,7 +140,28 @@ WHEN (NEW.event_type IN ('PROTECT_PLANNED', 'PROTECT_PLACED', 'PROTECT_FAILED',
 EXECUTE FUNCTION positiond_alert_on_protect();
 """
 
-TRIGGERS = _REAL + _LEGS + _ON_EVENT + _ON_ORPHAN + _ON_PROTECT + _BIND
+# Outbox ids are taken at INSERT but seen at COMMIT: on PostgreSQL two transactions can commit
+# out of id order (the writer's verdict and the reconciliation's drift), and a reader that went
+# past a later id would never see the earlier one. Every transaction that writes the outbox holds
+# this lock shared until it commits; the delivery worker takes it exclusively for the moment of
+# its read (:func:`positiond.alerts.outbox.enqueue`), so it reads only once every outbox row with
+# a smaller id is committed (or rolled back).
+OUTBOX_LOCK = 0x706F7364 + 2  # positiond.store.pgschema.LOCK_ID + 2 (+1: the migrations)
+BARRIER = f"SELECT pg_advisory_xact_lock({OUTBOX_LOCK})"
+
+_SHARED = f"""
+CREATE OR REPLACE FUNCTION positiond_outbox_writer() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_advisory_xact_lock_shared({OUTBOX_LOCK});
+    RETURN NULL;
+END
+$$;
+DROP TRIGGER IF EXISTS outbox_writer ON alert_outbox;
+CREATE TRIGGER outbox_writer BEFORE INSERT ON alert_outbox FOR EACH STATEMENT
+EXECUTE FUNCTION positiond_outbox_writer();
+"""
+
+TRIGGERS = _SHARED + _REAL + _LEGS + _ON_EVENT + _ON_ORPHAN + _ON_PROTECT + _BIND
 
 
 def install(conn: Any) -> None:

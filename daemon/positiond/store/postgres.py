@@ -18,10 +18,10 @@ acknowledged): the next batch reconnects.
 
 Alerts: the outbox triggers are PL/pgSQL (:mod:`positiond.store.pgalerts`), replaced by
 :func:`migrate` at every open; the delivery worker reads through
-:func:`positiond.store.side.connect_side`. Not supported yet with PostgreSQL, refused by the
-configuration (:class:`positiond.config.Config` raises ``ConfigError``, the daemon does not
-start): periodic reconciliation, protective orders and the metrics endpoint (they read the
-database through SQLite connections of their own).
+:func:`positiond.store.side.connect_side`, as does the periodic reconciliation. Not supported
+yet with PostgreSQL, refused by the configuration (:class:`positiond.config.Config` raises
+``ConfigError``, the daemon does not start): protective orders and the metrics endpoint (they
+read the database through SQLite connections of their own).
 """
 
 from __future__ import annotations
