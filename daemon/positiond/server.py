@@ -249,10 +249,9 @@ class Daemon:
 
     def open_protector(self, db: Path | PgDsn) -> None:
         """Start the protect worker when ``[protect]`` is on (its own task, connection and
-        HTTP client); it is woken after commits through ``protect_wake``. (SQLite only: the
-        config refuses ``[protect]`` with a PostgreSQL store.)"""
+        HTTP client, on either backend); it is woken after commits through ``protect_wake``."""
         cfg, openalgo = self.config, settings_of(self.config)
-        if not cfg.protect.enabled or openalgo is None or isinstance(db, PgDsn):
+        if not cfg.protect.enabled or openalgo is None:
             return
         self.protector = Protector(
             db, cfg.protect, openalgo, submit=self.submit, handback=self.handback,

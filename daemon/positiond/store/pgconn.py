@@ -7,7 +7,10 @@ PostgreSQL connection, so every rule is written once:
 
 - placeholders: ``?`` and ``?N`` become ``$N``, ``:name`` becomes ``$N`` (a named mapping is
   turned into the positional list), sent with server-side binding (psycopg's ``RawCursor``);
-- ``BEGIN IMMEDIATE`` is ``BEGIN``; ``PRAGMA user_version`` reads ``schema_version``; the page
+- ``BEGIN IMMEDIATE`` is ``BEGIN`` and then the transaction advisory lock :data:`WRITE_LOCK`:
+  like SQLite's write lock, one such transaction at a time (the writer's batches, the protect
+  worker's changes, the alert worker's records), so a check made in it (``WHERE EXISTS ...``)
+  still holds at its COMMIT; ``PRAGMA user_version`` reads ``schema_version``; the page
   counters ``PRAGMA page_size``/``freelist_count`` read 0 (PostgreSQL reuses space itself);
 - ``ORDER BY … DESC`` puts NULLs last, as SQLite does;
 - ``INSERT OR IGNORE`` is ``INSERT … ON CONFLICT DO NOTHING``;
@@ -33,7 +36,10 @@ import psycopg
 from psycopg.pq import TransactionStatus
 from psycopg.rows import RowMaker
 
-__all__ = ["PgConnection", "PgCursor", "PgRow", "translate", "translated_error"]
+__all__ = ["WRITE_LOCK", "PgConnection", "PgCursor", "PgRow", "translate", "translated_error"]
+
+# pg_advisory_xact_lock key of BEGIN IMMEDIATE (positiond.store.pgschema.LOCK_ID + 3).
+WRITE_LOCK = 0x706F7364 + 3
 
 # Tables whose key an INSERT returns as lastrowid.
 _KEYS = {
@@ -42,6 +48,7 @@ _KEYS = {
     "position_events": "id",
     "broker_orphans": "id",
     "alert_outbox": "id",
+    "protective_orders": "id",
 }
 _INSERT = re.compile(r"^\s*INSERT\s+INTO\s+(\w+)", re.IGNORECASE)
 _TRAIL = re.compile(
@@ -60,7 +67,7 @@ _PRAGMAS = {
     "PRAGMA user_version": "SELECT coalesce(max(version), 0) FROM schema_version",
     "PRAGMA page_size": "SELECT 0",
     "PRAGMA freelist_count": "SELECT 0",
-    "BEGIN IMMEDIATE": "BEGIN",
+    "BEGIN IMMEDIATE": "BEGIN",  # and WRITE_LOCK (PgCursor.execute)
 }
 # A string literal, or a placeholder: ?N, ?, :name (not a :: cast).
 _TOKEN = re.compile(r"'(?:[^']|'')*'|\?(\d+)|\?|(?<!:):([A-Za-z_]\w*)")
@@ -161,6 +168,8 @@ class PgCursor:
             query += f" RETURNING {key}"
         try:
             self._cur.execute(query, args)
+            if query == "BEGIN" and sql.strip() == "BEGIN IMMEDIATE":
+                self._cur.execute(f"SELECT pg_advisory_xact_lock({WRITE_LOCK})")
             if key is not None:
                 row = self._cur.fetchone()
                 self.lastrowid = None if row is None else int(row[0])

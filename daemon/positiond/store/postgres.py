@@ -18,10 +18,11 @@ acknowledged): the next batch reconnects.
 
 Alerts: the outbox triggers are PL/pgSQL (:mod:`positiond.store.pgalerts`), replaced by
 :func:`migrate` at every open; the delivery worker reads through
-:func:`positiond.store.side.connect_side`, as does the periodic reconciliation. Not supported
-yet with PostgreSQL, refused by the configuration (:class:`positiond.config.Config` raises
-``ConfigError``, the daemon does not start): protective orders and the metrics endpoint (they
-read the database through SQLite connections of their own).
+:func:`positiond.store.side.connect_side`, as do the periodic reconciliation and the protect
+worker (their write transactions and the writer's take one advisory lock, as SQLite's write
+lock: :data:`positiond.store.pgconn.WRITE_LOCK`). Not supported yet with PostgreSQL, refused
+by the configuration (:class:`positiond.config.Config` raises ``ConfigError``): the metrics
+endpoint (it reads the database through a SQLite connection of its own).
 """
 
 from __future__ import annotations
