@@ -186,6 +186,7 @@ class Daemon:
         cfg = self.config
         db = cfg.db
         if isinstance(db, PgDsn):  # the server's lock: an advisory lock (positiond.store.postgres)
+            self._open_metrics()  # first, as with SQLite: a taken port fails the start
             self.listener.prepare()
             try:
                 self.store = await open_store(db, busy_timeout=cfg.busy_timeout)

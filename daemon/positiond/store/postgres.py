@@ -20,9 +20,7 @@ Alerts: the outbox triggers are PL/pgSQL (:mod:`positiond.store.pgalerts`), repl
 :func:`migrate` at every open; the delivery worker reads through
 :func:`positiond.store.side.connect_side`, as do the periodic reconciliation and the protect
 worker (their write transactions and the writer's take one advisory lock, as SQLite's write
-lock: :data:`positiond.store.pgconn.WRITE_LOCK`). Not supported yet with PostgreSQL, refused
-by the configuration (:class:`positiond.config.Config` raises ``ConfigError``): the metrics
-endpoint (it reads the database through a SQLite connection of its own).
+lock: :data:`positiond.store.pgconn.WRITE_LOCK`), and the metrics endpoint's counts.
 """
 
 from __future__ import annotations
