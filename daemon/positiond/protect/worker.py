@@ -1,7 +1,6 @@
 """The protect worker: a protective stop order at the broker for each crashed leg (docs/PROTECT.md).
 
-Its own asyncio task, database connection (SQLite or PostgreSQL; calls serialized, each in a
-thread; a lost one made again) and HTTP client,
+Its own asyncio task, database connection (calls serialized, each in a thread) and HTTP client,
 apart from receiving, writing and liveness: it can never delay a verdict or an ack. The server
 wakes it after every commit; it also looks every ``poll_interval`` seconds.
 
@@ -181,7 +180,7 @@ class Protector:
         try:
             return fn(self._conn, *args, **kwargs)
         except sqlite3.Error:
-            if broken(self._conn):  # PostgreSQL: the next call connects again
+            if broken(self._conn):  # a lost PostgreSQL connection: the next call makes one
                 self._close_db()
             raise
 
