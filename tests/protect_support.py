@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from positiond.store.dsn import PgDsn
 from tests.fake_openalgo import FakeOpenAlgo
 from tests.helpers import UNIT, DaemonProcess, rows, wait_for
 
@@ -40,7 +41,7 @@ def leg(symbol: str, stop: float | None, quantity: int = 75, side: str = "BUY",
 
 def start_daemon(
     workdir: Path, fake: FakeOpenAlgo, protect: str = 'mode = "on"\nstrategies = ["guarded"]',
-    *, timeout: float = 0.5, poll_interval: float = 0.1,
+    *, timeout: float = 0.5, poll_interval: float = 0.1, db: Path | PgDsn | None = None,
 ) -> DaemonProcess:  # fmt: skip
     key_file = workdir / "openalgo.key"
     key_file.write_text(KEY + "\n")
@@ -51,7 +52,7 @@ def start_daemon(
     )
     return DaemonProcess(
         workdir, "--flush-interval", "0.05", "--config", str(config), "--status-interval", "0.2",
-        heartbeat_timeout=1.0,
+        heartbeat_timeout=1.0, db=db,
     ).start()
 
 
@@ -79,19 +80,19 @@ class Holder:
             self.proc.stdout.close()
 
 
-def orders(db: Path) -> list[dict[str, Any]]:
+def orders(db: Path | PgDsn) -> list[dict[str, Any]]:
     """The protective_orders rows with their leg's key."""
     sql = ("SELECT o.*, p.position_key FROM protective_orders o "
            "JOIN strategy_positions p ON p.position_id = o.position_id ORDER BY o.id")
     return [dict(r) for r in rows(db, sql)]
 
 
-def alerts(db: Path, kind: str) -> list[dict[str, Any]]:
+def alerts(db: Path | PgDsn, kind: str) -> list[dict[str, Any]]:
     return [json.loads(r["body"]) for r in rows(
         db, "SELECT body FROM alert_outbox WHERE kind = ? ORDER BY id", (kind,))]  # fmt: skip
 
 
-def settled(db: Path, n: int, what: str = "protective orders") -> list[dict[str, Any]]:
+def settled(db: Path | PgDsn, n: int, what: str = "protective orders") -> list[dict[str, Any]]:
     """Wait until ``n`` rows exist and none is PLANNED; the rows."""
     return wait_for(
         lambda: (found := orders(db)) and len(found) >= n

@@ -14,9 +14,11 @@ from typing import Any
 
 import pytest
 
+from positiond.store.dsn import PgDsn
 from positiond_client import PositionPersistenceManager
 from tests.alert_receiver import Receiver
 from tests.helpers import FACTOR, DaemonProcess, rows, session_status, wait_for
+from tests.pg import both_backends
 from tests.test_ctl import BN, CE, FIN, PE, ctl, ctl_json, kill_a_strategy, positionbook
 from tests.test_daemon import Strategy
 
@@ -47,19 +49,21 @@ def webhook(url: str, timeout: float = 5.0, extra: str = "") -> str:
     )
 
 
-def start(workdir: Path, config: Path) -> DaemonProcess:
+def start(workdir: Path, config: Path, db: Path | PgDsn | None = None) -> DaemonProcess:
     return DaemonProcess(
-        workdir, "--flush-interval", "0.05", "--config", str(config), heartbeat_timeout=1.0
-    ).start()
+        workdir, "--flush-interval", "0.05", "--config", str(config), heartbeat_timeout=1.0,
+        db=db,
+    ).start()  # fmt: skip
 
 
-def deliveries(db: Path) -> list[Any]:
+def deliveries(db: Path | PgDsn) -> list[Any]:
     return rows(db, "SELECT o.alert_id, o.kind, d.sink, d.state, d.attempts FROM alert_outbox o "
                 "JOIN alert_deliveries d ON d.alert_id = o.id ORDER BY o.id, d.sink")  # fmt: skip
 
 
+@both_backends
 def test_kill_9_posts_the_documented_body_once_and_runs_the_command(
-    workdir: Path, receivers: list[Receiver], strategies: list[Strategy]
+    db: Path | PgDsn, workdir: Path, receivers: list[Receiver], strategies: list[Strategy]
 ) -> None:
     receiver = Receiver()
     receivers.append(receiver)
@@ -69,7 +73,7 @@ def test_kill_9_posts_the_documented_body_once_and_runs_the_command(
         f'[[alerts.sink]]\nname = "pager"\ntype = "command"\n'
         f"command = {json.dumps([sys.executable, '-c', script])}\n"
     )
-    daemon = start(workdir, write_config(workdir, webhook(receiver.url), command))
+    daemon = start(workdir, write_config(workdir, webhook(receiver.url), command), db)
     try:
         strategy = Strategy(daemon.endpoint, "hold")
         strategies.append(strategy)
@@ -158,12 +162,13 @@ def test_a_hanging_webhook_and_a_sleeping_command_delay_no_verdict_and_no_ack(
     wait_for(lambda: not sleeping.exists(), 10, "the sleeping command to be killed at stop")
 
 
+@both_backends
 def test_an_alert_survives_a_daemon_killed_before_it_was_delivered(
-    workdir: Path, receivers: list[Receiver], strategies: list[Strategy]
+    db: Path | PgDsn, workdir: Path, receivers: list[Receiver], strategies: list[Strategy]
 ) -> None:
     receiver = Receiver(statuses=[500])  # the first attempt fails: retried after 1 s
     receivers.append(receiver)
-    daemon = start(workdir, write_config(workdir, webhook(receiver.url)))
+    daemon = start(workdir, write_config(workdir, webhook(receiver.url)), db)
     strategy = Strategy(daemon.endpoint, "hold")
     strategies.append(strategy)
     info = strategy.info()
@@ -184,7 +189,9 @@ def test_an_alert_survives_a_daemon_killed_before_it_was_delivered(
         daemon.stop()
 
 
+@both_backends
 def test_each_kind_of_verdict_alerts_through_the_daemon_or_posctl(
+    db: Path | PgDsn,
     workdir: Path,
     receivers: list[Receiver],
     strategies: list[Strategy],
@@ -192,7 +199,7 @@ def test_each_kind_of_verdict_alerts_through_the_daemon_or_posctl(
 ) -> None:
     receiver = Receiver()
     receivers.append(receiver)
-    daemon = start(workdir, write_config(workdir, webhook(receiver.url)))
+    daemon = start(workdir, write_config(workdir, webhook(receiver.url)), db)
     try:
         kill_a_strategy(daemon, strategies)  # crashed
         book = workdir / "book.json"
@@ -259,7 +266,9 @@ def test_the_daemon_alerts_when_its_writes_fail_and_when_they_work_again(
         daemon.stop()
 
 
+@both_backends
 def test_kill_9_of_several_strategies_reaches_the_phone_as_one_message_fast(
+    db: Path | PgDsn,
     workdir: Path,
     receivers: list[Receiver],
     strategies: list[Strategy],
@@ -273,7 +282,7 @@ def test_kill_9_of_several_strategies_reaches_the_phone_as_one_message_fast(
         f'[[alerts.sink]]\nname = "phone"\ntype = "telegram"\ntoken_file = "{token}"\n'
         f'chat_id = "123456"\napi_url = "{bot_api.url.rsplit("/", 1)[0]}"\n'
     )
-    daemon = start(workdir, write_config(workdir, phone))
+    daemon = start(workdir, write_config(workdir, phone), db)
     try:
         infos = []
         for n in range(3):

@@ -28,8 +28,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from positiond.config import ConfigError, build_parser, format_config, load
 from positiond.metrics.endpoint import IDLE_TIMEOUT
 from positiond.metrics.listen import Listen, parse_listen
+from positiond.store.dsn import PgDsn
 from positiond_client import PositionPersistenceManager
 from tests.helpers import UNIT, DaemonProcess, wait_for
+from tests.pg import both_backends
 from tests.test_ctl import crash_in_process, ctl, managers
 from tests.test_daemon import Strategy
 
@@ -77,13 +79,15 @@ def names(samples: Samples) -> set[str]:
     return {name for name, _ in samples}
 
 
-def start(workdir: Path, *extra: str, config: str | None = None) -> DaemonProcess:
+def start(
+    workdir: Path, *extra: str, config: str | None = None, db: Path | PgDsn | None = None
+) -> DaemonProcess:
     args = ["--flush-interval", "0.05", "--metrics-listen", "127.0.0.1:0", *extra]
     if config is not None:
         path = workdir / "positiond.toml"
         path.write_text(config)
         args += ["--config", str(path)]
-    return DaemonProcess(workdir, *args, heartbeat_timeout=1.0).start()
+    return DaemonProcess(workdir, *args, heartbeat_timeout=1.0, db=db).start()
 
 
 @pytest.fixture
@@ -106,14 +110,16 @@ SINKS = (
 # ---- a scripted day --------------------------------------------------------------------------
 
 
+@both_backends
 def test_a_scripted_day_moves_the_metrics_as_it_should(
+    db: Path | PgDsn,
     workdir: Path,
     started: list[DaemonProcess],
     strategies: list[Strategy],
     managers: list[PositionPersistenceManager],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    daemon = start(workdir, config=SINKS)
+    daemon = start(workdir, config=SINKS, db=db)
     started.append(daemon)
     url = metrics_url(daemon)
     assert url.startswith("http://127.0.0.1:") and url.endswith("/metrics")
@@ -129,6 +135,9 @@ def test_a_scripted_day_moves_the_metrics_as_it_should(
     assert value(m, "positiond_messages_total", type="update") == 0
     assert value(m, "positiond_alert_deliveries_total", sink="pager", result="delivered") == 0
     assert value(m, "positiond_healthy") == 1 and value(m, "positiond_database_writable") == 1
+    assert value(m, "positiond_database_readable") == 1
+    # PostgreSQL keeps its own files: no size of ours to report.
+    assert ("positiond_database_size_bytes" in names(m)) == isinstance(db, Path)
     info = [k for k in m if k[0] == "positiond_build_info"]
     assert len(info) == 1 and m[info[0]] == 1
 
@@ -478,3 +487,27 @@ def test_only_loopback_is_served_unless_remote_is_allowed(
     else:
         assert allow_remote or loopback
         assert ipaddress.ip_address(listen.host) == address and listen.port == port
+
+
+@pytest.mark.parametrize("backend", ["postgres"], indirect=True)
+def test_postgresql_counts_are_read_again_after_the_connection_is_lost(db: PgDsn) -> None:
+    from positiond.metrics.database import DatabaseCounts
+    from tests.helpers import rows
+    from tests.test_alert_delivery import START, crash
+
+    crash(db, START)  # one CRASHED session with one CRASHED leg
+    clock = [0.0]
+    counts = DatabaseCounts(db, monotonic=lambda: clock[0])
+    try:
+        first = counts.get()
+        assert first is not None and first.sessions["CRASHED"] == 1 and first.attention == 1
+        ours = "application_name = 'positiond' AND pid <> pg_backend_pid()"
+        ended = rows(db, f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE {ours}")
+        assert [r[0] for r in ended] == [True]
+        clock[0] += 1
+        assert counts.get() is None  # this scrape: unreadable (positiond_database_readable 0)
+        clock[0] += 1
+        again = counts.get()  # the next one connects again
+        assert again is not None and again.legs["CRASHED"] == 1
+    finally:
+        counts.close()

@@ -16,8 +16,10 @@ from typing import Any
 
 import pytest
 
+from positiond.store.dsn import PgDsn
 from tests.fake_openalgo import FakeOpenAlgo
 from tests.helpers import rows, wait_for
+from tests.pg import both_backends
 from tests.protect_support import (
     CE,
     KEY,
@@ -49,20 +51,21 @@ def holders() -> Iterator[list[Holder]]:
         holder.kill()
 
 
-def order_of(db: Path, key: str) -> dict[str, Any]:
+def order_of(db: Path | PgDsn, key: str) -> dict[str, Any]:
     return next(o for o in orders(db) if o["position_key"] == key)
 
 
-def leg_row(db: Path, key: str) -> dict[str, object]:
+def leg_row(db: Path | PgDsn, key: str) -> dict[str, object]:
     return dict(rows(db, "SELECT * FROM strategy_positions WHERE position_key = ?", (key,))[0])
 
 
+@both_backends
 def test_kill_9_places_one_stop_per_leg_a_fill_closes_it_and_resolve_cancels(
-    workdir: Path, fake: FakeOpenAlgo, holders: list[Holder]
+    db: Path | PgDsn, workdir: Path, fake: FakeOpenAlgo, holders: list[Holder]
 ) -> None:
     fake.orders.set_position(CE, 75)
     fake.orders.set_position(PE, -50)
-    daemon = start_daemon(workdir, fake)
+    daemon = start_daemon(workdir, fake, db=db)
     try:
         holder = Holder(daemon.endpoint, "guarded", [
             leg(CE, 92.5, 75, "BUY", position_key="ce"),
@@ -244,14 +247,15 @@ def test_the_order_rate_limit_is_kept(
         daemon.stop()
 
 
+@both_backends
 @pytest.mark.parametrize("lands", [True, False], ids=["landed", "lost"])
 def test_a_daemon_killed_between_planned_and_placed_ends_with_one_order(
-    workdir: Path, fake: FakeOpenAlgo, holders: list[Holder], lands: bool
+    db: Path | PgDsn, workdir: Path, fake: FakeOpenAlgo, holders: list[Holder], lands: bool
 ) -> None:
     fake.orders.set_position(CE, 75)
     fake.orders.set_position(PE, 75)
     fake.orders.hang, fake.orders.hang_lands = 30.0, lands
-    daemon = start_daemon(workdir, fake, timeout=5.0)  # still waiting when it is killed
+    daemon = start_daemon(workdir, fake, timeout=5.0, db=db)  # still waiting when it is killed
     try:
         holder = Holder(daemon.endpoint, "guarded", [leg(CE, 90.0), leg(PE, 70.0)])
         holders.append(holder)
@@ -263,7 +267,7 @@ def test_a_daemon_killed_between_planned_and_placed_ends_with_one_order(
         if daemon.proc is not None and daemon.proc.poll() is None:
             daemon.stop()
     fake.orders.hang = 0.0
-    again = start_daemon(workdir, fake)
+    again = start_daemon(workdir, fake, db=db)
     try:
         found = settled(again.db, 2)
         assert {o["state"] for o in found} == {"PLACED"}
@@ -276,3 +280,37 @@ def test_a_daemon_killed_between_planned_and_placed_ends_with_one_order(
             assert all("orderbook" in o["reason"] for o in found)
     finally:
         again.stop()
+
+
+@pytest.mark.parametrize("backend", ["postgres"], indirect=True)
+def test_a_plan_racing_a_hand_back_waits_for_it_and_then_plans_nothing(db: PgDsn) -> None:
+    """The writer hands a CRASHED leg back (not committed yet) while the worker plans its stop:
+    as SQLite's write lock does, the plan waits for the hand-back and then sees the leg is no
+    longer CRASHED. Without it, the plan would commit a PLANNED row nobody releases: a stop
+    placed on a leg a live strategy holds."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from positiond.protect import db as protect_db
+    from tests.test_alert_delivery import START, connect, crash
+
+    crash(db, START)  # session 1, leg 1 CRASHED
+    leg = {"position_id": 1, "session_id": 1, "crash_event_id": 1, "symbol": CE,
+           "exchange": "NFO", "product": "NRML", "side": "SELL", "quantity": 75}  # fmt: skip
+    writer, worker = connect(db), connect(db)
+    try:
+        writer.execute("BEGIN IMMEDIATE")
+        writer.execute("UPDATE strategy_positions SET status = 'ACTIVE' WHERE position_id = 1")
+        with ThreadPoolExecutor(1) as pool:
+            plan = pool.submit(
+                protect_db.insert, worker, leg, state="PLANNED", mode="on", order=None,
+                pricetype="SL-M", tag="positiond-protect", reason=None,
+                event="PROTECT_PLANNED", payload={}, now="t",
+            )  # fmt: skip
+            waiting = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+            wait_for(lambda: rows(db, waiting)[0][0] == 1, 10, "the plan waiting for the writer")
+            writer.execute("COMMIT")
+            assert plan.result(timeout=10) is None  # the leg is ACTIVE again: nothing planned
+    finally:
+        writer.close()
+        worker.close()
+    assert rows(db, "SELECT count(*) FROM protective_orders")[0][0] == 0

@@ -19,9 +19,11 @@ from hypothesis import strategies as st
 from bench.alert_receiver import Receiver
 from positiond.config import Config, ConfigError
 from positiond.drift import find_drift, in_window, parse_window
+from positiond.store.dsn import PgDsn
 from positiond_client import PositionPersistenceManager
 from tests.fake_openalgo import FakeOpenAlgo, Reply, book
 from tests.helpers import UNIT, DaemonProcess, rows, wait_for
+from tests.pg import both_backends
 from tests.test_ctl import BN, CE, ctl, ctl_json
 
 KEY = "oa-recon-key-5f1e"
@@ -128,7 +130,10 @@ def receiver() -> Iterator[Receiver]:
     hook.close()
 
 
-def start(workdir: Path, fake: FakeOpenAlgo, hook: Receiver, extra: str = "") -> DaemonProcess:
+def start(
+    workdir: Path, fake: FakeOpenAlgo, hook: Receiver, extra: str = "",
+    db: Path | PgDsn | None = None,
+) -> DaemonProcess:  # fmt: skip
     key_file = workdir / "openalgo.key"
     key_file.write_text(KEY + "\n")
     config = workdir / "positiond.toml"
@@ -138,8 +143,9 @@ def start(workdir: Path, fake: FakeOpenAlgo, hook: Receiver, extra: str = "") ->
         f'[[alerts.sink]]\nname = "hook"\ntype = "webhook"\nurl = "{hook.url}"\n'
     )
     return DaemonProcess(
-        workdir, "--flush-interval", "0.05", "--config", str(config), "--status-interval", "0.2"
-    ).start()
+        workdir, "--flush-interval", "0.05", "--config", str(config), "--status-interval", "0.2",
+        db=db,
+    ).start()  # fmt: skip
 
 
 def drift_posts(hook: Receiver) -> list[dict[str, Any]]:
@@ -162,13 +168,14 @@ def pm_list() -> Iterator[list[PositionPersistenceManager]]:
         pm.close(1.0)
 
 
+@both_backends
 def test_drift_is_alerted_once_per_change_and_changes_no_leg(
-    workdir: Path, fake: FakeOpenAlgo, receiver: Receiver,
+    db: Path | PgDsn, workdir: Path, fake: FakeOpenAlgo, receiver: Receiver,
     pm_list: list[PositionPersistenceManager],
 ) -> None:  # fmt: skip
     # Refused until the leg is entered: a refused book judges nothing (no race with the checks).
     fake.reply("positionbook", Reply({"status": "error", "message": "not yet"}, status=500))
-    daemon = start(workdir, fake, receiver)
+    daemon = start(workdir, fake, receiver, db=db)
     try:
         pm = PositionPersistenceManager("recon", endpoint=daemon.endpoint, ack_timeout=5)
         pm_list.append(pm)
@@ -212,7 +219,7 @@ def test_drift_is_alerted_once_per_change_and_changes_no_leg(
         daemon.stop()
 
     # Restarted with the same drift: it was alerted already (read back from the outbox).
-    again = start(workdir, fake, receiver)
+    again = start(workdir, fake, receiver, db=db)
     try:
         checks_after(fake, 2)
         assert len(drift_posts(receiver)) == 2

@@ -150,24 +150,6 @@ class Config:
                 "give access through a group (0660) instead",
             )
         _within("busy_timeout", self.busy_timeout, 0.0, 3600)
-        if isinstance(self.db, PgDsn):  # what the PostgreSQL store cannot do yet (issue 14)
-            if self.alerts.sinks:
-                raise ConfigError("alerts", "alerts with a PostgreSQL store are not supported yet")
-            if self.openalgo_reconcile_interval > 0:
-                raise ConfigError(
-                    "openalgo_reconcile_interval",
-                    "periodic reconciliation with a PostgreSQL store is not supported yet",
-                )
-            if self.protect.enabled:
-                raise ConfigError(
-                    "protect.mode",
-                    "protective stop orders with a PostgreSQL store are not supported yet",
-                )
-            if self.metrics_listen is not None:
-                raise ConfigError(
-                    "metrics_listen",
-                    "the metrics endpoint with a PostgreSQL store is not supported yet",
-                )
         _within("status_interval", self.status_interval, 0.1, 3600)
         _within("max_connections", self.max_connections, 0, 1 << 20)
         if self.openalgo_host is not None and not self.openalgo_host.startswith(

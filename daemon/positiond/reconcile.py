@@ -1,7 +1,8 @@
 """Periodic reconciliation against OpenAlgo's positionbook (opt-in: ``[openalgo]
 reconcile_interval``).
 
-Its own task, its own SQLite connection and its own HTTP client: it never delays a verdict or
+Its own task, its own database connection (SQLite or PostgreSQL: :mod:`positiond.store.side`;
+a lost one is made again at the next check) and its own HTTP client: it never delays a verdict or
 an ack. Every ``interval`` seconds, inside the market-hours ``window`` (local time in
 ``timezone``), it fetches the positionbook (bounded by the OpenAlgo timeout), reads every open
 leg and judges them (:func:`positiond.drift.find_drift`). A new drift is written to the alert
@@ -16,10 +17,10 @@ the next interval: it is never read as flat.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import sqlite3
 import time
+import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -30,8 +31,10 @@ import orjson
 
 from positiond.drift import Window, find_drift, in_window, parse_window
 from positiond.openalgo import AsyncOpenAlgo, OpenAlgoError, Settings, api_key, settings_of
+from positiond.store.dsn import PgDsn
 from positiond.store.recovery import read_legs
 from positiond.store.schema import iso
+from positiond.store.side import broken, connect_side
 
 if TYPE_CHECKING:
     from positiond.config import Config
@@ -46,8 +49,6 @@ def reconciler_of(config: Config, wake: Callable[[], None] | None) -> Reconciler
     settings = settings_of(config)
     if settings is None or config.openalgo_reconcile_interval <= 0:
         return None
-    if not isinstance(config.db, Path):  # PostgreSQL: refused by Config already
-        return None
     window = config.openalgo_reconcile_window
     return Reconciler(
         config.db, settings, config.openalgo_reconcile_interval,
@@ -61,7 +62,7 @@ class Reconciler:
 
     def __init__(
         self,
-        db: Path,
+        db: Path | PgDsn,
         settings: Settings,
         interval: float,
         window: Window | None,
@@ -92,6 +93,9 @@ class Reconciler:
                         await self.check()
                 except Exception:
                     log.exception("reconcile: check failed; retrying at the next interval")
+                    if self._conn is not None and broken(self._conn):  # PostgreSQL: reconnect
+                        self._conn.close()
+                        self._conn = None
                 await asyncio.sleep(self.interval)  # the period of the check itself
         finally:
             if self._conn is not None:
@@ -142,9 +146,9 @@ class Reconciler:
 
     def _db(self) -> sqlite3.Connection:
         if self._conn is None:
-            conn = sqlite3.connect(self.db, timeout=self.busy_timeout, isolation_level=None,
-                                   check_same_thread=False)  # fmt: skip
-            conn.row_factory = sqlite3.Row
+            conn = connect_side(self.db, self.busy_timeout)
+            if isinstance(conn, sqlite3.Connection):  # PostgreSQL's rows read by name already
+                conn.row_factory = sqlite3.Row
             self._conn = conn
         return self._conn
 
@@ -176,10 +180,8 @@ class Reconciler:
             "strategy": None, "session_id": None, "reason": reason[:2000],
             "legs": [leg for d in fresh for leg in d["legs"]], "drift": drift,
         }  # fmt: skip
-        conn = self._db()
-        with contextlib.closing(conn.cursor()) as cur:
-            cur.execute(
-                "INSERT INTO alert_outbox (alert_id, kind, created_at, body) "
-                "VALUES (lower(hex(randomblob(16))), 'drift', ?, ?)",
-                (iso(self.now()), orjson.dumps(body).decode()),
-            )
+        self._db().execute(
+            "INSERT INTO alert_outbox (alert_id, kind, created_at, body) "
+            "VALUES (?, 'drift', ?, ?)",
+            (uuid.uuid4().hex, iso(self.now()), orjson.dumps(body).decode()),
+        )

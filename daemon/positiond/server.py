@@ -186,6 +186,7 @@ class Daemon:
         cfg = self.config
         db = cfg.db
         if isinstance(db, PgDsn):  # the server's lock: an advisory lock (positiond.store.postgres)
+            self._open_metrics()  # first, as with SQLite: a taken port fails the start
             self.listener.prepare()
             try:
                 self.store = await open_store(db, busy_timeout=cfg.busy_timeout)
@@ -212,8 +213,8 @@ class Daemon:
         self.router.attach(loop)
         self._tasks = [loop.create_task(self._tick_loop(), name="positiond-tick")]
         self._tasks.append(loop.create_task(self._watch_loop(), name="positiond-watch"))
-        # Apart from the writer: its own task and connection (PostgreSQL: refused by Config).
-        if cfg.alerts.sinks and isinstance(db, Path):
+        # Apart from the writer: its own task and connection (either backend).
+        if cfg.alerts.sinks:
             self.delivery = Delivery(
                 db, cfg.alerts, busy_timeout=cfg.busy_timeout, openalgo=settings_of(cfg)
             )
@@ -249,10 +250,9 @@ class Daemon:
 
     def open_protector(self, db: Path | PgDsn) -> None:
         """Start the protect worker when ``[protect]`` is on (its own task, connection and
-        HTTP client); it is woken after commits through ``protect_wake``. (SQLite only: the
-        config refuses ``[protect]`` with a PostgreSQL store.)"""
+        HTTP client, on either backend); it is woken after commits through ``protect_wake``."""
         cfg, openalgo = self.config, settings_of(self.config)
-        if not cfg.protect.enabled or openalgo is None or isinstance(db, PgDsn):
+        if not cfg.protect.enabled or openalgo is None:
             return
         self.protector = Protector(
             db, cfg.protect, openalgo, submit=self.submit, handback=self.handback,

@@ -1,13 +1,14 @@
 """The delivery worker: sends the outbox's alerts to the sinks, apart from the hot path.
 
-It runs as its own asyncio task with its own SQLite connection (on a worker thread, one short
-statement at a time), so receiving, writing and liveness never wait for it; each attempt runs
-in its own task, at most ``concurrency`` at once per sink (one that hangs holds up no other),
-each bounded by its sink's timeout. A failed attempt is retried with exponential backoff (1 s
-doubling up to 5 min) until ``retry_for`` seconds after the alert, then its delivery is FAILED
-(``posctl alerts`` shows it). Delivery is at least once: an attempt that succeeded but whose
-outcome was not recorded (the daemon killed in between) is repeated after a restart — sinks
-dedupe by the alert's ``id``.
+It runs as its own asyncio task with its own database connection (SQLite, or PostgreSQL through
+:mod:`positiond.store.side`; on a worker thread, one short statement at a time; a lost one is
+made again at the next step), so receiving, writing and liveness never wait for it; each attempt
+runs in its own task, at most ``concurrency`` at once per sink (one that hangs holds up no
+other), each bounded by its sink's timeout. A failed attempt is retried with exponential backoff
+(1 s doubling up to 5 min) until ``retry_for`` seconds after the alert, then its delivery is
+FAILED (``posctl alerts`` shows it). Delivery is at least once: an attempt that succeeded but
+whose outcome was not recorded (the daemon killed in between) is repeated after a restart —
+sinks dedupe by the alert's ``id``.
 
 Human sinks (``telegram``, ``openalgo``) get one message per burst instead: the first due
 alert starts a group, which waits ``group_window`` seconds (and at least
@@ -37,6 +38,8 @@ from positiond.alerts.human import MIN_INTERVAL, HumanSink
 from positiond.alerts.settings import AlertsConfig
 from positiond.alerts.sinks import Sink, build_sink
 from positiond.openalgo import Settings
+from positiond.store.dsn import PgDsn
+from positiond.store.side import broken, connect_side
 
 __all__ = ["Delivery", "backoff"]
 
@@ -58,7 +61,7 @@ class Delivery:
 
     def __init__(
         self,
-        db: Path,
+        db: Path | PgDsn,
         config: AlertsConfig,
         *,
         busy_timeout: float = 5.0,
@@ -139,11 +142,7 @@ class Delivery:
             return await asyncio.to_thread(work, conn)
 
     def _open(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(
-            self.db, timeout=self.busy_timeout, isolation_level=None, check_same_thread=False
-        )
-        conn.execute("PRAGMA journal_mode").fetchone()  # WAL, set by the store
-        return conn
+        return connect_side(self.db, self.busy_timeout)
 
     async def open(self) -> None:
         """Connect, build the sinks, skip alerts older than ``retry_for`` (never sent now)."""
@@ -174,6 +173,8 @@ class Delivery:
                     await self.step()
                 except sqlite3.Error as exc:  # busy, read-only, gone: try again later
                     log.warning("alerts: cannot read the outbox: %s", exc)
+                    if self._conn is not None and broken(self._conn):
+                        await self._reconnect()
                 except Exception:
                     log.exception("alerts: delivery step failed; retrying")
                 with contextlib.suppress(TimeoutError):
@@ -197,6 +198,13 @@ class Delivery:
             await sink.aclose()
         if self._conn is not None:
             conn, self._conn = self._conn, None
+            await asyncio.to_thread(conn.close)
+
+    async def _reconnect(self) -> None:
+        """Drop a lost connection (PostgreSQL): the next step opens a new one."""
+        async with self._db_lock:
+            conn, self._conn = self._conn, None
+        if conn is not None:
             await asyncio.to_thread(conn.close)
 
     async def step(self) -> int:

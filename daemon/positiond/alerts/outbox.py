@@ -74,9 +74,7 @@ def first_recent(conn: sqlite3.Connection, since: float) -> int:
 def enqueue(conn: sqlite3.Connection, sinks: tuple[SinkConfig, ...], after: int) -> int:
     """A PENDING delivery for each alert after id ``after`` and each sink that wants it;
     return the highest alert id seen (the next call's ``after``)."""
-    rows = conn.execute(
-        "SELECT id, kind, created_at FROM alert_outbox WHERE id > ? ORDER BY id", (after,)
-    ).fetchall()
+    rows = _new_alerts(conn, after)
     if not rows:
         return after
     conn.execute("BEGIN IMMEDIATE")  # one short transaction, however many rows
@@ -92,6 +90,27 @@ def enqueue(conn: sqlite3.Connection, sinks: tuple[SinkConfig, ...], after: int)
             conn.execute("ROLLBACK")
         raise
     return int(rows[-1][0])
+
+
+def _new_alerts(conn: sqlite3.Connection, after: int) -> list[Any]:
+    """The alerts after id ``after``. SQLite commits one writer at a time, in id order; on
+    PostgreSQL the read waits for every transaction writing the outbox to end first
+    (:data:`positiond.store.pgalerts.BARRIER`), so no smaller id can commit after it."""
+    select = "SELECT id, kind, created_at FROM alert_outbox WHERE id > ? ORDER BY id"
+    if isinstance(conn, sqlite3.Connection):
+        return conn.execute(select, (after,)).fetchall()
+    from positiond.store.pgalerts import BARRIER
+
+    conn.execute("BEGIN")
+    try:
+        conn.execute(BARRIER)
+        rows = conn.execute(select, (after,)).fetchall()
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    return rows
 
 
 def due(

@@ -29,18 +29,18 @@ from positiond.alerts.sinks import build_sink
 from positiond.ctl import render
 from positiond.ctl.access import EXIT_ATTENTION, EXIT_OK, EXIT_USAGE, Ctl, CtlError, open_readonly
 from positiond.openalgo import Settings
-from positiond.store.dsn import PgDsn
 from positiond.store.schema import iso
 
-__all__ = ["alert_records", "cmd_alerts", "send_tests", "test_body"]
+ALERTS_VERSION = 6  # the schema step that made the alert tables
+
+__all__ = ["ALERTS_VERSION", "alert_records", "cmd_alerts", "send_tests", "test_body"]
 
 
 def alert_records(conn: sqlite3.Connection, limit: int) -> list[dict[str, Any]]:
     """The newest ``limit`` alerts, newest first, with their deliveries ([] before version 6)."""
-    known = conn.execute(
-        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'alert_outbox'"
-    ).fetchone()
-    return recent(conn, limit) if known else []
+    # PRAGMA user_version: the schema's version on either backend (positiond.store.pgconn).
+    version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+    return recent(conn, limit) if version >= ALERTS_VERSION else []
 
 
 def _delivery(d: dict[str, Any]) -> str:
@@ -59,8 +59,6 @@ def cmd_alerts(ctl: Ctl, args: argparse.Namespace) -> int:
     one failed."""
     if args.action == "test":
         return _cmd_test(ctl, args)
-    if isinstance(ctl.db, PgDsn):
-        raise CtlError(EXIT_USAGE, "alerts with a PostgreSQL store are not supported yet")
     conn = open_readonly(ctl.db)
     try:
         shown = alert_records(conn, args.limit)

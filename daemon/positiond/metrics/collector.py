@@ -151,8 +151,9 @@ class DaemonCollector(Collector):
 
     def _database(self) -> Iterator[Metric]:
         daemon = self.daemon
-        yield _gauge("positiond_database_size_bytes", "database file plus its WAL",
-                     _size(self.counts.db))  # fmt: skip
+        if isinstance(self.counts.db, Path):  # PostgreSQL: the server keeps its own files
+            yield _gauge("positiond_database_size_bytes", "database file plus its WAL",
+                         _size(self.counts.db))  # fmt: skip
         yield _gauge(
             "positiond_database_writable",
             "1 while commits succeed; 0 while they fail or after a storage fault (the database "

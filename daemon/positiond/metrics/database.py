@@ -1,10 +1,11 @@
 """The database's counts for /metrics, read in the scrape thread on a read-only connection.
 
-Sessions and legs by status and what needs attention live in SQLite, not in the daemon's
+Sessions and legs by status and what needs attention live in the database, not in the daemon's
 memory (a CRASHED session left memory when its verdict committed). They are read here, on a
-connection of their own, in one short read transaction: in WAL mode a reader never blocks the
-writer, and no query runs on the event loop. The counts are kept for ``max_age`` seconds, so
-several scrapers at once cost one read.
+connection of their own (SQLite read-only, or PostgreSQL through :mod:`positiond.store.side`),
+in one short read-only transaction: neither SQLite in WAL mode nor PostgreSQL makes the writer
+wait for a reader, and no query runs on the event loop. The counts are kept for ``max_age``
+seconds, so several scrapers at once cost one read.
 """
 
 from __future__ import annotations
@@ -16,6 +17,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from positiond.store.dsn import PgDsn
+from positiond.store.side import connect_side
 
 __all__ = ["Counts", "DatabaseCounts"]
 
@@ -51,7 +55,7 @@ class DatabaseCounts:
 
     def __init__(
         self,
-        db: Path,
+        db: Path | PgDsn,
         *,
         max_age: float = 0.5,
         busy_timeout: float = 1.0,
@@ -76,12 +80,9 @@ class DatabaseCounts:
     def _read(self) -> Counts | None:
         try:
             if self._conn is None:
-                self._conn = sqlite3.connect(
-                    f"file:{self.db}?mode=ro", uri=True, timeout=self.busy_timeout,
-                    isolation_level=None, check_same_thread=False,
-                )  # fmt: skip
+                self._conn = self._connect()
             conn = self._conn
-            conn.execute("BEGIN")
+            conn.execute("BEGIN" if isinstance(self.db, Path) else "BEGIN READ ONLY")
             try:
                 counts = Counts(
                     _by_status(conn, "session_statuses", "strategy_sessions"),
@@ -98,6 +99,14 @@ class DatabaseCounts:
             return None
         self._failing = False
         return counts
+
+    def _connect(self) -> sqlite3.Connection:
+        if isinstance(self.db, PgDsn):
+            return connect_side(self.db, self.busy_timeout)
+        return sqlite3.connect(
+            f"file:{self.db}?mode=ro", uri=True, timeout=self.busy_timeout,
+            isolation_level=None, check_same_thread=False,
+        )  # fmt: skip
 
     def _drop(self) -> None:
         conn, self._conn = self._conn, None

@@ -13,7 +13,6 @@ import socket
 import sys
 import threading
 from collections.abc import Callable, Iterable
-from pathlib import Path
 from socketserver import ThreadingMixIn
 from typing import TYPE_CHECKING, Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
@@ -73,10 +72,7 @@ class MetricsEndpoint:
 
     def __init__(self, daemon: Daemon, listen: Listen) -> None:
         self.listen = listen
-        db = daemon.config.db
-        if not isinstance(db, Path):  # the config refuses it: this is a second line of defence
-            raise TypeError("the metrics endpoint reads a SQLite database")
-        self.counts = DatabaseCounts(db, busy_timeout=1.0)
+        self.counts = DatabaseCounts(daemon.config.db, busy_timeout=1.0)
         self.registry = registry_for(daemon, self.counts)
         self._httpd: WSGIServer | None = None
         self._thread: threading.Thread | None = None

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import orjson
 
 from positiond.protect.plan import Order
+from positiond.store.dsn import PgDsn
 from positiond.store.recovery import read_legs
+from positiond.store.side import connect_side
 
 __all__ = [
     "LegWork",
@@ -54,9 +57,12 @@ ORDER BY o.id
 """
 
 
-def connect(path: str, busy_timeout: float) -> sqlite3.Connection:
-    conn = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None)
-    conn.row_factory = sqlite3.Row
+def connect(db: Path | PgDsn, busy_timeout: float) -> sqlite3.Connection:
+    """The worker's connection: SQLite, or PostgreSQL through the store's shim (its BEGIN
+    IMMEDIATE takes the write lock SQLite's does: :mod:`positiond.store.pgconn`)."""
+    conn = connect_side(db, busy_timeout)
+    if isinstance(conn, sqlite3.Connection):  # PostgreSQL's rows read by name already
+        conn.row_factory = sqlite3.Row
     return conn
 
 

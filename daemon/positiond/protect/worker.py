@@ -1,6 +1,6 @@
 """The protect worker: a protective stop order at the broker for each crashed leg (docs/PROTECT.md).
 
-Its own asyncio task, SQLite connection (calls serialized, each in a thread) and HTTP client,
+Its own asyncio task, database connection (calls serialized, each in a thread) and HTTP client,
 apart from receiving, writing and liveness: it can never delay a verdict or an ack. The server
 wakes it after every commit; it also looks every ``poll_interval`` seconds.
 
@@ -59,7 +59,9 @@ from positiond.protect.plan import (
 )
 from positiond.protect.settings import ProtectConfig
 from positiond.protect.triage import Triage, triage
+from positiond.store.dsn import PgDsn
 from positiond.store.schema import iso
+from positiond.store.side import broken
 
 __all__ = ["BY", "Protector"]
 
@@ -82,7 +84,7 @@ class Protector:
 
     def __init__(
         self,
-        path: Path,
+        path: Path | PgDsn,
         config: ProtectConfig,
         settings: Settings,
         *,
@@ -174,8 +176,13 @@ class Protector:
 
     def _in_thread(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         if self._conn is None:
-            self._conn = db.connect(str(self.path), self.busy_timeout)
-        return fn(self._conn, *args, **kwargs)
+            self._conn = db.connect(self.path, self.busy_timeout)
+        try:
+            return fn(self._conn, *args, **kwargs)
+        except sqlite3.Error:
+            if broken(self._conn):  # a lost PostgreSQL connection: the next call makes one
+                self._close_db()
+            raise
 
     def _close_db(self) -> None:
         if self._conn is not None:

@@ -7,9 +7,13 @@ PostgreSQL connection, so every rule is written once:
 
 - placeholders: ``?`` and ``?N`` become ``$N``, ``:name`` becomes ``$N`` (a named mapping is
   turned into the positional list), sent with server-side binding (psycopg's ``RawCursor``);
-- ``BEGIN IMMEDIATE`` is ``BEGIN``; ``PRAGMA user_version`` reads ``schema_version``; the page
+- ``BEGIN IMMEDIATE`` is ``BEGIN`` and then the transaction advisory lock :data:`WRITE_LOCK`:
+  like SQLite's write lock, one such transaction at a time (the writer's batches, the protect
+  worker's changes, the alert worker's records), so a check made in it (``WHERE EXISTS ...``)
+  still holds at its COMMIT; ``PRAGMA user_version`` reads ``schema_version``; the page
   counters ``PRAGMA page_size``/``freelist_count`` read 0 (PostgreSQL reuses space itself);
 - ``ORDER BY … DESC`` puts NULLs last, as SQLite does;
+- ``INSERT OR IGNORE`` is ``INSERT … ON CONFLICT DO NOTHING``;
 - an ``INSERT`` into a table with an identity key gets ``RETURNING`` its key: ``lastrowid``;
 - the trail level as the strategy sent it (:func:`positiond.store.schema.trail_level_sql`):
   PostgreSQL's CASE has one type, so the whole level comes back as JSON (an integer) and any
@@ -32,7 +36,10 @@ import psycopg
 from psycopg.pq import TransactionStatus
 from psycopg.rows import RowMaker
 
-__all__ = ["PgConnection", "PgCursor", "PgRow", "translate", "translated_error"]
+__all__ = ["WRITE_LOCK", "PgConnection", "PgCursor", "PgRow", "translate", "translated_error"]
+
+# pg_advisory_xact_lock key of BEGIN IMMEDIATE (positiond.store.pgschema.LOCK_ID + 3).
+WRITE_LOCK = 0x706F7364 + 3
 
 # Tables whose key an INSERT returns as lastrowid.
 _KEYS = {
@@ -41,6 +48,7 @@ _KEYS = {
     "position_events": "id",
     "broker_orphans": "id",
     "alert_outbox": "id",
+    "protective_orders": "id",
 }
 _INSERT = re.compile(r"^\s*INSERT\s+INTO\s+(\w+)", re.IGNORECASE)
 _TRAIL = re.compile(
@@ -53,12 +61,13 @@ _TRAIL_PG = (
     r"AND abs(\1.last_trail_level) < 9.2e18 THEN to_jsonb(\1.last_trail_level::bigint) "
     r"ELSE to_jsonb(\1.last_trail_level::text) END"
 )
+_IGNORE = re.compile(r"^\s*INSERT\s+OR\s+IGNORE\s+INTO\b", re.IGNORECASE)
 _DESC = re.compile(r"\bDESC\b(?!\s+NULLS)", re.IGNORECASE)
 _PRAGMAS = {
     "PRAGMA user_version": "SELECT coalesce(max(version), 0) FROM schema_version",
     "PRAGMA page_size": "SELECT 0",
     "PRAGMA freelist_count": "SELECT 0",
-    "BEGIN IMMEDIATE": "BEGIN",
+    "BEGIN IMMEDIATE": "BEGIN",  # and WRITE_LOCK (PgCursor.execute)
 }
 # A string literal, or a placeholder: ?N, ?, :name (not a :: cast).
 _TOKEN = re.compile(r"'(?:[^']|'')*'|\?(\d+)|\?|(?<!:):([A-Za-z_]\w*)")
@@ -92,6 +101,8 @@ def translate(sql: str) -> tuple[str, tuple[str, ...] | None]:
     out = _TOKEN.sub(placeholder, sql)
     out = _TRAIL.sub(_TRAIL_PG, out)
     out = _DESC.sub("DESC NULLS LAST", out)
+    if _IGNORE.match(out):
+        out = _IGNORE.sub("INSERT INTO", out).rstrip().rstrip(";") + " ON CONFLICT DO NOTHING"
     return out, (tuple(names) if names else None)
 
 
@@ -162,6 +173,8 @@ class PgCursor:
             query += f" RETURNING {key}"
         try:
             self._cur.execute(query, args)
+            if query == "BEGIN" and sql.strip() == "BEGIN IMMEDIATE":
+                self._cur.execute(f"SELECT pg_advisory_xact_lock({WRITE_LOCK})")
             if key is not None:
                 row = self._cur.fetchone()
                 self.lastrowid = None if row is None else int(row[0])
@@ -219,6 +232,9 @@ class PgConnection:
 
     def execute(self, sql: str, params: Sequence[Any] | Mapping[str, Any] = ()) -> PgCursor:
         return self.cursor().execute(sql, params)
+
+    def executemany(self, sql: str, seq: Sequence[Sequence[Any]]) -> PgCursor:
+        return self.cursor().executemany(sql, seq)
 
     def close(self) -> None:
         self.raw.close()

@@ -8,8 +8,8 @@ version is kept in a ``schema_version`` table (one row per applied step, with it
 
 Types: SQLite's INTEGER is 64-bit (BIGINT here), its REAL is a double (DOUBLE PRECISION here:
 PostgreSQL's REAL is 4 bytes), timestamps stay ISO 8601 text in UTC, JSON stays text. The
-alert tables exist (same names) but without SQLite's triggers: alerts with a PostgreSQL store
-are refused at start for now (:class:`positiond.config.Config` refuses them).
+alert tables are steps here too; their triggers are not (PL/pgSQL, replaced at every open:
+:mod:`positiond.store.pgalerts`).
 """
 
 from __future__ import annotations
@@ -135,7 +135,7 @@ ALTER TABLE broker_orphans ADD COLUMN adopted_by TEXT;
 CREATE INDEX broker_orphans_status ON broker_orphans(status);
 """
 
-# The alert tables, without the triggers that fill them on SQLite (not supported yet here).
+# The alert tables; the triggers that fill them are installed by positiond.store.pgalerts.
 _V6 = f"""
 CREATE TABLE alert_outbox (
     id          {_ID},
@@ -160,8 +160,8 @@ CREATE TABLE alert_deliveries (
 CREATE INDEX alert_deliveries_due ON alert_deliveries(state, next_attempt);
 """
 
-# Protective stop orders: the table and columns of SQLite's version 7, without its alert trigger
-# (protective orders with a PostgreSQL store are refused at start for now, like alerts).
+# Protective stop orders: the table and columns of SQLite's version 7 (its alert trigger:
+# positiond.store.pgalerts; protective orders with a PostgreSQL store are refused for now).
 _V7 = f"""
 ALTER TABLE strategy_sessions ADD COLUMN protect BOOLEAN;
 INSERT INTO event_types VALUES

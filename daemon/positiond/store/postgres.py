@@ -16,9 +16,11 @@ that lost its connection writes again only once it holds the lock again (ending 
 server session if that one still holds it). A lost connection is a retried write (nothing
 acknowledged): the next batch reconnects.
 
-Not supported yet with PostgreSQL, refused by the configuration (:class:`positiond.config.Config`
-raises ``ConfigError``, the daemon does not start): alert sinks and periodic reconciliation (both
-read the database through SQLite connections of their own); posctl refuses a PostgreSQL ``db``.
+Alerts: the outbox triggers are PL/pgSQL (:mod:`positiond.store.pgalerts`), replaced by
+:func:`migrate` at every open; the delivery worker reads through
+:func:`positiond.store.side.connect_side`, as do the periodic reconciliation and the protect
+worker (their write transactions and the writer's take one advisory lock, as SQLite's write
+lock: :data:`positiond.store.pgconn.WRITE_LOCK`), and the metrics endpoint's counts.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from typing import Any, TypeVar, cast
 import psycopg
 
 from positiond.ops import Batch, LegRow, LiveSession, Result
-from positiond.store import recovery
+from positiond.store import pgalerts, recovery
 from positiond.store.dbfile import DatabaseLocked, Lost, StoreError
 from positiond.store.dsn import PgDsn
 from positiond.store.pgconn import PgConnection, translated_error
@@ -71,7 +73,8 @@ def migrate(conn: psycopg.Connection[Any]) -> int:
     """Bring the database to SCHEMA_VERSION, each step in its own transaction; return it.
 
     Concurrent migrators wait for each other (a transaction advisory lock); a database newer
-    than this positiond raises :class:`SchemaError`.
+    than this positiond raises :class:`SchemaError`. The alert triggers
+    (:mod:`positiond.store.pgalerts`) are (re)installed in the last transaction.
     """
     version = 0
     while True:
@@ -89,6 +92,7 @@ def migrate(conn: psycopg.Connection[Any]) -> int:
                     f"({SCHEMA_VERSION}); upgrade positiond"
                 )
             if version == SCHEMA_VERSION:
+                pgalerts.install(conn)  # not a step: replaced at every open (pgalerts.py)
                 return version
             conn.execute(MIGRATIONS[version].encode())
             conn.execute("INSERT INTO schema_version (version) VALUES (%s)", (version + 1,))
