@@ -370,3 +370,37 @@ def test_an_alert_committed_after_a_later_one_is_not_skipped(db: PgDsn) -> None:
         for conn in (verdict, drift, reader):
             conn.close()
     assert [r[0] for r in rows(db, "SELECT alert_id FROM alert_deliveries ORDER BY 1")] == [1, 2, 3]
+
+
+async def test_a_stop_mid_statement_closes_the_connection_only_after_it(tmp_path: Path) -> None:
+    # The daemon stopping cancels the worker while a statement of its runs on a thread; closing
+    # the connection from another thread under that statement crashed the process (SIGSEGV at
+    # about 1 stop in 10 with an alert sink). The close now waits for it, on the same thread.
+    import threading
+    import time
+
+    db = tmp_path / "positiond.db"
+    conn = sqlite3.connect(db)
+    migrate(conn)
+    conn.close()
+    delivery = Delivery(db, AlertsConfig((SinkConfig("hook", "command", command=("x",)),)))
+    delivery.sinks = {}
+    await delivery.open()
+    started, outcome = threading.Event(), list[str]()
+
+    def slow(c: sqlite3.Connection) -> None:
+        started.set()
+        time.sleep(0.3)
+        try:
+            c.execute("SELECT count(*) FROM alert_outbox").fetchone()
+            outcome.append("still open")
+        except sqlite3.Error as exc:
+            outcome.append(f"closed under it: {exc}")
+
+    task = asyncio.get_running_loop().create_task(delivery._db(slow))
+    await asyncio.to_thread(started.wait, 5)
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    await delivery.close()
+    assert outcome == ["still open"]

@@ -34,7 +34,7 @@ from positiond.openalgo import AsyncOpenAlgo, OpenAlgoError, Settings, api_key, 
 from positiond.store.dsn import PgDsn
 from positiond.store.recovery import read_legs
 from positiond.store.schema import iso
-from positiond.store.side import broken, connect_side
+from positiond.store.side import SerialThread, broken, connect_side
 
 if TYPE_CHECKING:
     from positiond.config import Config
@@ -76,6 +76,7 @@ class Reconciler:
         self.window, self.tz, self.busy_timeout = window, tz, busy_timeout
         self.wake, self.now = wake, now
         self._conn: sqlite3.Connection | None = None
+        self._thread = SerialThread("positiond-reconcile-db")  # every use of _conn, its close
         self._last: set[str] | None = None  # signatures last alerted (None: not read yet)
         self.state: dict[str, Any] = {
             "checks": 0, "refused": 0, "last_check": None, "last_error": None,
@@ -94,13 +95,13 @@ class Reconciler:
                 except Exception:
                     log.exception("reconcile: check failed; retrying at the next interval")
                     if self._conn is not None and broken(self._conn):  # PostgreSQL: reconnect
-                        self._conn.close()
-                        self._conn = None
+                        lost, self._conn = self._conn, None
+                        await self._thread.close(lost)
                 await asyncio.sleep(self.interval)  # the period of the check itself
         finally:
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
+            # On the connection's thread, after a statement a cancelled check left running.
+            conn, self._conn = self._conn, None
+            await self._thread.close(conn)
 
     async def fetch(self) -> Any:
         """The positionbook reply; OpenAlgoError when refused (error, timeout, no key)."""
@@ -121,7 +122,7 @@ class Reconciler:
         self.state["last_check"] = iso(self.now())
         try:
             book = await self.fetch()
-            legs = await asyncio.to_thread(self._legs)
+            legs = await self._thread.run(self._legs)
             drift = find_drift(legs, book)
         except (OpenAlgoError, ValueError) as exc:
             self.state["refused"] += 1
@@ -132,9 +133,9 @@ class Reconciler:
         self.state["last_error"] = None
         self.state["drift"] = len(drift)
         current = {str(item["signature"]) for item in drift}
-        last = self._last if self._last is not None else await asyncio.to_thread(self._recorded)
+        last = self._last if self._last is not None else await self._thread.run(self._recorded)
         if current - last:  # a drift not alerted yet: one alert with every current drift
-            await asyncio.to_thread(self._write, drift, current - last)
+            await self._thread.run(self._write, drift, current - last)
             self.state["alerts"] += 1
             if self.wake is not None:
                 self.wake()

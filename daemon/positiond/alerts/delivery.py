@@ -39,7 +39,7 @@ from positiond.alerts.settings import AlertsConfig
 from positiond.alerts.sinks import Sink, build_sink
 from positiond.openalgo import Settings
 from positiond.store.dsn import PgDsn
-from positiond.store.side import broken, connect_side
+from positiond.store.side import SerialThread, broken, connect_side
 
 __all__ = ["Delivery", "backoff"]
 
@@ -84,6 +84,7 @@ class Delivery:
             for result in ("delivered", "retried", "failed")
         }
         self._conn: sqlite3.Connection | None = None
+        self._thread = SerialThread("positiond-alerts-db")  # every use of _conn, and its close
         self._db_lock = asyncio.Lock()  # one statement at a time on the connection
         self._busy: set[tuple[int, str]] = set()
         self._attempts: set[asyncio.Task[None]] = set()
@@ -139,19 +140,19 @@ class Delivery:
         async with self._db_lock:
             conn = self._conn
             assert conn is not None
-            return await asyncio.to_thread(work, conn)
+            return await self._thread.run(work, conn)
 
     def _open(self) -> sqlite3.Connection:
         return connect_side(self.db, self.busy_timeout)
 
     async def open(self) -> None:
         """Connect, build the sinks, skip alerts older than ``retry_for`` (never sent now)."""
-        conn = await asyncio.to_thread(self._open)
+        conn = await self._thread.run(self._open)
         try:
             since = self.now() - self.config.retry_for
-            self._after = await asyncio.to_thread(outbox.first_recent, conn, since)
+            self._after = await self._thread.run(outbox.first_recent, conn, since)
         except BaseException:
-            conn.close()
+            await self._thread.close(conn)
             raise
         self._conn = conn
         if not self.sinks:
@@ -196,16 +197,14 @@ class Delivery:
                 await task
         for sink in self.sinks.values():
             await sink.aclose()
-        if self._conn is not None:
-            conn, self._conn = self._conn, None
-            await asyncio.to_thread(conn.close)
+        conn, self._conn = self._conn, None
+        await self._thread.close(conn)  # after a statement a cancelled step left running
 
     async def _reconnect(self) -> None:
         """Drop a lost connection (PostgreSQL): the next step opens a new one."""
         async with self._db_lock:
             conn, self._conn = self._conn, None
-        if conn is not None:
-            await asyncio.to_thread(conn.close)
+        await self._thread.close(conn)
 
     async def step(self) -> int:
         """Enqueue new alerts, start the due attempts and groups; return how many started."""
