@@ -201,6 +201,39 @@ CREATE INDEX protective_orders_state ON protective_orders(state);
 CREATE INDEX position_events_type ON position_events(event_type, id);
 """
 
+# Several daemons on one database (positiond.store.lease): their registrations and leases, in
+# the database's time; who owns each session. A live session written by a daemon's writer
+# belongs to it: its connection sets positiond.host_id and positiond.epoch, and the trigger
+# stamps them on the row (so the shared statements of positiond.store.writes stay as they are).
+_V8 = """
+CREATE TABLE daemons (
+    host_id        TEXT PRIMARY KEY,
+    epoch          BIGINT NOT NULL,
+    started_at     TIMESTAMPTZ NOT NULL,
+    lease_expires  TIMESTAMPTZ NOT NULL,
+    renewed_at     TIMESTAMPTZ NOT NULL,
+    pid            BIGINT,
+    version        TEXT,
+    lost_at        TIMESTAMPTZ
+);
+ALTER TABLE strategy_sessions ADD COLUMN host_id TEXT;
+ALTER TABLE strategy_sessions ADD COLUMN owner_epoch BIGINT;
+CREATE INDEX strategy_sessions_host ON strategy_sessions(host_id, status);
+
+CREATE FUNCTION positiond_session_owner() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE
+    host TEXT := nullif(current_setting('positiond.host_id', true), '');
+BEGIN
+    IF host IS NOT NULL AND NEW.status IN ('RUNNING', 'STALLED') THEN
+        NEW.host_id := host;
+        NEW.owner_epoch := current_setting('positiond.epoch')::bigint;
+    END IF;
+    RETURN NEW;
+END $$;
+CREATE TRIGGER session_owner BEFORE INSERT OR UPDATE OF status ON strategy_sessions
+    FOR EACH ROW EXECUTE FUNCTION positiond_session_owner();
+"""
+
 # Index i holds the script that takes the schema from version i to i + 1 (as in .schema).
-MIGRATIONS: list[str] = [_V1, _V2, _V3, _V4, _V5, _V6, _V7]
+MIGRATIONS: list[str] = [_V1, _V2, _V3, _V4, _V5, _V6, _V7, _V8]
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -1,0 +1,267 @@
+"""Several daemons on one PostgreSQL database: registration, leases, fencing, host loss.
+
+Each daemon is named by its ``host_id`` (one daemon per name) and holds a row of ``daemons``:
+
+- **Registration** (:func:`register`, at every start): one statement makes the row or bumps its
+  ``epoch`` (previous + 1), refused while another daemon's lease for the same name is live;
+  in the same transaction the host's live sessions become this epoch's. All times are the
+  database's ``now()``, never a host's clock.
+- **Lease** (:class:`Lease`, a thread with a connection of its own): renewed every third of
+  ``lease_ttl``, only while the daemon's event loop shows signs of life (:meth:`Lease.beat`):
+  a loop that is stuck does not keep its host's sessions alive. A renewal that finds the lease
+  gone (expired, or taken over) makes the daemon *fenced*.
+- **Fencing** (:func:`fence_check`, first statement of every batch of the writer): the batch
+  commits only if this daemon's row still has its epoch and a live lease; the row is read
+  ``FOR SHARE``, so a takeover (``FOR UPDATE``) and a batch are ordered: a batch either commits
+  before the takeover (which then sees it) or finds itself fenced (:class:`Fenced`: nothing
+  of it is acknowledged).
+- **Host loss** (:meth:`Lease.sweep`): a lease that ran out (``lease_expires < now()``) gets
+  its host's RUNNING/STALLED sessions and their ACTIVE legs CRASHED (crash_source ``HOST``,
+  revivable), one CRASH event per session and leg, by whichever daemon locks the row first
+  (the others find nothing left to do).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, cast
+
+import psycopg
+
+from positiond import __version__
+from positiond.ops import HOST, Batch, CrashOp, Op
+from positiond.store.dbfile import DatabaseLocked, Fenced
+from positiond.store.pgconn import PgConnection
+from positiond.store.writes import apply_batch
+
+__all__ = ["Lease", "application_name", "fence_check", "register", "release"]
+
+log = logging.getLogger(__name__)
+
+_LIVE = "('RUNNING', 'STALLED')"
+
+_REGISTER = """
+INSERT INTO daemons AS d (host_id, epoch, started_at, lease_expires, renewed_at, pid, version)
+VALUES (%(host)s, 1, now(), now() + make_interval(secs => %(ttl)s), now(), %(pid)s, %(version)s)
+ON CONFLICT (host_id) DO UPDATE SET epoch = d.epoch + 1, started_at = now(),
+    lease_expires = EXCLUDED.lease_expires, renewed_at = now(), pid = EXCLUDED.pid,
+    version = EXCLUDED.version, lost_at = NULL
+WHERE d.lease_expires <= now() OR d.lost_at IS NOT NULL
+RETURNING d.epoch
+"""
+
+
+def register(raw: psycopg.Connection[Any], host: str, ttl: float) -> int:
+    """Register ``host`` with a new epoch (previous + 1) and a lease of ``ttl`` seconds; take
+    over its live sessions (and those no daemon owns yet) with that epoch; mark ``raw`` as
+    the writer of ``host``. Raises :class:`DatabaseLocked` while another daemon's lease for
+    ``host`` is live."""
+    with raw.transaction():
+        row = raw.execute(
+            _REGISTER, {"host": host, "ttl": ttl, "pid": os.getpid(), "version": __version__}
+        ).fetchone()
+        if row is None:
+            held = raw.execute(
+                "SELECT pid, lease_expires FROM daemons WHERE host_id = %s", (host,)
+            ).fetchone()
+            pid, until = held if held else (None, None)
+            raise DatabaseLocked(
+                f"another positiond is already running as host id {host!r} (pid {pid} on its "
+                f"host; its lease lives until {until}); give this one another --host-id"
+            )
+        epoch = int(row[0])
+        raw.execute(
+            f"UPDATE strategy_sessions SET host_id = %s, owner_epoch = %s "
+            f"WHERE (host_id = %s OR host_id IS NULL) AND status IN {_LIVE}",
+            (host, epoch, host),
+        )
+    raw.execute(
+        "SELECT set_config('positiond.host_id', %s, false), "
+        "set_config('positiond.epoch', %s, false)",
+        (host, str(epoch)),
+    )
+    return epoch
+
+
+def release(raw: psycopg.Connection[Any], host: str, epoch: int) -> None:
+    """A clean stop: end the lease now, so that a restart need not wait for it (the sessions
+    stay this host's: the next daemon of ``host`` takes them over)."""
+    raw.execute(
+        "UPDATE daemons SET lease_expires = now() WHERE host_id = %s AND epoch = %s "
+        "AND lost_at IS NULL",
+        (host, epoch),
+    )
+
+
+def fence_check(host: str, epoch: int) -> Callable[[PgConnection], None]:
+    """The first statement of each of the writer's batches: raises :class:`Fenced` unless
+    ``host``'s row still has ``epoch`` and a live lease (and holds it until the commit)."""
+
+    def check(conn: PgConnection) -> None:
+        row = conn.raw.execute(
+            "SELECT epoch, lease_expires > now(), lost_at FROM daemons WHERE host_id = %s "
+            "FOR SHARE",
+            (host,),
+        ).fetchone()
+        if row is None or int(row[0]) != epoch or not row[1] or row[2] is not None:
+            state = "gone" if row is None else f"epoch {row[0]}, lost at {row[2]}"
+            raise Fenced(
+                f"fenced: the lease of host id {host!r} epoch {epoch} is no longer this "
+                f"daemon's ({state if row is None or row[0] != epoch or row[2] else 'expired'})"
+            )
+
+    return check
+
+
+class Lease:
+    """The lease's thread: renew every ``ttl / 3``, then look for other hosts' lost leases.
+
+    ``connect`` makes its connection (autocommit). :attr:`fenced` is set (a reason) once the
+    lease was found gone; the thread then stops renewing.
+    """
+
+    def __init__(
+        self,
+        connect: Callable[[], psycopg.Connection[Any]],
+        host: str,
+        epoch: int,
+        ttl: float,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.host, self.epoch, self.ttl = host, epoch, ttl
+        self.fenced: str | None = None
+        self.lost_hosts: list[tuple[str, int, float]] = []  # (host, sessions, detected at)
+        self._connect = connect
+        self._monotonic = monotonic
+        self._seen = monotonic()
+        self._conn: psycopg.Connection[Any] | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="positiond-lease", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def beat(self) -> None:
+        """The daemon's event loop is alive (called from it at least every ``ttl / 6``)."""
+        self._seen = self._monotonic()
+
+    def alive(self) -> bool:
+        """Renew only for a loop seen within two thirds of the TTL: a stuck daemon lets its
+        lease run out, and its sessions are then declared lost by another daemon."""
+        return self._monotonic() - self._seen < self.ttl * 2 / 3
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=self.ttl)
+        if self._conn is not None:
+            self._conn.close()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.ttl / 3):
+            try:
+                if self._conn is None or self._conn.closed or self._conn.broken:
+                    self._conn = self._connect()
+                if not self.alive():
+                    log.error(
+                        "the daemon's event loop has not run for %.1fs: not renewing the lease "
+                        "of host id %r",
+                        self._monotonic() - self._seen,
+                        self.host,
+                    )
+                    continue
+                if not self.renew(self._conn):
+                    self.fenced = (
+                        f"the lease of host id {self.host!r} epoch {self.epoch} was lost "
+                        "(it expired, or another daemon took it over)"
+                    )
+                    log.critical("%s: this daemon is fenced", self.fenced)
+                    return
+                self.sweep(self._conn)
+            except (psycopg.Error, sqlite3.Error) as exc:
+                log.warning("lease of host id %r: %s (retrying)", self.host, exc)
+                if self._conn is not None:
+                    self._conn.close()
+                    self._conn = None
+
+    def renew(self, raw: psycopg.Connection[Any]) -> bool:
+        """Extend the lease by ``ttl`` from the database's now; False if it is gone."""
+        row = raw.execute(
+            "UPDATE daemons SET lease_expires = now() + make_interval(secs => %s), "
+            "renewed_at = now() WHERE host_id = %s AND epoch = %s AND lost_at IS NULL "
+            "AND lease_expires > now() RETURNING 1",
+            (self.ttl, self.host, self.epoch),
+        ).fetchone()
+        return row is not None
+
+    def sweep(self, raw: psycopg.Connection[Any]) -> int:
+        """Crash the live sessions of every other host whose lease ran out; return how many."""
+        lost = raw.execute(
+            "SELECT d.host_id, d.epoch, d.renewed_at FROM daemons d WHERE d.host_id <> %s "
+            "AND d.lease_expires < now() AND EXISTS (SELECT 1 FROM strategy_sessions s "
+            f"WHERE s.host_id = d.host_id AND s.status IN {_LIVE})",
+            (self.host,),
+        ).fetchall()
+        total = 0
+        for host, epoch, renewed in lost:
+            total += self._crash_host(raw, host, int(epoch), renewed)
+        return total
+
+    def _crash_host(self, raw: psycopg.Connection[Any], host: str, epoch: int, renewed: Any) -> int:
+        keys = [r[0] for r in raw.execute(
+            f"SELECT session_key FROM strategy_sessions WHERE host_id = %s AND status IN {_LIVE}",
+            (host,),
+        )]  # fmt: skip
+        when = renewed.isoformat(timespec="milliseconds") if renewed is not None else "?"
+        reason = f"host lost: positiond on {host} stopped renewing its lease at {when}"
+        now = time.time()
+        ops: list[Op] = [CrashOp(None, None, k, HOST, reason, now, payload={"host": host}) for k in keys]
+
+        def take(conn: PgConnection) -> None:
+            try:  # a frozen daemon's open transaction holds the row: do not wait for it
+                conn.raw.execute(
+                    "SELECT 1 FROM daemons WHERE host_id = %s FOR UPDATE NOWAIT", (host,)
+                )
+            except psycopg.errors.LockNotAvailable:
+                self._end_frozen(host)
+                raise Fenced(f"host id {host!r} still has a transaction open") from None
+            row = conn.raw.execute(
+                "UPDATE daemons SET lost_at = coalesce(lost_at, now()) WHERE host_id = %s "
+                "AND epoch = %s AND lease_expires < now() RETURNING 1",
+                (host, epoch),
+            ).fetchone()
+            if row is None:
+                raise Fenced(f"host id {host!r} registered again")
+
+        conn = PgConnection(raw, on_begin=take)
+        try:
+            results = apply_batch(cast(sqlite3.Connection, conn), Batch(ops=ops, time=now))
+        except Fenced:
+            return 0
+        crashed = sum(1 for r in results if r.ok and r.data.get("status") == "CRASHED")
+        if crashed:
+            log.warning("%s: %d session(s) marked CRASHED", reason, crashed)
+            self.lost_hosts.append((host, crashed, self._monotonic()))
+        return crashed
+
+    def _end_frozen(self, host: str) -> None:
+        """End the writer transactions of ``host`` still open after its lease ran out (a
+        frozen or cut-off daemon): nothing they hold was acknowledged, and they block the
+        takeover. Its writer's connection is named ``positiond:<host>``."""
+        with self._connect() as other:
+            ended = other.execute(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                "WHERE application_name = %s AND state LIKE 'idle in transaction%%'",
+                (application_name(host),),
+            ).fetchone()
+        log.warning("ended %s open transaction(s) of host id %r", ended and ended[0], host)
+
+
+def application_name(host: str) -> str:
+    """The writer connection's ``application_name``: ``positiond:<host>`` (63 bytes at most)."""
+    return f"positiond:{host}".encode()[:63].decode(errors="ignore")
