@@ -1,0 +1,166 @@
+"""Several daemons ("hosts", told apart by --host-id) on one PostgreSQL database, real processes:
+a host lost (its daemon and strategies SIGKILLed) has its sessions marked CRASHED by the other
+daemon within the lease TTL plus one renew period; a daemon frozen past its lease (SIGSTOP) is
+fenced when it wakes: it commits nothing over the other's verdict, re-registers with a new
+epoch, and its strategy revives its session. (docs/DATABASE.md §6.)"""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from positiond.store.dsn import PgDsn
+from tests.helpers import UNIT, DaemonProcess, rows, wait_for
+from tests.pg import admin_dsn, fresh_database
+from tests.test_daemon import Strategy
+
+pytest.importorskip("psycopg")
+
+TTL = 1.5 * UNIT  # the lease; renewed every TTL / 3
+
+
+@pytest.fixture
+def pg() -> Iterator[PgDsn]:
+    with fresh_database(admin_dsn()) as dsn:
+        yield dsn
+
+
+@pytest.fixture
+def hosts(workdir: Path, pg: PgDsn) -> Iterator[dict[str, DaemonProcess]]:
+    made: dict[str, DaemonProcess] = {}
+    for host in ("host-a", "host-b"):
+        (workdir / host).mkdir()
+        made[host] = DaemonProcess(
+            workdir / host, "--host-id", host, "--lease-ttl", f"{TTL:g}", db=pg
+        ).start()
+    yield made
+    for daemon in made.values():
+        if daemon.proc is not None and daemon.proc.poll() is None:
+            daemon.proc.send_signal(signal.SIGCONT)
+            daemon.stop()
+
+
+@pytest.fixture
+def strategies() -> Iterator[list[Strategy]]:
+    made: list[Strategy] = []
+    yield made
+    for strategy in made:
+        strategy.close()
+
+
+def session(pg: PgDsn, sid: object) -> dict[str, object]:
+    found = rows(
+        pg,
+        "SELECT status, crash_source, crash_reason, host_id, owner_epoch FROM strategy_sessions "
+        "WHERE id = ?",
+        (sid,),
+    )
+    return dict(found[0])
+
+
+def epoch(pg: PgDsn, host: str) -> int:
+    return int(rows(pg, "SELECT epoch FROM daemons WHERE host_id = ?", (host,))[0]["epoch"])
+
+
+def synced(strategy: Strategy, notices: list[str] | None = None) -> dict[str, object]:
+    """Ask a streaming strategy for a sync; its answer (notices printed meanwhile go to
+    ``notices``)."""
+    strategy.send("sync")
+    while True:
+        answer: dict[str, object] = json.loads(strategy.line())
+        if "notice" not in answer:
+            return answer
+        if notices is not None:
+            notices.append(str(answer["notice"]))
+
+
+def start(
+    daemon: DaemonProcess, strategies: list[Strategy], prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> tuple[Strategy, int]:
+    with monkeypatch.context() as env:  # position keys are unique across hosts
+        env.setenv("STRATEGY_KEY_PREFIX", prefix)
+        strategy = Strategy(daemon.endpoint, "stream", "20")
+    strategies.append(strategy)
+    info = strategy.info()
+    return strategy, int(info["session_id"])  # type: ignore[call-overload]
+
+
+def test_a_lost_host_s_sessions_are_crashed_by_the_other_and_it_comes_back_with_a_new_epoch(
+    hosts: dict[str, DaemonProcess],
+    strategies: list[Strategy],
+    pg: PgDsn,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    a, b = hosts["host-a"], hosts["host-b"]
+    on_a, sid_a = start(a, strategies, "a-", monkeypatch)
+    on_b, sid_b = start(b, strategies, "b-", monkeypatch)
+    assert session(pg, sid_a)["host_id"] == "host-a" and session(pg, sid_b)["host_id"] == "host-b"
+    first = epoch(pg, "host-a")
+    assert session(pg, sid_a)["owner_epoch"] == first
+
+    killed = time.monotonic()
+    on_a.proc.send_signal(signal.SIGKILL)
+    a.proc.send_signal(signal.SIGKILL)  # the whole host: daemon and strategy at once
+    a.proc.wait()
+    wait_for(lambda: session(pg, sid_a)["status"] == "CRASHED", 4 * TTL, "host-a's session CRASHED")
+    took = time.monotonic() - killed
+    print(f"host loss detected in {took:.2f}s (lease ttl {TTL:g}s, bound {TTL * 4 / 3:.2f}s)")
+    crashed = session(pg, sid_a)
+    assert crashed["crash_source"] == "HOST"
+    assert str(crashed["crash_reason"]).startswith(
+        "host lost: positiond on host-a stopped renewing its lease at "
+    )
+    assert took <= TTL * 4 / 3 + 1.0 * UNIT  # the TTL, one renew period, polling
+    legs = rows(pg, "SELECT status, was_crashed FROM strategy_positions WHERE session_id = ? "
+                    "AND status != 'CLOSED'", (sid_a,))  # fmt: skip
+    assert [tuple(r) for r in legs] == [("CRASHED", True)] * 2
+    events = rows(
+        pg, "SELECT count(*) AS n FROM position_events WHERE session_id = ? AND event_type = "
+        "'CRASH'", (sid_a,),
+    )  # fmt: skip
+    assert events[0]["n"] == 3  # the session and its two open legs
+    # host-b's strategy never noticed: its syncs keep being acknowledged, its session lives.
+    notices: list[str] = []
+    for _ in range(3):
+        assert synced(on_b, notices)["synced"] is True
+    assert notices == []
+    assert session(pg, sid_b)["status"] == "RUNNING"
+    assert not [w for w in b.warnings() if "host lost" not in w]
+
+    a.start()  # the same host id again: a new epoch
+    assert epoch(pg, "host-a") == first + 1
+    assert rows(pg, "SELECT lost_at FROM daemons WHERE host_id = 'host-a'")[0]["lost_at"] is None
+
+
+def test_a_frozen_daemon_is_fenced_and_commits_nothing_over_the_other_s_verdict(
+    hosts: dict[str, DaemonProcess],
+    strategies: list[Strategy],
+    pg: PgDsn,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    a = hosts["host-a"]  # host-b, running too, gives the verdict
+    on_a, sid_a = start(a, strategies, "a-", monkeypatch)
+    first = epoch(pg, "host-a")
+    a.proc.send_signal(signal.SIGSTOP)  # frozen: its lease runs out, its strategy keeps going
+    wait_for(lambda: session(pg, sid_a)["status"] == "CRASHED", 4 * TTL, "host-b's verdict")
+    verdict = rows(pg, "SELECT max(id) AS id FROM position_events WHERE session_id = ?", (sid_a,))
+    a.proc.send_signal(signal.SIGCONT)
+    # It wakes with updates of the old epoch pending: fenced, logged, registered again, and its
+    # strategy re-announces and revives its session under the new epoch.
+    wait_for(lambda: "fenced" in a.output(), 5, "host-a to see it is fenced")
+    wait_for(lambda: epoch(pg, "host-a") == first + 1, 10, "host-a registered again")
+    wait_for(lambda: session(pg, sid_a)["status"] == "RUNNING", 10, "the session revived")
+    assert session(pg, sid_a)["owner_epoch"] == first + 1
+    after = rows(
+        pg, "SELECT event_type FROM position_events WHERE session_id = ? AND id > ? ORDER BY id",
+        (sid_a, verdict[0]["id"]),
+    )  # fmt: skip
+    # Nothing of the old epoch landed after the verdict: the revival comes first.
+    assert after and after[0]["event_type"] == "REVIVED", [r["event_type"] for r in after]
+    wait_for(lambda: synced(on_a).get("synced") is True, 10, "the strategy acknowledged again")
+    a.alive()
