@@ -21,6 +21,7 @@ from bench import (
     crash,
     entry,
     footprint,
+    hostloss,
     ingest,
     load,
     outage,
@@ -82,6 +83,13 @@ def test_scenario_runs_at_tiny_size(
     name: str, scenario: Callable[[bool], Scenario], min_rows: int
 ) -> None:
     _check(scenario(True), name, min_rows)
+
+
+def test_hostloss_runs_at_tiny_size(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tests.pg import admin_dsn  # skips without a PostgreSQL server (fails under CI)
+
+    monkeypatch.setenv("POSITIOND_BENCH_PG_DSN", admin_dsn())
+    _check(hostloss.run(True), "hostloss", 1)
 
 
 def test_entry_baseline_without_sqlalchemy(monkeypatch: pytest.MonkeyPatch) -> None:

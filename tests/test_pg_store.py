@@ -39,8 +39,8 @@ psycopg = pytest.importorskip("psycopg")
 from psycopg.conninfo import make_conninfo  # noqa: E402
 
 from positiond.store import pgschema  # noqa: E402  (needs nothing, kept beside its siblings)
-from positiond.store.pgconn import translate  # noqa: E402
 from positiond.store.lease import application_name  # noqa: E402
+from positiond.store.pgconn import translate  # noqa: E402
 from positiond.store.postgres import PostgresStore  # noqa: E402
 
 TOKEN = "c" * 32

@@ -220,7 +220,9 @@ class Lease:
         when = renewed.isoformat(timespec="milliseconds") if renewed is not None else "?"
         reason = f"host lost: positiond on {host} stopped renewing its lease at {when}"
         now = time.time()
-        ops: list[Op] = [CrashOp(None, None, k, HOST, reason, now, payload={"host": host}) for k in keys]
+        ops: list[Op] = [
+            CrashOp(None, None, k, HOST, reason, now, payload={"host": host}) for k in keys
+        ]
 
         def take(conn: PgConnection) -> None:
             try:  # a frozen daemon's open transaction holds the row: do not wait for it
