@@ -2,19 +2,24 @@
 a host lost (its daemon and strategies SIGKILLed) has its sessions marked CRASHED by the other
 daemon within the lease TTL plus one renew period; a daemon frozen past its lease (SIGSTOP) is
 fenced when it wakes: it commits nothing over the other's verdict, re-registers with a new
-epoch, and its strategy revives its session. (docs/DATABASE.md §6.)"""
+epoch, and its strategy revives its session; PostgreSQL restarted under load loses no
+acknowledged entry or exit and stores none twice. (docs/DATABASE.md §6.)"""
 
 from __future__ import annotations
 
 import json
 import signal
+import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import parse_qs, urlparse
 
 import pytest
 
 from positiond.store.dsn import PgDsn
+from positiond_client import Delivery, PositionPersistenceManager
 from tests.helpers import UNIT, DaemonProcess, rows, wait_for
 from tests.pg import admin_dsn, fresh_database
 from tests.test_daemon import Strategy
@@ -164,3 +169,64 @@ def test_a_frozen_daemon_is_fenced_and_commits_nothing_over_the_other_s_verdict(
     assert after and after[0]["event_type"] == "REVIVED", [r["event_type"] for r in after]
     wait_for(lambda: synced(on_a).get("synced") is True, 10, "the strategy acknowledged again")
     a.alive()
+
+
+def _cluster() -> Path:
+    """The directory of the .ci/postgres cluster the tests run on (its DSN's host)."""
+    host = parse_qs(urlparse(admin_dsn()).query).get("host", [""])[0]
+    if not host or not (Path(host) / "bindir").exists():
+        pytest.skip("restarting PostgreSQL needs the .ci/postgres cluster (.ci/postgres restart)")
+    return Path(host)
+
+
+def test_postgresql_restarted_under_load_loses_no_acked_entry_or_exit_and_duplicates_none(
+    workdir: Path, pg: PgDsn
+) -> None:
+    cluster = _cluster()
+    daemon = DaemonProcess(
+        workdir, "--host-id", "solo", "--lease-ttl", f"{TTL:g}", "--flush-interval", "0.05", db=pg
+    ).start()
+    pm = PositionPersistenceManager("restart", endpoint=daemon.endpoint, ack_timeout=1.0)
+    entries: set[str] = set()  # acknowledged (Delivery.STORED)
+    exits: set[str] = set()
+    stop = threading.Event()
+
+    def load() -> None:
+        i = 0
+        while not stop.is_set():
+            leg = pm.save_position_entry(
+                symbol="NIFTY28NOV2524000CE", entry_price=100.0, quantity=75, position_key=f"k{i}"
+            )
+            if leg.delivery is Delivery.STORED:
+                entries.add(leg.key)
+            if i % 2 == 0 and pm.save_position_exit(leg, 101.0, "TARGET") is Delivery.STORED:
+                exits.add(leg.key)
+            i += 1
+
+    try:
+        assert pm.start_session() is not None
+        worker = threading.Thread(target=load, daemon=True)
+        worker.start()
+        wait_for(lambda: len(entries) >= 20, 10, "entries acknowledged")
+        subprocess.run([".ci/postgres", "restart", str(cluster)], check=True, timeout=120)
+        before = len(entries)
+        wait_for(lambda: len(entries) >= before + 20, 30, "acknowledgements after the restart")
+        stop.set()
+        worker.join(10 * UNIT)
+        assert pm.sync(20 * UNIT)
+        stored = rows(pg, "SELECT position_key, status FROM strategy_positions")
+        keys = [r[0] for r in stored]
+        assert len(keys) == len(set(keys))
+        assert entries <= set(keys), "an acknowledged entry was lost"
+        assert exits <= {r[0] for r in stored if r[1] == "CLOSED"}, "an acknowledged exit lost"
+        twice = rows(
+            pg, "SELECT position_id, event_type FROM position_events WHERE event_type IN "
+            "('ENTRY', 'EXIT') GROUP BY position_id, event_type HAVING count(*) > 1",
+        )  # fmt: skip
+        assert twice == []
+        print(f"{len(entries)} entries and {len(exits)} exits acknowledged, all stored once")
+        assert "fenced" not in daemon.output()  # its own lease, renewed after: no restart
+    finally:
+        stop.set()
+        pm.close(1.0)
+        daemon.stop()

@@ -11,14 +11,15 @@ Each daemon is named by its ``host_id`` (one daemon per name) and holds a row of
   a loop that is stuck does not keep its host's sessions alive. A renewal that finds the lease
   gone (expired, or taken over) makes the daemon *fenced*.
 - **Fencing** (:func:`fence_check`, first statement of every batch of the writer): the batch
-  commits only if this daemon's row still has its epoch and a live lease; the row is read
+  commits only if this daemon's row still has its epoch and was not taken over; the row is read
   ``FOR SHARE``, so a takeover (``FOR UPDATE``) and a batch are ordered: a batch either commits
   before the takeover (which then sees it) or finds itself fenced (:class:`Fenced`: nothing
   of it is acknowledged).
 - **Host loss** (:meth:`Lease.sweep`): a lease that ran out (``lease_expires < now()``) gets
   its host's RUNNING/STALLED sessions and their ACTIVE legs CRASHED (crash_source ``HOST``,
   revivable), one CRASH event per session and leg, by whichever daemon locks the row first
-  (the others find nothing left to do).
+  (the others find nothing left to do). A daemon judges others only after a whole TTL of
+  successful renewals of its own (after the database was away, every lease ran out).
 """
 
 from __future__ import annotations
@@ -100,19 +101,18 @@ def release(raw: psycopg.Connection[Any], host: str, epoch: int) -> None:
 
 def fence_check(host: str, epoch: int) -> Callable[[PgConnection], None]:
     """The first statement of each of the writer's batches: raises :class:`Fenced` unless
-    ``host``'s row still has ``epoch`` and a live lease (and holds it until the commit)."""
+    ``host``'s row still has ``epoch`` and was not taken over, and holds it (``FOR SHARE``)
+    until the commit: a takeover (``FOR UPDATE``) comes before the batch or after it."""
 
     def check(conn: PgConnection) -> None:
         row = conn.raw.execute(
-            "SELECT epoch, lease_expires > now(), lost_at FROM daemons WHERE host_id = %s "
-            "FOR SHARE",
-            (host,),
+            "SELECT epoch, lost_at FROM daemons WHERE host_id = %s FOR SHARE", (host,)
         ).fetchone()
-        if row is None or int(row[0]) != epoch or not row[1] or row[2] is not None:
-            state = "gone" if row is None else f"epoch {row[0]}, lost at {row[2]}"
+        if row is None or int(row[0]) != epoch or row[1] is not None:
+            state = "gone" if row is None else f"now epoch {row[0]}, lost at {row[1]}"
             raise Fenced(
                 f"fenced: the lease of host id {host!r} epoch {epoch} is no longer this "
-                f"daemon's ({state if row is None or row[0] != epoch or row[2] else 'expired'})"
+                f"daemon's ({state})"
             )
 
     return check
@@ -139,6 +139,10 @@ class Lease:
         self._connect = connect
         self._monotonic = monotonic
         self._seen = monotonic()
+        # Since when the renewals succeed without a gap: other hosts are judged only after a
+        # whole TTL of it (after an outage of the database every lease ran out; each daemon
+        # gets a TTL to renew its own before anyone calls it lost).
+        self._steady_since: float | None = monotonic()
         self._conn: psycopg.Connection[Any] | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="positiond-lease", daemon=True)
@@ -174,7 +178,10 @@ class Lease:
                         self._monotonic() - self._seen,
                         self.host,
                     )
+                    self._steady_since = None
                     continue
+                if self._steady_since is None:  # the first renewal after a gap
+                    self._steady_since = self._monotonic()
                 if not self.renew(self._conn):
                     self.fenced = (
                         f"the lease of host id {self.host!r} epoch {self.epoch} was lost "
@@ -182,19 +189,23 @@ class Lease:
                     )
                     log.critical("%s: this daemon is fenced", self.fenced)
                     return
-                self.sweep(self._conn)
+                if self._monotonic() - self._steady_since >= self.ttl:
+                    self.sweep(self._conn)
             except (psycopg.Error, sqlite3.Error) as exc:
                 log.warning("lease of host id %r: %s (retrying)", self.host, exc)
+                self._steady_since = None
                 if self._conn is not None:
                     self._conn.close()
                     self._conn = None
 
     def renew(self, raw: psycopg.Connection[Any]) -> bool:
-        """Extend the lease by ``ttl`` from the database's now; False if it is gone."""
+        """Extend the lease by ``ttl`` from the database's now; False if it is gone (another
+        daemon took it over, or this host id registered again). A lease that ran out but that
+        nobody took over is simply renewed: nobody decided anything in between."""
         row = raw.execute(
             "UPDATE daemons SET lease_expires = now() + make_interval(secs => %s), "
             "renewed_at = now() WHERE host_id = %s AND epoch = %s AND lost_at IS NULL "
-            "AND lease_expires > now() RETURNING 1",
+            "RETURNING 1",
             (self.ttl, self.host, self.epoch),
         ).fetchone()
         return row is not None
