@@ -3,7 +3,8 @@
 Each daemon is named by its ``host_id`` (one daemon per name) and holds a row of ``daemons``:
 
 - **Registration** (:func:`register`, at every start): one statement makes the row or bumps its
-  ``epoch`` (previous + 1), refused while another daemon's lease for the same name is live;
+  ``epoch`` (previous + 1), refused while another daemon's lease for the same name is live
+  (unless that daemon registered on this machine and is surely gone: a restart after a kill);
   in the same transaction the host's live sessions become this epoch's. All times are the
   database's ``now()``, never a host's clock.
 - **Lease** (:class:`Lease`, a thread with a connection of its own): renewed every third of
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import sqlite3
 import threading
 import time
@@ -40,18 +42,20 @@ from positiond.store.dbfile import DatabaseLocked, Fenced
 from positiond.store.pgconn import PgConnection
 from positiond.store.writes import apply_batch
 
-__all__ = ["Lease", "application_name", "fence_check", "register", "release"]
+__all__ = ["Lease", "application_name", "fence_check", "machine", "register", "release"]
 
 log = logging.getLogger(__name__)
 
 _LIVE = "('RUNNING', 'STALLED')"
 
 _REGISTER = """
-INSERT INTO daemons AS d (host_id, epoch, started_at, lease_expires, renewed_at, pid, version)
-VALUES (%(host)s, 1, now(), now() + make_interval(secs => %(ttl)s), now(), %(pid)s, %(version)s)
+INSERT INTO daemons AS d (host_id, epoch, started_at, lease_expires, renewed_at, pid, version,
+    machine)
+VALUES (%(host)s, 1, now(), now() + make_interval(secs => %(ttl)s), now(), %(pid)s, %(version)s,
+    %(machine)s)
 ON CONFLICT (host_id) DO UPDATE SET epoch = d.epoch + 1, started_at = now(),
     lease_expires = EXCLUDED.lease_expires, renewed_at = now(), pid = EXCLUDED.pid,
-    version = EXCLUDED.version, lost_at = NULL
+    version = EXCLUDED.version, lost_at = NULL, machine = EXCLUDED.machine
 WHERE d.lease_expires <= now() OR d.lost_at IS NOT NULL
 RETURNING d.epoch
 """
@@ -62,15 +66,24 @@ def register(raw: psycopg.Connection[Any], host: str, ttl: float) -> int:
     over its live sessions (and those no daemon owns yet) with that epoch; mark ``raw`` as
     the writer of ``host``. Raises :class:`DatabaseLocked` while another daemon's lease for
     ``host`` is live."""
+    args = {"host": host, "ttl": ttl, "pid": os.getpid(), "version": __version__,
+            "machine": machine()}  # fmt: skip
     with raw.transaction():
-        row = raw.execute(
-            _REGISTER, {"host": host, "ttl": ttl, "pid": os.getpid(), "version": __version__}
-        ).fetchone()
+        row = raw.execute(_REGISTER, args).fetchone()
+        held = None if row is not None else raw.execute(
+            "SELECT pid, lease_expires, machine FROM daemons WHERE host_id = %s", (host,)
+        ).fetchone()  # fmt: skip
+        if held is not None and _dead_here(held[0], held[2]):
+            log.warning(
+                "the previous positiond of host id %r (pid %s) is gone: taking its lease now",
+                host, held[0],
+            )  # fmt: skip
+            raw.execute(
+                "UPDATE daemons SET lease_expires = now() WHERE host_id = %s", (host,)
+            )
+            row = raw.execute(_REGISTER, args).fetchone()
         if row is None:
-            held = raw.execute(
-                "SELECT pid, lease_expires FROM daemons WHERE host_id = %s", (host,)
-            ).fetchone()
-            pid, until = held if held else (None, None)
+            pid, until = held[:2] if held else (None, None)
             raise DatabaseLocked(
                 f"another positiond is already running as host id {host!r} (pid {pid} on its "
                 f"host; its lease lives until {until}); give this one another --host-id"
@@ -87,6 +100,38 @@ def register(raw: psycopg.Connection[Any], host: str, ttl: float) -> int:
         (host, str(epoch)),
     )
     return epoch
+
+
+def machine() -> str:
+    """This machine and its boot: ``<hostname> <boot id>`` (a pid means something only there)."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+    except OSError:
+        boot = "?"
+    return f"{socket.gethostname()} {boot}"
+
+
+def _dead_here(pid: Any, where: Any) -> bool:
+    """Is the daemon that registered as ``pid`` on ``where`` (:func:`machine`) surely gone?
+    Only known on this machine: in an earlier boot, or no such process now."""
+    if not isinstance(where, str) or pid is None:
+        return False
+    name, _, boot = where.rpartition(" ")
+    here_name, _, here_boot = machine().rpartition(" ")
+    if name != here_name or boot == "?" or here_boot == "?":
+        return False
+    if boot != here_boot:
+        return True
+    if int(pid) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # it exists, as another user
+        return False
+    return False
 
 
 def release(raw: psycopg.Connection[Any], host: str, epoch: int) -> None:

@@ -214,7 +214,8 @@ CREATE TABLE daemons (
     renewed_at     TIMESTAMPTZ NOT NULL,
     pid            BIGINT,
     version        TEXT,
-    lost_at        TIMESTAMPTZ
+    lost_at        TIMESTAMPTZ,
+    machine        TEXT
 );
 ALTER TABLE strategy_sessions ADD COLUMN host_id TEXT;
 ALTER TABLE strategy_sessions ADD COLUMN owner_epoch BIGINT;

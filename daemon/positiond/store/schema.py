@@ -315,7 +315,8 @@ CREATE TABLE daemons (
     renewed_at     TEXT NOT NULL,
     pid            INTEGER,
     version        TEXT,                    -- positiond's
-    lost_at        TEXT                     -- another daemon found the lease run out
+    lost_at        TEXT,                    -- another daemon found the lease run out
+    machine        TEXT                     -- '<hostname> <boot id>' where it registered
 ) WITHOUT ROWID;
 ALTER TABLE strategy_sessions ADD COLUMN host_id TEXT;        -- the owning daemon's
 ALTER TABLE strategy_sessions ADD COLUMN owner_epoch INTEGER;  -- and its epoch then
