@@ -20,7 +20,7 @@ from tests.test_pg_store import apply, entry, start
 pytest.importorskip("psycopg")
 
 from positiond.store import lease
-from positiond.store.postgres import PostgresStore, connect, migrate
+from positiond.store.postgres import PostgresStore, apply_direct, connect, migrate
 
 
 @pytest.fixture
@@ -118,3 +118,13 @@ async def test_an_expired_lease_nobody_took_over_is_renewed_and_the_writer_goes_
         assert a.lease.renew(conn)  # nobody decided anything: the same epoch goes on
     await apply(a, start("s1"))
     await a.close()
+
+
+async def test_posctl_s_direct_write_is_refused_while_a_daemon_s_lease_is_live(pg: PgDsn) -> None:
+    a = await PostgresStore.open(pg, 1.0, "a", 30)
+    try:
+        with pytest.raises(DatabaseLocked, match="host id 'a'"):
+            apply_direct(pg, Batch(ops=[start("s1")], time=1.7e9))
+    finally:
+        await a.close()  # a clean stop ends the lease
+    assert apply_direct(pg, Batch(ops=[start("s1")], time=1.7e9))[0].ok
