@@ -18,6 +18,7 @@ from bench import (
     crash,
     entry,
     footprint,
+    hostloss,
     ingest,
     load,
     outage,
@@ -45,7 +46,10 @@ SCENARIOS: dict[str, Callable[[bool], Scenario]] = {
     "watch": watch.run,
     "protect": protect.run,
     "pgstore": pgstore.run,
+    "hostloss": hostloss.run,  # PostgreSQL: needs POSITIOND_BENCH_PG_DSN
 }
+
+NEEDS_SERVER = {"hostloss"}  # run by default only when a PostgreSQL DSN is given
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    names = [args.only] if args.only else list(SCENARIOS)
+    names = [args.only] if args.only else [n for n in SCENARIOS if n not in NEEDS_SERVER or any(
+        os.environ.get(v) for v in ("POSITIOND_BENCH_PG_DSN", "POSITIOND_TEST_PG_DSN"))]
     rows: list[Row] = []
     notes: list[str] = []
     report: dict[str, Any] = {

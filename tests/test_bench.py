@@ -21,6 +21,7 @@ from bench import (
     crash,
     entry,
     footprint,
+    hostloss,
     ingest,
     load,
     outage,
@@ -92,6 +93,13 @@ def test_pgstore_runs_at_tiny_size_on_the_test_server() -> None:
     result = pgstore.run(True)
     _check(result, "pgstore", 4)
     assert result.raw["per_run"]["postgres_ingest"][0] > 0
+
+
+def test_hostloss_runs_at_tiny_size(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tests.pg import admin_dsn  # skips without a PostgreSQL server (fails under CI)
+
+    monkeypatch.setenv("POSITIOND_BENCH_PG_DSN", admin_dsn())
+    _check(hostloss.run(True), "hostloss", 1)
 
 
 def test_entry_baseline_without_sqlalchemy(monkeypatch: pytest.MonkeyPatch) -> None:

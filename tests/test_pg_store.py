@@ -39,6 +39,7 @@ psycopg = pytest.importorskip("psycopg")
 from psycopg.conninfo import make_conninfo  # noqa: E402
 
 from positiond.store import pgschema  # noqa: E402  (needs nothing, kept beside its siblings)
+from positiond.store.lease import application_name  # noqa: E402
 from positiond.store.pgconn import translate  # noqa: E402
 from positiond.store.postgres import PostgresStore  # noqa: E402
 
@@ -153,7 +154,8 @@ async def test_a_lost_connection_fails_one_batch_then_reconnects(store: Postgres
     with psycopg.connect(store.path.url, autocommit=True) as admin:
         admin.execute(
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-            "WHERE application_name = 'positiond' AND datname = current_database()"
+            "WHERE application_name = %s AND datname = current_database()",
+            (application_name(store.host_id),),  # the writer's, not the lease's
         )
     with pytest.raises(sqlite3.OperationalError):
         await apply(store, entry("ce"))

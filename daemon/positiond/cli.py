@@ -86,32 +86,45 @@ async def async_main(
     env: Mapping[str, str] | None = None,
 ) -> int:
     """Run the daemon until SIGTERM/SIGINT; return the exit code."""
-    daemon = Daemon(config, listen_fd=None if inherited is None else inherited.fd)
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, daemon.request_stop)
-    loop.add_signal_handler(
-        signal.SIGHUP, _Reloader(daemon, argv, os.environ if env is None else env)
-    )
     log.info("database: %s", config.db)
     log.info("endpoint: %s", config.endpoint)
     if inherited is not None:
         log.info("socket activation: listening socket %s from systemd", inherited.path)
-    try:
-        await daemon.run()
-    except CorruptDatabase as exc:
-        log.error("%s", exc)
-        return EXIT_DATABASE
-    except (AlreadyRunning, SchemaError, StoreError, MetricsError) as exc:
-        log.error("%s", exc)
-        return EXIT_CONFIG if isinstance(exc, MetricsError) and exc.permanent else EXIT_FAILED
-    except UnsafeEndpoint as exc:
-        log.error("%s", exc)
-        return EXIT_CONFIG
-    if daemon.storage_fault is not None:
-        log.error("stopped after a storage fault: %s", daemon.storage_fault)
-        return EXIT_DATABASE
-    return EXIT_OK
+    while True:
+        daemon = Daemon(config, listen_fd=None if inherited is None else inherited.fd)
+        loop = asyncio.get_running_loop()
+        signalled: list[int] = []
+
+        def stop(sig: int, daemon: Daemon = daemon, signalled: list[int] = signalled) -> None:
+            signalled.append(sig)
+            daemon.request_stop()
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop, sig)
+        loop.add_signal_handler(
+            signal.SIGHUP, _Reloader(daemon, argv, os.environ if env is None else env)
+        )
+        try:
+            await daemon.run()
+        except CorruptDatabase as exc:
+            log.error("%s", exc)
+            return EXIT_DATABASE
+        except (AlreadyRunning, SchemaError, StoreError, MetricsError) as exc:
+            log.error("%s", exc)
+            return EXIT_CONFIG if isinstance(exc, MetricsError) and exc.permanent else EXIT_FAILED
+        except UnsafeEndpoint as exc:
+            log.error("%s", exc)
+            return EXIT_CONFIG
+        if daemon.fenced is not None and not signalled:
+            # PostgreSQL, several hosts: our lease was taken over. Start again as after a
+            # restart: a new epoch, this host's sessions loaded, clients re-announcing.
+            log.warning("restarting after being fenced: %s", daemon.fenced)
+            config = daemon.config
+            continue
+        if daemon.storage_fault is not None:
+            log.error("stopped after a storage fault: %s", daemon.storage_fault)
+            return EXIT_DATABASE
+        return EXIT_OK
 
 
 def _settings(argv: Sequence[str] | None) -> tuple[Loaded, Inherited | None]:

@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import platform
+import socket
 import sqlite3
 import sys
 import tomllib
@@ -94,6 +95,11 @@ class Config:
     socket_mode: int = 0o600
     # How long a write waits for another connection's lock (a backup, an operator's sqlite3).
     busy_timeout: float = 5.0
+    # PostgreSQL only (several daemons on one database, positiond.store.lease): this daemon's
+    # name among them and how long its lease lives unrenewed (renewed every third of it).
+    # Accepted and unused with SQLite (one daemon per file, nothing to share).
+    host_id: str = field(default_factory=socket.gethostname)
+    lease_ttl: float = 10.0
     # How often STATUS= and status.json are refreshed.
     status_interval: float = 5.0
     # tcp:// only, and then required: the daemon's CURVE certificate (.key_secret) and the
@@ -150,6 +156,9 @@ class Config:
                 "give access through a group (0660) instead",
             )
         _within("busy_timeout", self.busy_timeout, 0.0, 3600)
+        _within("lease_ttl", self.lease_ttl, 0.3, 3600)
+        if not self.host_id or len(self.host_id) > 255 or not self.host_id.isprintable():
+            raise ConfigError("host_id", f"{self.host_id!r} must be 1 to 255 printable characters")
         _within("status_interval", self.status_interval, 0.1, 3600)
         _within("max_connections", self.max_connections, 0, 1 << 20)
         if self.openalgo_host is not None and not self.openalgo_host.startswith(
@@ -326,6 +335,23 @@ SETTINGS: tuple[_Setting, ...] = (
         _NUMBER,
         "SECONDS",
         "how long a write waits for another connection's lock before it is retried (default: {})",
+    ),
+    _Setting(
+        "host_id",
+        str,
+        (),
+        "NAME",
+        "PostgreSQL: this daemon's name among the daemons sharing the database; one daemon "
+        "per name (default: the machine's hostname)",
+    ),
+    _Setting(
+        "lease_ttl",
+        _float,
+        _NUMBER,
+        "SECONDS",
+        "PostgreSQL: how long this daemon's lease lives unrenewed; it is renewed every third "
+        "of it, and another daemon marks this host's sessions CRASHED once it ran out "
+        "(default: {})",
     ),
     _Setting(
         "status_interval",

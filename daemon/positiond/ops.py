@@ -14,6 +14,7 @@ __all__ = [
     "CLIENT",
     "DISCONNECT",
     "HEARTBEAT",
+    "HOST",
     "LIVE_SESSION_STATUSES",
     "OPERATOR_MESSAGES",
     "PRUNE_CHUNK",
@@ -50,7 +51,10 @@ CLIENT = "CLIENT"  # the strategy itself, through handle_crash(): final
 HEARTBEAT = "HEARTBEAT"  # missed heartbeats: the strategy may come back (REVIVED)
 DISCONNECT = "DISCONNECT"  # its ipc connection dropped: the process exited
 RESTART = "RESTART"  # did not return after a daemon restart
-REVIVABLE = frozenset({HEARTBEAT, DISCONNECT, RESTART})
+# PostgreSQL, several hosts: its daemon's lease ran out (another daemon's verdict). The host may
+# only be cut off: its strategies revive their sessions as after any other verdict.
+HOST = "HOST"
+REVIVABLE = frozenset({HEARTBEAT, DISCONNECT, RESTART, HOST})
 
 
 class LiveSession(NamedTuple):

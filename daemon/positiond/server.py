@@ -58,6 +58,7 @@ from positiond.store.dbfile import (
     DatabaseLock,
     DatabaseLocked,
     DatabaseLost,
+    Fenced,
     FileWatch,
     Lost,
     StoreError,
@@ -152,6 +153,7 @@ class Daemon:
         # Set for good when the database can no longer be written safely (its file deleted or
         # replaced, damage found): nothing is written or acknowledged any more.
         self.storage_fault: str | None = None
+        self.fenced: str | None = None  # PostgreSQL: why the lease was lost (Daemon.fence)
         self.endpoint = config.endpoint
         self.healthy = True  # the last write succeeded
         self.last_flush: float | None = None
@@ -185,11 +187,14 @@ class Daemon:
         """Lock, open and migrate the database, load live sessions, bind, start the tasks."""
         cfg = self.config
         db = cfg.db
-        if isinstance(db, PgDsn):  # the server's lock: an advisory lock (positiond.store.postgres)
+        if isinstance(db, PgDsn):  # one daemon per host id: its lease (positiond.store.lease)
             self._open_metrics()  # first, as with SQLite: a taken port fails the start
             self.listener.prepare()
             try:
-                self.store = await open_store(db, busy_timeout=cfg.busy_timeout)
+                self.store = await open_store(
+                    db, busy_timeout=cfg.busy_timeout, host_id=cfg.host_id,
+                    lease_ttl=cfg.lease_ttl,
+                )  # fmt: skip
             except DatabaseLocked as exc:
                 raise AlreadyRunning(str(exc)) from None
         else:
@@ -551,6 +556,10 @@ class Daemon:
             engine.requeue(batch)  # committed into a lost file: not one ack for it
             self.storage_lost(exc.lost)
             return False
+        except Fenced as exc:  # PostgreSQL: another daemon took our lease over; not one ack
+            engine.requeue(batch)
+            self.fence(str(exc))
+            return False
         except (sqlite3.Error, OSError) as exc:
             engine.requeue(batch)
             if isinstance(exc, sqlite3.Error) and is_corruption(exc):
@@ -623,6 +632,16 @@ class Daemon:
         )
         self.reporter.publish()
 
+    def fence(self, why: str) -> None:
+        """This daemon's lease is no longer its own (PostgreSQL, several hosts): acknowledge
+        nothing more and stop; :func:`positiond.cli.async_main` starts it again, which
+        registers a new epoch, and its clients re-announce as after any restart."""
+        if self.fenced is not None:
+            return
+        self.fenced = why
+        self.storage_failed(f"{why}; registering again with a new epoch")
+        self.request_stop()
+
     def storage_lost(self, lost: Lost) -> None:
         """A database file was deleted or replaced: stop, then save what the connection holds."""
         if self.storage_fault is not None:
@@ -674,6 +693,8 @@ class Daemon:
             # Judge only after reading what is queued: after a gap in the daemon's own progress
             # (stopped, suspended, starved) the strategies' heartbeats wait in the socket.
             self.router.read_queued()
+            if (fenced := getattr(self.store, "fenced", None)) is not None:
+                self.fence(fenced)
             if self.engine.tick(self.monotonic(), self.wall()):
                 self._wake.set()
             self.router.tick(self.monotonic())

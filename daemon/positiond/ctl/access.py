@@ -24,7 +24,7 @@ not a wait for the timeout.
 A PostgreSQL store (``db`` a ``postgresql://`` URL, :mod:`positiond.store.postgres`) is read in
 one read-only REPEATABLE READ transaction (one snapshot) through the store's
 :class:`~positiond.store.pgconn.PgConnection`, with the same SQL; changes go to the daemon
-when it runs, else directly under the same advisory lock the daemon takes
+when it runs, else directly, refused while any daemon's lease on the database is live
 (:func:`positiond.store.postgres.apply_direct`).
 """
 

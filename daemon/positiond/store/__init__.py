@@ -90,10 +90,14 @@ async def open_store(
     *,
     watch: FileWatch | None = None,
     check_seconds: float = INTEGRITY_CHECK_SECONDS,
+    host_id: str = "",
+    lease_ttl: float = 10.0,
 ) -> Store:
     """Open the store at ``path``: a :class:`PgDsn` is PostgreSQL
     (:meth:`~positiond.store.postgres.PostgresStore.open`, where ``synchronous``, ``watch`` and
-    ``check_seconds`` do not apply), anything else SQLite (:meth:`SQLiteStore.open`)."""
+    ``check_seconds`` do not apply; ``host_id`` and ``lease_ttl`` name this daemon among those
+    sharing the database, :mod:`.lease`), anything else SQLite (:meth:`SQLiteStore.open`,
+    where they do not apply)."""
     if isinstance(path, PgDsn):
         try:
             from positiond.store.postgres import PostgresStore
@@ -101,7 +105,7 @@ async def open_store(
             raise StoreError(
                 f"the PostgreSQL store needs psycopg ({exc}): pip install 'positiond[postgres]'"
             ) from None
-        return await PostgresStore.open(path, busy_timeout)
+        return await PostgresStore.open(path, busy_timeout, host_id, lease_ttl)
     return await SQLiteStore.open(
         path, synchronous, busy_timeout, watch=watch, check_seconds=check_seconds
     )

@@ -46,6 +46,7 @@ __all__ = [
     "DatabaseLock",
     "DatabaseLocked",
     "DatabaseLost",
+    "Fenced",
     "FileWatch",
     "Lost",
     "StoreError",
@@ -65,6 +66,12 @@ Identity = tuple[int, int]  # (st_dev, st_ino)
 
 class DatabaseLocked(Exception):
     """Another process (a running positiond, or posctl writing) holds the database's lock."""
+
+
+class Fenced(Exception):
+    """PostgreSQL, several hosts: this daemon's lease is no longer its own (it expired, or
+    another daemon took it over); the batch was rolled back and nothing of it is acknowledged
+    (positiond.store.lease)."""
 
 
 def lock_file_for(db: Path) -> Path:

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import re
 import sqlite3
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from functools import lru_cache
 from typing import Any
 
@@ -151,9 +151,12 @@ def _row_factory(cursor: Any) -> RowMaker[PgRow]:
 class PgCursor:
     """The part of ``sqlite3.Cursor`` the store uses, on a psycopg ``RawCursor``."""
 
-    def __init__(self, conn: psycopg.Connection[Any]) -> None:
+    def __init__(
+        self, conn: psycopg.Connection[Any], owner: PgConnection | None = None
+    ) -> None:
         self._cur: psycopg.RawCursor[PgRow] = psycopg.RawCursor(conn, row_factory=_row_factory)
         self.lastrowid: int | None = None
+        self._owner = owner
 
     @property
     def rowcount(self) -> int:
@@ -175,6 +178,8 @@ class PgCursor:
             self._cur.execute(query, args)
             if query == "BEGIN" and sql.strip() == "BEGIN IMMEDIATE":
                 self._cur.execute(f"SELECT pg_advisory_xact_lock({WRITE_LOCK})")
+            if query == "BEGIN" and self._owner is not None:
+                self._owner.began()
             if key is not None:
                 row = self._cur.fetchone()
                 self.lastrowid = None if row is None else int(row[0])
@@ -213,10 +218,30 @@ def _args(params: Sequence[Any] | Mapping[str, Any], names: tuple[str, ...] | No
 
 
 class PgConnection:
-    """The part of ``sqlite3.Connection`` the store uses (autocommit: the store says BEGIN)."""
+    """The part of ``sqlite3.Connection`` the store uses (autocommit: the store says BEGIN).
 
-    def __init__(self, conn: psycopg.Connection[Any]) -> None:
+    ``on_begin(self)`` runs right after each ``BEGIN``, inside the transaction (the lease's
+    fencing check, :mod:`positiond.store.lease`); if it raises, the transaction is rolled
+    back and the exception goes to the caller.
+    """
+
+    def __init__(
+        self,
+        conn: psycopg.Connection[Any],
+        on_begin: Callable[[PgConnection], None] | None = None,
+    ) -> None:
         self.raw = conn
+        self.on_begin = on_begin
+
+    def began(self) -> None:
+        if self.on_begin is None:
+            return
+        try:
+            self.on_begin(self)
+        except BaseException:
+            if not self.broken:
+                self.raw.execute("ROLLBACK")
+            raise
 
     @property
     def in_transaction(self) -> bool:
@@ -228,7 +253,7 @@ class PgConnection:
         return self.raw.closed or self.raw.broken
 
     def cursor(self) -> PgCursor:
-        return PgCursor(self.raw)
+        return PgCursor(self.raw, self)
 
     def execute(self, sql: str, params: Sequence[Any] | Mapping[str, Any] = ()) -> PgCursor:
         return self.cursor().execute(sql, params)

@@ -303,8 +303,28 @@ BEGIN
 END;
 """
 
+# Several daemons on one database (PostgreSQL, positiond.store.lease): each one's registration
+# and lease, and which of them owns each session with which epoch. The same tables here so the
+# schemas stay the same; SQLite has one daemon per file and leaves them empty (NULL owners).
+_V8 = """
+CREATE TABLE daemons (
+    host_id        TEXT PRIMARY KEY,        -- --host-id: one daemon per name
+    epoch          INTEGER NOT NULL,        -- bumped at every start (and after being fenced)
+    started_at     TEXT NOT NULL,           -- times from the database's clock, not the hosts'
+    lease_expires  TEXT NOT NULL,
+    renewed_at     TEXT NOT NULL,
+    pid            INTEGER,
+    version        TEXT,                    -- positiond's
+    lost_at        TEXT,                    -- another daemon found the lease run out
+    machine        TEXT                     -- '<hostname> <boot id>' where it registered
+) WITHOUT ROWID;
+ALTER TABLE strategy_sessions ADD COLUMN host_id TEXT;        -- the owning daemon's
+ALTER TABLE strategy_sessions ADD COLUMN owner_epoch INTEGER;  -- and its epoch then
+CREATE INDEX strategy_sessions_host ON strategy_sessions(host_id, status);
+"""
+
 # Index i holds the script that takes the schema from version i to i + 1.
-MIGRATIONS: list[str] = [_V1, _V2, _V3, _V4, _V5, _V6, _V7]
+MIGRATIONS: list[str] = [_V1, _V2, _V3, _V4, _V5, _V6, _V7, _V8]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

@@ -533,13 +533,19 @@ def apply_batch(conn: sqlite3.Connection, batch: Batch) -> list[Result]:
     return results
 
 
-def load_live(conn: sqlite3.Connection) -> tuple[list[LiveSession], list[LegRow]]:
-    """RUNNING/STALLED sessions and their ACTIVE legs, as the daemon found them at start."""
+def load_live(
+    conn: sqlite3.Connection, host: str | None = None
+) -> tuple[list[LiveSession], list[LegRow]]:
+    """RUNNING/STALLED sessions and their ACTIVE legs, as the daemon found them at start
+    (``host``: only the sessions of that host id, PostgreSQL's several daemons)."""
+    mine, args = ("", ()) if host is None else (" AND s.host_id = ?", (host,))
     sessions = [
         LiveSession(*r)
         for r in conn.execute(
             "SELECT session_key, id, strategy_name, token_hash, progress_deadline, status, "
-            "heartbeat_interval FROM strategy_sessions WHERE status IN ('RUNNING', 'STALLED')"
+            "heartbeat_interval FROM strategy_sessions s WHERE status IN ('RUNNING', 'STALLED')"
+            + mine,
+            args,
         )
     ]
     legs = [
@@ -547,7 +553,8 @@ def load_live(conn: sqlite3.Connection) -> tuple[list[LiveSession], list[LegRow]
         for r in conn.execute(
             f"SELECT p.position_key, s.session_key, p.stop_price, {trail_level_sql('p')} "
             "FROM strategy_positions p JOIN strategy_sessions s ON s.id = p.session_id "
-            "WHERE p.status = 'ACTIVE' AND s.status IN ('RUNNING', 'STALLED')"
+            "WHERE p.status = 'ACTIVE' AND s.status IN ('RUNNING', 'STALLED')" + mine,
+            args,
         )
     ]
     return sessions, legs
