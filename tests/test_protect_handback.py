@@ -234,7 +234,8 @@ def test_an_adopting_run_learns_the_stop_and_it_is_cancelled_or_kept(
                     placed[key]["order_id"], placed[key]["trigger_price"])  # fmt: skip
             wait_for(lambda: len([n for n in notices if n[0] == "PROTECTION_RELEASED"]) == 2,
                      10, "both released")  # fmt: skip
-            assert {n[1]["outcome"] for n in notices} == {"kept" if keep else "cancelled"}
+            released = [info for code, info in notices if code == "PROTECTION_RELEASED"]
+            assert {n["outcome"] for n in released} == {"kept" if keep else "cancelled"}
             assert not any(h.protection_pending for h in adopted.values())
             live = {o["symbol"] for o in fake.orders.live()}
             assert live == ({CE, PE} if keep else set())

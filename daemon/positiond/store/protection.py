@@ -49,22 +49,30 @@ def protections(cur: sqlite3.Cursor, position_ids: Iterable[int]) -> dict[int, d
     if not wanted or not _has_orders(cur):
         return {}
     found: dict[int, dict[str, Any]] = {}
-    rows = cur.execute(
-        "SELECT id, position_id, state, order_id, trigger_price, pricetype, release "
-        f"FROM protective_orders WHERE state IN {_SHOWN_STATES!r} ORDER BY id"
-    ).fetchall()
-    for row in rows:  # few: only the orders of crashed legs not yet settled
-        pid = row[1]
-        if pid in wanted:
-            found[pid] = {
-                "id": row[0],
-                "state": row[2],
-                "order_id": row[3],
-                "trigger_price": row[4],
-                "pricetype": row[5],
-                "release": row[6],
-            }
+    ids = sorted(wanted)
+    for start in range(0, len(ids), _CHUNK):  # the legs asked about, by the leg's index
+        chunk = ids[start : start + _CHUNK]
+        rows = cur.execute(
+            "SELECT position_id, id, state, order_id, trigger_price, pricetype, release "
+            f"FROM protective_orders WHERE state IN {_SHOWN_STATES!r} AND position_id IN "
+            f"({', '.join('?' * len(chunk))}) ORDER BY id",
+            chunk,
+        ).fetchall()
+        for row in rows:  # the newest last: it wins
+            found[row[0]] = _shown(row)
     return found
+
+
+_CHUNK = 500  # position ids in one IN list (SQLite allows 32,766 parameters, PostgreSQL 65,535)
+
+
+def _shown(row: Any) -> dict[str, Any]:
+    """A leg's ``protection`` from (key, id, state, order_id, trigger_price, pricetype,
+    release)."""
+    return {
+        "id": row[1], "state": row[2], "order_id": row[3], "trigger_price": row[4],
+        "pricetype": row[5], "release": row[6],
+    }  # fmt: skip
 
 
 def handed_to(cur: sqlite3.Cursor, session_id: int) -> dict[str, dict[str, Any]]:
@@ -75,20 +83,13 @@ def handed_to(cur: sqlite3.Cursor, session_id: int) -> dict[str, dict[str, Any]]
         return {}
     found: dict[str, dict[str, Any]] = {}
     rows = cur.execute(
-        "SELECT o.id, p.position_key, o.state, o.order_id, o.trigger_price, o.pricetype, "
+        "SELECT p.position_key, o.id, o.state, o.order_id, o.trigger_price, o.pricetype, "
         "o.release FROM protective_orders o JOIN strategy_positions p "
         "ON p.position_id = o.position_id WHERE o.release_session = ? ORDER BY o.id",
         (session_id,),
     ).fetchall()
     for row in rows:
-        found[row[1]] = {
-            "id": row[0],
-            "state": row[2],
-            "order_id": row[3],
-            "trigger_price": row[4],
-            "pricetype": row[5],
-            "release": row[6],
-        }
+        found[row[0]] = _shown(row)
     return found
 
 
