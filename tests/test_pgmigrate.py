@@ -231,11 +231,11 @@ def test_a_later_steps_columns_are_copied_by_name_and_a_column_without_a_place_r
 
     with psycopg.connect(pg.url, autocommit=True) as raw:
         migrate_pg(raw)
-        raw.execute("ALTER TABLE strategy_sessions ADD COLUMN host_id TEXT")
+        raw.execute("ALTER TABLE strategy_sessions ADD COLUMN desk_note TEXT")
     conn = sqlite3.connect(source)
-    conn.execute("ALTER TABLE strategy_sessions ADD COLUMN host_id TEXT")
+    conn.execute("ALTER TABLE strategy_sessions ADD COLUMN desk_note TEXT")
     conn.execute("ALTER TABLE strategy_positions ADD COLUMN owner TEXT")
-    conn.execute("UPDATE strategy_sessions SET host_id = 'host-' || id")
+    conn.execute("UPDATE strategy_sessions SET desk_note = 'desk-' || id")
     conn.commit()
     conn.close()
     refused = migrate(source, pg)
@@ -247,8 +247,8 @@ def test_a_later_steps_columns_are_copied_by_name_and_a_column_without_a_place_r
     conn.commit()
     conn.close()
     assert migrate(source, pg).returncode == 0
-    hosts = pg_rows(pg, "SELECT id, host_id FROM strategy_sessions ORDER BY id")
-    assert hosts and all(r[1] == f"host-{r[0]}" for r in hosts)
+    hosts = pg_rows(pg, "SELECT id, desk_note FROM strategy_sessions ORDER BY id")
+    assert hosts and all(r[1] == f"desk-{r[0]}" for r in hosts)
 
 
 def test_a_daemon_on_the_source_is_read_through_a_snapshot_one_on_the_target_refuses(

@@ -59,7 +59,9 @@ log = logging.getLogger(__name__)
 
 # Made by the migrations on both backends: never copied, never "data" in the target.
 LOOKUPS = frozenset({"session_statuses", "position_statuses", "event_types"})
-_BOOKKEEPING = frozenset({"schema_version", "sqlite_sequence"})
+# Not the book: the schema's version, SQLite's id counters, the daemons' leases (PostgreSQL's
+# own: a host registers again when its daemon starts on the target).
+_BOOKKEEPING = frozenset({"schema_version", "sqlite_sequence", "daemons"})
 
 
 class MigrateError(RuntimeError):
@@ -250,6 +252,16 @@ def _copy_tables(
             sql.SQL(", ").join(sql.Identifier(t) for t in everything)
         )
     )
+    # A daemon on the target holds a live lease (several hosts: no advisory lock): refused,
+    # and none may register until this transaction ends.
+    conn.execute("LOCK TABLE daemons IN SHARE MODE")
+    live = conn.execute(
+        "SELECT host_id FROM daemons WHERE lease_expires > now() AND lost_at IS NULL LIMIT 1"
+    ).fetchone()
+    if live is not None:
+        raise DatabaseLocked(
+            f"a positiond is running on the target (host id {live[0]!r}): stop it first"
+        )
     full = [
         t
         for t in everything
