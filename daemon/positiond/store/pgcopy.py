@@ -6,9 +6,9 @@ The steps, and why:
    read transaction) into a temporary file: consistent even while a daemon writes the source,
    and the source is never written. The copy, not the source, is then migrated to this
    positiond's schema version (an old file is copied as the daemon would read it).
-2. **The target.** Connected, its advisory lock taken (the one a daemon holds: no daemon can
-   start on it meanwhile), migrated to the same version. Both must end at the same version
-   (a newer database on either side is refused: :class:`SchemaMismatch`).
+2. **The target.** Connected (the migrations' advisory lock taken), migrated to the same
+   version. Both must end at the same version (a newer database on either side is refused:
+   :class:`SchemaMismatch`). A daemon running on it (a live lease) is refused in step 3.
 3. **One transaction**: every table locked, refused unless every data table is empty
    (:class:`TargetNotEmpty`); then each table the two schemas share, in foreign-key order,
    with every column they share *by name* (a later schema step's columns are copied without
