@@ -121,6 +121,12 @@ def open_readonly(db: Path | PgDsn) -> sqlite3.Connection:
     except sqlite3.Error as exc:
         conn.close()
         raise CtlError(EXIT_UNREACHABLE, f"cannot read {db}: {exc}") from None
+    _readable(conn, db, version)
+    return conn
+
+
+def _readable(conn: Any, db: Path | PgDsn, version: int) -> None:
+    """Close ``conn`` and raise CtlError unless posctl can read a schema of ``version``."""
     problem = None
     if version == 0:
         problem = f"{db} is not a positiond database (no schema)"
@@ -131,7 +137,6 @@ def open_readonly(db: Path | PgDsn) -> sqlite3.Connection:
     if problem is not None:
         conn.close()
         raise CtlError(EXIT_UNREACHABLE, problem)
-    return conn
 
 
 def _open_postgres(db: PgDsn) -> sqlite3.Connection:
@@ -156,14 +161,7 @@ def _open_postgres(db: PgDsn) -> sqlite3.Connection:
     except sqlite3.Error as exc:
         conn.close()
         raise CtlError(EXIT_UNREACHABLE, f"cannot read {db}: {exc}") from None
-    problem = None
-    if version == 0:
-        problem = f"{db} is not a positiond database (no schema)"
-    elif version > SCHEMA_VERSION:
-        problem = f"{db} has schema version {version}, newer than this posctl; upgrade positiond"
-    if problem is not None:
-        conn.close()
-        raise CtlError(EXIT_UNREACHABLE, problem)
+    _readable(conn, db, version)
     return cast(sqlite3.Connection, conn)
 
 
